@@ -1,0 +1,383 @@
+//! Object store access for blockcache.
+//!
+//! This crate owns everything that touches the object store: turning a URL into a store,
+//! naming objects, retrying whole operations with backoff, bulk deletion, and the
+//! fault-injecting wrapper used by tests ([`faulty::FaultyStore`]).
+//!
+//! Objects are immutable and their keys are never reused: object `id` lives at
+//! `<prefix>/data/<id>` and is written once. An overwrite-PUT of the same key is therefore
+//! idempotent, which is what makes retrying a PUT after a timeout safe.
+//!
+//! # Object format
+//! Every block goes through [`Backend::put`] and comes back through [`Backend::get`]; these are
+//! the only two places where stored bytes are produced or consumed. Today the stored bytes are
+//! the plaintext block. A compression or encryption layer slots in here as a [`Codec`]: it
+//! turns a block into the stored representation and back, and the size it reports becomes the
+//! object's stored size in the metadata.
+
+pub mod faulty;
+mod retry;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::{ObjectStore, PutPayload, path::Path};
+use tokio_util::sync::CancellationToken;
+
+pub use retry::RetryPolicy;
+
+/// Errors of the object store layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store URL could not be understood or the store could not be set up.
+    #[error("invalid store URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL as given (credentials are never part of our URLs).
+        url: String,
+        /// What was wrong with it.
+        reason: String,
+    },
+    /// The object does not exist in the store.
+    #[error("object {key} not found in the store")]
+    NotFound {
+        /// The object key.
+        key: String,
+    },
+    /// A request to the store failed.
+    #[error("{op} of object {key} failed")]
+    Store {
+        /// The operation: "upload", "download", "delete" or "list".
+        op: &'static str,
+        /// The object key (or prefix for listings).
+        key: String,
+        /// The underlying error.
+        #[source]
+        source: object_store::Error,
+    },
+    /// The stored bytes could not be decoded into a block.
+    #[error("object {key} is malformed: {reason}")]
+    Malformed {
+        /// The object key.
+        key: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The operation was abandoned because the engine is shutting down.
+    #[error("cancelled by shutdown")]
+    Cancelled,
+}
+
+impl Error {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_transient(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            Self::Store { source, .. } => !matches!(
+                source,
+                E::NotFound { .. }
+                    | E::InvalidPath { .. }
+                    | E::NotSupported { .. }
+                    | E::AlreadyExists { .. }
+                    | E::Precondition { .. }
+                    | E::NotModified { .. }
+                    | E::NotImplemented
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+                    | E::UnknownConfigurationKey { .. }
+            ),
+            Self::InvalidUrl { .. } | Self::NotFound { .. } | Self::Malformed { .. } => false,
+            Self::Cancelled => false,
+        }
+    }
+
+    /// Whether the operation stopped because of shutdown.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, Self::Cancelled)
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Transforms a block into its stored representation and back.
+///
+/// This is the seam for compression and encryption. [`Plain`] stores blocks as they are.
+pub trait Codec: Send + Sync + std::fmt::Debug + 'static {
+    /// Encodes a plaintext block for storage.
+    fn encode(&self, block: Bytes) -> Result<Bytes>;
+    /// Decodes stored bytes back into the plaintext block; `key` names the object in errors.
+    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes>;
+}
+
+/// The identity codec: stored bytes are the plaintext block.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Plain;
+
+impl Codec for Plain {
+    fn encode(&self, block: Bytes) -> Result<Bytes> {
+        Ok(block)
+    }
+    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes> {
+        Ok(stored)
+    }
+}
+
+/// Access to one object store under one key prefix.
+#[derive(Debug, Clone)]
+pub struct Backend {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    codec: Arc<dyn Codec>,
+    retry: RetryPolicy,
+    cancel: CancellationToken,
+}
+
+impl Backend {
+    /// Opens the store named by `url`.
+    ///
+    /// Supported: `file:///absolute/dir` (created if missing), `memory://`,
+    /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials
+    /// come from the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
+    pub fn from_url(url: &str) -> Result<Self> {
+        let (store, prefix) = open_store(url)?;
+        Ok(Self::new(store, prefix))
+    }
+
+    /// Wraps an already built store; objects live under `prefix`.
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
+        Self {
+            store,
+            prefix,
+            codec: Arc::new(Plain),
+            retry: RetryPolicy::default(),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// Replaces the retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Replaces the codec (compression, encryption).
+    pub fn with_codec(mut self, codec: Arc<dyn Codec>) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// Uses `cancel` to abandon retries at shutdown.
+    pub fn with_cancel(mut self, cancel: CancellationToken) -> Self {
+        self.cancel = cancel;
+        self
+    }
+
+    /// The retry policy in use.
+    pub fn retry_policy(&self) -> &RetryPolicy {
+        &self.retry
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// The key of object `id`.
+    pub fn key(&self, id: u64) -> Path {
+        self.data_prefix().child(id.to_string())
+    }
+
+    fn data_prefix(&self) -> Path {
+        self.prefix.child("data")
+    }
+
+    /// Stores object `id`, retrying transient failures. Returns the stored size in bytes.
+    pub async fn put(&self, id: u64, block: Bytes) -> Result<u64> {
+        let key = self.key(id);
+        let stored = self.codec.encode(block)?;
+        let size = stored.len() as u64;
+        let payload = PutPayload::from_bytes(stored);
+        let what = format!("upload of object {key}");
+        self.retry
+            .run(&what, &self.cancel, || {
+                let payload = payload.clone();
+                let key = &key;
+                async move {
+                    self.store
+                        .put(key, payload)
+                        .await
+                        .map_err(|source| store_error("upload", key, source))
+                }
+            })
+            .await?;
+        Ok(size)
+    }
+
+    /// Fetches object `id` and decodes it, retrying transient failures.
+    ///
+    /// The body is drained inside the retry, so a connection that drops mid-body is retried
+    /// as a whole.
+    pub async fn get(&self, id: u64) -> Result<Bytes> {
+        let key = self.key(id);
+        let what = format!("download of object {key}");
+        let stored = self
+            .retry
+            .run(&what, &self.cancel, || {
+                let key = &key;
+                async move {
+                    let result = self
+                        .store
+                        .get(key)
+                        .await
+                        .map_err(|source| store_error("download", key, source))?;
+                    result
+                        .bytes()
+                        .await
+                        .map_err(|source| store_error("download", key, source))
+                }
+            })
+            .await?;
+        self.codec.decode(key.as_ref(), stored)
+    }
+
+    /// Deletes many objects with the store's bulk delete. Objects that are already gone
+    /// count as deleted. Retries the whole remaining batch on transient failures.
+    pub async fn delete_many(&self, ids: &[u64]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let what = format!("bulk delete of {} objects", ids.len());
+        // The keys still to delete; each attempt retries only the ones that failed.
+        let remaining_cell =
+            std::sync::Mutex::new(ids.iter().map(|&id| self.key(id)).collect::<Vec<_>>());
+        self.retry
+            .run(&what, &self.cancel, || {
+                let batch: Vec<Path> = remaining_cell.lock().expect("not poisoned").clone();
+                let cell = &remaining_cell;
+                async move {
+                    let input = futures::stream::iter(batch.clone().into_iter().map(Ok)).boxed();
+                    let results: Vec<_> = self.store.delete_stream(input).collect().await;
+                    let mut failed = Vec::new();
+                    let mut first_error = None;
+                    for (path, result) in batch.into_iter().zip(results) {
+                        match result {
+                            Ok(_) | Err(object_store::Error::NotFound { .. }) => {}
+                            Err(source) => {
+                                if first_error.is_none() {
+                                    first_error = Some(store_error("delete", &path, source));
+                                }
+                                failed.push(path);
+                            }
+                        }
+                    }
+                    *cell.lock().expect("not poisoned") = failed;
+                    match first_error {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    }
+                }
+            })
+            .await
+    }
+
+    /// Lists the ids of every object in the store, in no particular order.
+    pub async fn list_ids(&self) -> Result<Vec<u64>> {
+        let prefix = self.data_prefix();
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|source| store_error("list", &prefix, source))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| m.location.filename().and_then(|f| f.parse().ok()))
+            .collect())
+    }
+
+    /// Total bytes of every object in the store (a listing; for tests and tools).
+    pub async fn stored_bytes(&self) -> Result<u64> {
+        let prefix = self.data_prefix();
+        let metas: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|source| store_error("list", &prefix, source))?;
+        Ok(metas.iter().map(|m| m.size).sum())
+    }
+}
+
+fn store_error(op: &'static str, key: &Path, source: object_store::Error) -> Error {
+    match source {
+        object_store::Error::NotFound { .. } => Error::NotFound {
+            key: key.to_string(),
+        },
+        source => Error::Store {
+            op,
+            key: key.to_string(),
+            source,
+        },
+    }
+}
+
+fn invalid(url: &str, reason: impl std::fmt::Display) -> Error {
+    Error::InvalidUrl {
+        url: url.to_owned(),
+        reason: reason.to_string(),
+    }
+}
+
+fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+    use object_store::{
+        aws::AmazonS3Builder, azure::MicrosoftAzureBuilder, gcp::GoogleCloudStorageBuilder,
+        local::LocalFileSystem, memory::InMemory,
+    };
+    let url = url::Url::parse(url_str).map_err(|e| invalid(url_str, e))?;
+    let prefix = || -> Result<Path> {
+        Path::parse(url.path().trim_start_matches('/')).map_err(|e| invalid(url_str, e))
+    };
+    let store: Arc<dyn ObjectStore> = match url.scheme() {
+        "file" => {
+            let dir = url
+                .to_file_path()
+                .map_err(|()| invalid(url_str, "expected file:///absolute/path"))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| invalid(url_str, format!("cannot create {}: {e}", dir.display())))?;
+            let store = LocalFileSystem::new_with_prefix(&dir)
+                .map_err(|e| invalid(url_str, e))?
+                .with_automatic_cleanup(true);
+            return Ok((Arc::new(store), Path::default()));
+        }
+        "memory" => return Ok((Arc::new(InMemory::new()), Path::default())),
+        "s3" | "s3a" => Arc::new(
+            AmazonS3Builder::from_env()
+                .with_url(url_str)
+                .build()
+                .map_err(|e| invalid(url_str, e))?,
+        ),
+        "gs" => Arc::new(
+            GoogleCloudStorageBuilder::from_env()
+                .with_url(url_str)
+                .build()
+                .map_err(|e| invalid(url_str, e))?,
+        ),
+        "az" | "abfs" | "abfss" | "azure" => Arc::new(
+            MicrosoftAzureBuilder::from_env()
+                .with_url(url_str)
+                .build()
+                .map_err(|e| invalid(url_str, e))?,
+        ),
+        other => {
+            return Err(invalid(
+                url_str,
+                format!("unsupported scheme {other:?}; expected file, memory, s3, gs or az"),
+            ));
+        }
+    };
+    Ok((store, prefix()?))
+}
+
+#[cfg(test)]
+mod tests;
