@@ -1,1 +1,637 @@
-//! x
+//! Metadata of blockcache in SQLite: objects, block mappings, refcounts, pending deletions.
+//!
+//! All writes go through one connection behind an async mutex, so write transactions are
+//! serialized: a dedup decision (look up a hash, then link or insert) is one transaction and
+//! two concurrent commits of equal content can never create two objects. Reads use a small
+//! pool of separate connections and never wait behind writers (WAL mode).
+//!
+//! Every multi-statement change is one transaction. The writer runs with
+//! `synchronous=FULL`, so a committed transaction is durable before the caller acts on it:
+//! in particular, an object's row is deleted (and its pending deletion recorded) durably
+//! before the store object is deleted.
+//!
+//! Inode and block numbers are `u64` in the API and must be at most `i64::MAX`; the engine
+//! rejects larger ones before they reach this crate.
+//!
+//! # Crash consistency
+//! Write order is: register the object (`uploading`) and its mapping, upload, then mark it
+//! `uploaded`. Delete order is: delete the mapping and (at refcount 0) the object row while
+//! recording a pending deletion, then delete the store object, then drop the pending deletion.
+//! A crash can therefore leave an `uploading` object (recovery re-checks it) or a pending
+//! deletion (recovery finishes it), never a mapping to an object that was deleted.
+
+use std::ops::Range;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::Mutex;
+
+/// Errors of the metadata store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A query failed.
+    #[error("database error while trying to {context}")]
+    Sqlx {
+        /// What we were doing, as a verb phrase.
+        context: &'static str,
+        /// The underlying error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The schema could not be brought up to date.
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The volume was created with another block size.
+    #[error(
+        "the volume was created with block size {stored}, not {requested}; the block size cannot change"
+    )]
+    BlockSizeMismatch {
+        /// The block size recorded in the database.
+        stored: u64,
+        /// The block size asked for.
+        requested: u64,
+    },
+    /// The database holds a value that cannot be right.
+    #[error("database holds invalid data: {0}")]
+    Invalid(String),
+}
+
+impl Error {
+    /// Whether retrying may succeed (the database was busy or locked).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Sqlx { source, .. } => match source {
+                sqlx::Error::Database(e) => {
+                    let code = e.code();
+                    // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with extended codes.
+                    matches!(code.as_deref().and_then(|c| c.parse::<i32>().ok()), Some(c) if c & 0xff == 5 || c & 0xff == 6)
+                }
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) => true,
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn ctx(context: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Sqlx { context, source }
+}
+
+/// A SHA-256 digest.
+pub type Hash = [u8; 32];
+
+/// Upload state of an object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectState {
+    /// Registered; the upload has not been confirmed.
+    Uploading,
+    /// Confirmed in the store.
+    Uploaded,
+    /// The upload failed; the hash was cleared so nothing dedups against it.
+    Failed,
+}
+
+impl ObjectState {
+    fn parse(s: &str) -> Result<Self> {
+        match s {
+            "uploading" => Ok(Self::Uploading),
+            "uploaded" => Ok(Self::Uploaded),
+            "failed" => Ok(Self::Failed),
+            other => Err(Error::Invalid(format!("unknown object state {other:?}"))),
+        }
+    }
+}
+
+/// One row of `objects`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Object {
+    /// Object id; the store key is derived from it.
+    pub id: u64,
+    /// SHA-256 of the plaintext, `None` after a failed upload.
+    pub hash: Option<Hash>,
+    /// Blocks that point to this object.
+    pub refcount: u64,
+    /// Plaintext length.
+    pub length: u64,
+    /// Bytes in the store, once confirmed.
+    pub stored_size: Option<u64>,
+    /// Upload state.
+    pub state: ObjectState,
+}
+
+/// What [`Db::commit_blocks`] decided for one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The block already pointed to an object with this content.
+    Unchanged {
+        /// The object.
+        obj_id: u64,
+        /// Its state.
+        state: ObjectState,
+    },
+    /// The block now points to an existing object with the same content (refcount + 1).
+    Linked {
+        /// The object.
+        obj_id: u64,
+        /// Its state: it may still be uploading.
+        state: ObjectState,
+    },
+    /// A new object was registered in state `uploading`; the caller must upload it.
+    Created {
+        /// The new object.
+        obj_id: u64,
+    },
+}
+
+impl Outcome {
+    /// The object the block points to now.
+    pub fn obj_id(&self) -> u64 {
+        match *self {
+            Self::Unchanged { obj_id, .. }
+            | Self::Linked { obj_id, .. }
+            | Self::Created { obj_id } => obj_id,
+        }
+    }
+}
+
+/// One block to commit: its key and the hash and length of its current content.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitRequest {
+    /// Inode.
+    pub inode: u64,
+    /// Block number.
+    pub blockno: u64,
+    /// SHA-256 of the content.
+    pub hash: Hash,
+    /// Length of the content.
+    pub length: u64,
+}
+
+/// The result of committing one block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// What happened to the block.
+    pub outcome: Outcome,
+    /// An object whose refcount reached 0 because the block moved away from it; its row is
+    /// gone and a pending deletion was recorded.
+    pub released: Option<u64>,
+}
+
+/// Running totals over the whole volume.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Objects registered.
+    pub objects: u64,
+    /// Sum of the plaintext lengths of all objects (unique content).
+    pub unique_bytes: u64,
+    /// Bytes confirmed in the store.
+    pub stored_bytes: u64,
+    /// Sum over all mapped blocks of their length (what the volume holds, before dedup).
+    pub logical_bytes: u64,
+}
+
+/// The metadata store.
+#[derive(Debug)]
+pub struct Db {
+    writer: Mutex<SqliteConnection>,
+    readers: SqlitePool,
+}
+
+fn to_i64(v: u64) -> Result<i64> {
+    i64::try_from(v).map_err(|_| Error::Invalid(format!("value {v} exceeds i64::MAX")))
+}
+
+fn to_u64(v: i64, what: &str) -> Result<u64> {
+    u64::try_from(v).map_err(|_| Error::Invalid(format!("negative {what}: {v}")))
+}
+
+fn hash_from(bytes: Option<Vec<u8>>) -> Result<Option<Hash>> {
+    bytes
+        .map(|b| {
+            Hash::try_from(b.as_slice())
+                .map_err(|_| Error::Invalid(format!("hash of {} bytes", b.len())))
+        })
+        .transpose()
+}
+
+fn object_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Object> {
+    let get = |e| Error::Sqlx {
+        context: "decode an object row",
+        source: e,
+    };
+    Ok(Object {
+        id: to_u64(row.try_get("id").map_err(get)?, "object id")?,
+        hash: hash_from(row.try_get("hash").map_err(get)?)?,
+        refcount: to_u64(row.try_get("refcount").map_err(get)?, "refcount")?,
+        length: to_u64(row.try_get("length").map_err(get)?, "length")?,
+        stored_size: row
+            .try_get::<Option<i64>, _>("stored_size")
+            .map_err(get)?
+            .map(|s| to_u64(s, "stored size"))
+            .transpose()?,
+        state: ObjectState::parse(row.try_get("state").map_err(get)?)?,
+    })
+}
+
+const OBJECT_COLUMNS: &str = "id, hash, refcount, length, stored_size, state";
+
+impl Db {
+    /// Opens (creating if needed) the database at `url` (`sqlite://path` or a plain path) and
+    /// brings its schema up to date.
+    pub async fn open(url: &str) -> Result<Self> {
+        let url = if url.starts_with("sqlite:") {
+            url.to_owned()
+        } else {
+            format!("sqlite://{url}")
+        };
+        let options = SqliteConnectOptions::from_str(&url)
+            .map_err(ctx("parse the database URL"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        let mut writer =
+            SqliteConnection::connect_with(&options.clone().synchronous(SqliteSynchronous::Full))
+                .await
+                .map_err(ctx("open the database"))?;
+        sqlx::migrate!("../../migrations").run(&mut writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(ctx("open the database for reading"))?;
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+        })
+    }
+
+    /// Closes every connection.
+    pub async fn close(self) {
+        self.readers.close().await;
+        let writer = self.writer.into_inner();
+        if let Err(error) = writer.close().await {
+            tracing::warn!(%error, "closing the database writer failed");
+        }
+    }
+
+    /// Records `block_size` for a new volume, or checks that it matches the recorded one.
+    pub async fn check_block_size(&self, block_size: u64) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT value FROM volume WHERE key = 'block_size'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(ctx("read the block size"))?;
+        match stored {
+            Some(v) => {
+                let stored: u64 = v
+                    .parse()
+                    .map_err(|_| Error::Invalid(format!("block size {v:?}")))?;
+                if stored != block_size {
+                    return Err(Error::BlockSizeMismatch {
+                        stored,
+                        requested: block_size,
+                    });
+                }
+            }
+            None => {
+                sqlx::query("INSERT INTO volume (key, value) VALUES ('block_size', ?)")
+                    .bind(block_size.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(ctx("record the block size"))?;
+            }
+        }
+        tx.commit().await.map_err(ctx("commit the block size"))
+    }
+
+    /// The object block `(inode, blockno)` points to, if any.
+    pub async fn mapping(&self, inode: u64, blockno: u64) -> Result<Option<Object>> {
+        let row = sqlx::query(&format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects WHERE id = \
+             (SELECT obj_id FROM blocks WHERE inode = ? AND blockno = ?)"
+        ))
+        .bind(to_i64(inode)?)
+        .bind(to_i64(blockno)?)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(ctx("look up a block mapping"))?;
+        row.as_ref().map(object_from_row).transpose()
+    }
+
+    /// The object with id `id`, if it exists.
+    pub async fn object(&self, id: u64) -> Result<Option<Object>> {
+        let row = sqlx::query(&format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects WHERE id = ?"
+        ))
+        .bind(to_i64(id)?)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(ctx("look up an object"))?;
+        row.as_ref().map(object_from_row).transpose()
+    }
+
+    /// Block numbers of `inode` in `range` that have a mapping.
+    pub async fn mapped_blocks(&self, inode: u64, range: Range<u64>) -> Result<Vec<u64>> {
+        let rows: Vec<i64> = sqlx::query_scalar(
+            "SELECT blockno FROM blocks WHERE inode = ? AND blockno >= ? AND blockno < ? ORDER BY blockno",
+        )
+        .bind(to_i64(inode)?)
+        .bind(to_i64(range.start.min(i64::MAX as u64))?)
+        .bind(to_i64(range.end.min(i64::MAX as u64))?)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(ctx("list mapped blocks"))?;
+        rows.into_iter()
+            .map(|b| to_u64(b, "block number"))
+            .collect()
+    }
+
+    /// Commits the content of many blocks in one transaction: for each block, link it to an
+    /// existing object with the same hash, or register a new object (state `uploading`), and
+    /// release the object it pointed to before.
+    pub async fn commit_blocks(&self, requests: &[CommitRequest]) -> Result<Vec<Committed>> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let mut results = Vec::with_capacity(requests.len());
+        for r in requests {
+            results.push(commit_one(&mut tx, r).await?);
+        }
+        tx.commit().await.map_err(ctx("commit block contents"))?;
+        Ok(results)
+    }
+
+    /// Marks object `id` as uploaded with `stored_size` bytes. Returns false if the object
+    /// no longer exists (it was released while uploading).
+    pub async fn confirm_upload(&self, id: u64, stored_size: u64) -> Result<bool> {
+        let mut w = self.writer.lock().await;
+        let done = sqlx::query(
+            "UPDATE objects SET state = 'uploaded', stored_size = ? WHERE id = ? AND state = 'uploading'",
+        )
+        .bind(to_i64(stored_size)?)
+        .bind(to_i64(id)?)
+        .execute(&mut *w)
+        .await
+        .map_err(ctx("confirm an upload"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Marks object `id` as failed and clears its hash so that nothing dedups against it.
+    pub async fn fail_upload(&self, id: u64) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        sqlx::query(
+            "UPDATE objects SET state = 'failed', hash = NULL WHERE id = ? AND state = 'uploading'",
+        )
+        .bind(to_i64(id)?)
+        .execute(&mut *w)
+        .await
+        .map_err(ctx("record a failed upload"))?;
+        Ok(())
+    }
+
+    /// Removes the mappings of `blocks` (pairs of inode and block number) in one transaction
+    /// and releases their objects. Returns the objects whose refcount reached 0 (their rows
+    /// are gone and pending deletions were recorded).
+    pub async fn remove_blocks(&self, blocks: &[(u64, u64)]) -> Result<Vec<u64>> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let mut released = Vec::new();
+        for &(inode, blockno) in blocks {
+            let old: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM blocks WHERE inode = ? AND blockno = ? RETURNING obj_id",
+            )
+            .bind(to_i64(inode)?)
+            .bind(to_i64(blockno)?)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ctx("delete a block mapping"))?;
+            if let Some(old) = old {
+                released.extend(release(&mut *tx, old).await?);
+            }
+        }
+        tx.commit().await.map_err(ctx("commit block removals"))?;
+        Ok(released)
+    }
+
+    /// Object ids whose store objects still have to be deleted.
+    pub async fn pending_deletions(&self) -> Result<Vec<u64>> {
+        let ids: Vec<i64> =
+            sqlx::query_scalar("SELECT obj_id FROM pending_deletions ORDER BY obj_id")
+                .fetch_all(&self.readers)
+                .await
+                .map_err(ctx("list pending deletions"))?;
+        ids.into_iter().map(|i| to_u64(i, "object id")).collect()
+    }
+
+    /// Forgets pending deletions whose store objects are gone.
+    pub async fn finish_deletions(&self, ids: &[u64]) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        for &id in ids {
+            sqlx::query("DELETE FROM pending_deletions WHERE obj_id = ?")
+                .bind(to_i64(id)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("forget a pending deletion"))?;
+        }
+        tx.commit().await.map_err(ctx("commit finished deletions"))
+    }
+
+    /// Objects whose upload was never confirmed, with the blocks that point to them.
+    pub async fn unconfirmed_objects(&self) -> Result<Vec<(Object, Vec<(u64, u64)>)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {OBJECT_COLUMNS} FROM objects WHERE state != 'uploaded' ORDER BY id"
+        ))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(ctx("list unconfirmed objects"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let object = object_from_row(row)?;
+            let blocks: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT inode, blockno FROM blocks WHERE obj_id = ? ORDER BY inode, blockno",
+            )
+            .bind(to_i64(object.id)?)
+            .fetch_all(&self.readers)
+            .await
+            .map_err(ctx("list the blocks of an object"))?;
+            let blocks = blocks
+                .into_iter()
+                .map(|(i, b)| Ok((to_u64(i, "inode")?, to_u64(b, "block number")?)))
+                .collect::<Result<Vec<_>>>()?;
+            out.push((object, blocks));
+        }
+        Ok(out)
+    }
+
+    /// Running totals (O(1): one row kept by triggers).
+    pub async fn totals(&self) -> Result<Totals> {
+        let (objects, unique_bytes, stored_bytes, logical_bytes): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT objects, unique_bytes, stored_bytes, logical_bytes FROM totals WHERE id = 0",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("read the totals"))?;
+        Ok(Totals {
+            objects: to_u64(objects, "object count")?,
+            unique_bytes: to_u64(unique_bytes, "unique bytes")?,
+            stored_bytes: to_u64(stored_bytes, "stored bytes")?,
+            logical_bytes: to_u64(logical_bytes, "logical bytes")?,
+        })
+    }
+
+    /// Checks the invariants of the schema that SQL cannot express: every refcount equals the
+    /// number of mappings, and the totals equal a full recount. Used by tests.
+    pub async fn check_consistency(&self) -> Result<()> {
+        let bad: Vec<(i64, i64, i64)> = sqlx::query_as(
+            "SELECT o.id, o.refcount, (SELECT count(*) FROM blocks b WHERE b.obj_id = o.id) AS n \
+             FROM objects o WHERE o.refcount != (SELECT count(*) FROM blocks b WHERE b.obj_id = o.id)",
+        )
+        .fetch_all(&self.readers)
+        .await
+        .map_err(ctx("check refcounts"))?;
+        if let Some((id, refcount, n)) = bad.first() {
+            return Err(Error::Invalid(format!(
+                "object {id} has refcount {refcount} but {n} mappings"
+            )));
+        }
+        let recount: (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM objects), \
+                    (SELECT coalesce(sum(length), 0) FROM objects), \
+                    (SELECT coalesce(sum(stored_size), 0) FROM objects WHERE state = 'uploaded'), \
+                    (SELECT coalesce(sum(o.length), 0) FROM blocks b JOIN objects o ON o.id = b.obj_id)",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("recount the totals"))?;
+        let totals = self.totals().await?;
+        let expected = Totals {
+            objects: to_u64(recount.0, "count")?,
+            unique_bytes: to_u64(recount.1, "bytes")?,
+            stored_bytes: to_u64(recount.2, "bytes")?,
+            logical_bytes: to_u64(recount.3, "bytes")?,
+        };
+        if totals != expected {
+            return Err(Error::Invalid(format!(
+                "totals {totals:?} differ from a recount {expected:?}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+async fn commit_one(tx: &mut SqliteConnection, r: &CommitRequest) -> Result<Committed> {
+    let inode = to_i64(r.inode)?;
+    let blockno = to_i64(r.blockno)?;
+    let old: Option<i64> =
+        sqlx::query_scalar("SELECT obj_id FROM blocks WHERE inode = ? AND blockno = ?")
+            .bind(inode)
+            .bind(blockno)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ctx("look up a block mapping"))?;
+    let existing: Option<(i64, String)> =
+        sqlx::query_as("SELECT id, state FROM objects WHERE hash = ?")
+            .bind(&r.hash[..])
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ctx("look up an object by hash"))?;
+    let outcome = match existing {
+        Some((id, state)) if Some(id) == old => {
+            return Ok(Committed {
+                outcome: Outcome::Unchanged {
+                    obj_id: to_u64(id, "object id")?,
+                    state: ObjectState::parse(&state)?,
+                },
+                released: None,
+            });
+        }
+        Some((id, state)) => {
+            sqlx::query("UPDATE objects SET refcount = refcount + 1 WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("take a reference to an object"))?;
+            Outcome::Linked {
+                obj_id: to_u64(id, "object id")?,
+                state: ObjectState::parse(&state)?,
+            }
+        }
+        None => {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO objects (hash, refcount, length, stored_size, state) \
+                 VALUES (?, 1, ?, NULL, 'uploading') RETURNING id",
+            )
+            .bind(&r.hash[..])
+            .bind(to_i64(r.length)?)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(ctx("register a new object"))?;
+            Outcome::Created {
+                obj_id: to_u64(id, "object id")?,
+            }
+        }
+    };
+    let new_id = to_i64(outcome.obj_id())?;
+    if old.is_some() {
+        sqlx::query("UPDATE blocks SET obj_id = ? WHERE inode = ? AND blockno = ?")
+            .bind(new_id)
+            .bind(inode)
+            .bind(blockno)
+            .execute(&mut *tx)
+            .await
+            .map_err(ctx("update a block mapping"))?;
+    } else {
+        sqlx::query("INSERT INTO blocks (inode, blockno, obj_id) VALUES (?, ?, ?)")
+            .bind(inode)
+            .bind(blockno)
+            .bind(new_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(ctx("insert a block mapping"))?;
+    }
+    let released = match old {
+        Some(old) => release(&mut *tx, old).await?,
+        None => None,
+    };
+    Ok(Committed { outcome, released })
+}
+
+/// Drops one reference to object `id`; at 0 deletes the row and records a pending deletion.
+async fn release(executor: &mut SqliteConnection, id: i64) -> Result<Option<u64>> {
+    let refcount: i64 = sqlx::query_scalar(
+        "UPDATE objects SET refcount = refcount - 1 WHERE id = ? RETURNING refcount",
+    )
+    .bind(id)
+    .fetch_one(&mut *executor)
+    .await
+    .map_err(ctx("drop a reference to an object"))?;
+    if refcount > 0 {
+        return Ok(None);
+    }
+    sqlx::query("DELETE FROM objects WHERE id = ?")
+        .bind(id)
+        .execute(&mut *executor)
+        .await
+        .map_err(ctx("delete an unreferenced object"))?;
+    sqlx::query("INSERT OR IGNORE INTO pending_deletions (obj_id) VALUES (?)")
+        .bind(id)
+        .execute(&mut *executor)
+        .await
+        .map_err(ctx("record a pending deletion"))?;
+    Ok(Some(to_u64(id, "object id")?))
+}
+
+#[cfg(test)]
+mod tests;
