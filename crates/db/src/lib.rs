@@ -275,13 +275,17 @@ impl Db {
         })
     }
 
-    /// Closes every connection.
-    pub async fn close(self) {
-        self.readers.close().await;
-        let writer = self.writer.into_inner();
-        if let Err(error) = writer.close().await {
-            tracing::warn!(%error, "closing the database writer failed");
+    /// Checkpoints the write-ahead log and closes the reader connections. The writer
+    /// connection closes when the `Db` is dropped.
+    pub async fn close(&self) {
+        let mut w = self.writer.lock().await;
+        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+            .execute(&mut *w)
+            .await
+        {
+            tracing::warn!(%error, "checkpointing the database failed");
         }
+        self.readers.close().await;
     }
 
     /// Records `block_size` for a new volume, or checks that it matches the recorded one.

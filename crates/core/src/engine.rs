@@ -1,0 +1,1102 @@
+//! The engine: shared state, block handles, the commit and upload pipeline, eviction,
+//! flush and removal.
+//!
+//! # Locks and their order
+//! 1. Block locks ([`KeyedLocks`]), async, one per `(inode, blockno)`. A task that needs
+//!    several takes them in ascending key order, or with `try_lock` only. Nobody waits for
+//!    the dirty budget or for an upload while holding a block lock, with one exception that
+//!    cannot deadlock: a cache miss may wait for eviction, and eviction only `try_lock`s.
+//! 2. `commit_lock`, async: held around each metadata transaction of the commit pipeline
+//!    together with the in-flight upload registry update, so that the state of an object
+//!    seen in the database and the registry agree.
+//! 3. The database writer (inside `blockcache_db`).
+//! 4. `state` and `uploads`, std mutexes, innermost, never held across an `.await`. They
+//!    are never held at the same time.
+//!
+//! # Crash consistency
+//! A block's file is renamed to its dirty name before its first modification and renamed
+//! back only once its upload is recorded in the database (see [`crate::files`]). Objects are
+//! registered (`uploading`) with their mapping before the upload and confirmed after it; a
+//! store object is deleted only after its row is gone and a pending deletion is durable.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockcache_backend::Backend;
+use blockcache_db::{CommitRequest, Db, ObjectState, Outcome};
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::budget::Budget;
+use crate::error::UploadFailure;
+use crate::files::{self, CacheDir};
+use crate::keylock::{KeyGuard, KeyedLocks};
+use crate::state::{Done, State};
+use crate::{BlockKey, Config, Error, Result};
+
+/// Most blocks, and most bytes, read into memory by one commit batch.
+const BATCH_BLOCKS: usize = 512;
+const BATCH_BYTES: u64 = 16 << 20;
+
+/// A block waiting for the upload of an object.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    key: BlockKey,
+    entry_id: u64,
+    generation: u64,
+    done: watch::Sender<Option<Result<()>>>,
+}
+
+/// An object whose upload is under way, and the blocks that wait for it.
+#[derive(Debug)]
+pub(crate) struct ObjUpload {
+    done: watch::Sender<Option<Result<()>>>,
+    waiters: Vec<Waiter>,
+}
+
+/// One upload handed to the upload tasks.
+#[derive(Debug)]
+pub(crate) struct UploadJob {
+    pub(crate) obj_id: u64,
+    pub(crate) data: Bytes,
+    pub(crate) reply: oneshot::Sender<Result<u64, blockcache_backend::Error>>,
+}
+
+/// Counters since start-up, for statistics and metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) uploads: AtomicU64,
+    pub(crate) upload_bytes: AtomicU64,
+    pub(crate) upload_errors: AtomicU64,
+    pub(crate) downloads: AtomicU64,
+    pub(crate) download_bytes: AtomicU64,
+    pub(crate) download_errors: AtomicU64,
+    pub(crate) dedup_hits: AtomicU64,
+    pub(crate) deletes: AtomicU64,
+    pub(crate) delete_errors: AtomicU64,
+}
+
+/// Shared state of one open cache.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) config: Config,
+    pub(crate) dir: CacheDir,
+    pub(crate) db: Db,
+    pub(crate) backend: Backend,
+    pub(crate) locks: Arc<KeyedLocks>,
+    pub(crate) state: Mutex<State>,
+    pub(crate) dirty_budget: Budget,
+    /// Wakes the commit task: writers wait for the dirty budget.
+    pub(crate) pressure: Notify,
+    /// Wakes eviction: an upload finished or an entry went away.
+    pub(crate) progress: Notify,
+    pub(crate) commit_lock: tokio::sync::Mutex<()>,
+    pub(crate) uploads: Mutex<HashMap<u64, ObjUpload>>,
+    pub(crate) upload_tx: mpsc::Sender<UploadJob>,
+    pub(crate) removal_tx: mpsc::Sender<u64>,
+    pub(crate) uploads_in_flight: AtomicU64,
+    pub(crate) pending_removals: AtomicU64,
+    pub(crate) counters: Counters,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+/// Whether commit waits for busy block locks or skips those blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LockMode {
+    Wait,
+    Skip,
+}
+
+/// What the commit of one block handed back: the generation and its completion.
+pub(crate) type Pending = (BlockKey, u64, Done);
+
+struct Snapshot {
+    key: BlockKey,
+    entry_id: u64,
+    generation: u64,
+    guard: KeyGuard,
+    done: watch::Sender<Option<Result<()>>>,
+    data: Vec<u8>,
+    hash: [u8; 32],
+}
+
+impl Inner {
+    pub(crate) fn check_key(key: BlockKey) -> Result<()> {
+        if key.inode > i64::MAX as u64 || key.blockno > i64::MAX as u64 {
+            return Err(Error::InvalidKey {
+                inode: key.inode,
+                blockno: key.blockno,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("state mutex poisoned")
+    }
+
+    /// Waits until `bytes` and `slots` fit within the limits and reserves them, evicting
+    /// clean least-recently-used entries and uploading dirty ones as needed. Reads of cached
+    /// blocks never come here.
+    pub(crate) async fn make_room(self: &Arc<Self>, bytes: u64, slots: u64) -> Result<()> {
+        let mut failures = 0u32;
+        loop {
+            if self.cancel.is_cancelled() {
+                return Err(Error::ShuttingDown);
+            }
+            let progress = self.progress.notified();
+            let released = self.locks.released().notified();
+            tokio::pin!(progress, released);
+            progress.as_mut().enable();
+            released.as_mut().enable();
+            let (evicted, to_commit, waits) = {
+                let mut st = self.lock_state();
+                if st.fits(bytes, slots) {
+                    st.reserved_bytes += bytes;
+                    st.reserved_slots += slots;
+                    return Ok(());
+                }
+                self.plan_eviction(&mut st, bytes, slots)
+            };
+            let any_evicted = !evicted.is_empty();
+            for (key, marker, guard) in evicted {
+                if let Err(error) = self.dir.remove(key, marker) {
+                    tracing::warn!(%error, inode = key.inode, blockno = key.blockno, "failed to delete an evicted cache file");
+                }
+                drop(guard);
+            }
+            if any_evicted {
+                continue;
+            }
+            let mut waits = waits;
+            if !to_commit.is_empty() {
+                waits.extend(self.commit_keys(to_commit, LockMode::Skip).await?);
+            }
+            if waits.is_empty() {
+                // Everything evictable is locked by someone: wait until something changes.
+                tokio::select! {
+                    () = &mut progress => {}
+                    () = &mut released => {}
+                    () = self.cancel.cancelled() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                continue;
+            }
+            let results =
+                futures::future::join_all(waits.into_iter().map(|(_, _, d)| wait_done(d))).await;
+            if results.iter().all(Result::is_err) {
+                // Uploads keep failing: back off instead of spinning; writers keep waiting.
+                failures = failures.saturating_add(1);
+                let delay = Duration::from_millis(50 << failures.min(6));
+                tokio::select! {
+                    () = self.cancel.cancelled() => {}
+                    () = tokio::time::sleep(delay) => {}
+                }
+            } else {
+                failures = 0;
+            }
+        }
+    }
+
+    /// Walks the LRU order from the oldest entry and decides, under the state lock, what to
+    /// evict now (clean, unlocked) and what to upload first (dirty). The budget of entries
+    /// and bytes to free is spent on both, as in S3QL, so a pass uploads no more than needed.
+    #[allow(clippy::type_complexity)]
+    fn plan_eviction(
+        &self,
+        st: &mut State,
+        bytes: u64,
+        slots: u64,
+    ) -> (Vec<(BlockKey, bool, KeyGuard)>, Vec<BlockKey>, Vec<Pending>) {
+        let used_bytes = st.bytes + st.reserved_bytes + bytes;
+        let used_slots = st.entries.len() as u64 + st.reserved_slots + slots;
+        let mut need_bytes = used_bytes.saturating_sub(st.max_bytes) as i64;
+        let mut need_slots = used_slots.saturating_sub(st.max_entries) as i64;
+        let mut evict = Vec::new();
+        let mut commit = Vec::new();
+        let mut waits = Vec::new();
+        let order: Vec<BlockKey> = st.lru.values().copied().collect();
+        for key in order {
+            if need_bytes <= 0 && need_slots <= 0 {
+                break;
+            }
+            let e = &st.entries[&key];
+            let size = e.size as i64;
+            if let Some((generation, done)) = &e.inflight {
+                waits.push((key, *generation, done.clone()));
+            } else if e.is_dirty() {
+                commit.push(key);
+            } else {
+                let Some(guard) = self.locks.try_lock(key) else {
+                    continue;
+                };
+                let e = st.remove(key).expect("entry present");
+                evict.push((key, e.marker, guard));
+            }
+            need_bytes -= size;
+            need_slots -= 1;
+        }
+        (evict, commit, waits)
+    }
+
+    /// Returns a reservation made by [`Inner::make_room`].
+    pub(crate) fn unreserve(&self, bytes: u64, slots: u64) {
+        let mut st = self.lock_state();
+        st.reserved_bytes -= bytes;
+        st.reserved_slots -= slots;
+    }
+
+    /// Commits `keys`: snapshot and hash each dirty block, decide dedup in one transaction per
+    /// batch, and hand new objects to the upload tasks. Returns, for every block that is now
+    /// being uploaded (by this call or an earlier one), its generation and completion.
+    pub(crate) async fn commit_keys(
+        self: &Arc<Self>,
+        mut keys: Vec<BlockKey>,
+        mode: LockMode,
+    ) -> Result<Vec<Pending>> {
+        keys.sort_unstable();
+        keys.dedup();
+        let mut pending = Vec::new();
+        let mut rest = &keys[..];
+        while !rest.is_empty() {
+            let mut snapshots = Vec::new();
+            let mut batch_bytes = 0;
+            while let Some((&key, tail)) = rest.split_first() {
+                if snapshots.len() >= BATCH_BLOCKS || batch_bytes >= BATCH_BYTES {
+                    break;
+                }
+                rest = tail;
+                let guard = match mode {
+                    LockMode::Wait => self.locks.lock(key).await,
+                    LockMode::Skip => match self.locks.try_lock(key) {
+                        Some(g) => g,
+                        None => continue,
+                    },
+                };
+                let started = {
+                    let mut st = self.lock_state();
+                    match st.entries.get_mut(&key) {
+                        None => None,
+                        Some(e) => {
+                            if let Some((generation, done)) = &e.inflight {
+                                pending.push((key, *generation, done.clone()));
+                                None
+                            } else if !e.is_dirty() {
+                                None
+                            } else {
+                                let (tx, rx) = watch::channel(None);
+                                e.inflight = Some((e.generation, rx.clone()));
+                                pending.push((key, e.generation, rx));
+                                Some((e.id, e.generation, e.size, e.marker, tx))
+                            }
+                        }
+                    }
+                };
+                let Some((entry_id, generation, size, marker, done)) = started else {
+                    continue;
+                };
+                batch_bytes += size;
+                snapshots.push((key, entry_id, generation, size, marker, done, guard));
+            }
+            if snapshots.is_empty() {
+                continue;
+            }
+            self.commit_batch(snapshots).await?;
+        }
+        Ok(pending)
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn commit_batch(
+        self: &Arc<Self>,
+        snapshots: Vec<(
+            BlockKey,
+            u64,
+            u64,
+            u64,
+            bool,
+            watch::Sender<Option<Result<()>>>,
+            KeyGuard,
+        )>,
+    ) -> Result<()> {
+        // Read and hash every block on the blocking pool, in parallel.
+        let reads =
+            snapshots
+                .into_iter()
+                .map(|(key, entry_id, generation, size, marker, done, guard)| {
+                    let path = self.dir.file(key, marker);
+                    async move {
+                        let read = tokio::task::spawn_blocking(move || {
+                            let data = files::read_whole(&path, size)?;
+                            let hash: [u8; 32] = Sha256::digest(&data).into();
+                            Ok::<_, std::io::Error>((data, hash, path))
+                        })
+                        .await
+                        .expect("hashing task panicked");
+                        (key, entry_id, generation, done, guard, read)
+                    }
+                });
+        let mut snaps = Vec::new();
+        for (key, entry_id, generation, done, guard, read) in futures::future::join_all(reads).await
+        {
+            match read {
+                Ok((data, hash, _)) => snaps.push(Snapshot {
+                    key,
+                    entry_id,
+                    generation,
+                    guard,
+                    done,
+                    data,
+                    hash,
+                }),
+                Err(source) => {
+                    let error = Error::Io {
+                        action: "read cache file",
+                        path: self.dir.file(key, true),
+                        source: Arc::new(source),
+                    };
+                    tracing::error!(%error, inode = key.inode, blockno = key.blockno, "failed to commit a block");
+                    self.finish_block(key, entry_id, generation, &done, Err(error));
+                }
+            }
+        }
+        if snaps.is_empty() {
+            return Ok(());
+        }
+        let requests: Vec<CommitRequest> = snaps
+            .iter()
+            .map(|s| CommitRequest {
+                inode: s.key.inode,
+                blockno: s.key.blockno,
+                hash: s.hash,
+                length: s.data.len() as u64,
+            })
+            .collect();
+        let mut settled = Vec::new();
+        let mut jobs = Vec::new();
+        let mut released = Vec::new();
+        {
+            let _commit = self.commit_lock.lock().await;
+            let results = match self.db.commit_blocks(&requests).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let error = Error::from(e);
+                    for s in &snaps {
+                        self.finish_block(
+                            s.key,
+                            s.entry_id,
+                            s.generation,
+                            &s.done,
+                            Err(error.clone()),
+                        );
+                    }
+                    return Err(error);
+                }
+            };
+            let mut uploads = self.uploads.lock().expect("uploads mutex poisoned");
+            for (snap, committed) in snaps.into_iter().zip(results) {
+                released.extend(committed.released);
+                let Snapshot {
+                    key,
+                    entry_id,
+                    generation,
+                    guard,
+                    done,
+                    data,
+                    ..
+                } = snap;
+                drop(guard);
+                let waiter = Waiter {
+                    key,
+                    entry_id,
+                    generation,
+                    done,
+                };
+                let (obj_id, state, created) = match committed.outcome {
+                    Outcome::Created { obj_id } => (obj_id, ObjectState::Uploading, true),
+                    Outcome::Linked { obj_id, state } | Outcome::Unchanged { obj_id, state } => {
+                        self.counters.dedup_hits.fetch_add(1, Ordering::Relaxed);
+                        (obj_id, state, false)
+                    }
+                };
+                match state {
+                    ObjectState::Uploaded => settled.push((waiter, Ok(()))),
+                    ObjectState::Failed => settled.push((
+                        waiter,
+                        Err(Error::Upload {
+                            obj_id,
+                            inode: key.inode,
+                            blockno: key.blockno,
+                            source: Arc::new(UploadFailure::Stopped),
+                        }),
+                    )),
+                    ObjectState::Uploading => match uploads.get_mut(&obj_id) {
+                        // Dedup against an object still being uploaded: the block stays dirty
+                        // until that upload succeeds.
+                        Some(upload) if !created => upload.waiters.push(waiter),
+                        _ => {
+                            // A new object, or one registered before a crash whose upload
+                            // nobody runs now: upload it from this block's content.
+                            uploads.insert(
+                                obj_id,
+                                ObjUpload {
+                                    done: watch::channel(None).0,
+                                    waiters: vec![waiter],
+                                },
+                            );
+                            jobs.push((obj_id, key, Bytes::from(data)));
+                        }
+                    },
+                }
+            }
+        }
+        for (w, result) in settled {
+            self.finish_block(w.key, w.entry_id, w.generation, &w.done, result);
+        }
+        for (obj_id, key, data) in jobs {
+            self.start_upload(obj_id, key, data).await;
+        }
+        self.queue_removals(released).await;
+        Ok(())
+    }
+
+    /// Hands one object to the upload tasks (waiting while they are busy) and spawns the task
+    /// that records its outcome.
+    async fn start_upload(self: &Arc<Self>, obj_id: u64, key: BlockKey, data: Bytes) {
+        let (reply, rx) = oneshot::channel();
+        self.uploads_in_flight.fetch_add(1, Ordering::SeqCst);
+        let len = data.len() as u64;
+        let sent = self
+            .upload_tx
+            .send(UploadJob {
+                obj_id,
+                data,
+                reply,
+            })
+            .await
+            .is_ok();
+        let inner = Arc::clone(self);
+        self.tracker.spawn(async move {
+            let result = if sent {
+                rx.await
+                    .unwrap_or(Err(blockcache_backend::Error::Cancelled))
+            } else {
+                Err(blockcache_backend::Error::Cancelled)
+            };
+            inner.finish_upload(obj_id, key, len, result).await;
+        });
+    }
+
+    /// Records the outcome of an upload in the database, then settles every block waiting
+    /// for the object.
+    async fn finish_upload(
+        self: &Arc<Self>,
+        obj_id: u64,
+        key: BlockKey,
+        len: u64,
+        result: Result<u64, blockcache_backend::Error>,
+    ) {
+        let outcome: std::result::Result<(), UploadFailure> = {
+            let _commit = self.commit_lock.lock().await;
+            let outcome = match result {
+                Ok(stored) => match self.db.confirm_upload(obj_id, stored).await {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(UploadFailure::Db(e)),
+                },
+                Err(e) => Err(UploadFailure::Store(e)),
+            };
+            if outcome.is_err()
+                && let Err(error) = self.db.fail_upload(obj_id).await
+            {
+                tracing::error!(%error, obj_id, "failed to record a failed upload");
+            }
+            outcome
+        };
+        let upload = self
+            .uploads
+            .lock()
+            .expect("uploads mutex poisoned")
+            .remove(&obj_id);
+        self.uploads_in_flight.fetch_sub(1, Ordering::SeqCst);
+        let result = match outcome {
+            Ok(()) => {
+                self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+                self.counters.upload_bytes.fetch_add(len, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(failure) => {
+                self.counters.upload_errors.fetch_add(1, Ordering::Relaxed);
+                let error = Error::Upload {
+                    obj_id,
+                    inode: key.inode,
+                    blockno: key.blockno,
+                    source: Arc::new(failure),
+                };
+                if !matches!(&error, Error::Upload { source, .. } if matches!(&**source, UploadFailure::Store(e) if e.is_cancelled()))
+                {
+                    tracing::warn!(%error, source = %std::error::Error::source(&error).map(|s| s.to_string()).unwrap_or_default(), "upload failed; the data stays dirty in the cache");
+                }
+                Err(error)
+            }
+        };
+        if let Some(upload) = upload {
+            for w in upload.waiters {
+                self.finish_block(w.key, w.entry_id, w.generation, &w.done, result.clone());
+            }
+            upload.done.send_replace(Some(result));
+        }
+        self.progress.notify_waiters();
+    }
+
+    /// Settles the commit of generation `generation` of a block: clean on success, still dirty on
+    /// failure. Late results for a removed or re-created entry change nothing.
+    fn finish_block(
+        &self,
+        key: BlockKey,
+        entry_id: u64,
+        generation: u64,
+        done: &watch::Sender<Option<Result<()>>>,
+        result: Result<()>,
+    ) {
+        let became_clean = {
+            let mut st = self.lock_state();
+            match &result {
+                Ok(()) => st.confirm(key, entry_id, generation),
+                Err(_) => {
+                    st.fail(key, entry_id, generation);
+                    None
+                }
+            }
+        };
+        if let Some(freed) = became_clean {
+            self.dirty_budget.release(freed);
+            self.unmark(key, entry_id);
+        }
+        done.send_replace(Some(result));
+        self.progress.notify_waiters();
+    }
+
+    /// Renames the file of a clean entry back to its clean name, if its block is not in use.
+    /// Leaving the marker is harmless: recovery would re-hash the block and find it clean.
+    pub(crate) fn unmark(&self, key: BlockKey, entry_id: u64) {
+        let Some(_guard) = self.locks.try_lock(key) else {
+            return;
+        };
+        let marked = {
+            let st = self.lock_state();
+            st.entries
+                .get(&key)
+                .is_some_and(|e| e.id == entry_id && e.marker && !e.is_dirty())
+        };
+        if !marked {
+            return;
+        }
+        match self.dir.set_marker(key, false) {
+            Ok(()) => {
+                let mut st = self.lock_state();
+                if let Some(e) = st.entries.get_mut(&key) {
+                    e.marker = false;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, inode = key.inode, blockno = key.blockno, "failed to drop a dirty marker")
+            }
+        }
+    }
+
+    /// Queues store deletions of released objects (their pending deletions are durable).
+    pub(crate) async fn queue_removals(&self, ids: Vec<u64>) {
+        for id in ids {
+            self.pending_removals.fetch_add(1, Ordering::SeqCst);
+            if self.removal_tx.send(id).await.is_err() {
+                // The removal task is gone (shutdown); the pending deletion stays in the
+                // database and the next start finishes it.
+                tracing::debug!(
+                    obj_id = id,
+                    "removal queue closed; deletion left for the next start"
+                );
+            }
+        }
+    }
+
+    /// The completion of an upload of object `obj_id` under way, if any.
+    pub(crate) fn upload_of(&self, obj_id: u64) -> Option<watch::Receiver<Option<Result<()>>>> {
+        self.uploads
+            .lock()
+            .expect("uploads mutex poisoned")
+            .get(&obj_id)
+            .map(|u| u.done.subscribe())
+    }
+
+    /// Commit + wait: returns once every block dirty at the call is in the store.
+    pub(crate) async fn flush(self: &Arc<Self>, only: Option<u64>) -> Result<()> {
+        let targets: Vec<(BlockKey, u64, u64)> = {
+            let st = self.lock_state();
+            st.dirty
+                .iter()
+                .filter(|(_, k)| only.is_none_or(|i| k.inode == i))
+                .map(|(_, k)| (*k, st.entries[k].id, st.entries[k].generation))
+                .collect()
+        };
+        loop {
+            let mut to_commit = Vec::new();
+            let mut waits = Vec::new();
+            {
+                let st = self.lock_state();
+                for &(key, id, generation) in &targets {
+                    let Some(e) = st.entries.get(&key).filter(|e| e.id == id) else {
+                        continue; // removed: nothing to flush
+                    };
+                    if e.clean_gen >= generation {
+                        continue;
+                    }
+                    match &e.inflight {
+                        Some((g, done)) => waits.push((key, *g >= generation, done.clone())),
+                        None => to_commit.push(key),
+                    }
+                }
+            }
+            if to_commit.is_empty() && waits.is_empty() {
+                return Ok(());
+            }
+            for (key, gen_ok, done) in self
+                .commit_keys(to_commit, LockMode::Wait)
+                .await?
+                .into_iter()
+                .map(|(k, g, d)| {
+                    let wanted = targets.iter().find(|t| t.0 == k).map_or(0, |t| t.2);
+                    (k, g >= wanted, d)
+                })
+            {
+                waits.push((key, gen_ok, done));
+            }
+            for (_, covers, done) in waits {
+                let result = wait_done(done).await;
+                if covers {
+                    result?;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for a completion.
+pub(crate) async fn wait_done(mut done: Done) -> Result<()> {
+    match done.wait_for(Option::is_some).await {
+        Ok(v) => v.clone().expect("checked by wait_for"),
+        Err(_) => Err(Error::ShuttingDown),
+    }
+}
+
+/// Exclusive access to one block. Holds the block's lock until dropped.
+///
+/// Obtained from [`crate::BlockCache::block`] (read and write) or
+/// [`crate::BlockCache::block_for_read`] (read only). A write handle reserved one block's worth
+/// of the dirty budget when it was opened, so writing never waits for uploads while the
+/// block is locked.
+#[derive(Debug)]
+pub struct BlockHandle {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) key: BlockKey,
+    pub(crate) _guard: KeyGuard,
+    pub(crate) credit: Option<u64>,
+    pub(crate) file: Option<File>,
+}
+
+/// What a handle needs before an operation.
+#[derive(Debug, Clone, Copy)]
+enum Intent {
+    Read,
+    /// A write of `[start, end)`.
+    Write(u64, u64),
+    Truncate(u64),
+}
+
+impl BlockHandle {
+    /// The block this handle owns.
+    pub fn key(&self) -> BlockKey {
+        self.key
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// The block's length in bytes (0 for a hole). Downloads nothing.
+    pub async fn size(&mut self) -> Result<u64> {
+        if let Some(size) = self.cached_size() {
+            return Ok(size);
+        }
+        Ok(self
+            .inner
+            .db
+            .mapping(self.key.inode, self.key.blockno)
+            .await?
+            .map_or(0, |o| o.length))
+    }
+
+    fn cached_size(&self) -> Option<u64> {
+        let st = self.inner.lock_state();
+        st.entries
+            .get(&self.key)
+            .filter(|e| e.verified)
+            .map(|e| e.size)
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let block_size = self.inner.config.block_size;
+        if offset.checked_add(len).is_none_or(|end| end > block_size) {
+            return Err(Error::OutOfRange {
+                inode: self.key.inode,
+                blockno: self.key.blockno,
+                offset,
+                len,
+                block_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads up to `len` bytes at `offset`; returns fewer at the end of the block, and
+    /// nothing for a hole. A miss downloads the block first.
+    pub async fn read(&mut self, offset: u64, len: usize) -> Result<Bytes> {
+        self.check_range(offset, len as u64)?;
+        if !self.ensure(Intent::Read).await? {
+            return Ok(Bytes::new());
+        }
+        let size = self.cached_size().expect("ensured");
+        let end = (offset + len as u64).min(size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let file = self.file()?;
+        let mut buf = vec![0; (end - offset) as usize];
+        file.read_exact_at(&mut buf, offset).map_err(Error::io(
+            "read cache file",
+            self.inner.dir.file(self.key, true),
+        ))?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Writes `data` at `offset`, growing the block if needed (a gap reads as zeros).
+    /// A write that covers the block's whole old content does not download it first.
+    pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.ensure(Intent::Write(offset, offset + data.len() as u64))
+            .await?;
+        let size = self.cached_size().expect("ensured");
+        let new_size = size.max(offset + data.len() as u64);
+        self.modify(new_size, |file| file.write_all_at(data, offset))
+            .await
+    }
+
+    /// Sets the block's length to `size`, cutting or zero-extending it.
+    pub async fn truncate(&mut self, size: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(0, size)?;
+        self.ensure(Intent::Truncate(size)).await?;
+        if self.cached_size() == Some(size) {
+            return Ok(());
+        }
+        self.modify(size, |file| file.set_len(size)).await
+    }
+
+    /// Makes this block's data durable in the cache directory (fsync of file and directory).
+    pub async fn sync(&mut self) -> Result<()> {
+        let Some(file) = self.file.as_ref() else {
+            return Ok(());
+        };
+        let file = file.try_clone().map_err(Error::io(
+            "sync cache file",
+            self.inner.dir.file(self.key, true),
+        ))?;
+        let dir = self.inner.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            file.sync_data()?;
+            dir.sync_dir()
+        })
+        .await
+        .expect("sync task panicked")
+        .map_err(Error::io("sync cache directory", self.inner.dir.path()))
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.credit.is_none() {
+            return Err(Error::ReadOnly {
+                inode: self.key.inode,
+                blockno: self.key.blockno,
+            });
+        }
+        Ok(())
+    }
+
+    fn file(&mut self) -> Result<&File> {
+        if self.file.is_none() {
+            let marker = {
+                let st = self.inner.lock_state();
+                st.entries
+                    .get(&self.key)
+                    .map(|e| e.marker)
+                    .expect("ensured")
+            };
+            let file = self.inner.dir.open(self.key, marker).map_err(Error::io(
+                "open cache file",
+                self.inner.dir.file(self.key, marker),
+            ))?;
+            self.file = Some(file);
+        }
+        Ok(self.file.as_ref().expect("just opened"))
+    }
+
+    /// Applies a modification that leaves the block `new_size` bytes long: grow the cache
+    /// reservation if needed, mark dirty (renaming the file first), then run `op` on the file.
+    async fn modify(
+        &mut self,
+        new_size: u64,
+        op: impl FnOnce(&File) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
+        let old_size = self.cached_size().expect("ensured");
+        let growth = new_size.saturating_sub(old_size);
+        if growth > 0 {
+            inner.make_room(growth, 0).await?;
+            inner.unreserve(growth, 0);
+        }
+        // Mark the file dirty before the bytes change, so a crash never leaves modified
+        // data under a clean name.
+        let needs_marker = {
+            let st = inner.lock_state();
+            !st.entries[&key].marker
+        };
+        if needs_marker {
+            inner.dir.set_marker(key, true).map_err(Error::io(
+                "mark cache file dirty",
+                inner.dir.file(key, false),
+            ))?;
+            let mut st = inner.lock_state();
+            if let Some(e) = st.entries.get_mut(&key) {
+                e.marker = true;
+            }
+        }
+        let file = self.file()?;
+        op(file).map_err(Error::io("write cache file", inner.dir.file(key, true)))?;
+        let (delta, _) = inner.lock_state().modify(key, new_size);
+        let credit = self.credit.as_mut().expect("writable");
+        if delta >= 0 {
+            // A handle's credit is one block size, and no block grows past that.
+            *credit = credit.saturating_sub(delta as u64);
+        } else {
+            *credit += delta.unsigned_abs();
+        }
+        Ok(())
+    }
+
+    /// Makes sure the block is cached if it has content; returns false for a hole on read.
+    async fn ensure(&mut self, intent: Intent) -> Result<bool> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
+        let (cached, verified) = {
+            let mut st = inner.lock_state();
+            let found = st.entries.get(&key).map(|e| e.verified);
+            if found.is_some() {
+                st.touch(key);
+            }
+            (found.is_some(), found.unwrap_or(false))
+        };
+        if cached && verified {
+            inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        if cached && !self.verify().await? {
+            self.file = None;
+        } else if cached {
+            inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        let mapping = inner.db.mapping(key.inode, key.blockno).await?;
+        let Some(object) = mapping else {
+            if let Intent::Read = intent {
+                return Ok(false);
+            }
+            self.create_empty().await?;
+            return Ok(true);
+        };
+        let replaces_all = match intent {
+            Intent::Read => false,
+            Intent::Write(start, end) => start == 0 && end >= object.length,
+            Intent::Truncate(size) => size == 0,
+        };
+        if replaces_all {
+            self.create_empty().await?;
+            return Ok(true);
+        }
+        inner.counters.misses.fetch_add(1, Ordering::Relaxed);
+        self.download(object).await?;
+        Ok(true)
+    }
+
+    async fn create_empty(&mut self) -> Result<()> {
+        let inner = Arc::clone(self.inner());
+        inner.make_room(0, 1).await?;
+        let created = inner.dir.create_dirty(self.key);
+        inner.unreserve(0, 1);
+        let file = created.map_err(Error::io(
+            "create cache file",
+            inner.dir.file(self.key, true),
+        ))?;
+        self.file = Some(file);
+        let mut st = inner.lock_state();
+        let id = st.insert(self.key, 0, true, true);
+        // An empty new block is dirty (it must become a mapping) but holds no bytes yet.
+        let e = st.entries.get_mut(&self.key).expect("inserted");
+        debug_assert_eq!(e.id, id);
+        Ok(())
+    }
+
+    async fn download(&mut self, object: blockcache_db::Object) -> Result<()> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
+        let Some(hash) = object.hash else {
+            return Err(Error::Lost {
+                obj_id: object.id,
+                inode: key.inode,
+                blockno: key.blockno,
+            });
+        };
+        if let Some(done) = inner.upload_of(object.id) {
+            // The object is still being uploaded for another block: wait for it.
+            wait_done(done).await.map_err(|_| Error::Lost {
+                obj_id: object.id,
+                inode: key.inode,
+                blockno: key.blockno,
+            })?;
+        }
+        let data = inner.backend.get(object.id).await.map_err(|e| {
+            inner
+                .counters
+                .download_errors
+                .fetch_add(1, Ordering::Relaxed);
+            Error::Download {
+                obj_id: object.id,
+                inode: key.inode,
+                blockno: key.blockno,
+                source: Arc::new(e),
+            }
+        })?;
+        let corrupted = |reason: String| {
+            inner
+                .counters
+                .download_errors
+                .fetch_add(1, Ordering::Relaxed);
+            Error::Corrupted {
+                obj_id: object.id,
+                inode: key.inode,
+                blockno: key.blockno,
+                reason,
+            }
+        };
+        if data.len() as u64 != object.length {
+            return Err(corrupted(format!(
+                "{} bytes instead of {}",
+                data.len(),
+                object.length
+            )));
+        }
+        inner.make_room(object.length, 1).await?;
+        let dir = inner.dir.clone();
+        let installed = tokio::task::spawn_blocking(move || {
+            let actual: [u8; 32] = Sha256::digest(&data).into();
+            if actual != hash {
+                return Ok(Some(hex::encode(actual)));
+            }
+            dir.install_clean(key, &data).map(|()| None)
+        })
+        .await
+        .expect("download task panicked");
+        inner.unreserve(object.length, 1);
+        match installed {
+            Ok(None) => {}
+            Ok(Some(actual)) => {
+                return Err(corrupted(format!(
+                    "SHA-256 {actual} instead of {}",
+                    hex::encode(hash)
+                )));
+            }
+            Err(source) => {
+                return Err(Error::io(
+                    "store downloaded block",
+                    inner.dir.file(key, false),
+                )(source));
+            }
+        }
+        inner.counters.downloads.fetch_add(1, Ordering::Relaxed);
+        inner
+            .counters
+            .download_bytes
+            .fetch_add(object.length, Ordering::Relaxed);
+        inner.lock_state().insert(key, object.length, false, true);
+        self.file = None;
+        Ok(())
+    }
+
+    /// Checks a clean file found at start-up against its mapping (length and SHA-256).
+    /// A stale or damaged file is deleted and the block treated as a miss. Returns whether the
+    /// file was kept.
+    async fn verify(&mut self) -> Result<bool> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
+        let size = inner.lock_state().entries[&key].size;
+        let mapping = inner.db.mapping(key.inode, key.blockno).await?;
+        let path = inner.dir.file(key, false);
+        let ok = match mapping {
+            Some(o) if o.length == size && o.hash.is_some() => {
+                let expected = o.hash.expect("checked");
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    files::read_whole(&p, size)
+                        .map(|d| <[u8; 32]>::from(Sha256::digest(&d)) == expected)
+                })
+                .await
+                .expect("verify task panicked")
+                .unwrap_or(false)
+            }
+            _ => false,
+        };
+        if ok {
+            if let Some(e) = inner.lock_state().entries.get_mut(&key) {
+                e.verified = true;
+            }
+            return Ok(true);
+        }
+        tracing::warn!(inode = key.inode, blockno = key.blockno, path = %path.display(), "cached block does not match its metadata; discarding it");
+        inner.lock_state().remove(key);
+        inner
+            .dir
+            .remove(key, false)
+            .map_err(Error::io("delete stale cache file", path))?;
+        Ok(false)
+    }
+}
+
+impl Drop for BlockHandle {
+    fn drop(&mut self) {
+        if let Some(credit) = self.credit.take() {
+            self.inner.dirty_budget.release(credit);
+        }
+    }
+}

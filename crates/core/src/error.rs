@@ -1,0 +1,169 @@
+//! The error type of the engine.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Errors of the block cache.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A setting is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// An inode or block number larger than `i64::MAX`.
+    #[error(
+        "block {blockno} of inode {inode} is out of range: numbers must be at most {}",
+        i64::MAX
+    )]
+    InvalidKey {
+        /// Inode.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+    },
+    /// An access past the end of the largest possible block.
+    #[error(
+        "access of {len} bytes at offset {offset} of block {blockno} of inode {inode} is past the block size {block_size}"
+    )]
+    OutOfRange {
+        /// Inode.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+        /// Offset asked for.
+        offset: u64,
+        /// Length asked for.
+        len: u64,
+        /// The volume's block size.
+        block_size: u64,
+    },
+    /// A write through a handle that was opened for reading.
+    #[error("block {blockno} of inode {inode} was opened read-only")]
+    ReadOnly {
+        /// Inode.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+    },
+    /// A cache file or the cache directory could not be used.
+    #[error("could not {action} {}", path.display())]
+    Io {
+        /// What we were doing, as a verb phrase.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// The metadata store failed.
+    #[error("metadata")]
+    Db(#[source] Arc<blockcache_db::Error>),
+    /// Uploading an object failed (after retries); the block stays dirty.
+    #[error(
+        "upload of object {obj_id} for block {blockno} of inode {inode} failed; the block stays dirty"
+    )]
+    Upload {
+        /// The object.
+        obj_id: u64,
+        /// Inode of a block it holds.
+        inode: u64,
+        /// Block number of a block it holds.
+        blockno: u64,
+        /// The store error.
+        #[source]
+        source: Arc<UploadFailure>,
+    },
+    /// Downloading an object failed.
+    #[error("download of object {obj_id} for block {blockno} of inode {inode} failed")]
+    Download {
+        /// The object.
+        obj_id: u64,
+        /// Inode.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+        /// The store error.
+        #[source]
+        source: Arc<blockcache_backend::Error>,
+    },
+    /// The store returned data that does not match the metadata.
+    #[error(
+        "object {obj_id} for block {blockno} of inode {inode} is corrupted in the store: {reason}"
+    )]
+    Corrupted {
+        /// The object.
+        obj_id: u64,
+        /// Inode.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+        /// What did not match.
+        reason: String,
+    },
+    /// The block points to an object whose upload failed and whose data is not cached.
+    #[error(
+        "block {blockno} of inode {inode} points to object {obj_id}, whose upload failed, and is not cached"
+    )]
+    Lost {
+        /// The object.
+        obj_id: u64,
+        /// Inode.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+    },
+    /// The cache is shutting down.
+    #[error("the block cache is shutting down")]
+    ShuttingDown,
+}
+
+/// Why an upload did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadFailure {
+    /// The store refused or kept failing.
+    #[error(transparent)]
+    Store(#[from] blockcache_backend::Error),
+    /// The upload succeeded but could not be recorded.
+    #[error("recording the upload failed")]
+    Db(#[source] blockcache_db::Error),
+    /// Upload tasks stopped before the upload ran.
+    #[error("upload tasks stopped")]
+    Stopped,
+}
+
+impl Error {
+    /// Whether the same call may succeed later (store or database trouble).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Db(e) => e.is_transient(),
+            Self::Upload { source, .. } => match &**source {
+                UploadFailure::Store(e) => e.is_transient(),
+                UploadFailure::Db(e) => e.is_transient(),
+                UploadFailure::Stopped => false,
+            },
+            Self::Download { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.into();
+        move |source| Self::Io {
+            action,
+            path,
+            source: Arc::new(source),
+        }
+    }
+}
+
+impl From<blockcache_db::Error> for Error {
+    fn from(e: blockcache_db::Error) -> Self {
+        Self::Db(Arc::new(e))
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,211 @@
+//! The cache directory: one file per cached block.
+//!
+//! Names: `<inode>-<blockno>` holds a clean block (identical to its object in the store),
+//! `<inode>-<blockno>.dirty` holds a block that may differ from the store, and
+//! `<inode>-<blockno>.tmp` is a download in progress. The `.dirty` name is the durable dirty
+//! marker: a block is renamed to it *before* its first modification, and back only after its
+//! upload is recorded in the database. A crash can therefore leave a clean block marked dirty
+//! (recovery re-hashes it and finds nothing to do) but never a dirty block marked clean.
+//!
+//! Every function here does blocking file-system calls; callers run them on the blocking
+//! pool, or inline where the call is a single small `pread`/`pwrite` on the page cache.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::BlockKey;
+
+/// A file found by [`CacheDir::scan`].
+#[derive(Debug)]
+pub(crate) struct Found {
+    pub(crate) key: BlockKey,
+    pub(crate) dirty: bool,
+    pub(crate) size: u64,
+    pub(crate) modified: SystemTime,
+}
+
+/// The cache directory.
+#[derive(Debug, Clone)]
+pub(crate) struct CacheDir {
+    path: PathBuf,
+}
+
+impl CacheDir {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path of the file of `key`, with or without the dirty marker.
+    pub(crate) fn file(&self, key: BlockKey, dirty: bool) -> PathBuf {
+        let suffix = if dirty { ".dirty" } else { "" };
+        self.path
+            .join(format!("{}-{}{suffix}", key.inode, key.blockno))
+    }
+
+    fn tmp(&self, key: BlockKey) -> PathBuf {
+        self.path.join(format!("{}-{}.tmp", key.inode, key.blockno))
+    }
+
+    /// Creates the directory if needed and checks that files can be created in it.
+    pub(crate) fn prepare(&self) -> io::Result<()> {
+        std::fs::create_dir_all(&self.path)?;
+        let probe = self.path.join(".probe.tmp");
+        let file = File::create(&probe)?;
+        file.sync_all()?;
+        drop(file);
+        std::fs::remove_file(&probe)
+    }
+
+    /// Lists the cache files, deleting temporary files. Unknown names are returned apart.
+    pub(crate) fn scan(&self) -> io::Result<(Vec<Found>, Vec<PathBuf>)> {
+        let mut found = Vec::new();
+        let mut unknown = Vec::new();
+        for item in std::fs::read_dir(&self.path)? {
+            let item = item?;
+            let name = item.file_name();
+            let Some(name) = name.to_str() else {
+                unknown.push(item.path());
+                continue;
+            };
+            if name.ends_with(".tmp") {
+                std::fs::remove_file(item.path())?;
+                continue;
+            }
+            let (stem, dirty) = match name.strip_suffix(".dirty") {
+                Some(stem) => (stem, true),
+                None => (name, false),
+            };
+            let Some(key) = parse_key(stem) else {
+                unknown.push(item.path());
+                continue;
+            };
+            let meta = item.metadata()?;
+            if !meta.is_file() {
+                unknown.push(item.path());
+                continue;
+            }
+            found.push(Found {
+                key,
+                dirty,
+                size: meta.len(),
+                modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            });
+        }
+        Ok((found, unknown))
+    }
+
+    /// Creates an empty file for a new block, with the dirty marker.
+    pub(crate) fn create_dirty(&self, key: BlockKey) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.file(key, true))
+    }
+
+    /// Opens the file of a cached block for reading and writing.
+    pub(crate) fn open(&self, key: BlockKey, dirty: bool) -> io::Result<File> {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.file(key, dirty))
+    }
+
+    /// Stores downloaded content as a clean file: write a temporary file, fsync it, rename.
+    /// The fsync keeps a machine crash from leaving a torn file under a clean name.
+    pub(crate) fn install_clean(&self, key: BlockKey, data: &[u8]) -> io::Result<()> {
+        let tmp = self.tmp(key);
+        let result = (|| {
+            let file = File::create(&tmp)?;
+            file.write_all_at(data, 0)?;
+            file.sync_data()?;
+            std::fs::rename(&tmp, self.file(key, false))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Renames the file of `key` to or from its dirty name.
+    pub(crate) fn set_marker(&self, key: BlockKey, dirty: bool) -> io::Result<()> {
+        std::fs::rename(self.file(key, !dirty), self.file(key, dirty))
+    }
+
+    /// Deletes the file of `key` under either name; a missing file is fine.
+    pub(crate) fn remove(&self, key: BlockKey, dirty: bool) -> io::Result<()> {
+        match std::fs::remove_file(self.file(key, dirty)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// fsyncs the directory itself, making creations and renames durable.
+    pub(crate) fn sync_dir(&self) -> io::Result<()> {
+        File::open(&self.path)?.sync_all()
+    }
+}
+
+/// Reads `len` bytes at offset 0 of `path`.
+pub(crate) fn read_whole(path: &Path, len: u64) -> io::Result<Vec<u8>> {
+    let file = File::open(path)?;
+    let mut buf = vec![0; usize::try_from(len).map_err(io::Error::other)?];
+    file.read_exact_at(&mut buf, 0)?;
+    Ok(buf)
+}
+
+/// fsyncs the file at `path` if it exists.
+pub(crate) fn sync_file(path: &Path) -> io::Result<()> {
+    match File::open(path) {
+        Ok(f) => f.sync_data(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn parse_key(stem: &str) -> Option<BlockKey> {
+    let (inode, blockno) = stem.split_once('-')?;
+    let key = BlockKey::new(inode.parse().ok()?, blockno.parse().ok()?);
+    // Canonical decimal only, so that each key has exactly one file name.
+    (format!("{}-{}", key.inode, key.blockno) == stem).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_unknown_names_are_set_apart() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = CacheDir::new(dir.path().to_owned());
+        cache.prepare().expect("prepare");
+        let k = BlockKey::new(42, 7);
+        cache.create_dirty(k).expect("create");
+        cache
+            .install_clean(BlockKey::new(1, 0), b"abc")
+            .expect("install");
+        std::fs::write(dir.path().join("3-4.tmp"), b"x").expect("tmp");
+        std::fs::write(dir.path().join("junk"), b"x").expect("junk");
+        std::fs::write(dir.path().join("01-2"), b"x").expect("non-canonical");
+        let (mut found, unknown) = cache.scan().expect("scan");
+        found.sort_by_key(|f| f.key);
+        assert_eq!(found.len(), 2);
+        assert_eq!(
+            (found[0].key, found[0].dirty, found[0].size),
+            (BlockKey::new(1, 0), false, 3)
+        );
+        assert_eq!((found[1].key, found[1].dirty), (k, true));
+        assert_eq!(unknown.len(), 2);
+        assert!(!dir.path().join("3-4.tmp").exists());
+        cache.set_marker(k, false).expect("unmark");
+        assert!(cache.file(k, false).exists() && !cache.file(k, true).exists());
+    }
+}

@@ -1,0 +1,109 @@
+//! Per-block async locks with owned guards (the replacement of S3QL's MultiLock).
+//!
+//! A lock exists in the map only while someone holds or waits for it: the guard removes the
+//! entry on drop when nobody else has a reference. Guards are owned (`'static`), so they can
+//! move into another task. Releasing a guard wakes everyone waiting for cache progress
+//! (eviction retries when a locked entry becomes free).
+
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
+
+use crate::BlockKey;
+
+/// The set of per-block locks.
+#[derive(Debug, Default)]
+pub(crate) struct KeyedLocks {
+    map: DashMap<BlockKey, Arc<Mutex<()>>>,
+    released: Notify,
+}
+
+impl KeyedLocks {
+    /// Waits for the lock of `key`.
+    pub(crate) async fn lock(self: &Arc<Self>, key: BlockKey) -> KeyGuard {
+        let mutex = self.map.entry(key).or_default().clone();
+        let guard = mutex.lock_owned().await;
+        KeyGuard {
+            guard: Some(guard),
+            key,
+            locks: Arc::clone(self),
+        }
+    }
+
+    /// Takes the lock of `key` if nobody holds it.
+    pub(crate) fn try_lock(self: &Arc<Self>, key: BlockKey) -> Option<KeyGuard> {
+        let mutex = self.map.entry(key).or_default().clone();
+        let guard = mutex.try_lock_owned().ok()?;
+        Some(KeyGuard {
+            guard: Some(guard),
+            key,
+            locks: Arc::clone(self),
+        })
+    }
+
+    /// Notified whenever any guard is released.
+    pub(crate) fn released(&self) -> &Notify {
+        &self.released
+    }
+}
+
+/// Exclusive ownership of one block.
+#[derive(Debug)]
+pub(crate) struct KeyGuard {
+    guard: Option<OwnedMutexGuard<()>>,
+    key: BlockKey,
+    locks: Arc<KeyedLocks>,
+}
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        // Only the map holds the mutex now if the count is 1: nobody holds or waits for it.
+        self.locks
+            .map
+            .remove_if(&self.key, |_, mutex| Arc::strong_count(mutex) == 1);
+        self.locks.released.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exclusive_and_cleaned_up() {
+        let locks = Arc::new(KeyedLocks::default());
+        let key = BlockKey::new(1, 2);
+        let g = locks.lock(key).await;
+        assert!(locks.try_lock(key).is_none());
+        assert!(locks.try_lock(BlockKey::new(1, 3)).is_some());
+        drop(g);
+        assert!(locks.map.is_empty());
+        let g = locks.try_lock(key).expect("free again");
+        // The guard can move into another task and be released there.
+        tokio::spawn(async move { drop(g) }).await.expect("join");
+        assert!(locks.map.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn waiters_are_served_in_turn() {
+        let locks = Arc::new(KeyedLocks::default());
+        let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..32 {
+            let (locks, counter) = (locks.clone(), counter.clone());
+            tasks.push(tokio::spawn(async move {
+                let _g = locks.lock(BlockKey::new(0, 0)).await;
+                let before = counter.load(std::sync::atomic::Ordering::SeqCst);
+                tokio::task::yield_now().await;
+                counter.store(before + 1, std::sync::atomic::Ordering::SeqCst);
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join");
+        }
+        assert_eq!(counter.load(std::sync::atomic::Ordering::SeqCst), 32);
+        assert!(locks.map.is_empty());
+    }
+}

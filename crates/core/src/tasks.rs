@@ -1,0 +1,156 @@
+//! Background tasks: upload workers, the batching removal task and the commit task.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use blockcache_backend::Backend;
+use tokio::sync::{Mutex, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::{Inner, LockMode, UploadJob, wait_done};
+
+/// Most objects deleted in one bulk request.
+const REMOVAL_BATCH: usize = 1000;
+
+/// One upload worker: takes jobs from the shared bounded queue and replies through each
+/// job's oneshot. Shared by `upload_tasks` workers (the replacement of S3QL's Distributor).
+pub(crate) async fn upload_worker(
+    jobs: Arc<Mutex<mpsc::Receiver<UploadJob>>>,
+    backend: Backend,
+    cancel: CancellationToken,
+) {
+    loop {
+        let job = {
+            let mut jobs = jobs.lock().await;
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return,
+                job = jobs.recv() => job,
+            }
+        };
+        let Some(job) = job else { return };
+        let result = backend.put(job.obj_id, job.data).await;
+        // The receiver is gone only if its recording task was cancelled; nothing to do then.
+        let _ = job.reply.send(result);
+    }
+}
+
+/// The removal task: drains its queue into batches, waits for uploads of those objects still
+/// under way, deletes them in bulk, then forgets their pending deletions. Failed batches are
+/// retried with backoff; their pending deletions stay in the database meanwhile.
+pub(crate) async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<u64>) {
+    let mut retry: Vec<u64> = Vec::new();
+    let mut failures = 0u32;
+    loop {
+        let mut batch = std::mem::take(&mut retry);
+        if batch.is_empty() {
+            tokio::select! {
+                biased;
+                () = inner.cancel.cancelled() => return,
+                id = queue.recv() => match id {
+                    Some(id) => batch.push(id),
+                    None => return,
+                },
+            }
+        }
+        while batch.len() < REMOVAL_BATCH {
+            match queue.try_recv() {
+                Ok(id) => batch.push(id),
+                Err(_) => break,
+            }
+        }
+        batch.sort_unstable();
+        batch.dedup();
+        // An object released while its upload runs must not be deleted before the upload
+        // ends, or the upload would recreate it.
+        for &id in &batch {
+            if let Some(done) = inner.upload_of(id) {
+                let _ = wait_done(done).await;
+            }
+        }
+        let result = match inner.backend.delete_many(&batch).await {
+            Ok(()) => inner
+                .db
+                .finish_deletions(&batch)
+                .await
+                .map_err(|e| format!("recording the deletions failed: {e}")),
+            Err(e) => Err(match std::error::Error::source(&e) {
+                Some(source) => format!("{e}: {source}"),
+                None => e.to_string(),
+            }),
+        };
+        match result {
+            Ok(()) => {
+                failures = 0;
+                inner
+                    .counters
+                    .deletes
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                inner
+                    .pending_removals
+                    .fetch_sub(batch.len() as u64, Ordering::SeqCst);
+                inner.progress.notify_waiters();
+            }
+            Err(error) => {
+                inner.counters.delete_errors.fetch_add(1, Ordering::Relaxed);
+                failures = failures.saturating_add(1);
+                tracing::warn!(objects = batch.len(), %error, "failed to delete objects from the store; will retry");
+                retry = batch;
+                let delay = Duration::from_millis(100u64 << failures.min(8));
+                tokio::select! {
+                    () = inner.cancel.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The commit task: uploads blocks that have been dirty for longer than the commit delay
+/// since their last write, and everything dirty while writers wait for the dirty budget.
+///
+/// Unlike S3QL's CommitTask it looks at every dirty block rather than stopping at the first
+/// recent one in LRU order, so a dirty block that keeps being read is still uploaded.
+pub(crate) async fn commit_task(inner: Arc<Inner>, intake: CancellationToken) {
+    let delay = inner.config.commit_delay;
+    let tick = delay
+        .map(|d| (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
+        .unwrap_or(Duration::from_secs(1));
+    let mut failures = 0u32;
+    loop {
+        tokio::select! {
+            () = intake.cancelled() => return,
+            () = tokio::time::sleep(tick) => {}
+            () = inner.pressure.notified() => {}
+        }
+        let pressure = inner.dirty_budget.under_pressure();
+        let now = Instant::now();
+        let keys: Vec<_> = {
+            let st = inner.lock_state();
+            st.dirty
+                .iter()
+                .map(|(_, k)| (k, &st.entries[k]))
+                .filter(|(_, e)| e.inflight.is_none())
+                .filter(|(_, e)| {
+                    pressure || delay.is_some_and(|d| now.duration_since(e.last_write) >= d)
+                })
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        if keys.is_empty() {
+            continue;
+        }
+        match inner.commit_keys(keys, LockMode::Skip).await {
+            Ok(_) => failures = 0,
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(%error, "background commit failed; will retry");
+                tokio::select! {
+                    () = intake.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}
+                }
+            }
+        }
+    }
+}
