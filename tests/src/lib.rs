@@ -1,1 +1,145 @@
-//! x
+//! Test harness: a temporary volume with a real SQLite file, a real local-directory object
+//! store behind the fault-injecting wrapper, and a cache directory.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockcache::{BlockCache, Config};
+use blockcache_backend::faulty::{Faults, FaultyStore};
+use blockcache_backend::{Backend, RetryPolicy};
+use blockcache_db::Db;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+
+/// A temporary volume.
+pub struct Env {
+    /// Keeps the directory alive.
+    pub dir: tempfile::TempDir,
+    /// The wrapped store, shared by every open of this volume.
+    pub store: Arc<dyn ObjectStore>,
+    /// Controls faults and counts calls.
+    pub faults: Faults,
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Env {
+    /// A new empty volume.
+    pub fn new() -> Self {
+        init_tracing();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
+        let local =
+            LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("local store");
+        let (store, faults) = FaultyStore::new(Arc::new(local));
+        Self { dir, store, faults }
+    }
+
+    /// The directory of the object store.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+
+    /// The cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    /// The SQLite file.
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("meta.db")
+    }
+
+    /// Settings like S3QL's t2_block_cache fixture: 1 KiB blocks, a 100 KiB cache, no
+    /// background commit (so upload counts are exact), quick retries.
+    pub fn config(&self) -> Config {
+        let mut c = Config::new(self.cache_dir());
+        c.block_size = 1024;
+        c.max_bytes = 100 * 1024;
+        c.max_entries = 768;
+        c.max_dirty_bytes = 100 * 1024;
+        c.upload_tasks = 2;
+        c.commit_delay = None;
+        c.shutdown_grace = Duration::from_secs(10);
+        c
+    }
+
+    /// A backend over this volume's store with fast retries.
+    pub fn backend(&self) -> Backend {
+        Backend::new(self.store.clone(), StorePath::default()).with_retry(RetryPolicy {
+            max_attempts: 3,
+            initial_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(10),
+            warn_after: 1,
+        })
+    }
+
+    /// Opens the cache with `config`.
+    pub async fn open_with(&self, config: Config) -> BlockCache {
+        self.try_open(config).await.expect("open cache")
+    }
+
+    /// Opens the cache with `config`, returning errors.
+    pub async fn try_open(&self, config: Config) -> blockcache::Result<BlockCache> {
+        let db = Db::open(self.db_path().to_str().expect("utf-8 path")).await?;
+        BlockCache::open(config, db, self.backend()).await
+    }
+
+    /// Opens the cache with [`Env::config`].
+    pub async fn open(&self) -> BlockCache {
+        self.open_with(self.config()).await
+    }
+
+    /// Ids of the objects in the store, sorted.
+    pub async fn store_ids(&self) -> Vec<u64> {
+        let mut ids = self.backend().list_ids().await.expect("list store");
+        ids.sort_unstable();
+        ids
+    }
+
+    /// The path of the store file of object `id`.
+    pub fn object_path(&self, id: u64) -> PathBuf {
+        self.store_dir().join("data").join(id.to_string())
+    }
+}
+
+/// Deterministic block content: `len` bytes derived from `seed`.
+pub fn data(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Lists the names of the files in `dir`, sorted.
+pub fn list_dir(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
+}

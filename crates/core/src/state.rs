@@ -4,7 +4,7 @@
 //! synchronous: callers decide what to do under the lock and do I/O after releasing it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use tokio::sync::watch;
 
