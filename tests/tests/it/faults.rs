@@ -1,0 +1,176 @@
+//! Fault injection on uploads, downloads and deletes: errors are reported, retried, and
+//! nothing is lost.
+
+use std::time::Duration;
+
+use blockcache::Error;
+use blockcache_backend::faulty::Op;
+use blockcache_tests::{Env, data};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_upload_failures_are_retried() {
+    let env = Env::new();
+    let cache = env.open().await;
+    env.faults.fail_first(Op::Put, 2);
+    cache.write(1, 0, 0, &data(1, 1000)).await.expect("write");
+    cache.flush().await.expect("flush succeeds after retries");
+    assert_eq!(env.faults.calls(Op::Put), 3);
+    assert_eq!(cache.usage().await.expect("usage").dirty_entries, 0);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persistent_upload_failure_keeps_data_dirty_and_flush_reports_it() {
+    let env = Env::new();
+    let cache = env.open().await;
+    env.faults.fail_first(Op::Put, u64::MAX);
+    let d = data(2, 1000);
+    cache.write(1, 0, 0, &d).await.expect("write");
+    let err = cache.flush().await.expect_err("flush fails");
+    assert!(matches!(err, Error::Upload { inode: 1, blockno: 0, .. }), "{err}");
+    assert!(err.to_string().contains("stays dirty"), "{err}");
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!((usage.dirty_entries, usage.upload_errors), (1, 1));
+    // The data is still readable, and eviction cannot drop it.
+    assert_eq!(cache.read(1, 0, 0, 1000).await.expect("read"), d);
+    // Once the store recovers, a flush uploads it.
+    env.faults.reset();
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    assert_eq!(cache.read(1, 0, 0, 1000).await.expect("read"), d);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_against_an_upload_that_then_fails() {
+    let env = Env::new();
+    let cache = env.open().await;
+    let d = data(3, 800);
+    env.faults.hold(Op::Put);
+    env.faults.permanent(Op::Put, true);
+    env.faults.fail_first(Op::Put, 1);
+    cache.write(1, 0, 0, &d).await.expect("write");
+    cache.commit().await.expect("commit");
+    env.faults.wait_held(Op::Put, 1).await;
+    // Block (2, 0) has the same content and links to the object still in flight.
+    cache.write(2, 0, 0, &d).await.expect("write");
+    cache.commit().await.expect("commit links");
+    assert_eq!(cache.usage().await.expect("usage").dirty_entries, 2, "linked block stays dirty");
+    env.faults.release(Op::Put);
+    let err = cache.flush().await.expect_err("the shared upload failed");
+    assert!(matches!(err, Error::Upload { .. }), "{err}");
+    assert_eq!(cache.usage().await.expect("usage").dirty_entries, 2);
+    // Both blocks are uploaded on their own next time (one object again, by dedup).
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    assert_eq!(cache.read(1, 0, 0, 800).await.expect("read"), d);
+    assert_eq!(cache.read(2, 0, 0, 800).await.expect("read"), d);
+    assert!(cache.wait_for_removals(Duration::from_secs(10)).await);
+    assert_eq!(env.store_ids().await.len(), 1);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_upload_failures_lose_nothing() {
+    let env = Env::new();
+    let cache = env.open().await;
+    env.faults.fail_fraction(Op::Put, 0.3);
+    for b in 0..40 {
+        cache.write(7, b, 0, &data(b, 1024)).await.expect("write");
+    }
+    let mut attempts = 0;
+    while cache.flush().await.is_err() {
+        attempts += 1;
+        assert!(attempts < 50, "flush never succeeded");
+    }
+    env.faults.reset();
+    cache.clear().await.expect("clear");
+    for b in 0..40 {
+        assert_eq!(cache.read(7, b, 0, 1024).await.expect("read"), data(b, 1024), "block {b}");
+    }
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn download_failures_are_retried_then_reported() {
+    let env = Env::new();
+    let cache = env.open().await;
+    let d = data(4, 600);
+    cache.write(1, 0, 0, &d).await.expect("write");
+    cache.clear().await.expect("clear");
+    env.faults.fail_first(Op::Get, 2);
+    assert_eq!(cache.read(1, 0, 0, 600).await.expect("read after retries"), d);
+    cache.clear().await.expect("clear");
+    env.faults.fail_first(Op::Get, 100);
+    let err = cache.read(1, 0, 0, 600).await.expect_err("persistent failure");
+    assert!(matches!(err, Error::Download { inode: 1, blockno: 0, .. }), "{err}");
+    assert!(err.is_transient());
+    // Nothing was cached or lost; once the store answers, the read works.
+    env.faults.reset();
+    assert_eq!(cache.read(1, 0, 0, 600).await.expect("read"), d);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupted_download_is_an_error_naming_the_object() {
+    let env = Env::new();
+    let cache = env.open().await;
+    let d = data(5, 600);
+    cache.write(1, 3, 0, &d).await.expect("write");
+    cache.clear().await.expect("clear");
+    env.faults.corrupt_reads(true);
+    let err = cache.read(1, 3, 0, 600).await.expect_err("corrupted");
+    assert!(matches!(err, Error::Corrupted { obj_id: 1, inode: 1, blockno: 3, .. }), "{err}");
+    assert!(err.to_string().contains("object 1") && err.to_string().contains("SHA-256"), "{err}");
+    assert_eq!(cache.usage().await.expect("usage").entries, 0, "nothing corrupted was cached");
+    env.faults.reset();
+    assert_eq!(cache.read(1, 3, 0, 600).await.expect("read"), d);
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_truncated_or_missing_in_the_store() {
+    let env = Env::new();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(6, 600)).await.expect("write");
+    cache.write(1, 1, 0, &data(7, 600)).await.expect("write");
+    cache.clear().await.expect("clear");
+    std::fs::write(env.object_path(1), b"short").expect("truncate object 1");
+    let err = cache.read(1, 0, 0, 600).await.expect_err("truncated");
+    assert!(matches!(err, Error::Corrupted { obj_id: 1, .. }), "{err}");
+    assert!(err.to_string().contains("5 bytes instead of 600"), "{err}");
+    std::fs::remove_file(env.object_path(2)).expect("delete object 2");
+    let err = cache.read(1, 1, 0, 600).await.expect_err("missing");
+    assert!(matches!(err, Error::Download { obj_id: 2, .. }), "{err}");
+    assert!(!err.is_transient());
+    let chain = format!("{:?}", err);
+    assert!(chain.contains("NotFound"), "{chain}");
+    // Other blocks and the metadata are untouched.
+    cache.write(1, 2, 0, b"still fine").await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_failures_are_retried_until_the_store_is_clean() {
+    let env = Env::new();
+    let cache = env.open().await;
+    for b in 0..10 {
+        cache.write(1, b, 0, &data(b, 100)).await.expect("write");
+    }
+    cache.flush().await.expect("flush");
+    env.faults.fail_first(Op::Delete, 25);
+    cache.remove(1, 0..10).await.expect("remove");
+    assert!(cache.wait_for_removals(Duration::from_secs(30)).await, "removals finish");
+    assert!(env.store_ids().await.is_empty());
+    let usage = cache.usage().await.expect("usage");
+    assert!(usage.delete_errors >= 1);
+    assert_eq!((usage.pending_removals, usage.deletes), (0, 10));
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
