@@ -80,9 +80,19 @@ impl Env {
         })
     }
 
-    /// Opens the cache with `config`.
+    /// Opens the cache with `config`. If an engine that was dropped without shutdown still
+    /// holds the cache directory, waits (up to 20 s) until its tasks have ended.
     pub async fn open_with(&self, config: Config) -> BlockCache {
-        self.try_open(config).await.expect("open cache")
+        tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                match self.try_open(config.clone()).await {
+                    Err(blockcache::Error::InUse { .. }) => tokio::task::yield_now().await,
+                    other => break other.expect("open cache"),
+                }
+            }
+        })
+        .await
+        .expect("the cache directory was released")
     }
 
     /// Opens the cache with `config`, returning errors.
@@ -122,11 +132,12 @@ pub fn data(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Lists the names of the files in `dir`, sorted.
+/// Lists the names of the files in `dir` (but the hidden lock file), sorted.
 pub fn list_dir(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok().and_then(|e| e.file_name().into_string().ok()))
+                .filter(|n| !n.starts_with('.'))
                 .collect()
         })
         .unwrap_or_default();

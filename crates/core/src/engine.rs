@@ -108,6 +108,9 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) cancel: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    /// The exclusive lock of the cache directory, held as long as anything of this engine
+    /// runs.
+    pub(crate) _dir_lock: File,
 }
 
 /// Whether commit waits for busy block locks or skips those blocks.
@@ -510,7 +513,10 @@ impl Inner {
             let _commit = self.commit_lock.lock().await;
             let outcome = match result {
                 Ok(stored) => match self.db.confirm_upload(obj_id, stored).await {
-                    Ok(_) => Ok(()),
+                    Ok(true) => Ok(()),
+                    // Released, or marked failed by someone else: the blocks stay dirty and
+                    // their next commit finds or creates an object that is sound.
+                    Ok(false) => Err(UploadFailure::NotRecorded),
                     Err(e) => Err(UploadFailure::Db(e)),
                 },
                 Err(e) => Err(UploadFailure::Store(e)),

@@ -112,6 +112,12 @@ pub enum Error {
         /// Block number.
         blockno: u64,
     },
+    /// Another engine has the cache directory open.
+    #[error("cache directory {} is in use by another blockcache engine", path.display())]
+    InUse {
+        /// The cache directory.
+        path: PathBuf,
+    },
     /// The cache is shutting down.
     #[error("the block cache is shutting down")]
     ShuttingDown,
@@ -129,6 +135,9 @@ pub enum UploadFailure {
     /// Upload tasks stopped before the upload ran.
     #[error("upload tasks stopped")]
     Stopped,
+    /// The object was released or marked failed while it was being uploaded.
+    #[error("the object was released or marked failed during the upload")]
+    NotRecorded,
 }
 
 impl Error {
@@ -139,7 +148,7 @@ impl Error {
             Self::Upload { source, .. } => match &**source {
                 UploadFailure::Store(e) => e.is_transient(),
                 UploadFailure::Db(e) => e.is_transient(),
-                UploadFailure::Stopped => false,
+                UploadFailure::Stopped | UploadFailure::NotRecorded => false,
             },
             Self::Download { source, .. } => source.is_transient(),
             _ => false,

@@ -63,6 +63,22 @@ impl CacheDir {
         std::fs::remove_file(&probe)
     }
 
+    /// Takes the exclusive lock of the directory (`.lock`), so that two engines never share
+    /// it. The operating system drops the lock when the process dies. Returns `Ok(None)` if
+    /// someone else holds it.
+    pub(crate) fn lock(&self) -> io::Result<Option<File>> {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.path.join(".lock"))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
     /// Lists the cache files, deleting temporary files. Unknown names are returned apart.
     pub(crate) fn scan(&self) -> io::Result<(Vec<Found>, Vec<PathBuf>)> {
         let mut found = Vec::new();
@@ -74,6 +90,9 @@ impl CacheDir {
                 unknown.push(item.path());
                 continue;
             };
+            if name == ".lock" {
+                continue;
+            }
             if name.ends_with(".tmp") {
                 std::fs::remove_file(item.path())?;
                 continue;

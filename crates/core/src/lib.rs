@@ -238,6 +238,14 @@ impl BlockCache {
             .await
             .expect("prepare task panicked")
             .map_err(Error::io("create files in cache directory", dir.path()))?;
+        let d = dir.clone();
+        let dir_lock = tokio::task::spawn_blocking(move || d.lock())
+            .await
+            .expect("lock task panicked")
+            .map_err(Error::io("lock cache directory", dir.path()))?
+            .ok_or_else(|| Error::InUse {
+                path: dir.path().to_owned(),
+            })?;
         db.check_block_size(config.block_size).await?;
         let cancel = CancellationToken::new();
         let backend = backend.with_cancel(cancel.child_token());
@@ -261,6 +269,7 @@ impl BlockCache {
             counters: Counters::default(),
             cancel: cancel.clone(),
             tracker: TaskTracker::new(),
+            _dir_lock: dir_lock,
             config,
         });
         let found = recovery::load(&inner).await?;

@@ -28,7 +28,17 @@ async fn persistent_upload_failure_keeps_data_dirty_and_flush_reports_it() {
     let d = data(2, 1000);
     cache.write(1, 0, 0, &d).await.expect("write");
     let err = cache.flush().await.expect_err("flush fails");
-    assert!(matches!(err, Error::Upload { inode: 1, blockno: 0, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            Error::Upload {
+                inode: 1,
+                blockno: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.to_string().contains("stays dirty"), "{err}");
     let usage = cache.usage().await.expect("usage");
     assert_eq!((usage.dirty_entries, usage.upload_errors), (1, 1));
@@ -57,7 +67,11 @@ async fn dedup_against_an_upload_that_then_fails() {
     // Block (2, 0) has the same content and links to the object still in flight.
     cache.write(2, 0, 0, &d).await.expect("write");
     cache.commit().await.expect("commit links");
-    assert_eq!(cache.usage().await.expect("usage").dirty_entries, 2, "linked block stays dirty");
+    assert_eq!(
+        cache.usage().await.expect("usage").dirty_entries,
+        2,
+        "linked block stays dirty"
+    );
     env.faults.release(Op::Put);
     let err = cache.flush().await.expect_err("the shared upload failed");
     assert!(matches!(err, Error::Upload { .. }), "{err}");
@@ -89,7 +103,11 @@ async fn random_upload_failures_lose_nothing() {
     env.faults.reset();
     cache.clear().await.expect("clear");
     for b in 0..40 {
-        assert_eq!(cache.read(7, b, 0, 1024).await.expect("read"), data(b, 1024), "block {b}");
+        assert_eq!(
+            cache.read(7, b, 0, 1024).await.expect("read"),
+            data(b, 1024),
+            "block {b}"
+        );
     }
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
@@ -103,11 +121,27 @@ async fn download_failures_are_retried_then_reported() {
     cache.write(1, 0, 0, &d).await.expect("write");
     cache.clear().await.expect("clear");
     env.faults.fail_first(Op::Get, 2);
-    assert_eq!(cache.read(1, 0, 0, 600).await.expect("read after retries"), d);
+    assert_eq!(
+        cache.read(1, 0, 0, 600).await.expect("read after retries"),
+        d
+    );
     cache.clear().await.expect("clear");
     env.faults.fail_first(Op::Get, 100);
-    let err = cache.read(1, 0, 0, 600).await.expect_err("persistent failure");
-    assert!(matches!(err, Error::Download { inode: 1, blockno: 0, .. }), "{err}");
+    let err = cache
+        .read(1, 0, 0, 600)
+        .await
+        .expect_err("persistent failure");
+    assert!(
+        matches!(
+            err,
+            Error::Download {
+                inode: 1,
+                blockno: 0,
+                ..
+            }
+        ),
+        "{err}"
+    );
     assert!(err.is_transient());
     // Nothing was cached or lost; once the store answers, the read works.
     env.faults.reset();
@@ -125,9 +159,27 @@ async fn corrupted_download_is_an_error_naming_the_object() {
     cache.clear().await.expect("clear");
     env.faults.corrupt_reads(true);
     let err = cache.read(1, 3, 0, 600).await.expect_err("corrupted");
-    assert!(matches!(err, Error::Corrupted { obj_id: 1, inode: 1, blockno: 3, .. }), "{err}");
-    assert!(err.to_string().contains("object 1") && err.to_string().contains("SHA-256"), "{err}");
-    assert_eq!(cache.usage().await.expect("usage").entries, 0, "nothing corrupted was cached");
+    assert!(
+        matches!(
+            err,
+            Error::Corrupted {
+                obj_id: 1,
+                inode: 1,
+                blockno: 3,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("object 1") && err.to_string().contains("SHA-256"),
+        "{err}"
+    );
+    assert_eq!(
+        cache.usage().await.expect("usage").entries,
+        0,
+        "nothing corrupted was cached"
+    );
     env.faults.reset();
     assert_eq!(cache.read(1, 3, 0, 600).await.expect("read"), d);
     cache.shutdown().await.expect("shutdown");
@@ -166,7 +218,10 @@ async fn delete_failures_are_retried_until_the_store_is_clean() {
     cache.flush().await.expect("flush");
     env.faults.fail_first(Op::Delete, 25);
     cache.remove(1, 0..10).await.expect("remove");
-    assert!(cache.wait_for_removals(Duration::from_secs(30)).await, "removals finish");
+    assert!(
+        cache.wait_for_removals(Duration::from_secs(30)).await,
+        "removals finish"
+    );
     assert!(env.store_ids().await.is_empty());
     let usage = cache.usage().await.expect("usage");
     assert!(usage.delete_errors >= 1);
