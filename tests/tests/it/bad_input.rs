@@ -7,17 +7,50 @@ use blockcache_tests::{Env, data};
 async fn offsets_past_the_block_size() {
     let env = Env::new();
     let cache = env.open().await;
-    cache.write(1, 0, 0, &data(1, 1024)).await.expect("a full block fits");
+    cache
+        .write(1, 0, 0, &data(1, 1024))
+        .await
+        .expect("a full block fits");
     for (offset, len) in [(1024, 1), (1000, 25), (u64::MAX, 1)] {
-        let err = cache.write(1, 0, offset, &vec![0; len]).await.expect_err("past the end");
-        assert!(matches!(err, Error::OutOfRange { inode: 1, blockno: 0, block_size: 1024, .. }), "{err}");
-        assert!(err.to_string().contains(&format!("offset {offset}")), "{err}");
+        let err = cache
+            .write(1, 0, offset, &vec![0; len])
+            .await
+            .expect_err("past the end");
+        assert!(
+            matches!(
+                err,
+                Error::OutOfRange {
+                    inode: 1,
+                    blockno: 0,
+                    block_size: 1024,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("offset {offset}")),
+            "{err}"
+        );
     }
-    let err = cache.read(1, 0, 1025, 1).await.expect_err("read past the end");
+    let err = cache
+        .read(1, 0, 1025, 1)
+        .await
+        .expect_err("read past the end");
     assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
-    let err = cache.block(1, 0).await.expect("handle").truncate(1025).await.expect_err("too long");
+    let err = cache
+        .block(1, 0)
+        .await
+        .expect("handle")
+        .truncate(1025)
+        .await
+        .expect_err("too long");
     assert!(matches!(err, Error::OutOfRange { .. }), "{err}");
-    assert_eq!(cache.read(1, 0, 0, 1024).await.expect("read"), data(1, 1024), "unchanged");
+    assert_eq!(
+        cache.read(1, 0, 0, 1024).await.expect("read"),
+        data(1, 1024),
+        "unchanged"
+    );
     cache.shutdown().await.expect("shutdown");
 }
 
@@ -25,11 +58,29 @@ async fn offsets_past_the_block_size() {
 async fn keys_past_i64_and_writes_through_read_handles() {
     let env = Env::new();
     let cache = env.open().await;
-    let err = cache.write(u64::MAX, 0, 0, b"x").await.expect_err("inode too big");
-    assert!(matches!(err, Error::InvalidKey { inode: u64::MAX, blockno: 0 }), "{err}");
-    let err = cache.read(0, 1 << 63, 0, 1).await.expect_err("block too big");
+    let err = cache
+        .write(u64::MAX, 0, 0, b"x")
+        .await
+        .expect_err("inode too big");
+    assert!(
+        matches!(
+            err,
+            Error::InvalidKey {
+                inode: u64::MAX,
+                blockno: 0
+            }
+        ),
+        "{err}"
+    );
+    let err = cache
+        .read(0, 1 << 63, 0, 1)
+        .await
+        .expect_err("block too big");
     assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
-    let err = cache.remove(u64::MAX, 0..1).await.expect_err("inode too big");
+    let err = cache
+        .remove(u64::MAX, 0..1)
+        .await
+        .expect_err("inode too big");
     assert!(matches!(err, Error::InvalidKey { .. }), "{err}");
     let mut h = cache.block_for_read(1, 1).await.expect("handle");
     let err = h.write(0, b"x").await.expect_err("read-only");
@@ -76,7 +127,12 @@ async fn block_size_cannot_change() {
     let mut config = env.config();
     config.block_size = 2048;
     let err = env.try_open(config).await.expect_err("other block size");
-    let chain = format!("{err}: {}", std::error::Error::source(&err).map(|s| s.to_string()).unwrap_or_default());
+    let chain = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
     assert!(chain.contains("1024") && chain.contains("2048"), "{chain}");
     let cache = env.open().await;
     assert_eq!(&cache.read(1, 0, 0, 4).await.expect("read")[..], b"kept");
@@ -134,8 +190,16 @@ async fn oversized_cache_file_is_refused_and_kept() {
     cache.shutdown().await.expect("shutdown");
     std::fs::write(env.cache_dir().join("1-0.dirty"), vec![1; 4096]).expect("write");
     let err = env.try_open(env.config()).await.expect_err("oversized");
-    assert!(err.to_string().contains("1-0.dirty") && err.to_string().contains("4096"), "{err}");
-    assert_eq!(std::fs::read(env.cache_dir().join("1-0.dirty")).expect("kept").len(), 4096);
+    assert!(
+        err.to_string().contains("1-0.dirty") && err.to_string().contains("4096"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(env.cache_dir().join("1-0.dirty"))
+            .expect("kept")
+            .len(),
+        4096
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -147,7 +211,10 @@ async fn unknown_files_in_the_cache_directory_are_left_alone() {
     let cache = env.open().await;
     assert_eq!(cache.recovery().unknown_files.len(), 1);
     cache.shutdown().await.expect("shutdown");
-    assert_eq!(std::fs::read(env.cache_dir().join("notes.txt")).expect("kept"), b"mine");
+    assert_eq!(
+        std::fs::read(env.cache_dir().join("notes.txt")).expect("kept"),
+        b"mine"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,8 @@
 //! The black-box tests of blockcache, one binary with a module per area.
 
 mod bad_input;
+mod concurrency;
 mod crash;
 mod faults;
+mod lifecycle;
 mod s3ql;

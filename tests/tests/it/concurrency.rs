@@ -1,0 +1,204 @@
+//! Concurrency: many tasks on overlapping blocks on a multi-thread runtime, backpressure,
+//! shared downloads, and reads that never wait behind other blocks' uploads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use blockcache::BlockKey;
+use blockcache_backend::faulty::Op;
+use blockcache_tests::{Env, data};
+use rand::{Rng, SeedableRng};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_many_tasks_on_overlapping_blocks() {
+    let env = Env::new();
+    let mut config = env.config();
+    // A tight cache, so eviction, re-download and dirty-budget waits happen all the time.
+    config.max_entries = 6;
+    config.max_bytes = 6 * 1024;
+    config.max_dirty_bytes = 3 * 1024;
+    config.commit_delay = Some(Duration::from_millis(2));
+    let cache = Arc::new(env.open_with(config).await);
+    env.faults.fail_fraction(Op::Put, 0.05);
+    env.faults.fail_fraction(Op::Get, 0.05);
+    // The expected content of every block, updated while the block's handle is held, so its
+    // order matches the order the cache applied the writes in.
+    let model: Arc<Mutex<HashMap<BlockKey, Vec<u8>>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for t in 0..12u64 {
+        let (cache, model) = (cache.clone(), model.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(t);
+            for step in 0..120u64 {
+                let key = BlockKey::new(rng.random_range(0..2), rng.random_range(0..8));
+                match rng.random_range(0..10) {
+                    0..=4 => {
+                        let offset = rng.random_range(0..1024u64);
+                        let len = rng.random_range(1..=(1024 - offset) as usize);
+                        let bytes = data(t * 1000 + step, len);
+                        let mut h = cache.block(key.inode, key.blockno).await.expect("handle");
+                        match h.write(offset, &bytes).await {
+                            Ok(()) => {
+                                let mut m = model.lock().expect("model");
+                                let block = m.entry(key).or_default();
+                                let end = offset as usize + len;
+                                if block.len() < end {
+                                    block.resize(end, 0);
+                                }
+                                block[offset as usize..end].copy_from_slice(&bytes);
+                            }
+                            // A miss may fail to download under injected faults; nothing changed.
+                            Err(e) => assert!(e.is_transient(), "{e}"),
+                        }
+                    }
+                    5..=7 => {
+                        let mut h = cache
+                            .block_for_read(key.inode, key.blockno)
+                            .await
+                            .expect("handle");
+                        if let Ok(got) = h.read(0, 1024).await {
+                            let m = model.lock().expect("model");
+                            let want = m.get(&key).cloned().unwrap_or_default();
+                            assert_eq!(got, want, "task {t} step {step} {key:?}");
+                        }
+                    }
+                    8 => {
+                        let size = rng.random_range(0..=1024u64);
+                        let mut h = cache.block(key.inode, key.blockno).await.expect("handle");
+                        if h.truncate(size).await.is_ok() {
+                            model
+                                .lock()
+                                .expect("model")
+                                .entry(key)
+                                .or_default()
+                                .resize(size as usize, 0);
+                        }
+                    }
+                    _ => {
+                        // Failures here are injected upload errors; the data stays dirty.
+                        let _ = cache.flush().await;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    env.faults.reset();
+    cache.flush().await.expect("final flush");
+    cache.clear().await.expect("clear");
+    let model = model.lock().expect("model").clone();
+    for (key, want) in model {
+        let got = cache
+            .read(key.inode, key.blockno, 0, 1024)
+            .await
+            .expect("read back");
+        assert_eq!(got, want, "{key:?} after re-download");
+    }
+    cache.check_invariants().await.expect("invariants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_wait_for_the_dirty_budget_and_nothing_is_dropped() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.max_dirty_bytes = 2048;
+    let cache = Arc::new(env.open_with(config).await);
+    env.faults.hold(Op::Put);
+    cache.write(1, 0, 0, &data(0, 1024)).await.expect("write");
+    cache.write(1, 1, 0, &data(1, 1024)).await.expect("write");
+    let c = cache.clone();
+    let third = tokio::spawn(async move { c.write(1, 2, 0, &data(2, 1024)).await });
+    // The waiting writer makes the commit task upload the dirty blocks, which are stuck.
+    env.faults.wait_held(Op::Put, 2).await;
+    assert!(
+        !third.is_finished(),
+        "the third writer waits for the dirty budget"
+    );
+    let usage = cache.usage().await.expect("usage");
+    assert!(usage.dirty_bytes <= 2048, "{usage:?}");
+    env.faults.release(Op::Put);
+    tokio::time::timeout(Duration::from_secs(20), third)
+        .await
+        .expect("the writer proceeds once uploads finish")
+        .expect("join")
+        .expect("write");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    for b in 0..3 {
+        assert_eq!(
+            cache.read(1, b, 0, 1024).await.expect("read"),
+            data(b, 1024)
+        );
+    }
+    cache.check_invariants().await.expect("invariants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_reads_never_wait_behind_uploads_or_eviction() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.max_entries = 3;
+    let cache = Arc::new(env.open_with(config).await);
+    env.faults.hold(Op::Put);
+    cache.write(1, 0, 0, &data(0, 1000)).await.expect("write");
+    cache.write(1, 1, 0, &data(1, 1000)).await.expect("write");
+    cache.write(1, 2, 0, &data(2, 1000)).await.expect("write");
+    // A fourth block needs room, and every cached block is dirty: eviction uploads the least
+    // recently used one, and that upload is stuck.
+    let c = cache.clone();
+    let writer = tokio::spawn(async move { c.write(1, 3, 0, &data(3, 1000)).await });
+    env.faults.wait_held(Op::Put, 1).await;
+    for b in 0..3 {
+        let got = tokio::time::timeout(Duration::from_secs(5), cache.read(1, b, 0, 1000))
+            .await
+            .expect("a cached read does not wait")
+            .expect("read");
+        assert_eq!(got, data(b, 1000));
+    }
+    assert!(!writer.is_finished());
+    env.faults.release(Op::Put);
+    writer.await.expect("join").expect("write");
+    cache.check_invariants().await.expect("invariants");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_share_one_download() {
+    let env = Env::new();
+    let cache = Arc::new(env.open().await);
+    cache.write(1, 0, 0, &data(7, 1024)).await.expect("write");
+    cache.clear().await.expect("clear");
+    env.faults.latency(Op::Get, Duration::from_millis(50));
+    let mut readers = Vec::new();
+    for _ in 0..8 {
+        let c = cache.clone();
+        readers.push(tokio::spawn(async move { c.read(1, 0, 0, 1024).await }));
+    }
+    for r in readers {
+        assert_eq!(r.await.expect("join").expect("read"), data(7, 1024));
+    }
+    assert_eq!(env.faults.calls(Op::Get), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_of_equal_content_upload_once() {
+    let env = Env::new();
+    let cache = Arc::new(env.open().await);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let c = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            c.write(i, 0, 0, &data(99, 1024)).await.expect("write");
+            c.flush().await.expect("flush");
+        }));
+    }
+    for t in tasks {
+        t.await.expect("join");
+    }
+    assert_eq!(env.faults.calls(Op::Put), 1);
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!((usage.unique_bytes, usage.logical_bytes), (1024, 16 * 1024));
+    cache.check_invariants().await.expect("invariants");
+}

@@ -1,0 +1,232 @@
+//! Lifecycle and controls: background commit, shutdown, usage, limits, flush of one inode,
+//! truncation and whole-block writes without downloads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockcache::Limits;
+use blockcache_backend::faulty::Op;
+use blockcache_tests::{Env, data, list_dir};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_commit_uploads_a_block_that_keeps_being_read() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.commit_delay = Some(Duration::from_millis(200));
+    let cache = env.open_with(config).await;
+    cache.write(1, 0, 0, &data(1, 500)).await.expect("write A");
+    // Block A keeps being read and block B keeps being written: S3QL's commit task stopped at
+    // B (more recent in LRU order) and never uploaded A.
+    let mut tick = tokio::time::interval(Duration::from_millis(20));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while env.faults.calls(Op::Put) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "A was never uploaded"
+        );
+        tick.tick().await;
+        cache.read(1, 0, 0, 500).await.expect("read A");
+        cache
+            .write(1, 1, 0, &data(100 + i, 500))
+            .await
+            .expect("write B");
+        i += 1;
+    }
+    // Only A was due: B was always written less than the delay ago.
+    assert_eq!(env.faults.calls(Op::Put), 1);
+    cache.shutdown().await.expect("shutdown flushes B");
+    assert_eq!(env.store_ids().await.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_flushes_everything_to_the_store() {
+    let env = Env::new();
+    let cache = env.open().await;
+    for b in 0..10 {
+        cache.write(2, b, 0, &data(b, 1024)).await.expect("write");
+    }
+    cache.remove(2, 9..10).await.expect("remove");
+    cache.shutdown().await.expect("shutdown");
+    std::fs::remove_dir_all(env.cache_dir()).expect("drop cache");
+    let cache = env.open().await;
+    for b in 0..9 {
+        assert_eq!(
+            cache.read(2, b, 0, 1024).await.expect("read"),
+            data(b, 1024)
+        );
+    }
+    assert!(cache.read(2, 9, 0, 1024).await.expect("read").is_empty());
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reports_dirty_age_uploads_and_removals() {
+    let env = Env::new();
+    let cache = Arc::new(env.open().await);
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!((usage.entries, usage.oldest_dirty_age), (0, None));
+    cache.write(1, 0, 0, &data(1, 1000)).await.expect("write");
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(
+        (
+            usage.entries,
+            usage.bytes,
+            usage.dirty_entries,
+            usage.dirty_bytes
+        ),
+        (1, 1000, 1, 1000)
+    );
+    assert!(usage.oldest_dirty_age.is_some());
+    env.faults.hold(Op::Put);
+    let c = cache.clone();
+    let flushing = tokio::spawn(async move { c.flush().await });
+    env.faults.wait_held(Op::Put, 1).await;
+    assert_eq!(cache.usage().await.expect("usage").uploads_in_flight, 1);
+    env.faults.release(Op::Put);
+    flushing.await.expect("join").expect("flush");
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(
+        (
+            usage.dirty_entries,
+            usage.uploads_in_flight,
+            usage.stored_bytes
+        ),
+        (0, 0, 1000)
+    );
+    assert_eq!(usage.oldest_dirty_age, None);
+    env.faults.hold(Op::Delete);
+    cache.remove(1, 0..1).await.expect("remove");
+    env.faults.wait_held(Op::Delete, 1).await;
+    assert_eq!(cache.usage().await.expect("usage").pending_removals, 1);
+    env.faults.release(Op::Delete);
+    assert!(cache.wait_for_removals(Duration::from_secs(10)).await);
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(
+        (usage.pending_removals, usage.stored_bytes, usage.deletes),
+        (0, 0, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_change_at_runtime() {
+    let env = Env::new();
+    let cache = env.open().await;
+    for b in 0..10 {
+        cache.write(1, b, 0, &data(b, 1024)).await.expect("write");
+    }
+    cache
+        .set_limits(Limits {
+            max_bytes: 4 * 1024,
+            max_entries: 100,
+            max_dirty_bytes: 4 * 1024,
+        })
+        .await
+        .expect("shrink");
+    let usage = cache.usage().await.expect("usage");
+    assert!(usage.bytes <= 4 * 1024 && usage.entries <= 4, "{usage:?}");
+    assert_eq!(usage.limits.expect("limits").max_bytes, 4 * 1024);
+    for b in 0..10 {
+        assert_eq!(
+            cache.read(1, b, 0, 1024).await.expect("read"),
+            data(b, 1024)
+        );
+        assert!(cache.usage().await.expect("usage").bytes <= 4 * 1024);
+    }
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_of_one_inode_leaves_the_others_dirty() {
+    let env = Env::new();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(1, 100)).await.expect("write");
+    cache.write(2, 0, 0, &data(2, 100)).await.expect("write");
+    cache.flush_inode(1).await.expect("flush inode 1");
+    assert_eq!(env.faults.calls(Op::Put), 1);
+    assert_eq!(cache.usage().await.expect("usage").dirty_entries, 1);
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncation_and_whole_block_writes() {
+    let env = Env::new();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(1, 1000)).await.expect("write");
+    cache.write(1, 1, 0, &data(2, 1000)).await.expect("write");
+    cache.write(1, 2, 0, &data(3, 1000)).await.expect("write");
+    cache.clear().await.expect("clear");
+    // A write covering the whole old content and a truncation to 0 download nothing.
+    cache
+        .write(1, 0, 0, &data(4, 1000))
+        .await
+        .expect("overwrite");
+    cache
+        .block(1, 1)
+        .await
+        .expect("handle")
+        .truncate(0)
+        .await
+        .expect("truncate");
+    assert_eq!(env.faults.calls(Op::Get), 0);
+    // A partial write needs the old content.
+    cache.write(1, 2, 10, b"xyz").await.expect("partial write");
+    assert_eq!(env.faults.calls(Op::Get), 1);
+    let mut expected = data(3, 1000);
+    expected[10..13].copy_from_slice(b"xyz");
+    assert_eq!(cache.read(1, 2, 0, 1024).await.expect("read"), expected);
+    // Growing by truncation reads back zeros; a gap left by a write too.
+    let mut h = cache.block(1, 3).await.expect("handle");
+    h.write(0, b"abc").await.expect("write");
+    h.truncate(10).await.expect("grow");
+    assert_eq!(
+        &h.read(0, 100).await.expect("read")[..],
+        b"abc\0\0\0\0\0\0\0"
+    );
+    h.truncate(2).await.expect("shrink");
+    h.write(5, b"z").await.expect("write past the end");
+    assert_eq!(&h.read(0, 100).await.expect("read")[..], b"ab\0\0\0z");
+    assert_eq!(h.size().await.expect("size"), 6);
+    drop(h);
+    cache.clear().await.expect("clear");
+    assert_eq!(
+        cache.read(1, 0, 0, 1024).await.expect("read"),
+        data(4, 1000)
+    );
+    assert!(cache.read(1, 1, 0, 1024).await.expect("read").is_empty());
+    assert_eq!(
+        cache
+            .block_for_read(1, 1)
+            .await
+            .expect("handle")
+            .size()
+            .await
+            .expect("size"),
+        0
+    );
+    assert_eq!(
+        &cache.read(1, 3, 0, 1024).await.expect("read")[..],
+        b"ab\0\0\0z"
+    );
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_leaves_dirty_blocks_under_their_dirty_names() {
+    let env = Env::new();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, b"clean soon").await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.write(1, 1, 0, b"dirty").await.expect("write");
+    cache
+        .write(1, 0, 0, b"dirty again")
+        .await
+        .expect("rewrite of a clean block");
+    cache.sync().await.expect("sync");
+    assert_eq!(list_dir(&env.cache_dir()), vec!["1-0.dirty", "1-1.dirty"]);
+    cache.flush().await.expect("flush");
+    cache.shutdown().await.expect("shutdown");
+    assert_eq!(list_dir(&env.cache_dir()), vec!["1-0", "1-1"]);
+}
