@@ -5,4 +5,5 @@ mod concurrency;
 mod crash;
 mod faults;
 mod lifecycle;
+mod model;
 mod s3ql;
