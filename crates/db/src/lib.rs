@@ -421,7 +421,7 @@ impl Db {
             .await
             .map_err(ctx("delete a block mapping"))?;
             if let Some(old) = old {
-                released.extend(release(&mut *tx, old).await?);
+                released.extend(release(&mut tx, old).await?);
             }
         }
         tx.commit().await.map_err(ctx("commit block removals"))?;

@@ -93,7 +93,8 @@ async fn keys_past_i64_and_writes_through_read_handles() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_settings_are_named() {
     let env = Env::new();
-    let cases: Vec<(Box<dyn Fn(&mut Config)>, &str)> = vec![
+    type Change = Box<dyn Fn(&mut Config)>;
+    let cases: Vec<(Change, &str)> = vec![
         (Box::new(|c| c.block_size = 0), "block_size"),
         (Box::new(|c| c.max_bytes = 100), "max_bytes"),
         (Box::new(|c| c.max_dirty_bytes = 10), "max_dirty_bytes"),
