@@ -252,13 +252,6 @@ impl Inner {
         (evict, commit, waits)
     }
 
-    /// Returns a reservation made by [`Inner::make_room`].
-    pub(crate) fn unreserve(&self, bytes: u64, slots: u64) {
-        let mut st = self.lock_state();
-        st.reserved_bytes -= bytes;
-        st.reserved_slots -= slots;
-    }
-
     /// Commits `keys`: snapshot and hash each dirty block, decide dedup in one transaction per
     /// batch, and hand new objects to the upload tasks. Returns, for every block that is now
     /// being uploaded (by this call or an earlier one), its generation and completion.
@@ -881,27 +874,15 @@ impl BlockHandle {
         let growth = new_size.saturating_sub(old_size);
         if growth > 0 {
             inner.make_room(growth, 0).await?;
-            inner.unreserve(growth, 0);
         }
-        // Mark the file dirty before the bytes change, so a crash never leaves modified
-        // data under a clean name.
-        let needs_marker = {
-            let st = inner.lock_state();
-            !st.entries[&key].marker
-        };
-        if needs_marker {
-            inner.dir.set_marker(key, true).map_err(Error::io(
-                "mark cache file dirty",
-                inner.dir.file(key, false),
-            ))?;
-            let mut st = inner.lock_state();
-            if let Some(e) = st.entries.get_mut(&key) {
-                e.marker = true;
-            }
-        }
-        let file = self.file()?;
-        op(file).map_err(Error::io("write cache file", inner.dir.file(key, true)))?;
-        let (delta, _) = inner.lock_state().modify(key, new_size);
+        // The reservation turns into the entry's size in the same critical section as the
+        // size change, so no other task can take the room in between.
+        let applied = self.apply(op);
+        let mut st = inner.lock_state();
+        st.reserved_bytes -= growth;
+        applied?;
+        let delta = st.modify(key, new_size);
+        drop(st);
         let credit = self.credit.as_mut().expect("writable");
         if delta >= 0 {
             // A handle's credit is one block size, and no block grows past that.
@@ -910,6 +891,26 @@ impl BlockHandle {
             *credit += delta.unsigned_abs();
         }
         Ok(())
+    }
+
+    /// Renames the file to its dirty name if needed, then runs `op` on it.
+    fn apply(&mut self, op: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
+        // Mark the file dirty before the bytes change, so a crash never leaves modified
+        // data under a clean name.
+        let needs_marker = !inner.lock_state().entries[&key].marker;
+        if needs_marker {
+            inner.dir.set_marker(key, true).map_err(Error::io(
+                "mark cache file dirty",
+                inner.dir.file(key, false),
+            ))?;
+            if let Some(e) = inner.lock_state().entries.get_mut(&key) {
+                e.marker = true;
+            }
+        }
+        let file = self.file()?;
+        op(file).map_err(Error::io("write cache file", inner.dir.file(key, true)))
     }
 
     /// Makes sure the block is cached if it has content; returns false for a hole on read.
@@ -960,17 +961,17 @@ impl BlockHandle {
         let inner = Arc::clone(self.inner());
         inner.make_room(0, 1).await?;
         let created = inner.dir.create_dirty(self.key);
-        inner.unreserve(0, 1);
+        // The reserved slot becomes the entry in one critical section.
+        let mut st = inner.lock_state();
+        st.reserved_slots -= 1;
         let file = created.map_err(Error::io(
             "create cache file",
             inner.dir.file(self.key, true),
         ))?;
-        self.file = Some(file);
-        let mut st = inner.lock_state();
-        let id = st.insert(self.key, 0, true, true);
         // An empty new block is dirty (it must become a mapping) but holds no bytes yet.
-        let e = st.entries.get_mut(&self.key).expect("inserted");
-        debug_assert_eq!(e.id, id);
+        st.insert(self.key, 0, true, true);
+        drop(st);
+        self.file = Some(file);
         Ok(())
     }
 
@@ -1034,7 +1035,15 @@ impl BlockHandle {
         })
         .await
         .expect("download task panicked");
-        inner.unreserve(object.length, 1);
+        {
+            // The reservation becomes the entry in one critical section.
+            let mut st = inner.lock_state();
+            st.reserved_bytes -= object.length;
+            st.reserved_slots -= 1;
+            if let Ok(None) = installed {
+                st.insert(key, object.length, false, true);
+            }
+        }
         match installed {
             Ok(None) => {}
             Ok(Some(actual)) => {
@@ -1055,7 +1064,6 @@ impl BlockHandle {
             .counters
             .download_bytes
             .fetch_add(object.length, Ordering::Relaxed);
-        inner.lock_state().insert(key, object.length, false, true);
         self.file = None;
         Ok(())
     }

@@ -150,9 +150,8 @@ impl State {
     }
 
     /// Records a modification of `key` that leaves it `new_size` bytes long. Returns the
-    /// change of its dirty accounting (to be taken from the writer's credit) and whether the
-    /// file must first be renamed to its dirty name.
-    pub(crate) fn modify(&mut self, key: BlockKey, new_size: u64) -> (i64, bool) {
+    /// change of its dirty accounting (to be taken from the writer's credit).
+    pub(crate) fn modify(&mut self, key: BlockKey, new_size: u64) -> i64 {
         let now = Instant::now();
         let e = self
             .entries
@@ -169,7 +168,7 @@ impl State {
         let delta = new_size as i64 - e.dirty_acc as i64;
         self.dirty_bytes = self.dirty_bytes - e.dirty_acc + new_size;
         e.dirty_acc = new_size;
-        (delta, !e.marker)
+        delta
     }
 
     /// Records that generation `generation` of entry `id` is in the store. Returns the bytes to give
