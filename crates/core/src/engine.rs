@@ -69,6 +69,15 @@ pub(crate) struct UploadJob {
     pub(crate) reply: oneshot::Sender<Result<u64, blockcache_backend::Error>>,
 }
 
+/// The outcome of one upload, on its way to the confirmer.
+#[derive(Debug)]
+pub(crate) struct UploadOutcome {
+    obj_id: u64,
+    key: BlockKey,
+    len: u64,
+    result: Result<u64, blockcache_backend::Error>,
+}
+
 /// Counters since start-up, for statistics and metrics.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
@@ -102,6 +111,8 @@ pub(crate) struct Inner {
     pub(crate) commit_lock: tokio::sync::Mutex<()>,
     pub(crate) uploads: Mutex<HashMap<u64, ObjUpload>>,
     pub(crate) upload_tx: mpsc::Sender<UploadJob>,
+    /// Upload outcomes waiting to be recorded by the confirmer.
+    pub(crate) confirm_tx: mpsc::Sender<UploadOutcome>,
     pub(crate) removal_tx: mpsc::Sender<u64>,
     pub(crate) uploads_in_flight: AtomicU64,
     pub(crate) pending_removals: AtomicU64,
@@ -313,6 +324,7 @@ impl Inner {
     }
 
     #[allow(clippy::type_complexity)]
+    #[tracing::instrument(level = "debug", skip_all, fields(blocks = snapshots.len()))]
     async fn commit_batch(
         self: &Arc<Self>,
         snapshots: Vec<(
@@ -467,7 +479,7 @@ impl Inner {
     }
 
     /// Hands one object to the upload tasks (waiting while they are busy) and spawns the task
-    /// that records its outcome.
+    /// that passes its outcome to the confirmer.
     async fn start_upload(self: &Arc<Self>, obj_id: u64, key: BlockKey, data: Bytes) {
         let (reply, rx) = oneshot::channel();
         self.uploads_in_flight.fetch_add(1, Ordering::SeqCst);
@@ -489,70 +501,82 @@ impl Inner {
             } else {
                 Err(blockcache_backend::Error::Cancelled)
             };
-            inner.finish_upload(obj_id, key, len, result).await;
+            let outcome = UploadOutcome {
+                obj_id,
+                key,
+                len,
+                result,
+            };
+            // The confirmer records outcomes in batches; once it has stopped (shutdown), the
+            // outcome is recorded here.
+            if let Err(mpsc::error::SendError(outcome)) = inner.confirm_tx.send(outcome).await {
+                inner.finish_uploads(vec![outcome]).await;
+            }
         });
     }
 
-    /// Records the outcome of an upload in the database, then settles every block waiting
-    /// for the object.
-    async fn finish_upload(
-        self: &Arc<Self>,
-        obj_id: u64,
-        key: BlockKey,
-        len: u64,
-        result: Result<u64, blockcache_backend::Error>,
-    ) {
-        let outcome: std::result::Result<(), UploadFailure> = {
+    /// Records the outcomes of uploads in the database in one transaction, then settles
+    /// every block waiting for those objects.
+    #[tracing::instrument(level = "debug", skip_all, fields(uploads = outcomes.len()))]
+    pub(crate) async fn finish_uploads(self: &Arc<Self>, outcomes: Vec<UploadOutcome>) {
+        let records: Vec<(u64, Option<u64>)> = outcomes
+            .iter()
+            .map(|o| (o.obj_id, o.result.as_ref().ok().copied()))
+            .collect();
+        let (recorded, uploads) = {
             let _commit = self.commit_lock.lock().await;
-            let outcome = match result {
-                Ok(stored) => match self.db.confirm_upload(obj_id, stored).await {
-                    Ok(true) => Ok(()),
-                    // Released, or marked failed by someone else: the blocks stay dirty and
-                    // their next commit finds or creates an object that is sound.
-                    Ok(false) => Err(UploadFailure::NotRecorded),
-                    Err(e) => Err(UploadFailure::Db(e)),
-                },
-                Err(e) => Err(UploadFailure::Store(e)),
+            let recorded = self.db.record_uploads(&records).await;
+            let mut registry = self.uploads.lock().expect("uploads mutex poisoned");
+            let uploads: Vec<Option<ObjUpload>> = outcomes
+                .iter()
+                .map(|o| registry.remove(&o.obj_id))
+                .collect();
+            (recorded, uploads)
+        };
+        let recorded = recorded.map_err(Arc::new);
+        for (i, (outcome, upload)) in outcomes.into_iter().zip(uploads).enumerate() {
+            self.uploads_in_flight.fetch_sub(1, Ordering::SeqCst);
+            let UploadOutcome {
+                obj_id,
+                key,
+                len,
+                result,
+            } = outcome;
+            let failure = match (result, &recorded) {
+                (Ok(_), Ok(r)) if r[i] => None,
+                // Released, or marked failed by someone else: the blocks stay dirty and their
+                // next commit finds or creates an object that is sound.
+                (Ok(_), Ok(_)) => Some(UploadFailure::NotRecorded),
+                (Ok(_), Err(e)) => Some(UploadFailure::Db(Arc::clone(e))),
+                (Err(e), _) => Some(UploadFailure::Store(e)),
             };
-            if outcome.is_err()
-                && let Err(error) = self.db.fail_upload(obj_id).await
-            {
-                tracing::error!(%error, obj_id, "failed to record a failed upload");
-            }
-            outcome
-        };
-        let upload = self
-            .uploads
-            .lock()
-            .expect("uploads mutex poisoned")
-            .remove(&obj_id);
-        self.uploads_in_flight.fetch_sub(1, Ordering::SeqCst);
-        let result = match outcome {
-            Ok(()) => {
-                self.counters.uploads.fetch_add(1, Ordering::Relaxed);
-                self.counters.upload_bytes.fetch_add(len, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(failure) => {
-                self.counters.upload_errors.fetch_add(1, Ordering::Relaxed);
-                let error = Error::Upload {
-                    obj_id,
-                    inode: key.inode,
-                    blockno: key.blockno,
-                    source: Arc::new(failure),
-                };
-                if !matches!(&error, Error::Upload { source, .. } if matches!(&**source, UploadFailure::Store(e) if e.is_cancelled()))
-                {
-                    tracing::warn!(%error, source = %std::error::Error::source(&error).map(|s| s.to_string()).unwrap_or_default(), "upload failed; the data stays dirty in the cache");
+            let result = match failure {
+                None => {
+                    self.counters.uploads.fetch_add(1, Ordering::Relaxed);
+                    self.counters.upload_bytes.fetch_add(len, Ordering::Relaxed);
+                    Ok(())
                 }
-                Err(error)
+                Some(failure) => {
+                    self.counters.upload_errors.fetch_add(1, Ordering::Relaxed);
+                    let cancelled = matches!(&failure, UploadFailure::Store(e) if e.is_cancelled());
+                    let error = Error::Upload {
+                        obj_id,
+                        inode: key.inode,
+                        blockno: key.blockno,
+                        source: Arc::new(failure),
+                    };
+                    if !cancelled {
+                        tracing::warn!(%error, "upload failed; the data stays dirty in the cache");
+                    }
+                    Err(error)
+                }
+            };
+            if let Some(upload) = upload {
+                for w in upload.waiters {
+                    self.finish_block(w.key, w.entry_id, w.generation, &w.done, result.clone());
+                }
+                upload.done.send_replace(Some(result));
             }
-        };
-        if let Some(upload) = upload {
-            for w in upload.waiters {
-                self.finish_block(w.key, w.entry_id, w.generation, &w.done, result.clone());
-            }
-            upload.done.send_replace(Some(result));
         }
         self.progress.notify_waiters();
     }
@@ -975,6 +999,7 @@ impl BlockHandle {
         Ok(())
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(inode = self.key.inode, blockno = self.key.blockno, obj_id = object.id))]
     async fn download(&mut self, object: blockcache_db::Object) -> Result<()> {
         let inner = Arc::clone(self.inner());
         let key = self.key;
@@ -1071,6 +1096,7 @@ impl BlockHandle {
     /// Checks a clean file found at start-up against its mapping (length and SHA-256).
     /// A stale or damaged file is deleted and the block treated as a miss. Returns whether the
     /// file was kept.
+    #[tracing::instrument(level = "debug", skip_all, fields(inode = self.key.inode, blockno = self.key.blockno))]
     async fn verify(&mut self) -> Result<bool> {
         let inner = Arc::clone(self.inner());
         let key = self.key;

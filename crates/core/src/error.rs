@@ -45,7 +45,7 @@ pub enum Error {
         blockno: u64,
     },
     /// A cache file or the cache directory could not be used.
-    #[error("could not {action} {}", path.display())]
+    #[error("could not {action} {}: {source}", path.display())]
     Io {
         /// What we were doing, as a verb phrase.
         action: &'static str,
@@ -56,7 +56,7 @@ pub enum Error {
         source: Arc<std::io::Error>,
     },
     /// The metadata store failed.
-    #[error("metadata")]
+    #[error("metadata store failed: {0}")]
     Db(#[source] Arc<blockcache_db::Error>),
     /// Uploading an object failed (after retries); the block stays dirty.
     #[error(
@@ -131,7 +131,7 @@ pub enum UploadFailure {
     Store(#[from] blockcache_backend::Error),
     /// The upload succeeded but could not be recorded.
     #[error("recording the upload failed")]
-    Db(#[source] blockcache_db::Error),
+    Db(#[source] Arc<blockcache_db::Error>),
     /// Upload tasks stopped before the upload ran.
     #[error("upload tasks stopped")]
     Stopped,

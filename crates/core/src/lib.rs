@@ -251,6 +251,7 @@ impl BlockCache {
         let backend = backend.with_cancel(cancel.child_token());
         let (upload_tx, upload_rx) = mpsc::channel(config.upload_tasks);
         let (removal_tx, removal_rx) = mpsc::channel(4 * 1024);
+        let (confirm_tx, confirm_rx) = mpsc::channel(4 * 1024);
         let inner = Arc::new(Inner {
             dir,
             db,
@@ -263,6 +264,7 @@ impl BlockCache {
             commit_lock: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(Default::default()),
             upload_tx,
+            confirm_tx,
             removal_tx,
             uploads_in_flight: Default::default(),
             pending_removals: Default::default(),
@@ -284,6 +286,9 @@ impl BlockCache {
         inner
             .tracker
             .spawn(tasks::removal_task(inner.clone(), removal_rx));
+        inner
+            .tracker
+            .spawn(tasks::confirm_task(inner.clone(), confirm_rx));
         let intake = cancel.child_token();
         inner
             .tracker
@@ -416,6 +421,7 @@ impl BlockCache {
     /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
     /// and releases their objects; objects no longer referenced are deleted from the store
     /// by the removal task. Does not wait for uploads of these blocks.
+    #[tracing::instrument(level = "debug", skip(self))]
     pub async fn remove(&self, inode: u64, range: Range<u64>) -> Result<()> {
         Inner::check_key(BlockKey::new(inode, 0))?;
         let inner = &self.inner;

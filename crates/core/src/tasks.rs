@@ -10,10 +10,13 @@ use blockcache_backend::Backend;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Inner, LockMode, UploadJob, wait_done};
+use crate::engine::{Inner, LockMode, UploadJob, UploadOutcome, wait_done};
 
 /// Most objects deleted in one bulk request.
 const REMOVAL_BATCH: usize = 1000;
+
+/// Most upload outcomes recorded in one transaction.
+const CONFIRM_BATCH: usize = 1024;
 
 /// One upload worker: takes jobs from the shared bounded queue and replies through each
 /// job's oneshot. Shared by `upload_tasks` workers (the replacement of S3QL's Distributor).
@@ -106,6 +109,39 @@ pub(crate) async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<u6
                 }
             }
         }
+    }
+}
+
+/// The confirmer: records upload outcomes in batches (one transaction each), so the cost of a
+/// durable commit is shared by every upload that finished meanwhile.
+pub(crate) async fn confirm_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<UploadOutcome>) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            () = inner.cancel.cancelled() => None,
+            outcome = queue.recv() => outcome,
+        };
+        let Some(first) = first else {
+            // Stopping: record what is already queued, then refuse more (senders record
+            // their outcome themselves once this receiver is gone).
+            queue.close();
+            let mut rest = Vec::new();
+            while let Ok(o) = queue.try_recv() {
+                rest.push(o);
+            }
+            if !rest.is_empty() {
+                inner.finish_uploads(rest).await;
+            }
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < CONFIRM_BATCH {
+            match queue.try_recv() {
+                Ok(o) => batch.push(o),
+                Err(_) => break,
+            }
+        }
+        inner.finish_uploads(batch).await;
     }
 }
 

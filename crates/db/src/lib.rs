@@ -35,7 +35,7 @@ use tokio::sync::Mutex;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A query failed.
-    #[error("database error while trying to {context}")]
+    #[error("database error while trying to {context}: {source}")]
     Sqlx {
         /// What we were doing, as a verb phrase.
         context: &'static str,
@@ -389,6 +389,43 @@ impl Db {
         .await
         .map_err(ctx("confirm an upload"))?;
         Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the outcomes of many uploads in one transaction: `Some(stored_size)` marks the
+    /// object uploaded, `None` marks it failed (clearing its hash). Returns, per outcome,
+    /// whether a success was recorded (false if the object was released or already failed
+    /// meanwhile, or if the upload failed).
+    pub async fn record_uploads(&self, outcomes: &[(u64, Option<u64>)]) -> Result<Vec<bool>> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let mut recorded = Vec::with_capacity(outcomes.len());
+        for &(id, stored) in outcomes {
+            let ok = match stored {
+                Some(size) => {
+                    sqlx::query(
+                        "UPDATE objects SET state = 'uploaded', stored_size = ? WHERE id = ? AND state = 'uploading'",
+                    )
+                    .bind(to_i64(size)?)
+                    .bind(to_i64(id)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(ctx("confirm an upload"))?
+                    .rows_affected()
+                        == 1
+                }
+                None => false,
+            };
+            if !ok {
+                sqlx::query("UPDATE objects SET state = 'failed', hash = NULL WHERE id = ? AND state = 'uploading'")
+                    .bind(to_i64(id)?)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(ctx("record a failed upload"))?;
+            }
+            recorded.push(ok);
+        }
+        tx.commit().await.map_err(ctx("commit upload outcomes"))?;
+        Ok(recorded)
     }
 
     /// Marks object `id` as failed and clears its hash so that nothing dedups against it.
