@@ -4,6 +4,8 @@
 //!   `-D warnings` on all targets, the test suite (nextest when installed, else `cargo test`),
 //!   and the doc tests.
 //! - `tidy`: repository hygiene: every Rust file starts with a `//!` module comment.
+//! - `bench [flags]`: builds and runs `blockcache-bench` in release mode; flags pass through
+//!   (`--data-mib`, `--runs`, `--block-sizes`, `--dup`, `--meta-blocks`, `--dir`, `--out`).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -14,7 +16,12 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("tidy") => tidy(),
-        _ => Err("usage: cargo xtask <ci|tidy>".to_owned()),
+        Some("bench") => {
+            let mut cmd = vec!["run", "--release", "--package", "blockcache-bench", "--"];
+            cmd.extend(args[1..].iter().map(String::as_str));
+            run("cargo", &cmd)
+        }
+        _ => Err("usage: cargo xtask <ci|tidy|bench [flags]>".to_owned()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

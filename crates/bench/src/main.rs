@@ -1,0 +1,617 @@
+//! `blockcache-bench`: the benchmark behind `cargo xtask bench`.
+//!
+//! Every figure is a ratio against a reference measured in the same run on the same disk,
+//! because the machines are shared and noisy. Each configuration runs in a child process of
+//! its own, so peak RSS is per configuration. Each figure is the median of `--runs` runs, with
+//! min and max. Results go to the terminal and to a JSON file under `bench/results/`.
+//!
+//! Workloads:
+//! - library: files of 8 MiB written block by block with a fraction of block-aligned
+//!   duplicates, then: write (+ sync: local durability), flush (until in the store), cold
+//!   read (after dropping the cache), hot read, remove (until the store is empty);
+//! - metadata: many 4 KiB blocks: commits per second (flush) and removes per second;
+//! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
+//!   on the same disk with fsync; reading them back.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use blockcache::{BlockCache, Config};
+use blockcache_backend::Backend;
+use blockcache_db::Db;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+const FILE_BYTES: u64 = 8 << 20;
+const MIB: f64 = (1 << 20) as f64;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone)]
+struct Args {
+    data_mib: u64,
+    runs: usize,
+    block_sizes: Vec<u64>,
+    dup: f64,
+    meta_blocks: u64,
+    dir: PathBuf,
+    out: PathBuf,
+    child: Option<String>,
+    block_size: u64,
+}
+
+fn parse_size(s: &str) -> Result<u64, Error> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix(['K', 'k']) {
+        (n, 1 << 10)
+    } else if let Some(n) = s.strip_suffix(['M', 'm']) {
+        (n, 1 << 20)
+    } else {
+        (s, 1)
+    };
+    Ok(num
+        .parse::<u64>()
+        .map_err(|e| format!("bad size {s:?}: {e}"))?
+        * mult)
+}
+
+fn parse_args() -> Result<Args, Error> {
+    let mut a = Args {
+        data_mib: 64,
+        runs: 3,
+        block_sizes: vec![64 << 10, 1 << 20, 4 << 20],
+        dup: 0.5,
+        meta_blocks: 100_000,
+        dir: PathBuf::from("target/bench-tmp"),
+        out: PathBuf::from("bench/results"),
+        child: None,
+        block_size: 1 << 20,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--data-mib" => a.data_mib = value()?.parse()?,
+            "--runs" => a.runs = value()?.parse()?,
+            "--block-sizes" => {
+                a.block_sizes = value()?
+                    .split(',')
+                    .map(parse_size)
+                    .collect::<Result<_, _>>()?
+            }
+            "--dup" => a.dup = value()?.parse()?,
+            "--meta-blocks" => a.meta_blocks = value()?.parse()?,
+            "--dir" => a.dir = value()?.into(),
+            "--out" => a.out = value()?.into(),
+            "--child" => a.child = Some(value()?),
+            "--block-size" => a.block_size = parse_size(&value()?)?,
+            "--help" | "-h" => {
+                println!(
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--dir DIR] [--out DIR]"
+                );
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown flag {other:?}").into()),
+        }
+    }
+    if a.data_mib == 0 || a.runs == 0 || !(0.0..=1.0).contains(&a.dup) {
+        return Err("--data-mib and --runs must be positive and --dup within 0..=1".into());
+    }
+    Ok(a)
+}
+
+/// Fills `buf` with bytes derived from `seed` (xorshift; fast, so generation does not weigh
+/// on the figures).
+fn fill(buf: &mut [u8], seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+}
+
+/// The content seed of global block `g`: a duplicate repeats the previous block's content.
+fn seed_of(g: u64, dup: f64) -> u64 {
+    let mut g = g;
+    loop {
+        let h = g.wrapping_mul(0xD6E8_FEB8_6659_FD93) >> 11;
+        let is_dup = g > 0 && (h as f64 / (1u64 << 53) as f64) < dup;
+        if !is_dup {
+            return g;
+        }
+        g -= 1;
+    }
+}
+
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct Sample {
+    /// Figures by name: MiB/s, operations per second, bytes.
+    values: BTreeMap<String, f64>,
+}
+
+async fn open(dir: &Path, block_size: u64, max_bytes: u64) -> Result<BlockCache, Error> {
+    std::fs::create_dir_all(dir)?;
+    let mut config = Config::new(dir.join("cache"));
+    config.block_size = block_size;
+    config.max_bytes = max_bytes.max(block_size);
+    config.max_entries = 10_000_000;
+    let db = Db::open(dir.join("meta.db").to_str().ok_or("path not UTF-8")?).await?;
+    std::fs::create_dir_all(dir.join("store"))?;
+    let backend = Backend::from_url(&format!(
+        "file://{}",
+        dir.join("store").canonicalize()?.display()
+    ))?;
+    Ok(BlockCache::open(config, db, backend).await?)
+}
+
+/// Runs `f` over every (inode, blockno) with `parallel` tasks, one stripe of files each.
+async fn for_all_blocks<F, Fut>(
+    files: u64,
+    blocks_per_file: u64,
+    parallel: u64,
+    f: F,
+) -> Result<(), Error>
+where
+    F: Fn(u64, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), Error>> + Send,
+{
+    let f = Arc::new(f);
+    let mut tasks = Vec::new();
+    for t in 0..parallel {
+        let f = f.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut file = t;
+            while file < files {
+                for b in 0..blocks_per_file {
+                    f(file, b).await?;
+                }
+                file += parallel;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+async fn library(args: &Args) -> Result<Sample, Error> {
+    let dir = args.dir.join(format!("lib-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bs = args.block_size;
+    let total = args.data_mib << 20;
+    let files = total.div_ceil(FILE_BYTES);
+    let blocks_per_file = FILE_BYTES.div_ceil(bs);
+    let logical = files * blocks_per_file * bs;
+    let cache = Arc::new(open(&dir, bs, 2 * logical + (64 << 20)).await?);
+    let dup = args.dup;
+    let block_of = move |file: u64, b: u64| -> Vec<u8> {
+        let mut buf = vec![0; bs as usize];
+        fill(&mut buf, seed_of(file * blocks_per_file + b, dup));
+        buf
+    };
+    let mut unique = std::collections::HashSet::new();
+    for g in 0..files * blocks_per_file {
+        unique.insert(seed_of(g, dup));
+    }
+    let unique_bytes = unique.len() as u64 * bs;
+    let mut s = Sample::default();
+    let mut put = |k: &str, v: f64| {
+        s.values.insert(k.to_owned(), v);
+    };
+    let mib_s = |t: Duration| logical as f64 / MIB / t.as_secs_f64();
+
+    let c = cache.clone();
+    let start = Instant::now();
+    for_all_blocks(files, blocks_per_file, 4, move |file, b| {
+        let c = c.clone();
+        let data = block_of(file, b);
+        async move { Ok(c.write(file + 1, b, 0, &data).await?) }
+    })
+    .await?;
+    cache.sync().await?;
+    let write = start.elapsed();
+    let start = Instant::now();
+    cache.flush().await?;
+    let flush = start.elapsed();
+    put("write_mib_s", mib_s(write));
+    put("flush_mib_s", mib_s(flush));
+    put("write_flush_mib_s", mib_s(write + flush));
+    let usage = cache.usage().await?;
+    put("stored_bytes", usage.stored_bytes as f64);
+    put("unique_bytes", unique_bytes as f64);
+    put("logical_bytes", logical as f64);
+
+    cache.clear().await?;
+    let c = cache.clone();
+    let start = Instant::now();
+    for_all_blocks(files, blocks_per_file, 4, move |file, b| {
+        let c = c.clone();
+        async move {
+            let got = c.read(file + 1, b, 0, bs as usize).await?;
+            if got.len() as u64 != bs {
+                return Err(format!("block {b} of file {file}: {} bytes", got.len()).into());
+            }
+            Ok(())
+        }
+    })
+    .await?;
+    put("cold_read_mib_s", mib_s(start.elapsed()));
+    let c = cache.clone();
+    let start = Instant::now();
+    for_all_blocks(files, blocks_per_file, 4, move |file, b| {
+        let c = c.clone();
+        async move {
+            c.read(file + 1, b, 0, bs as usize).await?;
+            Ok(())
+        }
+    })
+    .await?;
+    put("hot_read_mib_s", mib_s(start.elapsed()));
+    // Check correctness once, outside the timed phases.
+    for file in 0..files {
+        let got = cache
+            .read(file + 1, blocks_per_file - 1, 0, bs as usize)
+            .await?;
+        if got[..] != block_of(file, blocks_per_file - 1)[..] {
+            return Err(format!("file {file} read back wrong").into());
+        }
+    }
+    let start = Instant::now();
+    for file in 0..files {
+        cache.remove(file + 1, 0..u64::MAX).await?;
+    }
+    if !cache.wait_for_removals(Duration::from_secs(600)).await {
+        return Err("removals did not finish".into());
+    }
+    put("remove_mib_s", mib_s(start.elapsed()));
+    put("peak_rss_bytes", peak_rss_bytes() as f64);
+    Arc::into_inner(cache)
+        .ok_or("cache still shared")?
+        .shutdown()
+        .await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(s)
+}
+
+async fn metadata(args: &Args) -> Result<Sample, Error> {
+    let dir = args.dir.join(format!("meta-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let bs = 4096u64;
+    let n = args.meta_blocks;
+    let cache = Arc::new(open(&dir, bs, 2 * n * bs + (64 << 20)).await?);
+    let files = n.div_ceil(1000);
+    let c = cache.clone();
+    for_all_blocks(files, 1000, 4, move |file, b| {
+        let c = c.clone();
+        async move {
+            let mut buf = vec![0; bs as usize];
+            fill(&mut buf, file * 1000 + b + 1);
+            Ok(c.write(file + 1, b, 0, &buf).await?)
+        }
+    })
+    .await?;
+    let blocks = files * 1000;
+    let start = Instant::now();
+    cache.flush().await?;
+    let commit = start.elapsed();
+    let start = Instant::now();
+    for file in 0..files {
+        cache.remove(file + 1, 0..u64::MAX).await?;
+    }
+    if !cache.wait_for_removals(Duration::from_secs(600)).await {
+        return Err("removals did not finish".into());
+    }
+    let remove = start.elapsed();
+    let mut s = Sample::default();
+    s.values
+        .insert("commits_per_s".into(), blocks as f64 / commit.as_secs_f64());
+    s.values
+        .insert("removes_per_s".into(), blocks as f64 / remove.as_secs_f64());
+    Arc::into_inner(cache)
+        .ok_or("cache still shared")?
+        .shutdown()
+        .await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(s)
+}
+
+fn reference(args: &Args) -> Result<Sample, Error> {
+    let mut s = Sample::default();
+    let bytes = (args.data_mib << 20) as usize;
+    // SHA-256 on one core and on all cores, over 4 MiB buffers.
+    let mut buf = vec![0u8; 4 << 20];
+    fill(&mut buf, 7);
+    let rounds = (bytes / buf.len()).max(4);
+    let start = Instant::now();
+    let mut acc = 0u8;
+    for _ in 0..rounds {
+        acc ^= Sha256::digest(&buf)[0];
+    }
+    let one = start.elapsed();
+    s.values.insert(
+        "sha256_1core_mib_s".into(),
+        (rounds * buf.len()) as f64 / MIB / one.as_secs_f64(),
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let buf = Arc::new(buf);
+    let start = Instant::now();
+    let handles: Vec<_> = (0..cores)
+        .map(|_| {
+            let buf = buf.clone();
+            std::thread::spawn(move || {
+                let mut acc = 0u8;
+                for _ in 0..rounds {
+                    acc ^= Sha256::digest(&buf[..])[0];
+                }
+                acc
+            })
+        })
+        .collect();
+    for h in handles {
+        acc ^= h.join().map_err(|_| "hash thread panicked")?;
+    }
+    let all = start.elapsed();
+    s.values.insert(
+        "sha256_all_cores_mib_s".into(),
+        (cores * rounds * buf.len()) as f64 / MIB / all.as_secs_f64(),
+    );
+    s.values.insert("cores".into(), cores as f64);
+    std::hint::black_box(acc);
+    // Copy the same bytes into files on the same disk, fsync each, then the directory.
+    let dir = args.dir.join(format!("ref-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let files = (bytes as u64).div_ceil(FILE_BYTES);
+    let blocks_per_file = FILE_BYTES.div_ceil(args.block_size);
+    let mut block = vec![0u8; args.block_size as usize];
+    let start = Instant::now();
+    for f in 0..files {
+        let mut file = std::fs::File::create(dir.join(f.to_string()))?;
+        for b in 0..blocks_per_file {
+            fill(&mut block, seed_of(f * blocks_per_file + b, args.dup));
+            file.write_all(&block)?;
+        }
+        file.sync_all()?;
+    }
+    std::fs::File::open(&dir)?.sync_all()?;
+    let copy = start.elapsed();
+    let logical = files * blocks_per_file * args.block_size;
+    s.values.insert(
+        "copy_sync_mib_s".into(),
+        logical as f64 / MIB / copy.as_secs_f64(),
+    );
+    let start = Instant::now();
+    let mut sink = 0u8;
+    for f in 0..files {
+        let data = std::fs::read(dir.join(f.to_string()))?;
+        sink ^= data[data.len() / 2];
+    }
+    std::hint::black_box(sink);
+    s.values.insert(
+        "read_back_mib_s".into(),
+        logical as f64 / MIB / start.elapsed().as_secs_f64(),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(s)
+}
+
+fn run_child(args: &Args, kind: &str, block_size: u64) -> Result<Sample, Error> {
+    let exe = std::env::current_exe()?;
+    let output = Command::new(exe)
+        .args([
+            "--child",
+            kind,
+            "--block-size",
+            &block_size.to_string(),
+            "--data-mib",
+            &args.data_mib.to_string(),
+            "--dup",
+            &args.dup.to_string(),
+            "--meta-blocks",
+            &args.meta_blocks.to_string(),
+            "--dir",
+            &args.dir.display().to_string(),
+        ])
+        .output()?;
+    if !output.status.success() {
+        return Err(format!(
+            "{kind} benchmark failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+        .into());
+    }
+    Ok(serde_json::from_slice(&output.stdout)?)
+}
+
+#[derive(Debug, Serialize)]
+struct Stat {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+fn stats(samples: &[Sample]) -> BTreeMap<String, Stat> {
+    let mut out = BTreeMap::new();
+    let Some(first) = samples.first() else {
+        return out;
+    };
+    for key in first.values.keys() {
+        let mut v: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.values.get(key).copied())
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        out.insert(
+            key.clone(),
+            Stat {
+                median: v[v.len() / 2],
+                min: v[0],
+                max: v[v.len() - 1],
+            },
+        );
+    }
+    out
+}
+
+fn label(bs: u64) -> String {
+    if bs >= 1 << 20 {
+        format!("{}M", bs >> 20)
+    } else {
+        format!("{}K", bs >> 10)
+    }
+}
+
+fn main() -> Result<(), Error> {
+    let args = parse_args()?;
+    if let Some(kind) = args.child.clone() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        let sample = match kind.as_str() {
+            "library" => runtime.block_on(library(&args))?,
+            "metadata" => runtime.block_on(metadata(&args))?,
+            "reference" => reference(&args)?,
+            other => return Err(format!("unknown child {other:?}").into()),
+        };
+        println!("{}", serde_json::to_string(&sample)?);
+        return Ok(());
+    }
+    std::fs::create_dir_all(&args.dir)?;
+    let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    for run in 0..args.runs {
+        eprintln!("run {}/{}", run + 1, args.runs);
+        for &bs in &args.block_sizes {
+            results
+                .entry(format!("reference/{}", label(bs)))
+                .or_default()
+                .push(run_child(&args, "reference", bs)?);
+            results
+                .entry(format!("library/{}", label(bs)))
+                .or_default()
+                .push(run_child(&args, "library", bs)?);
+        }
+        results
+            .entry("metadata".into())
+            .or_default()
+            .push(run_child(&args, "metadata", 4096)?);
+    }
+    let stats: BTreeMap<String, BTreeMap<String, Stat>> =
+        results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
+    print_table(&args, &stats);
+    std::fs::create_dir_all(&args.out)?;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let path = args.out.join(format!("run-{stamp}.json"));
+    let report = serde_json::json!({
+        "data_mib": args.data_mib,
+        "runs": args.runs,
+        "dup": args.dup,
+        "meta_blocks": args.meta_blocks,
+        "results": stats,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+    println!("\nresults written to {}", path.display());
+    Ok(())
+}
+
+fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
+    let get = |group: &str, key: &str| stats.get(group).and_then(|g| g.get(key));
+    let fmt = |s: Option<&Stat>| {
+        s.map_or("-".to_owned(), |s| {
+            format!("{:8.1} ({:.1}-{:.1})", s.median, s.min, s.max)
+        })
+    };
+    let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
+        (Some(a), Some(b)) if b.median > 0.0 => format!("{:5.2}x", a.median / b.median),
+        _ => "-".to_owned(),
+    };
+    println!(
+        "\nblockcache bench: {} MiB per configuration, {:.0}% duplicate blocks, median of {} runs (min-max)",
+        args.data_mib,
+        args.dup * 100.0,
+        args.runs
+    );
+    println!(
+        "{:<8} {:<16} {:>28} {:>10}  {}",
+        "block", "phase", "MiB/s", "ratio", "reference"
+    );
+    for &bs in &args.block_sizes {
+        let l = label(bs);
+        let lib = format!("library/{l}");
+        let rf = format!("reference/{l}");
+        let rows = [
+            ("write+sync", "write_mib_s", "copy_sync_mib_s", "copy+fsync"),
+            ("flush", "flush_mib_s", "copy_sync_mib_s", "copy+fsync"),
+            (
+                "write+flush",
+                "write_flush_mib_s",
+                "copy_sync_mib_s",
+                "copy+fsync",
+            ),
+            (
+                "cold read",
+                "cold_read_mib_s",
+                "copy_sync_mib_s",
+                "copy+fsync",
+            ),
+            ("hot read", "hot_read_mib_s", "read_back_mib_s", "read back"),
+            ("remove", "remove_mib_s", "copy_sync_mib_s", "copy+fsync"),
+        ];
+        for (name, key, rkey, rname) in rows {
+            println!(
+                "{:<8} {:<16} {:>28} {:>10}  {} {}",
+                l,
+                name,
+                fmt(get(&lib, key)),
+                ratio(get(&lib, key), get(&rf, rkey)),
+                rname,
+                fmt(get(&rf, rkey)).trim()
+            );
+        }
+        let stored = get(&lib, "stored_bytes").map_or(0.0, |s| s.median);
+        let unique = get(&lib, "unique_bytes").map_or(0.0, |s| s.median);
+        let rss = get(&lib, "peak_rss_bytes").map_or(0.0, |s| s.max);
+        println!(
+            "{:<8} stored {:.1} MiB for {:.1} MiB unique ({:+.2}%), peak RSS {:.1} MiB",
+            l,
+            stored / MIB,
+            unique / MIB,
+            (stored / unique.max(1.0) - 1.0) * 100.0,
+            rss / MIB
+        );
+    }
+    let sha1 = stats.values().find_map(|g| g.get("sha256_1core_mib_s"));
+    let shan = stats.values().find_map(|g| g.get("sha256_all_cores_mib_s"));
+    println!(
+        "reference SHA-256: 1 core {}  all cores {}",
+        fmt(sha1).trim(),
+        fmt(shan).trim()
+    );
+    println!(
+        "metadata (4 KiB blocks): commits/s {}  removes/s {}",
+        fmt(get("metadata", "commits_per_s")).trim(),
+        fmt(get("metadata", "removes_per_s")).trim()
+    );
+}
