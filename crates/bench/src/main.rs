@@ -553,10 +553,7 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
         args.dup * 100.0,
         args.runs
     );
-    println!(
-        "{:<8} {:<16} {:>28} {:>10}  {}",
-        "block", "phase", "MiB/s", "ratio", "reference"
-    );
+    println!("block    phase                                   MiB/s      ratio  reference");
     for &bs in &args.block_sizes {
         let l = label(bs);
         let lib = format!("library/{l}");
