@@ -295,44 +295,56 @@ async fn library(args: &Args) -> Result<Sample, Error> {
 }
 
 async fn metadata(args: &Args) -> Result<Sample, Error> {
-    let dir = args.dir.join(format!("meta-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let bs = 4096u64;
-    let n = args.meta_blocks;
-    let cache = Arc::new(open(&dir, bs, 2 * n * bs + (64 << 20)).await?);
-    let files = n.div_ceil(1000);
-    let c = cache.clone();
-    for_all_blocks(files, 1000, 4, move |file, b| {
-        let c = c.clone();
-        async move {
-            let mut buf = vec![0; bs as usize];
-            fill(&mut buf, file * 1000 + b + 1);
-            Ok(c.write(file + 1, b, 0, &buf).await?)
-        }
-    })
-    .await?;
-    let blocks = files * 1000;
-    let start = Instant::now();
-    cache.flush().await?;
-    let commit = start.elapsed();
-    let start = Instant::now();
-    for file in 0..files {
-        cache.remove(file + 1, 0..u64::MAX).await?;
-    }
-    if !cache.wait_for_removals(Duration::from_secs(600)).await {
-        return Err("removals did not finish".into());
-    }
-    let remove = start.elapsed();
     let mut s = Sample::default();
-    s.values
-        .insert("commits_per_s".into(), blocks as f64 / commit.as_secs_f64());
-    s.values
-        .insert("removes_per_s".into(), blocks as f64 / remove.as_secs_f64());
-    Arc::into_inner(cache)
-        .ok_or("cache still shared")?
-        .shutdown()
+    // Unique content: every commit registers an object and uploads it to the local store.
+    // Duplicate content: every commit links to one object; this is the metadata path alone.
+    for (name, unique) in [("", true), ("dup_", false)] {
+        let dir = args.dir.join(format!("meta-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let bs = 4096u64;
+        let n = args.meta_blocks;
+        let cache = Arc::new(open(&dir, bs, 2 * n * bs + (64 << 20)).await?);
+        let files = n.div_ceil(1000);
+        let c = cache.clone();
+        for_all_blocks(files, 1000, 4, move |file, b| {
+            let c = c.clone();
+            async move {
+                let mut buf = vec![0; bs as usize];
+                fill(&mut buf, if unique { file * 1000 + b + 1 } else { 1 });
+                Ok(c.write(file + 1, b, 0, &buf).await?)
+            }
+        })
         .await?;
-    let _ = std::fs::remove_dir_all(&dir);
+        let blocks = (files * 1000) as f64;
+        let start = Instant::now();
+        cache.commit().await?;
+        let commit = start.elapsed();
+        cache.flush().await?;
+        let flush = start.elapsed();
+        let start = Instant::now();
+        for file in 0..files {
+            cache.remove(file + 1, 0..u64::MAX).await?;
+        }
+        if !cache.wait_for_removals(Duration::from_secs(600)).await {
+            return Err("removals did not finish".into());
+        }
+        let remove = start.elapsed();
+        s.values.insert(
+            format!("{name}commit_only_per_s"),
+            blocks / commit.as_secs_f64(),
+        );
+        s.values
+            .insert(format!("{name}commits_per_s"), blocks / flush.as_secs_f64());
+        s.values.insert(
+            format!("{name}removes_per_s"),
+            blocks / remove.as_secs_f64(),
+        );
+        Arc::into_inner(cache)
+            .ok_or("cache still shared")?
+            .shutdown()
+            .await?;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(s)
 }
 
@@ -607,8 +619,14 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
         fmt(shan).trim()
     );
     println!(
-        "metadata (4 KiB blocks): commits/s {}  removes/s {}",
+        "metadata, unique 4 KiB blocks: commits/s until uploaded {}  commit() alone {}  removes/s {}",
         fmt(get("metadata", "commits_per_s")).trim(),
+        fmt(get("metadata", "commit_only_per_s")).trim(),
         fmt(get("metadata", "removes_per_s")).trim()
+    );
+    println!(
+        "metadata, duplicate 4 KiB blocks (no uploads): commits/s {}  removes/s {}",
+        fmt(get("metadata", "dup_commits_per_s")).trim(),
+        fmt(get("metadata", "dup_removes_per_s")).trim()
     );
 }

@@ -337,28 +337,48 @@ impl Inner {
             KeyGuard,
         )>,
     ) -> Result<()> {
-        // Read and hash every block on the blocking pool, in parallel.
-        let reads =
-            snapshots
-                .into_iter()
-                .map(|(key, entry_id, generation, size, marker, done, guard)| {
-                    let path = self.dir.file(key, marker);
-                    async move {
-                        let read = tokio::task::spawn_blocking(move || {
+        // Read and hash the blocks on the blocking pool: a few tasks per batch (one per core),
+        // not one per block, so small blocks do not pay a hand-off each.
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let per_task = snapshots.len().div_ceil(cores).max(1);
+        let mut chunks = Vec::new();
+        let mut rest = snapshots;
+        while !rest.is_empty() {
+            let tail = rest.split_off(per_task.min(rest.len()));
+            chunks.push(std::mem::replace(&mut rest, tail));
+        }
+        let reads = chunks.into_iter().map(|chunk| {
+            let dir = self.dir.clone();
+            async move {
+                let (keep, io): (Vec<_>, Vec<_>) = chunk
+                    .into_iter()
+                    .map(|(key, entry_id, generation, size, marker, done, guard)| {
+                        (
+                            (key, entry_id, generation, done, guard),
+                            (dir.file(key, marker), size),
+                        )
+                    })
+                    .unzip();
+                let read = tokio::task::spawn_blocking(move || {
+                    io.into_iter()
+                        .map(|(path, size)| {
                             let data = files::read_whole(&path, size)?;
                             let hash: [u8; 32] = Sha256::digest(&data).into();
-                            Ok::<_, std::io::Error>((data, hash, path))
+                            Ok::<_, std::io::Error>((data, hash))
                         })
-                        .await
-                        .expect("hashing task panicked");
-                        (key, entry_id, generation, done, guard, read)
-                    }
-                });
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .expect("hashing task panicked");
+                keep.into_iter().zip(read).collect::<Vec<_>>()
+            }
+        });
         let mut snaps = Vec::new();
-        for (key, entry_id, generation, done, guard, read) in futures::future::join_all(reads).await
+        for ((key, entry_id, generation, done, guard), read) in
+            futures::future::join_all(reads).await.into_iter().flatten()
         {
             match read {
-                Ok((data, hash, _)) => snaps.push(Snapshot {
+                Ok((data, hash)) => snaps.push(Snapshot {
                     key,
                     entry_id,
                     generation,

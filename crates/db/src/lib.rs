@@ -575,25 +575,29 @@ impl Db {
 async fn commit_one(tx: &mut SqliteConnection, r: &CommitRequest) -> Result<Committed> {
     let inode = to_i64(r.inode)?;
     let blockno = to_i64(r.blockno)?;
-    let old: Option<i64> =
-        sqlx::query_scalar("SELECT obj_id FROM blocks WHERE inode = ? AND blockno = ?")
-            .bind(inode)
-            .bind(blockno)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(ctx("look up a block mapping"))?;
-    let existing: Option<(i64, String)> =
-        sqlx::query_as("SELECT id, state FROM objects WHERE hash = ?")
-            .bind(&r.hash[..])
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(ctx("look up an object by hash"))?;
+    // Both lookups in one statement: every statement is a round trip to sqlx's worker thread.
+    let (old, existing, existing_state): (Option<i64>, Option<i64>, Option<String>) =
+        sqlx::query_as(
+            "SELECT (SELECT obj_id FROM blocks WHERE inode = ?1 AND blockno = ?2), \
+                (SELECT id FROM objects WHERE hash = ?3), \
+                (SELECT state FROM objects WHERE hash = ?3)",
+        )
+        .bind(inode)
+        .bind(blockno)
+        .bind(&r.hash[..])
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(ctx("look up a block and its content"))?;
+    let existing = match (existing, existing_state) {
+        (Some(id), Some(state)) => Some((id, ObjectState::parse(&state)?)),
+        _ => None,
+    };
     let outcome = match existing {
         Some((id, state)) if Some(id) == old => {
             return Ok(Committed {
                 outcome: Outcome::Unchanged {
                     obj_id: to_u64(id, "object id")?,
-                    state: ObjectState::parse(&state)?,
+                    state,
                 },
                 released: None,
             });
@@ -606,7 +610,7 @@ async fn commit_one(tx: &mut SqliteConnection, r: &CommitRequest) -> Result<Comm
                 .map_err(ctx("take a reference to an object"))?;
             Outcome::Linked {
                 obj_id: to_u64(id, "object id")?,
-                state: ObjectState::parse(&state)?,
+                state,
             }
         }
         None => {
@@ -624,24 +628,17 @@ async fn commit_one(tx: &mut SqliteConnection, r: &CommitRequest) -> Result<Comm
             }
         }
     };
-    let new_id = to_i64(outcome.obj_id())?;
-    if old.is_some() {
-        sqlx::query("UPDATE blocks SET obj_id = ? WHERE inode = ? AND blockno = ?")
-            .bind(new_id)
-            .bind(inode)
-            .bind(blockno)
-            .execute(&mut *tx)
-            .await
-            .map_err(ctx("update a block mapping"))?;
-    } else {
-        sqlx::query("INSERT INTO blocks (inode, blockno, obj_id) VALUES (?, ?, ?)")
-            .bind(inode)
-            .bind(blockno)
-            .bind(new_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(ctx("insert a block mapping"))?;
-    }
+    // Insert or repoint the mapping in one statement (the upsert fires the update trigger).
+    sqlx::query(
+        "INSERT INTO blocks (inode, blockno, obj_id) VALUES (?, ?, ?) \
+         ON CONFLICT (inode, blockno) DO UPDATE SET obj_id = excluded.obj_id",
+    )
+    .bind(inode)
+    .bind(blockno)
+    .bind(to_i64(outcome.obj_id())?)
+    .execute(&mut *tx)
+    .await
+    .map_err(ctx("set a block mapping"))?;
     let released = match old {
         Some(old) => release(&mut *tx, old).await?,
         None => None,
