@@ -138,14 +138,17 @@ impl CacheDir {
             .open(self.file(key, dirty))
     }
 
-    /// Stores downloaded content as a clean file: write a temporary file, fsync it, rename.
-    /// The fsync keeps a machine crash from leaving a torn file under a clean name.
+    /// Stores downloaded content as a clean file: write a temporary file, rename it.
+    ///
+    /// Unlike S3QL there is no fsync: a machine crash may leave a torn file under a clean
+    /// name, but clean files found at start-up are checked (length and SHA-256) before first
+    /// use and fetched again if they do not match, so a torn file is never served. If the
+    /// block is later modified, `sync` fsyncs the whole file, downloaded bytes included.
     pub(crate) fn install_clean(&self, key: BlockKey, data: &[u8]) -> io::Result<()> {
         let tmp = self.tmp(key);
         let result = (|| {
             let file = File::create(&tmp)?;
             file.write_all_at(data, 0)?;
-            file.sync_data()?;
             std::fs::rename(&tmp, self.file(key, false))
         })();
         if result.is_err() {
@@ -165,6 +168,13 @@ impl CacheDir {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    /// Flushes every dirty page of the file system holding the directory (one `syncfs`),
+    /// which is cheaper than thousands of `fsync` calls when many blocks are dirty.
+    pub(crate) fn sync_filesystem(&self) -> io::Result<()> {
+        let dir = File::open(&self.path)?;
+        rustix::fs::syncfs(&dir).map_err(io::Error::from)
     }
 
     /// fsyncs the directory itself, making creations and renames durable.

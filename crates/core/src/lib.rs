@@ -54,6 +54,9 @@ use crate::files::CacheDir;
 use crate::keylock::KeyedLocks;
 use crate::state::State;
 
+/// Above this many dirty files, `sync` uses one `syncfs` instead of an fsync per file.
+const SYNCFS_THRESHOLD: usize = 64;
+
 /// The address of a block: an inode and a block number within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BlockKey {
@@ -396,6 +399,15 @@ impl BlockCache {
                 .collect()
         };
         let dir = self.inner.dir.clone();
+        if paths.len() > SYNCFS_THRESHOLD {
+            // Many small files: one syncfs of the cache's file system costs less than an
+            // fsync each (it also writes other dirty data of that file system).
+            let d = dir.clone();
+            return tokio::task::spawn_blocking(move || d.sync_filesystem())
+                .await
+                .expect("sync task panicked")
+                .map_err(Error::io("sync the file system of", dir.path()));
+        }
         // Two blocking tasks share the files, so two cores sync in parallel.
         let half = paths.len().div_ceil(2).max(1);
         let mut tasks = Vec::new();

@@ -230,3 +230,23 @@ async fn sync_leaves_dirty_blocks_under_their_dirty_names() {
     cache.shutdown().await.expect("shutdown");
     assert_eq!(list_dir(&env.cache_dir()), vec!["1-0", "1-1"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_of_many_dirty_blocks_then_crash_keeps_them() {
+    let env = Env::new();
+    let cache = env.open().await;
+    // More dirty blocks than the threshold above which sync uses one syncfs.
+    for b in 0..100 {
+        cache.write(4, b, 0, &data(b, 512)).await.expect("write");
+    }
+    cache.sync().await.expect("sync");
+    drop(cache);
+    let cache = env.open().await;
+    assert_eq!(cache.recovery().dirty_files, 100);
+    for b in 0..100 {
+        assert_eq!(cache.read(4, b, 0, 512).await.expect("read"), data(b, 512));
+    }
+    cache.flush().await.expect("flush");
+    assert_eq!(env.store_ids().await.len(), 100);
+    cache.shutdown().await.expect("shutdown");
+}
