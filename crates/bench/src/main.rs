@@ -429,6 +429,12 @@ fn reference(args: &Args) -> Result<Sample, Error> {
 }
 
 fn run_child(args: &Args, kind: &str, block_size: u64) -> Result<Sample, Error> {
+    // Start every configuration from a quiet disk: write back what earlier configurations
+    // (and builds) left dirty, so their writeback does not land in this one's fsyncs.
+    let synced = Command::new("sync").status()?;
+    if !synced.success() {
+        return Err("sync failed".into());
+    }
     let exe = std::env::current_exe()?;
     let output = Command::new(exe)
         .args([
