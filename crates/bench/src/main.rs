@@ -195,6 +195,19 @@ where
     Ok(())
 }
 
+/// Removes inodes `1..=files` and waits until the store has deleted their objects; returns
+/// the time taken.
+async fn remove_all(cache: &BlockCache, files: u64) -> Result<Duration, Error> {
+    let start = Instant::now();
+    for file in 0..files {
+        cache.remove(file + 1, 0..u64::MAX).await?;
+    }
+    if !cache.wait_for_removals(Duration::from_secs(600)).await {
+        return Err("removals did not finish".into());
+    }
+    Ok(start.elapsed())
+}
+
 async fn library(args: &Args) -> Result<Sample, Error> {
     let dir = args.dir.join(format!("lib-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -277,14 +290,8 @@ async fn library(args: &Args) -> Result<Sample, Error> {
             return Err(format!("file {file} read back wrong").into());
         }
     }
-    let start = Instant::now();
-    for file in 0..files {
-        cache.remove(file + 1, 0..u64::MAX).await?;
-    }
-    if !cache.wait_for_removals(Duration::from_secs(600)).await {
-        return Err("removals did not finish".into());
-    }
-    put("remove_mib_s", mib_s(start.elapsed()));
+    let remove = remove_all(&cache, files).await?;
+    put("remove_mib_s", mib_s(remove));
     put("peak_rss_bytes", peak_rss_bytes() as f64);
     Arc::into_inner(cache)
         .ok_or("cache still shared")?
@@ -321,14 +328,7 @@ async fn metadata(args: &Args) -> Result<Sample, Error> {
         let commit = start.elapsed();
         cache.flush().await?;
         let flush = start.elapsed();
-        let start = Instant::now();
-        for file in 0..files {
-            cache.remove(file + 1, 0..u64::MAX).await?;
-        }
-        if !cache.wait_for_removals(Duration::from_secs(600)).await {
-            return Err("removals did not finish".into());
-        }
-        let remove = start.elapsed();
+        let remove = remove_all(&cache, files).await?;
         s.values.insert(
             format!("{name}commit_only_per_s"),
             blocks / commit.as_secs_f64(),
