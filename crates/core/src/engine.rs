@@ -1071,12 +1071,14 @@ impl BlockHandle {
         }
         inner.make_room(object.length, 1).await?;
         let dir = inner.dir.clone();
+        // Ok(Ok(file)): installed, and the file stays open for this handle;
+        // Ok(Err(hash)): the content does not match; Err: the file could not be written.
         let installed = tokio::task::spawn_blocking(move || {
             let actual: [u8; 32] = Sha256::digest(&data).into();
             if actual != hash {
-                return Ok(Some(hex::encode(actual)));
+                return Ok(Err(hex::encode(actual)));
             }
-            dir.install_clean(key, &data).map(|()| None)
+            dir.install_clean(key, &data).map(Ok)
         })
         .await
         .expect("download task panicked");
@@ -1085,13 +1087,13 @@ impl BlockHandle {
             let mut st = inner.lock_state();
             st.reserved_bytes -= object.length;
             st.reserved_slots -= 1;
-            if let Ok(None) = installed {
+            if let Ok(Ok(_)) = installed {
                 st.insert(key, object.length, false, true);
             }
         }
-        match installed {
-            Ok(None) => {}
-            Ok(Some(actual)) => {
+        let file = match installed {
+            Ok(Ok(file)) => file,
+            Ok(Err(actual)) => {
                 return Err(corrupted(format!(
                     "SHA-256 {actual} instead of {}",
                     hex::encode(hash)
@@ -1103,13 +1105,13 @@ impl BlockHandle {
                     inner.dir.file(key, false),
                 )(source));
             }
-        }
+        };
         inner.counters.downloads.fetch_add(1, Ordering::Relaxed);
         inner
             .counters
             .download_bytes
             .fetch_add(object.length, Ordering::Relaxed);
-        self.file = None;
+        self.file = Some(file);
         Ok(())
     }
 

@@ -1,8 +1,8 @@
 //! The cache directory: one file per cached block.
 //!
 //! Names: `<inode>-<blockno>` holds a clean block (identical to its object in the store),
-//! `<inode>-<blockno>.dirty` holds a block that may differ from the store, and
-//! `<inode>-<blockno>.tmp` is a download in progress. The `.dirty` name is the durable dirty
+//! `<inode>-<blockno>.dirty` holds a block that may differ from the store. Files ending in
+//! `.tmp` are leftovers and are deleted at start-up. The `.dirty` name is the durable dirty
 //! marker: a block is renamed to it *before* its first modification, and back only after its
 //! upload is recorded in the database. A crash can therefore leave a clean block marked dirty
 //! (recovery re-hashes it and finds nothing to do) but never a dirty block marked clean.
@@ -47,10 +47,6 @@ impl CacheDir {
         let suffix = if dirty { ".dirty" } else { "" };
         self.path
             .join(format!("{}-{}{suffix}", key.inode, key.blockno))
-    }
-
-    fn tmp(&self, key: BlockKey) -> PathBuf {
-        self.path.join(format!("{}-{}.tmp", key.inode, key.blockno))
     }
 
     /// Creates the directory if needed and checks that files can be created in it.
@@ -138,21 +134,28 @@ impl CacheDir {
             .open(self.file(key, dirty))
     }
 
-    /// Stores downloaded content as a clean file: write a temporary file, rename it.
+    /// Stores downloaded content as a clean file and returns it, open for reading and
+    /// writing.
     ///
-    /// Unlike S3QL there is no fsync: a machine crash may leave a torn file under a clean
-    /// name, but clean files found at start-up are checked (length and SHA-256) before first
-    /// use and fetched again if they do not match, so a torn file is never served. If the
-    /// block is later modified, `sync` fsyncs the whole file, downloaded bytes included.
-    pub(crate) fn install_clean(&self, key: BlockKey, data: &[u8]) -> io::Result<()> {
-        let tmp = self.tmp(key);
+    /// Unlike S3QL there is no temporary file, rename or fsync: a crash may leave a torn file
+    /// under the clean name, but clean files found at start-up are checked (length and
+    /// SHA-256) before first use and fetched again if they do not match, so a torn file is
+    /// never served. If the block is later modified, `sync` flushes the whole file, downloaded
+    /// bytes included. On error the partial file is deleted.
+    pub(crate) fn install_clean(&self, key: BlockKey, data: &[u8]) -> io::Result<File> {
+        let path = self.file(key, false);
         let result = (|| {
-            let file = File::create(&tmp)?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&path)?;
             file.write_all_at(data, 0)?;
-            std::fs::rename(&tmp, self.file(key, false))
+            Ok(file)
         })();
         if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(&path);
         }
         result
     }
