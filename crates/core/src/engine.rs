@@ -723,10 +723,23 @@ impl Inner {
             {
                 waits.push((key, gen_ok, done));
             }
-            for (_, covers, done) in waits {
+            for (key, covers, done) in waits {
                 let result = wait_done(done).await;
-                if covers {
-                    result?;
+                let Err(error) = result else { continue };
+                if !covers {
+                    continue;
+                }
+                // Blocks removed meanwhile need no flush; an upload whose object was released
+                // by a newer commit leaves the block dirty, and the next round commits it.
+                let id = targets.iter().find(|t| t.0 == key).map(|t| t.1);
+                let removed = self
+                    .lock_state()
+                    .entries
+                    .get(&key)
+                    .is_none_or(|e| Some(e.id) != id);
+                let released = matches!(&error, Error::Upload { source, .. } if matches!(**source, UploadFailure::NotRecorded));
+                if !removed && !released {
+                    return Err(error);
                 }
             }
         }

@@ -44,6 +44,30 @@ pub enum Error {
         /// Block number.
         blockno: u64,
     },
+    /// A file name that the namespace does not accept.
+    #[error("invalid file name {name:?}: {reason}")]
+    InvalidName {
+        /// The name as given (lossy if it was not UTF-8).
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// No file has this name.
+    #[error("no file named {name:?}")]
+    NotFound {
+        /// The name.
+        name: String,
+    },
+    /// A write would make a file larger than the maximum file size.
+    #[error("file {name:?} would grow to {size} bytes, over the maximum file size of {max} bytes")]
+    FileTooLarge {
+        /// The name.
+        name: String,
+        /// The size the write would reach.
+        size: u64,
+        /// The maximum.
+        max: u64,
+    },
     /// A cache file or the cache directory could not be used.
     #[error("could not {action} {}: {source}", path.display())]
     Io {

@@ -5,6 +5,7 @@
 //! move into another task. Releasing a guard wakes everyone waiting for cache progress
 //! (eviction retries when a locked entry becomes free).
 
+use std::hash::Hash;
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -12,17 +13,26 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard};
 
 use crate::BlockKey;
 
-/// The set of per-block locks.
-#[derive(Debug, Default)]
-pub(crate) struct KeyedLocks {
-    map: DashMap<BlockKey, Arc<Mutex<()>>>,
+/// The set of per-key locks (blocks by default; the namespace locks file names).
+#[derive(Debug)]
+pub(crate) struct KeyedLocks<K: Eq + Hash + Clone = BlockKey> {
+    map: DashMap<K, Arc<Mutex<()>>>,
     released: Notify,
 }
 
-impl KeyedLocks {
+impl<K: Eq + Hash + Clone> Default for KeyedLocks<K> {
+    fn default() -> Self {
+        Self {
+            map: DashMap::new(),
+            released: Notify::new(),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Clone> KeyedLocks<K> {
     /// Waits for the lock of `key`.
-    pub(crate) async fn lock(self: &Arc<Self>, key: BlockKey) -> KeyGuard {
-        let mutex = self.map.entry(key).or_default().clone();
+    pub(crate) async fn lock(self: &Arc<Self>, key: K) -> KeyGuard<K> {
+        let mutex = self.map.entry(key.clone()).or_default().clone();
         let guard = mutex.lock_owned().await;
         KeyGuard {
             guard: Some(guard),
@@ -32,8 +42,8 @@ impl KeyedLocks {
     }
 
     /// Takes the lock of `key` if nobody holds it.
-    pub(crate) fn try_lock(self: &Arc<Self>, key: BlockKey) -> Option<KeyGuard> {
-        let mutex = self.map.entry(key).or_default().clone();
+    pub(crate) fn try_lock(self: &Arc<Self>, key: K) -> Option<KeyGuard<K>> {
+        let mutex = self.map.entry(key.clone()).or_default().clone();
         let guard = mutex.try_lock_owned().ok()?;
         Some(KeyGuard {
             guard: Some(guard),
@@ -48,15 +58,15 @@ impl KeyedLocks {
     }
 }
 
-/// Exclusive ownership of one block.
+/// Exclusive ownership of one key.
 #[derive(Debug)]
-pub(crate) struct KeyGuard {
+pub(crate) struct KeyGuard<K: Eq + Hash + Clone = BlockKey> {
     guard: Option<OwnedMutexGuard<()>>,
-    key: BlockKey,
-    locks: Arc<KeyedLocks>,
+    key: K,
+    locks: Arc<KeyedLocks<K>>,
 }
 
-impl Drop for KeyGuard {
+impl<K: Eq + Hash + Clone> Drop for KeyGuard<K> {
     fn drop(&mut self) {
         drop(self.guard.take());
         // Only the map holds the mutex now if the count is 1: nobody holds or waits for it.
@@ -73,7 +83,7 @@ mod tests {
 
     #[tokio::test]
     async fn exclusive_and_cleaned_up() {
-        let locks = Arc::new(KeyedLocks::default());
+        let locks: Arc<KeyedLocks> = Arc::new(KeyedLocks::default());
         let key = BlockKey::new(1, 2);
         let g = locks.lock(key).await;
         assert!(locks.try_lock(key).is_none());
@@ -88,7 +98,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn waiters_are_served_in_turn() {
-        let locks = Arc::new(KeyedLocks::default());
+        let locks: Arc<KeyedLocks> = Arc::new(KeyedLocks::default());
         let counter = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut tasks = Vec::new();
         for _ in 0..32 {

@@ -25,6 +25,7 @@ mod engine;
 mod error;
 mod files;
 mod keylock;
+mod namespace;
 mod recovery;
 mod state;
 mod tasks;
@@ -46,6 +47,10 @@ use tokio_util::task::TaskTracker;
 
 pub use engine::BlockHandle;
 pub use error::{Error, Result, UploadFailure};
+pub use namespace::{
+    Durability, FileMeta, FileReader, FileStatus, FileWriter, MAX_NAME_LEN, Namespace,
+    validate_name,
+};
 pub use recovery::Recovery;
 
 use crate::budget::Budget;
@@ -315,39 +320,17 @@ impl BlockCache {
         &self.inner.config
     }
 
-    fn handle(&self, key: BlockKey, guard: keylock::KeyGuard, credit: Option<u64>) -> BlockHandle {
-        BlockHandle {
-            inner: self.inner.clone(),
-            key,
-            _guard: guard,
-            credit,
-            file: None,
-        }
-    }
-
     /// Exclusive read-write access to block `(inode, blockno)`. Waits for the dirty budget
     /// (one block's worth) before taking the block's lock.
     pub async fn block(&self, inode: u64, blockno: u64) -> Result<BlockHandle> {
-        let key = BlockKey::new(inode, blockno);
-        Inner::check_key(key)?;
-        if self.inner.cancel.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        let credit = self.inner.config.block_size;
-        self.inner
-            .dirty_budget
-            .acquire(credit, &self.inner.pressure)
-            .await;
-        let guard = self.inner.locks.lock(key).await;
-        Ok(self.handle(key, guard, Some(credit)))
+        self.inner.handle(BlockKey::new(inode, blockno), true).await
     }
 
     /// Exclusive read-only access to block `(inode, blockno)`. Never waits for uploads.
     pub async fn block_for_read(&self, inode: u64, blockno: u64) -> Result<BlockHandle> {
-        let key = BlockKey::new(inode, blockno);
-        Inner::check_key(key)?;
-        let guard = self.inner.locks.lock(key).await;
-        Ok(self.handle(key, guard, None))
+        self.inner
+            .handle(BlockKey::new(inode, blockno), false)
+            .await
     }
 
     /// Reads up to `len` bytes at `offset` of a block (fewer at its end; none for a hole).
@@ -391,43 +374,12 @@ impl BlockCache {
     /// Makes every dirty block durable in the cache directory (fsync of each dirty file and
     /// of the directory). After a crash, the next open finds and uploads them.
     pub async fn sync(&self) -> Result<()> {
-        let paths: Vec<PathBuf> = {
-            let st = self.inner.lock_state();
-            st.dirty
-                .iter()
-                .map(|(_, k)| self.inner.dir.file(*k, true))
-                .collect()
-        };
-        let dir = self.inner.dir.clone();
-        if paths.len() > SYNCFS_THRESHOLD {
-            // Many small files: one syncfs of the cache's file system costs less than an
-            // fsync each (it also writes other dirty data of that file system).
-            let d = dir.clone();
-            return tokio::task::spawn_blocking(move || d.sync_filesystem())
-                .await
-                .expect("sync task panicked")
-                .map_err(Error::io("sync the file system of", dir.path()));
-        }
-        // Two blocking tasks share the files, so two cores sync in parallel.
-        let half = paths.len().div_ceil(2).max(1);
-        let mut tasks = Vec::new();
-        for chunk in paths.chunks(half) {
-            let chunk = chunk.to_vec();
-            tasks.push(tokio::task::spawn_blocking(move || {
-                for p in &chunk {
-                    crate::files::sync_file(p).map_err(Error::io("sync cache file", p.clone()))?;
-                }
-                Ok::<_, Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await.expect("sync task panicked")?;
-        }
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || d.sync_dir())
-            .await
-            .expect("sync task panicked")
-            .map_err(Error::io("sync cache directory", dir.path()))
+        self.inner.sync_dirty(None).await
+    }
+
+    /// [`BlockCache::sync`] restricted to the blocks of one inode.
+    pub async fn sync_inode(&self, inode: u64) -> Result<()> {
+        self.inner.sync_dirty(Some(inode)).await
     }
 
     /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
@@ -435,60 +387,7 @@ impl BlockCache {
     /// by the removal task. Does not wait for uploads of these blocks.
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn remove(&self, inode: u64, range: Range<u64>) -> Result<()> {
-        Inner::check_key(BlockKey::new(inode, 0))?;
-        let inner = &self.inner;
-        let mut keys: Vec<BlockKey> = {
-            let st = inner.lock_state();
-            st.entries
-                .range(BlockKey::new(inode, range.start)..BlockKey::new(inode, range.end))
-                .map(|(k, _)| *k)
-                .collect()
-        };
-        keys.extend(
-            inner
-                .db
-                .mapped_blocks(inode, range)
-                .await?
-                .into_iter()
-                .map(|b| BlockKey::new(inode, b)),
-        );
-        keys.sort_unstable();
-        keys.dedup();
-        for chunk in keys.chunks(1024) {
-            // First pass: blocks nobody holds; second pass: wait for the rest, in key order.
-            let mut guards = Vec::with_capacity(chunk.len());
-            let mut busy = Vec::new();
-            for &key in chunk {
-                match inner.locks.try_lock(key) {
-                    Some(g) => guards.push((key, g)),
-                    None => busy.push(key),
-                }
-            }
-            for key in busy {
-                guards.push((key, inner.locks.lock(key).await));
-            }
-            let mut freed = 0;
-            for (key, _) in &guards {
-                let removed = inner.lock_state().remove(*key);
-                if let Some(e) = removed {
-                    freed += e.dirty_acc;
-                    inner.dir.remove(*key, e.marker).map_err(Error::io(
-                        "delete cache file",
-                        inner.dir.file(*key, e.marker),
-                    ))?;
-                }
-            }
-            inner.dirty_budget.release(freed);
-            let pairs: Vec<(u64, u64)> = guards.iter().map(|(k, _)| (k.inode, k.blockno)).collect();
-            let released = {
-                let _commit = inner.commit_lock.lock().await;
-                inner.db.remove_blocks(&pairs).await?
-            };
-            drop(guards);
-            inner.queue_removals(released).await;
-            inner.progress.notify_waiters();
-        }
-        Ok(())
+        self.inner.remove_range(inode, range).await
     }
 
     /// Evicts until the cache is within its limits, uploading dirty blocks first.
@@ -664,6 +563,136 @@ impl Drop for BlockCache {
             dirty_blocks = dirty,
             "block cache dropped without shutdown; dirty blocks stay in the cache directory and the next open uploads them"
         );
+    }
+}
+
+impl Inner {
+    /// A handle on block `key`; for writing, after waiting for one block's worth of the
+    /// dirty budget.
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        key: BlockKey,
+        write: bool,
+    ) -> Result<BlockHandle> {
+        Inner::check_key(key)?;
+        let credit = if write {
+            if self.cancel.is_cancelled() {
+                return Err(Error::ShuttingDown);
+            }
+            let credit = self.config.block_size;
+            self.dirty_budget.acquire(credit, &self.pressure).await;
+            Some(credit)
+        } else {
+            None
+        };
+        let guard = self.locks.lock(key).await;
+        Ok(BlockHandle {
+            inner: self.clone(),
+            key,
+            _guard: guard,
+            credit,
+            file: None,
+        })
+    }
+
+    /// Makes dirty blocks (all, or those of one inode) durable in the cache directory.
+    pub(crate) async fn sync_dirty(&self, inode: Option<u64>) -> Result<()> {
+        let paths: Vec<PathBuf> = {
+            let st = self.lock_state();
+            st.dirty
+                .iter()
+                .filter(|(_, k)| inode.is_none_or(|i| k.inode == i))
+                .map(|(_, k)| self.dir.file(*k, true))
+                .collect()
+        };
+        let dir = self.dir.clone();
+        if paths.len() > SYNCFS_THRESHOLD {
+            // Many small files: one syncfs of the cache's file system costs less than an
+            // fsync each (it also writes other dirty data of that file system).
+            let d = dir.clone();
+            return tokio::task::spawn_blocking(move || d.sync_filesystem())
+                .await
+                .expect("sync task panicked")
+                .map_err(Error::io("sync the file system of", dir.path()));
+        }
+        // Two blocking tasks share the files, so two cores sync in parallel.
+        let half = paths.len().div_ceil(2).max(1);
+        let mut tasks = Vec::new();
+        for chunk in paths.chunks(half) {
+            let chunk = chunk.to_vec();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                for p in &chunk {
+                    crate::files::sync_file(p).map_err(Error::io("sync cache file", p.clone()))?;
+                }
+                Ok::<_, Error>(())
+            }));
+        }
+        for t in tasks {
+            t.await.expect("sync task panicked")?;
+        }
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || d.sync_dir())
+            .await
+            .expect("sync task panicked")
+            .map_err(Error::io("sync cache directory", dir.path()))
+    }
+
+    /// Removes blocks `range` of `inode` (see [`BlockCache::remove`]).
+    pub(crate) async fn remove_range(&self, inode: u64, range: Range<u64>) -> Result<()> {
+        Inner::check_key(BlockKey::new(inode, 0))?;
+        let inner = self;
+        let mut keys: Vec<BlockKey> = {
+            let st = inner.lock_state();
+            st.entries
+                .range(BlockKey::new(inode, range.start)..BlockKey::new(inode, range.end))
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        keys.extend(
+            inner
+                .db
+                .mapped_blocks(inode, range)
+                .await?
+                .into_iter()
+                .map(|b| BlockKey::new(inode, b)),
+        );
+        keys.sort_unstable();
+        keys.dedup();
+        for chunk in keys.chunks(1024) {
+            // First pass: blocks nobody holds; second pass: wait for the rest, in key order.
+            let mut guards = Vec::with_capacity(chunk.len());
+            let mut busy = Vec::new();
+            for &key in chunk {
+                match inner.locks.try_lock(key) {
+                    Some(g) => guards.push((key, g)),
+                    None => busy.push(key),
+                }
+            }
+            for key in busy {
+                guards.push((key, inner.locks.lock(key).await));
+            }
+            let mut freed = 0;
+            for (key, _) in &guards {
+                let removed = inner.lock_state().remove(*key);
+                if let Some(e) = removed {
+                    freed += e.dirty_acc;
+                    inner.dir.remove(*key, e.marker).map_err(Error::io(
+                        "delete cache file",
+                        inner.dir.file(*key, e.marker),
+                    ))?;
+                }
+            }
+            inner.dirty_budget.release(freed);
+            let pairs: Vec<(u64, u64)> = guards.iter().map(|(k, _)| (k.inode, k.blockno)).collect();
+            let released = {
+                let _commit = inner.commit_lock.lock().await;
+                inner.db.remove_blocks(&pairs).await?
+            };
+            drop(guards);
+            inner.queue_removals(released).await;
+            inner.progress.notify_waiters();
+        }
+        Ok(())
     }
 }
 

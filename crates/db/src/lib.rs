@@ -671,5 +671,8 @@ async fn release(executor: &mut SqliteConnection, id: i64) -> Result<Option<u64>
     Ok(Some(to_u64(id, "object id")?))
 }
 
+mod files;
+pub use files::FileRow;
+
 #[cfg(test)]
 mod tests;

@@ -6,4 +6,5 @@ mod crash;
 mod faults;
 mod lifecycle;
 mod model;
+mod namespace;
 mod s3ql;

@@ -1,0 +1,751 @@
+//! A namespace of named files over the block cache: names to inodes, sizes, byte offsets to
+//! blocks, and atomic replacement.
+//!
+//! A file's content is the blocks of one inode, cut at the file's size (bytes past the size
+//! are never shown, and holes read as zeros). [`Namespace::create`] writes a fresh *staging*
+//! inode and swaps it in with one metadata transaction when it finishes, so a reader sees the
+//! old content or the new, never a mix; an abandoned or failed replacement leaves the old
+//! version and its staging inode is removed. The old inode of a replaced or deleted file is
+//! *retired*: its blocks are removed once no reader holds it (readers pin the inode they
+//! opened). Retired and staging inodes are recorded in the metadata, so the removal survives a
+//! crash: [`Namespace::open`] finishes it.
+//!
+//! Changes of one name (finishing a replacement, a patch, a truncation, a deletion) are
+//! serialized by a per-name async lock; a replacement takes it only for its final swap, so a
+//! long upload never blocks other changes. Lock order: a name lock, then block locks.
+//!
+//! A volume used through a namespace owns its inode numbers: do not mix it with direct block
+//! access by inode on the same volume.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use blockcache_db::FileRow;
+use bytes::{Bytes, BytesMut};
+use tokio_util::task::TaskTracker;
+
+use crate::engine::Inner;
+use crate::keylock::{KeyGuard, KeyedLocks};
+use crate::{BlockCache, BlockKey, Error, Result};
+
+/// The longest file name, in bytes.
+pub const MAX_NAME_LEN: usize = 1024;
+
+/// How durable a change is when the call that makes it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// In the cache; a crash may lose it.
+    None,
+    /// On local disk (dirty cache files synced, metadata committed); a crash keeps it.
+    #[default]
+    Local,
+    /// In the object store.
+    Store,
+}
+
+impl FromStr for Durability {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(Self::None),
+            "local" => Ok(Self::Local),
+            "store" => Ok(Self::Store),
+            other => Err(format!(
+                "unknown durability {other:?}; allowed values: none, local, store"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Durability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Local => "local",
+            Self::Store => "store",
+        })
+    }
+}
+
+/// Checks a file name: UTF-8 of 1 to 1024 bytes, `/`-separated segments, none of them empty,
+/// `.` or `..`, and no control characters (NUL included).
+pub fn validate_name(name: &str) -> Result<()> {
+    let bad = |reason| {
+        Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return bad("a name must not be empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return bad("a name must be at most 1024 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return bad("a name must not contain control characters (NUL included)");
+    }
+    for segment in name.split('/') {
+        match segment {
+            "" => {
+                return bad(
+                    "a name must not have an empty segment (leading, trailing or double '/')",
+                );
+            }
+            "." | ".." => return bad("a name must not have a '.' or '..' segment"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What the namespace knows about one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMeta {
+    /// The name.
+    pub name: String,
+    /// The inode holding its blocks.
+    pub inode: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification.
+    pub mtime: SystemTime,
+    /// Bumped on every change of the content.
+    pub version: u64,
+}
+
+impl FileMeta {
+    fn from_row(row: FileRow) -> Self {
+        let mtime = if row.mtime_ns >= 0 {
+            UNIX_EPOCH + Duration::from_nanos(row.mtime_ns as u64)
+        } else {
+            UNIX_EPOCH
+        };
+        Self {
+            name: row.name,
+            inode: row.inode,
+            size: row.size,
+            mtime,
+            version: row.version,
+        }
+    }
+
+    /// A strong entity tag (quoted) that changes whenever the content does.
+    pub fn etag(&self) -> String {
+        format!("\"{:x}-{:x}\"", self.inode, self.version)
+    }
+}
+
+/// Where the blocks of one file are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStatus {
+    /// The file.
+    pub meta: FileMeta,
+    /// Blocks the size spans.
+    pub blocks: u64,
+    /// Blocks in the cache.
+    pub cached: u64,
+    /// Blocks in the cache with changes not yet in the store.
+    pub dirty: u64,
+    /// Blocks whose upload is in flight.
+    pub uploading: u64,
+    /// Blocks with content in the metadata (the rest are holes).
+    pub mapped: u64,
+    /// Mapped blocks whose object is confirmed in the store.
+    pub uploaded: u64,
+    /// Whether the store holds the whole file (nothing dirty, every mapped block uploaded).
+    pub in_store: bool,
+}
+
+fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+struct Pin {
+    readers: usize,
+    doomed: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Arc<Inner>,
+    names: Arc<KeyedLocks<String>>,
+    /// Readers per inode, and whether the inode was retired while read.
+    pins: Mutex<HashMap<u64, Pin>>,
+    /// Removals of retired inodes started from `Drop`.
+    cleanups: TaskTracker,
+    max_file_size: u64,
+}
+
+impl Shared {
+    fn block_size(&self) -> u64 {
+        self.inner.config.block_size
+    }
+
+    /// Removes the blocks of a retired (or abandoned staging) inode and forgets it.
+    async fn clean(&self, inode: u64) -> Result<()> {
+        self.inner.db.retire_inode(inode).await?;
+        self.inner.remove_range(inode, 0..u64::MAX).await?;
+        self.inner.db.forget_inode(inode).await?;
+        Ok(())
+    }
+
+    /// Cleans `inode` now if nobody reads it, else when its last reader is done.
+    async fn retire(self: &Arc<Self>, inode: u64) {
+        let now = {
+            let mut pins = self.pins.lock().expect("pins poisoned");
+            match pins.get_mut(&inode) {
+                Some(p) => {
+                    p.doomed = true;
+                    false
+                }
+                None => true,
+            }
+        };
+        if now {
+            self.clean_logged(inode).await;
+        }
+    }
+
+    async fn clean_logged(&self, inode: u64) {
+        if let Err(error) = self.clean(inode).await {
+            tracing::warn!(inode, %error, "removing the blocks of a retired inode failed; the next open retries");
+        }
+    }
+
+    /// Runs the cleaning of `inode` in the background (from `Drop`).
+    fn clean_later(self: &Arc<Self>, inode: u64) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let shared = self.clone();
+                self.cleanups
+                    .spawn_on(async move { shared.clean_logged(inode).await }, &handle);
+            }
+            Err(_) => tracing::warn!(
+                inode,
+                "no runtime to remove a retired inode; the next open does"
+            ),
+        }
+    }
+
+    fn pin(self: &Arc<Self>, inode: u64) -> PinGuard {
+        self.pins
+            .lock()
+            .expect("pins poisoned")
+            .entry(inode)
+            .or_default()
+            .readers += 1;
+        PinGuard {
+            shared: self.clone(),
+            inode,
+        }
+    }
+
+    async fn read(&self, inode: u64, size: u64, offset: u64, len: usize) -> Result<Bytes> {
+        let end = size.min(offset.saturating_add(len as u64));
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let bs = self.block_size();
+        let want = (end - offset) as usize;
+        let mut out = BytesMut::with_capacity(want);
+        let mut pos = offset;
+        while pos < end {
+            let blockno = pos / bs;
+            let in_block = pos % bs;
+            let n = (bs - in_block).min(end - pos) as usize;
+            let got = self
+                .inner
+                .handle(BlockKey::new(inode, blockno), false)
+                .await?
+                .read(in_block, n)
+                .await?;
+            if got.len() == want {
+                return Ok(got); // one whole piece: no copy
+            }
+            out.extend_from_slice(&got);
+            out.resize(out.len() + (n - got.len()), 0); // a hole or a short block
+            pos += n as u64;
+        }
+        Ok(out.freeze())
+    }
+
+    /// Cuts the blocks of `inode` at `size`: the block holding `size` is truncated and the
+    /// blocks after it removed, so that growing the file shows zeros past the old end.
+    async fn trim_tail(&self, inode: u64, size: u64) -> Result<()> {
+        let bs = self.block_size();
+        let (last, in_block) = (size / bs, size % bs);
+        let first_gone = if in_block == 0 {
+            last
+        } else {
+            let mut h = self.inner.handle(BlockKey::new(inode, last), true).await?;
+            if h.size().await? > in_block {
+                h.truncate(in_block).await?;
+            }
+            last + 1
+        };
+        self.inner.remove_range(inode, first_gone..u64::MAX).await
+    }
+
+    async fn make_durable(&self, inode: u64, durability: Durability) -> Result<()> {
+        match durability {
+            Durability::None => Ok(()),
+            Durability::Local => self.inner.sync_dirty(Some(inode)).await,
+            Durability::Store => self.inner.flush(Some(inode)).await,
+        }
+    }
+}
+
+/// Keeps an inode's blocks while a reader uses them.
+#[derive(Debug)]
+struct PinGuard {
+    shared: Arc<Shared>,
+    inode: u64,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        let doomed = {
+            let mut pins = self.shared.pins.lock().expect("pins poisoned");
+            match pins.get_mut(&self.inode) {
+                Some(p) => {
+                    p.readers -= 1;
+                    if p.readers == 0 {
+                        pins.remove(&self.inode).is_some_and(|p| p.doomed)
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            }
+        };
+        if doomed {
+            self.shared.clean_later(self.inode);
+        }
+    }
+}
+
+/// Named files over a [`BlockCache`].
+#[derive(Debug)]
+pub struct Namespace {
+    cache: BlockCache,
+    shared: Arc<Shared>,
+}
+
+impl Namespace {
+    /// Puts a namespace over `cache`, first removing the blocks of inodes that an earlier run
+    /// retired or left staging. Files may grow to `max_file_size` bytes.
+    pub async fn open(cache: BlockCache, max_file_size: u64) -> Result<Self> {
+        let shared = Arc::new(Shared {
+            inner: cache.inner.clone(),
+            names: Arc::new(KeyedLocks::default()),
+            pins: Mutex::new(HashMap::new()),
+            cleanups: TaskTracker::new(),
+            max_file_size,
+        });
+        let leftover = shared.inner.db.inodes_to_clean().await?;
+        if !leftover.is_empty() {
+            tracing::info!(
+                inodes = leftover.len(),
+                "removing blocks of replaced, deleted or unfinished files"
+            );
+        }
+        for inode in leftover {
+            shared.clean(inode).await?;
+        }
+        Ok(Self { cache, shared })
+    }
+
+    /// The block cache underneath (usage, flush, limits).
+    pub fn cache(&self) -> &BlockCache {
+        &self.cache
+    }
+
+    /// The largest size a file may reach.
+    pub fn max_file_size(&self) -> u64 {
+        self.shared.max_file_size
+    }
+
+    /// The file called `name`.
+    pub async fn stat(&self, name: &str) -> Result<FileMeta> {
+        validate_name(name)?;
+        self.shared
+            .inner
+            .db
+            .file(name)
+            .await?
+            .map(FileMeta::from_row)
+            .ok_or_else(|| Error::NotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Opens `name` for reading: the reader sees the content as of this call even if the
+    /// file is replaced or deleted meanwhile (but does see later patches of it).
+    pub async fn open_read(&self, name: &str) -> Result<FileReader> {
+        loop {
+            let meta = self.stat(name).await?;
+            let pin = self.shared.pin(meta.inode);
+            // A replacement may have retired the inode between the lookup and the pin: look
+            // again, now that the pin keeps the inode's blocks.
+            let again = self.stat(name).await?;
+            if again.inode == meta.inode {
+                return Ok(FileReader {
+                    shared: self.shared.clone(),
+                    meta: again,
+                    _pin: pin,
+                });
+            }
+        }
+    }
+
+    /// Starts replacing (or creating) `name`. Nothing is visible until
+    /// [`FileWriter::finish`]; dropping the writer before that leaves the old version.
+    pub async fn create(&self, name: &str) -> Result<FileWriter> {
+        validate_name(name)?;
+        if self.shared.inner.cancel.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let inode = self.shared.inner.db.create_staging_inode().await?;
+        Ok(FileWriter {
+            shared: self.shared.clone(),
+            name: name.to_owned(),
+            inode,
+            mode: Mode::Replace { finished: false },
+            start: 0,
+            pos: 0,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Starts writing into `name` at `offset` (the file grows as needed; a gap past its end
+    /// reads as zeros). Holds the name's lock until the writer finishes or is dropped.
+    pub async fn patch(&self, name: &str, offset: u64) -> Result<FileWriter> {
+        validate_name(name)?;
+        let guard = self.shared.names.lock(name.to_owned()).await;
+        let meta = self.stat(name).await?;
+        if offset > self.shared.max_file_size {
+            return Err(Error::FileTooLarge {
+                name: name.to_owned(),
+                size: offset,
+                max: self.shared.max_file_size,
+            });
+        }
+        if offset > meta.size {
+            self.shared.trim_tail(meta.inode, meta.size).await?;
+        }
+        Ok(FileWriter {
+            shared: self.shared.clone(),
+            name: name.to_owned(),
+            inode: meta.inode,
+            mode: Mode::Patch {
+                _guard: guard,
+                old_size: meta.size,
+            },
+            start: offset,
+            pos: offset,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Sets the size of `name`: shrinking drops the bytes past `size`, growing adds zeros.
+    pub async fn truncate(
+        &self,
+        name: &str,
+        size: u64,
+        durability: Durability,
+    ) -> Result<FileMeta> {
+        validate_name(name)?;
+        let _guard = self.shared.names.lock(name.to_owned()).await;
+        let meta = self.stat(name).await?;
+        if size > self.shared.max_file_size {
+            return Err(Error::FileTooLarge {
+                name: name.to_owned(),
+                size,
+                max: self.shared.max_file_size,
+            });
+        }
+        self.shared
+            .trim_tail(meta.inode, meta.size.min(size))
+            .await?;
+        self.shared.make_durable(meta.inode, durability).await?;
+        self.shared
+            .inner
+            .db
+            .update_file(name, meta.inode, size, now_ns())
+            .await?
+            .map(FileMeta::from_row)
+            .ok_or_else(|| Error::NotFound {
+                name: name.to_owned(),
+            })
+    }
+
+    /// Deletes `name`; its blocks are removed once no reader holds them.
+    pub async fn delete(&self, name: &str) -> Result<FileMeta> {
+        validate_name(name)?;
+        let _guard = self.shared.names.lock(name.to_owned()).await;
+        let row = self.shared.inner.db.delete_file(name).await?;
+        let meta = row.map(FileMeta::from_row).ok_or_else(|| Error::NotFound {
+            name: name.to_owned(),
+        })?;
+        self.shared.retire(meta.inode).await;
+        Ok(meta)
+    }
+
+    /// Files whose names start with `prefix` and sort after `after` (byte order), at most
+    /// `limit`.
+    pub async fn list(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<FileMeta>> {
+        Ok(self
+            .shared
+            .inner
+            .db
+            .list_files(prefix, after, limit)
+            .await?
+            .into_iter()
+            .map(FileMeta::from_row)
+            .collect())
+    }
+
+    /// Where the blocks of `name` are: cache, dirty, uploading, store.
+    pub async fn status(&self, name: &str) -> Result<FileStatus> {
+        let meta = self.stat(name).await?;
+        let inode = meta.inode;
+        let (cached, dirty, uploading) = {
+            let st = self.shared.inner.lock_state();
+            let mut c = (0, 0, 0);
+            for (_, e) in st
+                .entries
+                .range(BlockKey::new(inode, 0)..=BlockKey::new(inode, u64::MAX))
+            {
+                c.0 += 1;
+                c.1 += u64::from(e.is_dirty());
+                c.2 += u64::from(e.inflight.is_some());
+            }
+            c
+        };
+        let (mapped, uploaded) = self.shared.inner.db.inode_store_state(inode).await?;
+        Ok(FileStatus {
+            blocks: meta.size.div_ceil(self.shared.block_size()),
+            in_store: dirty == 0 && uploading == 0 && mapped == uploaded,
+            meta,
+            cached,
+            dirty,
+            uploading,
+            mapped,
+            uploaded,
+        })
+    }
+
+    /// Waits until everything written to `name` before the call is in the store.
+    pub async fn flush_file(&self, name: &str) -> Result<()> {
+        let meta = self.stat(name).await?;
+        self.shared.inner.flush(Some(meta.inode)).await
+    }
+
+    /// Finishes background removals, then shuts the cache down (see
+    /// [`BlockCache::shutdown`]).
+    pub async fn shutdown(self) -> Result<()> {
+        self.shared.cleanups.close();
+        let grace = self.shared.inner.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.shared.cleanups.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("removals of retired files still running; the next open finishes them");
+        }
+        self.cache.shutdown().await
+    }
+}
+
+/// A file opened for reading; keeps the content it opened alive.
+#[derive(Debug)]
+pub struct FileReader {
+    shared: Arc<Shared>,
+    meta: FileMeta,
+    _pin: PinGuard,
+}
+
+impl FileReader {
+    /// The file as opened.
+    pub fn meta(&self) -> &FileMeta {
+        &self.meta
+    }
+
+    /// Reads up to `len` bytes at `offset` (fewer at the end of the file, as opened).
+    pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.shared
+            .read(self.meta.inode, self.meta.size, offset, len)
+            .await
+    }
+
+    /// The volume's block size: reads of whole aligned blocks are served without copies.
+    pub fn block_size(&self) -> u64 {
+        self.shared.block_size()
+    }
+}
+
+#[derive(Debug)]
+enum Mode {
+    Replace {
+        finished: bool,
+    },
+    Patch {
+        _guard: KeyGuard<String>,
+        old_size: u64,
+    },
+}
+
+/// Writes a file sequentially, block by block: memory stays at one block whatever the size.
+#[derive(Debug)]
+pub struct FileWriter {
+    shared: Arc<Shared>,
+    name: String,
+    inode: u64,
+    mode: Mode,
+    /// Where the writer started.
+    start: u64,
+    /// File offset of the first byte of `buf`.
+    pos: u64,
+    buf: BytesMut,
+}
+
+impl FileWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.pos + self.buf.len() as u64 - self.start
+    }
+
+    /// Appends `data`. Whole blocks go to the cache as soon as they are complete.
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        let end = self.pos + (self.buf.len() + data.len()) as u64;
+        if end > self.shared.max_file_size {
+            return Err(Error::FileTooLarge {
+                name: self.name.clone(),
+                size: end,
+                max: self.shared.max_file_size,
+            });
+        }
+        let bs = self.shared.block_size();
+        while !data.is_empty() {
+            // `buf` holds the bytes from `pos` on, all within one block.
+            let filled = self.pos + self.buf.len() as u64;
+            let room = (bs - filled % bs) as usize;
+            let n = room.min(data.len());
+            if self.buf.is_empty() && n == room {
+                // A piece that ends at the block's end: write it without buffering.
+                self.put(&data[..n]).await?;
+            } else {
+                self.buf.extend_from_slice(&data[..n]);
+                if n == room {
+                    let piece = std::mem::take(&mut self.buf);
+                    self.put(&piece).await?;
+                    self.buf = piece;
+                    self.buf.clear();
+                }
+            }
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes `piece` (within one block) at `pos`.
+    async fn put(&mut self, piece: &[u8]) -> Result<()> {
+        let bs = self.shared.block_size();
+        let key = BlockKey::new(self.inode, self.pos / bs);
+        self.shared
+            .inner
+            .handle(key, true)
+            .await?
+            .write(self.pos % bs, piece)
+            .await?;
+        self.pos += piece.len() as u64;
+        Ok(())
+    }
+
+    /// Writes what is buffered, makes the data as durable as asked, then makes it visible:
+    /// a replacement swaps the new content in, a patch updates the size.
+    pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
+        if !self.buf.is_empty() {
+            let piece = std::mem::take(&mut self.buf);
+            self.put(&piece).await?;
+        }
+        self.shared.make_durable(self.inode, durability).await?;
+        let end = self.pos;
+        match &mut self.mode {
+            Mode::Replace { finished } => {
+                let _guard = self.shared.names.lock(self.name.clone()).await;
+                let (row, old) = self
+                    .shared
+                    .inner
+                    .db
+                    .replace_file(&self.name, self.inode, end, now_ns())
+                    .await?;
+                *finished = true;
+                if let Some(old) = old {
+                    self.shared.retire(old).await;
+                }
+                Ok(FileMeta::from_row(row))
+            }
+            Mode::Patch { old_size, .. } => {
+                let size = end.max(*old_size);
+                // Mark the writer done first: the size below makes the bytes visible.
+                *old_size = size;
+                self.start = self.pos;
+                self.shared
+                    .inner
+                    .db
+                    .update_file(&self.name, self.inode, size, now_ns())
+                    .await?
+                    .map(FileMeta::from_row)
+                    .ok_or_else(|| Error::NotFound {
+                        name: self.name.clone(),
+                    })
+            }
+        }
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        match std::mem::replace(&mut self.mode, Mode::Replace { finished: true }) {
+            Mode::Replace { finished: false } => self.shared.clean_later(self.inode),
+            Mode::Replace { finished: true } => {}
+            Mode::Patch { _guard, old_size } if self.pos > self.start => {
+                // An abandoned patch may have changed bytes within the old size: bump the
+                // version (under the name's lock) so that clients see a new ETag. Bytes past
+                // the old size stay invisible and are cut before the file grows over them.
+                let Ok(handle) = tokio::runtime::Handle::try_current() else {
+                    return;
+                };
+                let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
+                self.shared.cleanups.spawn_on(
+                    async move {
+                        let _guard = _guard;
+                        if let Err(error) = shared
+                            .inner
+                            .db
+                            .update_file(&name, inode, old_size, now_ns())
+                            .await
+                        {
+                            tracing::warn!(%name, %error, "recording an abandoned patch failed");
+                        }
+                    },
+                    &handle,
+                );
+            }
+            Mode::Patch { .. } => {}
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! The file namespace: names, their inodes, sizes and versions, and inodes whose blocks
+//! still have to be removed.
+
+use sqlx::{Connection, Row};
+
+use crate::{Db, Error, Result, ctx, to_i64, to_u64};
+
+/// One row of `files`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRow {
+    /// The file's name.
+    pub name: String,
+    /// The inode holding its blocks.
+    pub inode: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Last modification, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+    /// Bumped on every change of the content.
+    pub version: u64,
+}
+
+fn file_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
+    let get = |e| Error::Sqlx {
+        context: "decode a file row",
+        source: e,
+    };
+    Ok(FileRow {
+        name: row.try_get("name").map_err(get)?,
+        inode: to_u64(row.try_get("inode").map_err(get)?, "inode")?,
+        size: to_u64(row.try_get("size").map_err(get)?, "file size")?,
+        mtime_ns: row.try_get("mtime_ns").map_err(get)?,
+        version: to_u64(row.try_get("version").map_err(get)?, "version")?,
+    })
+}
+
+const FILE_COLUMNS: &str = "name, inode, size, mtime_ns, version";
+
+impl Db {
+    /// Allocates a new inode in state `staging`, durably, so that a crash before it is
+    /// named leaves a record of the blocks to remove.
+    pub async fn create_staging_inode(&self) -> Result<u64> {
+        let mut w = self.writer.lock().await;
+        let id: i64 =
+            sqlx::query_scalar("INSERT INTO inodes (state) VALUES ('staging') RETURNING inode")
+                .fetch_one(&mut *w)
+                .await
+                .map_err(ctx("allocate an inode"))?;
+        to_u64(id, "inode")
+    }
+
+    /// The file called `name`, if any.
+    pub async fn file(&self, name: &str) -> Result<Option<FileRow>> {
+        let row = sqlx::query(&format!("SELECT {FILE_COLUMNS} FROM files WHERE name = ?"))
+            .bind(name)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(ctx("look up a file"))?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    /// Names the staging inode `inode` `name` with `size`, in one transaction. The inode
+    /// the name had before, if any, is retired and returned.
+    pub async fn replace_file(
+        &self,
+        name: &str,
+        inode: u64,
+        size: u64,
+        mtime_ns: i64,
+    ) -> Result<(FileRow, Option<u64>)> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let old = sqlx::query("SELECT inode, version FROM files WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(ctx("look up a file"))?;
+        let (old_inode, version) = match old {
+            Some(row) => {
+                let i: i64 = row.try_get("inode").map_err(ctx("decode a file row"))?;
+                let v: i64 = row.try_get("version").map_err(ctx("decode a file row"))?;
+                (Some(i), v + 1)
+            }
+            None => (None, 1),
+        };
+        let staged =
+            sqlx::query("UPDATE inodes SET state = 'live' WHERE inode = ? AND state = 'staging'")
+                .bind(to_i64(inode)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("name an inode"))?;
+        if staged.rows_affected() != 1 {
+            return Err(Error::Invalid(format!("inode {inode} is not being staged")));
+        }
+        if let Some(old) = old_inode {
+            sqlx::query("UPDATE inodes SET state = 'retired' WHERE inode = ?")
+                .bind(old)
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("retire an inode"))?;
+        }
+        let row = sqlx::query(&format!(
+            "INSERT INTO files (name, inode, size, mtime_ns, version) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT (name) DO UPDATE SET inode = excluded.inode, size = excluded.size, \
+             mtime_ns = excluded.mtime_ns, version = excluded.version RETURNING {FILE_COLUMNS}"
+        ))
+        .bind(name)
+        .bind(to_i64(inode)?)
+        .bind(to_i64(size)?)
+        .bind(mtime_ns)
+        .bind(version)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(ctx("name a file"))?;
+        let row = file_from_row(&row)?;
+        tx.commit()
+            .await
+            .map_err(ctx("commit a file replacement"))?;
+        Ok((row, old_inode.map(|i| to_u64(i, "inode")).transpose()?))
+    }
+
+    /// Sets the size of file `name` if it still uses `inode`, bumping its version. Returns
+    /// the new row, or `None` if the name is gone or uses another inode.
+    pub async fn update_file(
+        &self,
+        name: &str,
+        inode: u64,
+        size: u64,
+        mtime_ns: i64,
+    ) -> Result<Option<FileRow>> {
+        let mut w = self.writer.lock().await;
+        let row = sqlx::query(&format!(
+            "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1 \
+             WHERE name = ? AND inode = ? RETURNING {FILE_COLUMNS}"
+        ))
+        .bind(to_i64(size)?)
+        .bind(mtime_ns)
+        .bind(name)
+        .bind(to_i64(inode)?)
+        .fetch_optional(&mut *w)
+        .await
+        .map_err(ctx("update a file"))?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    /// Deletes file `name` and retires its inode, in one transaction. Returns the row.
+    pub async fn delete_file(&self, name: &str) -> Result<Option<FileRow>> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let row = sqlx::query(&format!(
+            "DELETE FROM files WHERE name = ? RETURNING {FILE_COLUMNS}"
+        ))
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ctx("delete a file"))?;
+        let row = row.as_ref().map(file_from_row).transpose()?;
+        if let Some(r) = &row {
+            sqlx::query("UPDATE inodes SET state = 'retired' WHERE inode = ?")
+                .bind(to_i64(r.inode)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("retire an inode"))?;
+        }
+        tx.commit().await.map_err(ctx("commit a file deletion"))?;
+        Ok(row)
+    }
+
+    /// Files whose names start with `prefix` and sort after `after`, in name order, at most
+    /// `limit`.
+    pub async fn list_files(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<FileRow>> {
+        // Names with a common prefix are contiguous in name order: start at the prefix (or
+        // after the cursor) and stop at the first name without it.
+        let (op, start) = match after {
+            Some(after) if after >= prefix => (">", after),
+            _ => (">=", prefix),
+        };
+        let sql =
+            format!("SELECT {FILE_COLUMNS} FROM files WHERE name {op} ? ORDER BY name LIMIT ?");
+        let rows = sqlx::query(&sql)
+            .bind(start)
+            .bind(i64::from(limit))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(ctx("list files"))?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let f = file_from_row(row)?;
+            if !f.name.starts_with(prefix) {
+                break;
+            }
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    /// Inodes whose blocks have to be removed: retired ones, and staging ones (only
+    /// meaningful at open, when no replacement is in progress).
+    pub async fn inodes_to_clean(&self) -> Result<Vec<u64>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT inode FROM inodes WHERE state IN ('staging', 'retired') ORDER BY inode",
+        )
+        .fetch_all(&self.readers)
+        .await
+        .map_err(ctx("list inodes to clean"))?;
+        ids.into_iter().map(|i| to_u64(i, "inode")).collect()
+    }
+
+    /// Retires a staging inode whose replacement was abandoned.
+    pub async fn retire_inode(&self, inode: u64) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        sqlx::query("UPDATE inodes SET state = 'retired' WHERE inode = ? AND state = 'staging'")
+            .bind(to_i64(inode)?)
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("retire an inode"))?;
+        Ok(())
+    }
+
+    /// Forgets a retired inode whose blocks are gone.
+    pub async fn forget_inode(&self, inode: u64) -> Result<()> {
+        let mut w = self.writer.lock().await;
+        sqlx::query("DELETE FROM inodes WHERE inode = ? AND state = 'retired'")
+            .bind(to_i64(inode)?)
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("forget an inode"))?;
+        Ok(())
+    }
+
+    /// For the blocks of `inode`: how many are mapped, and how many of those point to an
+    /// object confirmed in the store.
+    pub async fn inode_store_state(&self, inode: u64) -> Result<(u64, u64)> {
+        let row = sqlx::query(
+            "SELECT count(*) AS mapped, \
+             coalesce(sum(CASE WHEN o.state = 'uploaded' THEN 1 ELSE 0 END), 0) AS uploaded \
+             FROM blocks b JOIN objects o ON o.id = b.obj_id WHERE b.inode = ?",
+        )
+        .bind(to_i64(inode)?)
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("count the blocks of an inode"))?;
+        let mapped: i64 = row.try_get("mapped").map_err(ctx("decode block counts"))?;
+        let uploaded: i64 = row
+            .try_get("uploaded")
+            .map_err(ctx("decode block counts"))?;
+        Ok((to_u64(mapped, "count")?, to_u64(uploaded, "count")?))
+    }
+}

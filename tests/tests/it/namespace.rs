@@ -1,0 +1,245 @@
+//! The file namespace of the library: streaming writes, atomic replacement, patches with
+//! gaps, truncation, deletion under readers, and cleanup after abandoned or crashed writes.
+
+use blockcache::{Durability, Error, Namespace};
+use blockcache_tests::{Env, data};
+
+const MAX: u64 = 1 << 30;
+
+async fn ns(env: &Env) -> Namespace {
+    Namespace::open(env.open().await, MAX)
+        .await
+        .expect("namespace")
+}
+
+async fn put(ns: &Namespace, name: &str, content: &[u8], chunk: usize) {
+    let mut w = ns.create(name).await.expect("create");
+    for piece in content.chunks(chunk.max(1)) {
+        w.write(piece).await.expect("write");
+    }
+    w.finish(Durability::Local).await.expect("finish");
+}
+
+async fn get(ns: &Namespace, name: &str) -> Vec<u8> {
+    let r = ns.open_read(name).await.expect("open");
+    r.read(0, r.meta().size as usize)
+        .await
+        .expect("read")
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_of_odd_sizes_and_chunkings() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    // Block size 1 KiB: empty, one byte, one block, block + 1, many blocks, odd chunks.
+    for (i, (len, chunk)) in [
+        (0, 7),
+        (1, 1),
+        (1024, 1024),
+        (1025, 100),
+        (10_000, 333),
+        (4096, 5000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("dir/file-{i}");
+        let content = data(i as u64, len);
+        put(&ns, &name, &content, chunk).await;
+        assert_eq!(get(&ns, &name).await, content, "{name}");
+        assert_eq!(ns.stat(&name).await.expect("stat").size, len as u64);
+        // Reads across block edges.
+        let r = ns.open_read(&name).await.expect("open");
+        for (off, n) in [(1023u64, 2usize), (1000, 100), (0, 5000), (len as u64, 10)] {
+            let got = r.read(off, n).await.expect("read");
+            let lo = (off as usize).min(len);
+            let hi = (off as usize + n).min(len);
+            assert_eq!(&got[..], &content[lo..hi], "{name} at {off}+{n}");
+        }
+    }
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replacement_is_atomic_for_a_reader_and_frees_the_old_blocks() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    let old = data(1, 5000);
+    put(&ns, "f", &old, 1000).await;
+    ns.cache().flush().await.expect("flush");
+    let reader = ns.open_read("f").await.expect("open");
+    let new = data(2, 3000);
+    put(&ns, "f", &new, 700).await;
+    // The reader opened before the replacement still sees the old content, whole.
+    assert_eq!(&reader.read(0, 5000).await.expect("read")[..], &old[..]);
+    assert_eq!(get(&ns, "f").await, new);
+    let v = ns.stat("f").await.expect("stat");
+    assert_eq!((v.size, v.version), (3000, 2));
+    drop(reader);
+    ns.cache().flush().await.expect("flush");
+    // Once the reader is gone the old inode's objects are deleted: only the new ones remain.
+    for _ in 0..200 {
+        if ns.cache().usage().await.expect("usage").logical_bytes == 3000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(
+        ns.cache()
+            .wait_for_removals(std::time::Duration::from_secs(10))
+            .await
+    );
+    assert_eq!(env.store_ids().await.len(), 3);
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_replacement_keeps_the_old_version_and_leaves_nothing() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    let old = data(1, 2000);
+    put(&ns, "f", &old, 2000).await;
+    let mut w = ns.create("f").await.expect("create");
+    w.write(&data(9, 4000)).await.expect("write");
+    drop(w);
+    assert_eq!(get(&ns, "f").await, old);
+    ns.cache().flush().await.expect("flush");
+    for _ in 0..500 {
+        if ns.cache().usage().await.expect("usage").logical_bytes == 2000 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(ns.cache().usage().await.expect("usage").logical_bytes, 2000);
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patches_with_gaps_read_zeros_and_truncation_cuts() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    put(&ns, "p", &data(1, 1500), 1500).await;
+    // Shrink, then grow by a patch past the end: the cut bytes must not come back.
+    ns.truncate("p", 1100, Durability::Local)
+        .await
+        .expect("truncate");
+    let mut w = ns.patch("p", 3000).await.expect("patch");
+    w.write(b"tail").await.expect("write");
+    let meta = w.finish(Durability::Local).await.expect("finish");
+    assert_eq!(meta.size, 3004);
+    let got = get(&ns, "p").await;
+    let mut want = data(1, 1100);
+    want.resize(3000, 0);
+    want.extend_from_slice(b"tail");
+    assert_eq!(got, want);
+    // Overwrite inside, grow by truncate: zeros.
+    let mut w = ns.patch("p", 10).await.expect("patch");
+    w.write(b"XY").await.expect("write");
+    w.finish(Durability::None).await.expect("finish");
+    want[10..12].copy_from_slice(b"XY");
+    ns.truncate("p", 5000, Durability::Local)
+        .await
+        .expect("grow");
+    want.resize(5000, 0);
+    assert_eq!(get(&ns, "p").await, want);
+    // An abandoned patch past the end leaves the size, and its bytes never show.
+    let mut w = ns.patch("p", 5000).await.expect("patch");
+    w.write(&data(3, 2000)).await.expect("write");
+    drop(w);
+    let mut w = ns
+        .patch("p", 8000)
+        .await
+        .expect("patch after abandoned one");
+    w.write(b"!").await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    want.resize(8000, 0);
+    want.push(b'!');
+    assert_eq!(get(&ns, "p").await, want);
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_missing_files_and_size_limits_are_errors() {
+    let env = Env::new();
+    let ns = Namespace::open(env.open().await, 4096)
+        .await
+        .expect("namespace");
+    put(&ns, "ok", b"kept", 4).await;
+    let long = "a".repeat(1025);
+    for name in [
+        "",
+        "/a",
+        "a/",
+        "a//b",
+        "./a",
+        "a/..",
+        "a\0b",
+        "a\nb",
+        long.as_str(),
+    ] {
+        assert!(
+            matches!(ns.create(name).await, Err(Error::InvalidName { .. })),
+            "{name:?}"
+        );
+        assert!(matches!(
+            ns.stat(name).await,
+            Err(Error::InvalidName { .. })
+        ));
+    }
+    assert!(matches!(ns.stat("nope").await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        ns.delete("nope").await,
+        Err(Error::NotFound { .. })
+    ));
+    assert!(matches!(
+        ns.patch("nope", 0).await,
+        Err(Error::NotFound { .. })
+    ));
+    let mut w = ns.create("big").await.expect("create");
+    w.write(&data(1, 4096)).await.expect("up to the limit");
+    assert!(matches!(
+        w.write(b"x").await,
+        Err(Error::FileTooLarge { size: 4097, .. })
+    ));
+    drop(w);
+    assert!(matches!(
+        ns.truncate("ok", 4097, Durability::Local).await,
+        Err(Error::FileTooLarge { .. })
+    ));
+    assert!(matches!(ns.stat("big").await, Err(Error::NotFound { .. })));
+    assert_eq!(get(&ns, "ok").await, b"kept");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_under_a_reader_and_listing_pages() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    for i in 0..25 {
+        put(&ns, &format!("a/{i:02}"), &data(i, 100), 100).await;
+    }
+    put(&ns, "b", b"b", 1).await;
+    let r = ns.open_read("a/03").await.expect("open");
+    ns.delete("a/03").await.expect("delete");
+    assert_eq!(&r.read(0, 100).await.expect("read")[..], &data(3, 100)[..]);
+    drop(r);
+    assert!(matches!(ns.stat("a/03").await, Err(Error::NotFound { .. })));
+    let mut names = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = ns.list("a/", after.as_deref(), 10).await.expect("list");
+        names.extend(page.iter().map(|m| m.name.clone()));
+        if page.len() < 10 {
+            break;
+        }
+        after = page.last().map(|m| m.name.clone());
+    }
+    assert_eq!(names.len(), 24);
+    assert!(names.iter().all(|n| n.starts_with("a/")));
+    assert!(names.windows(2).all(|w| w[0] < w[1]));
+    ns.shutdown().await.expect("shutdown");
+}
