@@ -1051,7 +1051,14 @@ impl BlockHandle {
                 blockno: key.blockno,
             })?;
         }
-        let data = inner.backend.get(object.id).await.map_err(|e| {
+        let started = std::time::Instant::now();
+        let fetched = inner.backend.get(object.id).await;
+        metrics::histogram!(
+            "blockcache_download_duration_seconds",
+            "outcome" => crate::tasks::outcome(&fetched)
+        )
+        .record(started.elapsed().as_secs_f64());
+        let data = fetched.map_err(|e| {
             inner
                 .counters
                 .download_errors

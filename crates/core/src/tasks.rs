@@ -35,7 +35,10 @@ pub(crate) async fn upload_worker(
             }
         };
         let Some(job) = job else { return };
+        let started = std::time::Instant::now();
         let result = backend.put(job.obj_id, job.data).await;
+        metrics::histogram!("blockcache_upload_duration_seconds", "outcome" => outcome(&result))
+            .record(started.elapsed().as_secs_f64());
         // The receiver is gone only if its recording task was cancelled; nothing to do then.
         let _ = job.reply.send(result);
     }
@@ -74,7 +77,11 @@ pub(crate) async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<u6
                 let _ = wait_done(done).await;
             }
         }
-        let result = match inner.backend.delete_many(&batch).await {
+        let started = std::time::Instant::now();
+        let deleted = inner.backend.delete_many(&batch).await;
+        metrics::histogram!("blockcache_delete_duration_seconds", "outcome" => outcome(&deleted))
+            .record(started.elapsed().as_secs_f64());
+        let result = match deleted {
             Ok(()) => inner
                 .db
                 .finish_deletions(&batch)
@@ -191,4 +198,9 @@ pub(crate) async fn commit_task(inner: Arc<Inner>, intake: CancellationToken) {
             }
         }
     }
+}
+
+/// The `outcome` label of a store call's latency.
+pub(crate) fn outcome<T, E>(result: &Result<T, E>) -> &'static str {
+    if result.is_ok() { "ok" } else { "error" }
 }

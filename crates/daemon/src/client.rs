@@ -1,0 +1,279 @@
+//! Command-line clients of a running daemon. Transfers stream (memory stays bounded) and
+//! show a progress bar when standard error is a terminal.
+
+use std::io::IsTerminal;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use tokio::io::AsyncWriteExt;
+use tokio_util::io::ReaderStream;
+
+use crate::settings::{Secret, Settings};
+
+/// How to reach the daemon: the same settings it runs with.
+#[derive(Debug, clap::Args)]
+pub struct Target {
+    /// Address of the daemon [default: 127.0.0.1:8640]
+    #[arg(long, env = "BLOCKCACHE_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Bearer token of the daemon
+    #[arg(
+        long,
+        env = "BLOCKCACHE_AUTH_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    auth_token: Option<Secret>,
+    /// TOML settings file of the daemon (for its address and token)
+    #[arg(long, env = "BLOCKCACHE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Characters of a name that go into a URL path as they are: everything else is
+/// percent-encoded, `/` included only where it separates segments.
+const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    token: Option<Secret>,
+}
+
+impl Client {
+    fn new(t: Target) -> Result<Self, String> {
+        let file = match &t.config {
+            Some(p) => Settings::from_file(p)?,
+            None => Settings::default(),
+        };
+        let mut addr = t.listen.unwrap_or_else(|| file.listen_addr());
+        // A daemon listening on every address is reached on loopback.
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            });
+        }
+        Ok(Self {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+            token: t.auth_token.or(file.auth_token),
+        })
+    }
+
+    fn file_url(&self, name: &str) -> String {
+        let encoded: Vec<String> = name
+            .split('/')
+            .map(|s| utf8_percent_encode(s, SEGMENT).to_string())
+            .collect();
+        let mut path = encoded.join("/");
+        // `.../status` is the status route: send the last separator encoded.
+        if let Some(i) = path.rfind('/')
+            && &path[i..] == "/status"
+        {
+            path.replace_range(i..=i, "%2F");
+        }
+        format!("{}/v1/files/{path}", self.base)
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(method, url);
+        match &self.token {
+            Some(t) => r.bearer_auth(t.expose()),
+            None => r,
+        }
+    }
+
+    async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
+        let response = r
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach the daemon at {}: {e}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+            .unwrap_or(text);
+        Err(format!("{message} (HTTP {status})"))
+    }
+}
+
+fn progress(len: Option<u64>) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    match len {
+        Some(len) => ProgressBar::new(len).with_style(
+            ProgressStyle::with_template("{bytes}/{total_bytes} {wide_bar} {bytes_per_sec} {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ),
+        None => ProgressBar::new_spinner().with_style(
+            ProgressStyle::with_template("{spinner} {bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        ),
+    }
+}
+
+async fn print_json(response: reqwest::Response) -> Result<(), String> {
+    let v: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    Ok(())
+}
+
+/// `blockcache stats`
+pub async fn stats(t: Target) -> Result<(), String> {
+    let c = Client::new(t)?;
+    let r = c
+        .send(c.request(reqwest::Method::GET, &format!("{}/v1/stats", c.base)))
+        .await?;
+    print_json(r).await
+}
+
+/// `blockcache flush`
+pub async fn flush(t: Target, name: Option<String>) -> Result<(), String> {
+    let c = Client::new(t)?;
+    let mut r = c.request(reqwest::Method::POST, &format!("{}/v1/flush", c.base));
+    if let Some(name) = &name {
+        r = r.query(&[("name", name)]);
+    }
+    print_json(c.send(r).await?).await
+}
+
+/// `blockcache drop-cache`
+pub async fn drop_cache(t: Target) -> Result<(), String> {
+    let c = Client::new(t)?;
+    let r = c
+        .send(c.request(reqwest::Method::POST, &format!("{}/v1/cache/drop", c.base)))
+        .await?;
+    print_json(r).await
+}
+
+/// `blockcache put NAME [FILE]`
+pub async fn put(
+    t: Target,
+    name: String,
+    file: Option<PathBuf>,
+    durability: Option<String>,
+) -> Result<(), String> {
+    let c = Client::new(t)?;
+    let (reader, len): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) = match &file {
+        Some(p) => {
+            let f = tokio::fs::File::open(p)
+                .await
+                .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
+            let len = f.metadata().await.ok().map(|m| m.len());
+            (Box::new(f), len)
+        }
+        None => (Box::new(tokio::io::stdin()), None),
+    };
+    let bar = progress(len);
+    let b = bar.clone();
+    let stream = ReaderStream::with_capacity(reader, 256 * 1024)
+        .inspect_ok(move |chunk| b.inc(chunk.len() as u64));
+    let mut r = c
+        .request(reqwest::Method::PUT, &c.file_url(&name))
+        .body(reqwest::Body::wrap_stream(stream));
+    if let Some(len) = len {
+        r = r.header(reqwest::header::CONTENT_LENGTH, len);
+    }
+    if let Some(d) = &durability {
+        r = r.query(&[("durability", d)]);
+    }
+    let response = c.send(r).await;
+    bar.finish_and_clear();
+    let v: serde_json::Value = response?
+        .json()
+        .await
+        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    eprintln!(
+        "stored {name}: {} bytes, etag {}",
+        v["size"],
+        v["etag"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+/// `blockcache get NAME [FILE]`
+pub async fn get(t: Target, name: String, file: Option<PathBuf>) -> Result<(), String> {
+    let c = Client::new(t)?;
+    let response = c
+        .send(c.request(reqwest::Method::GET, &c.file_url(&name)))
+        .await?;
+    let bar = progress(response.content_length());
+    let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &file {
+        Some(p) => Box::new(
+            tokio::fs::File::create(p)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?,
+        ),
+        None => Box::new(tokio::io::stdout()),
+    };
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("the transfer of {name} broke off: {e}"))?;
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| format!("cannot write the output: {e}"))?;
+        bar.inc(chunk.len() as u64);
+    }
+    out.flush()
+        .await
+        .map_err(|e| format!("cannot write the output: {e}"))?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+/// `blockcache rm NAME`
+pub async fn rm(t: Target, name: String) -> Result<(), String> {
+    let c = Client::new(t)?;
+    c.send(c.request(reqwest::Method::DELETE, &c.file_url(&name)))
+        .await?;
+    Ok(())
+}
+
+/// `blockcache ls [PREFIX]`
+pub async fn ls(t: Target, prefix: Option<String>) -> Result<(), String> {
+    let c = Client::new(t)?;
+    let mut after: Option<String> = None;
+    loop {
+        let mut q = vec![("prefix", prefix.clone().unwrap_or_default())];
+        if let Some(a) = &after {
+            q.push(("after", a.clone()));
+        }
+        let r = c
+            .send(
+                c.request(reqwest::Method::GET, &format!("{}/v1/files", c.base))
+                    .query(&q),
+            )
+            .await?;
+        let v: serde_json::Value = r
+            .json()
+            .await
+            .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+        for f in v["files"].as_array().into_iter().flatten() {
+            println!(
+                "{}\t{}\t{}",
+                f["size"],
+                f["mtime"].as_str().unwrap_or(""),
+                f["name"].as_str().unwrap_or("")
+            );
+        }
+        match v["next"].as_str() {
+            Some(n) => after = Some(n.to_owned()),
+            None => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,738 @@
+//! The HTTP API: a file namespace over the block cache. Handlers translate HTTP to
+//! [`blockcache::Namespace`] calls and nothing more.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use blockcache::{Durability, Error, FileMeta, FileReader, Namespace};
+use futures::{StreamExt, TryStreamExt};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+
+use crate::settings::Secret;
+
+/// Blocks read ahead of the one being sent, per GET.
+const READ_AHEAD: usize = 4;
+/// Longest page of a listing.
+const MAX_LIST_LIMIT: u32 = 10_000;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The files.
+    pub ns: Namespace,
+    /// Durability of writes that do not ask for one.
+    pub durability: Durability,
+    /// Required bearer token, if any.
+    pub token: Option<Secret>,
+    /// Set once shutdown starts: new requests get 503.
+    pub draining: AtomicBool,
+    /// Renders the Prometheus text format.
+    pub metrics: PrometheusHandle,
+}
+
+type Shared = Arc<AppState>;
+
+/// An error response: `{"error": code, "message": text}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            axum::Json(json!({"error": self.code, "message": self.message})),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, code) = match &e {
+            Error::InvalidName { .. } => (StatusCode::BAD_REQUEST, "bad_name"),
+            Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            Error::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Error::InvalidKey { .. } | Error::OutOfRange { .. } => {
+                (StatusCode::BAD_REQUEST, "out_of_range")
+            }
+            Error::Upload { .. } | Error::Download { .. } => {
+                (StatusCode::BAD_GATEWAY, "store_error")
+            }
+            Error::Corrupted { .. } | Error::Lost { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "data_error")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %e, "request failed");
+        }
+        // The message is the error and its causes, which never hold secrets.
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Self::new(status, code, message)
+    }
+}
+
+type ApiResult<T = Response> = Result<T, ApiError>;
+
+/// The router, with auth, draining, metrics and JSON errors for unknown routes and methods.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route("/v1/files", get(list_files))
+        .route("/v1/files/", get(list_files))
+        .route("/v1/files/{*name}", any(file_route))
+        .route("/v1/flush", post(flush))
+        .route("/v1/cache/drop", post(drop_cache))
+        .route("/v1/stats", get(stats))
+        .route("/metrics", get(prometheus))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), guard))
+        .layer(middleware::from_fn(record))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Counts requests by route, method and status, and times them.
+async fn record(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = req.method().to_string();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("blockcache_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
+    metrics::histogram!("blockcache_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// 503 while draining; 401 without the right token (but for `/healthz`).
+async fn guard(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/healthz" {
+        return next.run(req).await;
+    }
+    if let Some(token) = &state.token {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this route needs an Authorization: Bearer token",
+            )
+            .into_response();
+        }
+    }
+    if state.draining.load(Ordering::SeqCst) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the daemon is shutting down",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Query parameters, checked against the allowed names.
+struct Params(HashMap<String, String>);
+
+impl Params {
+    fn parse(uri: &Uri, allowed: &[&str]) -> ApiResult<Self> {
+        let mut map = HashMap::new();
+        for (k, v) in form_urlencoded::parse(uri.query().unwrap_or("").as_bytes()) {
+            if !allowed.contains(&k.as_ref()) {
+                return Err(ApiError::bad_request(
+                    "bad_parameter",
+                    format!(
+                        "unknown query parameter {k:?}; allowed here: {}",
+                        if allowed.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            allowed.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if map.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(ApiError::bad_request(
+                    "bad_parameter",
+                    format!("query parameter {k:?} given twice"),
+                ));
+            }
+        }
+        Ok(Self(map))
+    }
+
+    fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+
+    fn u64(&self, k: &str) -> ApiResult<Option<u64>> {
+        self.get(k)
+            .map(|v| {
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::bad_request(
+                        "bad_parameter",
+                        format!("{k} must be a non-negative integer, not {v:?}"),
+                    )
+                })
+            })
+            .transpose()
+    }
+
+    fn durability(&self, default: Durability) -> ApiResult<Durability> {
+        match self.get("durability") {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|e: String| ApiError::bad_request("bad_parameter", e)),
+        }
+    }
+}
+
+fn meta_json(m: &FileMeta) -> serde_json::Value {
+    json!({
+        "name": m.name,
+        "size": m.size,
+        "mtime": humantime::format_rfc3339_millis(m.mtime).to_string(),
+        "etag": m.etag(),
+        "version": m.version,
+    })
+}
+
+fn with_meta_headers(mut r: Response, m: &FileMeta) -> Response {
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&m.etag()) {
+        h.insert(header::ETAG, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(m.mtime)) {
+        h.insert(header::LAST_MODIFIED, v);
+    }
+    r
+}
+
+/// Splits the raw path after `/v1/files/` into a percent-decoded name and whether it asks for
+/// the status (`.../status`). A name whose last segment is `status` is read by encoding its
+/// last `/` as `%2F`.
+fn file_target(uri: &Uri) -> ApiResult<(String, bool)> {
+    let raw = uri.path().strip_prefix("/v1/files/").unwrap_or_default();
+    let (raw, status) = match raw.strip_suffix("/status") {
+        Some(r) => (r, true),
+        None => (raw, false),
+    };
+    let name = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("bad_name", "the file name is not UTF-8"))?
+        .into_owned();
+    blockcache::validate_name(&name)?;
+    Ok((name, status))
+}
+
+async fn file_route(
+    State(state): State<Shared>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let (name, status) = file_target(&uri)?;
+    if status {
+        return match method {
+            Method::GET | Method::HEAD => file_status(&state, &name, &uri).await,
+            _ => Err(method_not_allowed()),
+        };
+    }
+    match method {
+        Method::GET | Method::HEAD => {
+            get_file(&state, &name, &uri, &headers, method == Method::HEAD).await
+        }
+        Method::PUT => put_file(&state, &name, &uri, &headers, body).await,
+        Method::PATCH => patch_file(&state, &name, &uri, &headers, body).await,
+        Method::POST => truncate_file(&state, &name, &uri).await,
+        Method::DELETE => delete_file(&state, &name, &uri).await,
+        _ => Err(method_not_allowed()),
+    }
+}
+
+fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed on this route",
+    )
+}
+
+fn content_length(headers: &HeaderMap) -> ApiResult<Option<u64>> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad_request("bad_header", "Content-Length is not a number")
+                })
+        })
+        .transpose()
+}
+
+fn too_large(name: &str, size: u64, max: u64) -> ApiError {
+    Error::FileTooLarge {
+        name: name.to_owned(),
+        size,
+        max,
+    }
+    .into()
+}
+
+/// Copies the request body into `w`, block by block as it arrives.
+async fn pour(w: &mut blockcache::FileWriter, body: Body) -> ApiResult<()> {
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
+        })?;
+        w.write(&chunk).await?;
+    }
+    Ok(())
+}
+
+async fn put_file(
+    state: &AppState,
+    name: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let params = Params::parse(uri, &["durability"])?;
+    let durability = params.durability(state.durability)?;
+    let max = state.ns.max_file_size();
+    if let Some(len) = content_length(headers)?
+        && len > max
+    {
+        return Err(too_large(name, len, max));
+    }
+    let mut w = state.ns.create(name).await?;
+    pour(&mut w, body).await?;
+    let meta = w.finish(durability).await?;
+    let status = if meta.version == 1 {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok(with_meta_headers(
+        (status, axum::Json(meta_json(&meta))).into_response(),
+        &meta,
+    ))
+}
+
+async fn patch_file(
+    state: &AppState,
+    name: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let params = Params::parse(uri, &["offset", "durability"])?;
+    let durability = params.durability(state.durability)?;
+    let offset = params
+        .u64("offset")?
+        .ok_or_else(|| ApiError::bad_request("bad_parameter", "PATCH needs ?offset=N"))?;
+    let max = state.ns.max_file_size();
+    if let Some(len) = content_length(headers)?
+        && offset.saturating_add(len) > max
+    {
+        return Err(too_large(name, offset.saturating_add(len), max));
+    }
+    let mut w = state.ns.patch(name, offset).await?;
+    pour(&mut w, body).await?;
+    let meta = w.finish(durability).await?;
+    Ok(with_meta_headers(
+        axum::Json(meta_json(&meta)).into_response(),
+        &meta,
+    ))
+}
+
+async fn truncate_file(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
+    let params = Params::parse(uri, &["truncate", "durability"])?;
+    let durability = params.durability(state.durability)?;
+    let size = params.u64("truncate")?.ok_or_else(|| {
+        ApiError::bad_request("bad_parameter", "POST on a file needs ?truncate=N")
+    })?;
+    let meta = state.ns.truncate(name, size, durability).await?;
+    Ok(with_meta_headers(
+        axum::Json(meta_json(&meta)).into_response(),
+        &meta,
+    ))
+}
+
+async fn delete_file(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
+    Params::parse(uri, &[])?;
+    state.ns.delete(name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn file_status(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
+    Params::parse(uri, &[])?;
+    let s = state.ns.status(name).await?;
+    Ok(axum::Json(json!({
+        "file": meta_json(&s.meta),
+        "blocks": s.blocks,
+        "cached": s.cached,
+        "dirty": s.dirty,
+        "uploading": s.uploading,
+        "mapped": s.mapped,
+        "uploaded": s.uploaded,
+        "in_store": s.in_store,
+    }))
+    .into_response())
+}
+
+/// A single byte range of a file of `size` bytes: `Ok(None)` for no `Range` header.
+fn parse_range(headers: &HeaderMap, size: u64) -> ApiResult<Option<(u64, u64)>> {
+    let Some(v) = headers.get(header::RANGE) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(
+            "bad_range",
+            "Range must be one range: bytes=A-B, bytes=A- or bytes=-N",
+        )
+    };
+    let v = v.to_str().map_err(|_| bad())?.trim();
+    let spec = v.strip_prefix("bytes=").ok_or_else(bad)?;
+    if spec.contains(',') {
+        return Err(ApiError::bad_request(
+            "bad_range",
+            "only a single range is supported",
+        ));
+    }
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| bad());
+    let unsatisfiable = || {
+        ApiError::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "range_not_satisfiable",
+            format!("the range {v} lies outside the file of {size} bytes"),
+        )
+    };
+    let (start, end) = match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, true) => return Err(bad()),
+        (true, false) => {
+            let n = num(b)?;
+            if n == 0 {
+                return Err(unsatisfiable());
+            }
+            (size.saturating_sub(n), size)
+        }
+        (false, true) => (num(a)?, size),
+        (false, false) => {
+            let (s, e) = (num(a)?, num(b)?);
+            if e < s {
+                return Err(bad());
+            }
+            (s, e.saturating_add(1).min(size))
+        }
+    };
+    if start >= size {
+        return Err(unsatisfiable());
+    }
+    Ok(Some((start, end)))
+}
+
+fn etag_matches(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == "*" || t == etag)
+        })
+}
+
+async fn get_file(
+    state: &AppState,
+    name: &str,
+    uri: &Uri,
+    headers: &HeaderMap,
+    head: bool,
+) -> ApiResult {
+    Params::parse(uri, &[])?;
+    let reader = state.ns.open_read(name).await?;
+    let meta = reader.meta().clone();
+    if etag_matches(headers, &meta.etag()) {
+        return Ok(with_meta_headers(
+            StatusCode::NOT_MODIFIED.into_response(),
+            &meta,
+        ));
+    }
+    let range = parse_range(headers, meta.size);
+    let range = match range {
+        Err(e) if e.status == StatusCode::RANGE_NOT_SATISFIABLE => {
+            let mut r = e.into_response();
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{}", meta.size)) {
+                r.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(r);
+        }
+        other => other?,
+    };
+    let (start, end) = range.unwrap_or((0, meta.size));
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let body = if head {
+        Body::empty()
+    } else {
+        stream_body(reader, start, end)
+    };
+    let mut r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, end - start)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if range.is_some() {
+        r = r.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{}", end - 1, meta.size),
+        );
+    }
+    let r = r
+        .body(body)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    Ok(with_meta_headers(r, &meta))
+}
+
+/// Streams bytes `start..end` of a file, one block-aligned piece at a time, reading a few
+/// blocks ahead (memory: `READ_AHEAD` blocks per request).
+fn stream_body(reader: FileReader, start: u64, end: u64) -> Body {
+    let bs = reader.block_size();
+    let reader = Arc::new(reader);
+    let mut pieces = Vec::new();
+    let mut pos = start;
+    while pos < end {
+        let n = (bs - pos % bs).min(end - pos);
+        pieces.push((pos, n as usize));
+        pos += n;
+    }
+    let stream = futures::stream::iter(pieces)
+        .map(move |(pos, n)| {
+            let reader = reader.clone();
+            async move { reader.read(pos, n).await }
+        })
+        .buffered(READ_AHEAD)
+        .map_err(|e| {
+            tracing::error!(error = %e, "reading a file for a response failed");
+            std::io::Error::other(e)
+        });
+    Body::from_stream(stream)
+}
+
+async fn list_files(State(state): State<Shared>, uri: Uri) -> ApiResult {
+    let params = Params::parse(&uri, &["prefix", "limit", "after"])?;
+    let prefix = params.get("prefix").unwrap_or("");
+    if prefix.len() > blockcache::MAX_NAME_LEN || prefix.chars().any(char::is_control) {
+        return Err(ApiError::bad_request(
+            "bad_parameter",
+            "prefix must be at most 1024 bytes without control characters",
+        ));
+    }
+    let limit = match params.u64("limit")? {
+        None => 1000,
+        Some(l) if (1..=u64::from(MAX_LIST_LIMIT)).contains(&l) => l as u32,
+        Some(l) => {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("limit must be between 1 and {MAX_LIST_LIMIT}, not {l}"),
+            ));
+        }
+    };
+    let files = state.ns.list(prefix, params.get("after"), limit).await?;
+    let next = (files.len() == limit as usize)
+        .then(|| files.last().map(|m| m.name.clone()))
+        .flatten();
+    Ok(axum::Json(json!({
+        "files": files.iter().map(meta_json).collect::<Vec<_>>(),
+        "next": next,
+    }))
+    .into_response())
+}
+
+async fn flush(State(state): State<Shared>, uri: Uri) -> ApiResult {
+    let params = Params::parse(&uri, &["name"])?;
+    let started = Instant::now();
+    match params.get("name") {
+        Some(name) => state.ns.flush_file(name).await?,
+        None => state.ns.cache().flush().await?,
+    }
+    Ok(
+        axum::Json(json!({"flushed": true, "seconds": started.elapsed().as_secs_f64()}))
+            .into_response(),
+    )
+}
+
+async fn drop_cache(State(state): State<Shared>, uri: Uri) -> ApiResult {
+    Params::parse(&uri, &[])?;
+    state.ns.cache().clear().await?;
+    stats(State(state), uri).await
+}
+
+fn secs(d: Option<Duration>) -> f64 {
+    d.map_or(0.0, |d| d.as_secs_f64())
+}
+
+async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
+    Params::parse(&uri, &[])?;
+    let u = state.ns.cache().usage().await?;
+    let limits = Lim::from(u.limits);
+    let ratio = if u.unique_bytes == 0 {
+        1.0
+    } else {
+        u.logical_bytes as f64 / u.unique_bytes as f64
+    };
+    Ok(axum::Json(json!({
+        "cache": {"bytes": u.bytes, "entries": u.entries, "max_bytes": limits.max_bytes, "max_entries": limits.max_entries},
+        "dirty": {"bytes": u.dirty_bytes, "entries": u.dirty_entries, "max_bytes": limits.max_dirty_bytes, "oldest_age_seconds": secs(u.oldest_dirty_age)},
+        "uploads_in_flight": u.uploads_in_flight,
+        "pending_removals": u.pending_removals,
+        "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings": u.dedup_savings, "dedup_ratio": ratio},
+        "counters": {
+            "hits": u.hits, "misses": u.misses,
+            "uploads": u.uploads, "upload_bytes": u.upload_bytes, "upload_errors": u.upload_errors,
+            "downloads": u.downloads, "download_bytes": u.download_bytes, "download_errors": u.download_errors,
+            "dedup_hits": u.dedup_hits, "deletes": u.deletes, "delete_errors": u.delete_errors,
+        },
+    }))
+    .into_response())
+}
+
+async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
+    Params::parse(&uri, &[])?;
+    let u = state.ns.cache().usage().await?;
+    let limits = Lim::from(u.limits);
+    let gauges = [
+        ("blockcache_cache_bytes", u.bytes as f64),
+        ("blockcache_cache_entries", u.entries as f64),
+        ("blockcache_cache_max_bytes", limits.max_bytes as f64),
+        ("blockcache_cache_max_entries", limits.max_entries as f64),
+        ("blockcache_dirty_bytes", u.dirty_bytes as f64),
+        ("blockcache_dirty_entries", u.dirty_entries as f64),
+        ("blockcache_dirty_max_bytes", limits.max_dirty_bytes as f64),
+        (
+            "blockcache_oldest_dirty_age_seconds",
+            secs(u.oldest_dirty_age),
+        ),
+        ("blockcache_uploads_in_flight", u.uploads_in_flight as f64),
+        ("blockcache_pending_removals", u.pending_removals as f64),
+        ("blockcache_logical_bytes", u.logical_bytes as f64),
+        ("blockcache_unique_bytes", u.unique_bytes as f64),
+        ("blockcache_stored_bytes", u.stored_bytes as f64),
+    ];
+    for (name, v) in gauges {
+        metrics::gauge!(name).set(v);
+    }
+    let counters = [
+        ("blockcache_cache_hits_total", u.hits),
+        ("blockcache_cache_misses_total", u.misses),
+        ("blockcache_uploads_total", u.uploads),
+        ("blockcache_upload_bytes_total", u.upload_bytes),
+        ("blockcache_upload_errors_total", u.upload_errors),
+        ("blockcache_downloads_total", u.downloads),
+        ("blockcache_download_bytes_total", u.download_bytes),
+        ("blockcache_download_errors_total", u.download_errors),
+        ("blockcache_dedup_hits_total", u.dedup_hits),
+        ("blockcache_deletes_total", u.deletes),
+        ("blockcache_delete_errors_total", u.delete_errors),
+    ];
+    for (name, v) in counters {
+        metrics::counter!(name).absolute(v);
+    }
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response())
+}
+
+/// The limits of a usage report, zero where unknown.
+struct Lim {
+    max_bytes: u64,
+    max_entries: u64,
+    max_dirty_bytes: u64,
+}
+
+impl From<Option<blockcache::Limits>> for Lim {
+    fn from(l: Option<blockcache::Limits>) -> Self {
+        l.map_or(
+            Self {
+                max_bytes: 0,
+                max_entries: 0,
+                max_dirty_bytes: 0,
+            },
+            |l| Self {
+                max_bytes: l.max_bytes,
+                max_entries: l.max_entries,
+                max_dirty_bytes: l.max_dirty_bytes,
+            },
+        )
+    }
+}
