@@ -1,6 +1,8 @@
 //! Test harness: a temporary volume with a real SQLite file, a real local-directory object
 //! store behind the fault-injecting wrapper, and a cache directory.
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

@@ -78,6 +78,11 @@ fn ci() -> Result<(), String> {
             "warnings",
         ],
     )?;
+    // The daemon tests start the real `blockcache` binary.
+    run(
+        "cargo",
+        &["build", "--workspace", "--all-features", "--bins"],
+    )?;
     if has_nextest() {
         run(
             "cargo",

@@ -169,6 +169,7 @@ pub async fn put(
     durability: Option<String>,
 ) -> Result<(), String> {
     let c = Client::new(t)?;
+    let file = file.filter(|p| p.as_os_str() != "-");
     let (reader, len): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) = match &file {
         Some(p) => {
             let f = tokio::fs::File::open(p)
@@ -213,6 +214,7 @@ pub async fn get(t: Target, name: String, file: Option<PathBuf>) -> Result<(), S
         .send(c.request(reqwest::Method::GET, &c.file_url(&name)))
         .await?;
     let bar = progress(response.content_length());
+    let file = file.filter(|p| p.as_os_str() != "-");
     let mut out: Box<dyn tokio::io::AsyncWrite + Send + Unpin> = match &file {
         Some(p) => Box::new(
             tokio::fs::File::create(p)

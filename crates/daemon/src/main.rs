@@ -63,7 +63,7 @@ enum Command {
         target: client::Target,
         /// Name in the daemon
         name: String,
-        /// Local file (default: standard input)
+        /// Local file (default, or "-": standard input)
         file: Option<PathBuf>,
         /// none, local or store (default: the daemon's)
         #[arg(long)]
@@ -75,7 +75,7 @@ enum Command {
         target: client::Target,
         /// Name in the daemon
         name: String,
-        /// Local file (default: standard output)
+        /// Local file (default, or "-": standard output)
         file: Option<PathBuf>,
     },
     /// Delete a file.

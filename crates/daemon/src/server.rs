@@ -341,6 +341,24 @@ fn too_large(name: &str, size: u64, max: u64) -> ApiError {
     .into()
 }
 
+/// Bytes of a refused request body read and dropped before answering, so that a client
+/// still sending gets the answer instead of a reset connection.
+const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Reads and drops up to [`DRAIN_LIMIT`] bytes of what is left of a body.
+async fn drain<S>(mut stream: S)
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin,
+{
+    let mut left = DRAIN_LIMIT;
+    while let Some(Ok(chunk)) = stream.next().await {
+        left = left.saturating_sub(chunk.len());
+        if left == 0 {
+            return;
+        }
+    }
+}
+
 /// Copies the request body into `w`, block by block as it arrives.
 async fn pour(w: &mut blockcache::FileWriter, body: Body) -> ApiResult<()> {
     let mut stream = body.into_data_stream();
@@ -348,7 +366,12 @@ async fn pour(w: &mut blockcache::FileWriter, body: Body) -> ApiResult<()> {
         let chunk = chunk.map_err(|e| {
             ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
         })?;
-        w.write(&chunk).await?;
+        if let Err(e) = w.write(&chunk).await {
+            if matches!(e, Error::FileTooLarge { .. }) {
+                drain(stream).await;
+            }
+            return Err(e.into());
+        }
     }
     Ok(())
 }
@@ -366,6 +389,7 @@ async fn put_file(
     if let Some(len) = content_length(headers)?
         && len > max
     {
+        drain(body.into_data_stream()).await;
         return Err(too_large(name, len, max));
     }
     let mut w = state.ns.create(name).await?;
@@ -398,6 +422,7 @@ async fn patch_file(
     if let Some(len) = content_length(headers)?
         && offset.saturating_add(len) > max
     {
+        drain(body.into_data_stream()).await;
         return Err(too_large(name, offset.saturating_add(len), max));
     }
     let mut w = state.ns.patch(name, offset).await?;

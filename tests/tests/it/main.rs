@@ -3,6 +3,7 @@
 mod bad_input;
 mod concurrency;
 mod crash;
+mod daemon;
 mod faults;
 mod lifecycle;
 mod model;

@@ -1,0 +1,831 @@
+//! The daemon: the real `blockcache` binary on a free port, spoken to over real HTTP, stopped
+//! with SIGTERM and killed with SIGKILL.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockcache_tests::daemon::{Daemon, run_cli};
+use blockcache_tests::data;
+use futures::StreamExt;
+use reqwest::StatusCode;
+
+/// Small blocks keep the tests quick and still span many blocks.
+const BS: usize = 64 * 1024;
+const ARGS: &[&str] = &["--block-size", "64KiB", "--upload-delay", "off"];
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_ranges_etags_and_head() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), ARGS);
+    for (name, len) in [
+        ("empty", 0),
+        ("one", BS),
+        ("many/blocks", 5 * BS + 17),
+        ("odd", 12345),
+    ] {
+        let content = data(len as u64, len);
+        let r = d.put(name, content.clone()).await;
+        assert_eq!(r.status(), StatusCode::CREATED, "{name}");
+        let (status, body) = d.get(name).await;
+        assert_eq!(status, 200);
+        assert_eq!(body, content, "{name}");
+    }
+    // A replacement answers 200 and changes the ETag.
+    let first = d
+        .http
+        .head(d.url("/v1/files/odd"))
+        .send()
+        .await
+        .expect("HEAD");
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(first.headers()["content-length"], "12345");
+    let etag = first.headers()["etag"].to_str().expect("etag").to_owned();
+    assert!(first.headers().contains_key("last-modified"));
+    let r = d
+        .http
+        .get(d.url("/v1/files/odd"))
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(d.put("odd", data(7, 12345)).await.status(), StatusCode::OK);
+    let r = d
+        .http
+        .get(d.url("/v1/files/odd"))
+        .header("If-None-Match", &etag)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_ne!(r.headers()["etag"].to_str().expect("etag"), etag);
+
+    // Ranges at block edges.
+    let content = data((5 * BS + 17) as u64, 5 * BS + 17);
+    let size = content.len();
+    for (spec, lo, hi) in [
+        (format!("bytes={}-{}", BS - 1, BS), BS - 1, BS + 1),
+        (format!("bytes={}-", 5 * BS), 5 * BS, size),
+        ("bytes=-20".to_owned(), size - 20, size),
+        (format!("bytes=0-{}", 10 * BS), 0, size),
+        (format!("bytes={}-{}", 2 * BS, 3 * BS - 1), 2 * BS, 3 * BS),
+    ] {
+        let r = d
+            .http
+            .get(d.url("/v1/files/many/blocks"))
+            .header("Range", &spec)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{spec}");
+        assert_eq!(
+            r.headers()["content-range"]
+                .to_str()
+                .expect("content-range"),
+            format!("bytes {lo}-{}/{size}", hi - 1)
+        );
+        assert_eq!(
+            &r.bytes().await.expect("body")[..],
+            &content[lo..hi],
+            "{spec}"
+        );
+    }
+    for spec in [format!("bytes={size}-"), "bytes=-0".to_owned()] {
+        let r = d
+            .http
+            .get(d.url("/v1/files/many/blocks"))
+            .header("Range", &spec)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE, "{spec}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes */{size}").as_str()
+        );
+    }
+    for spec in ["bytes=5-2", "items=0-1", "bytes=0-1,4-5", "bytes=x-"] {
+        let r = d
+            .http
+            .get(d.url("/v1/files/many/blocks"))
+            .header("Range", spec)
+            .send()
+            .await
+            .expect("GET");
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{spec}");
+    }
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patch_truncate_delete_list_and_status() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), ARGS);
+    d.put("f", b"hello".to_vec()).await;
+    let r = d
+        .http
+        .patch(d.url("/v1/files/f?offset=3"))
+        .body("LO world")
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = d
+        .http
+        .patch(d.url(&format!("/v1/files/f?offset={}", BS + 10)))
+        .body("!")
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (_, body) = d.get("f").await;
+    let mut want = b"helLO world".to_vec();
+    want.resize(BS + 10, 0);
+    want.push(b'!');
+    assert_eq!(body, want);
+    let r = d
+        .http
+        .post(d.url("/v1/files/f?truncate=4"))
+        .send()
+        .await
+        .expect("truncate");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(d.get("f").await.1, b"helL");
+    // The status route, and a file whose last segment is "status" through an encoded '/'.
+    let s = d.json("/v1/files/f/status").await;
+    assert_eq!(s["file"]["size"], 4);
+    assert_eq!(s["in_store"], false);
+    d.post("/v1/flush?name=f").await;
+    let s = d.json("/v1/files/f/status").await;
+    assert_eq!(
+        (s["in_store"].as_bool(), s["dirty"].as_u64()),
+        (Some(true), Some(0))
+    );
+    d.put("dir%2Fstatus", b"named status".to_vec()).await;
+    assert_eq!(d.get("dir%2Fstatus").await.1, b"named status");
+    assert_eq!(
+        d.json("/v1/files/dir/status/status").await["file"]["name"],
+        "dir/status"
+    );
+    // Listing in pages.
+    for i in 0..7 {
+        d.put(&format!("list/{i}"), vec![i; 10]).await;
+    }
+    let page = d.json("/v1/files?prefix=list/&limit=4").await;
+    assert_eq!(page["files"].as_array().expect("files").len(), 4);
+    let next = page["next"].as_str().expect("next").to_owned();
+    let page = d
+        .json(&format!("/v1/files?prefix=list/&limit=4&after={next}"))
+        .await;
+    let names: Vec<&str> = page["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["list/4", "list/5", "list/6"]);
+    assert!(page["next"].is_null());
+    // Delete.
+    let r = d
+        .http
+        .delete(d.url("/v1/files/f"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(d.get("f").await.0, 404);
+    let r = d
+        .http
+        .delete(d.url("/v1/files/f"))
+        .send()
+        .await
+        .expect("DELETE");
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_error_and_change_nothing() {
+    let dir = tmp();
+    let d = Daemon::start(
+        dir.path(),
+        &["--block-size", "64KiB", "--max-file-size", "200KiB"],
+    );
+    let kept = data(1, 100_000);
+    d.put("kept", kept.clone()).await;
+    let long = "a".repeat(1025);
+    type Case = (
+        reqwest::Method,
+        String,
+        Option<Vec<u8>>,
+        StatusCode,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            reqwest::Method::PUT,
+            "/v1/files/a//b".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/a%2F..%2Fb".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/a%00b".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/a%0Ab".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/%FF".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("/v1/files/{long}"),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/kept/".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_name",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/kept?durability=forever".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/kept?colour=red".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/kept".into(),
+            Some(vec![0; 300 * 1024]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/v1/files/kept".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/v1/files/kept?offset=-1".into(),
+            Some(vec![1]),
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/v1/files/kept?offset=204800".into(),
+            Some(vec![1]),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/v1/files/missing?offset=0".into(),
+            Some(vec![1]),
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/files/kept".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/files/kept?truncate=abc".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/files/kept?truncate=999999999".into(),
+            None,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/files?limit=0".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/files?limit=x".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+            "bad_parameter",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/files/missing".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/flush?name=missing".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            reqwest::Method::GET,
+            "/v1/nothing".into(),
+            None,
+            StatusCode::NOT_FOUND,
+            "not_found",
+        ),
+        (
+            reqwest::Method::DELETE,
+            "/v1/stats".into(),
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+        (
+            reqwest::Method::PUT,
+            "/v1/files/kept/status".into(),
+            Some(vec![1]),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, body, status, code) in cases {
+        let mut r = d.http.request(method.clone(), d.url(&path));
+        if let Some(b) = body {
+            r = r.body(b);
+        }
+        let r = r.send().await.expect("request");
+        assert_eq!(r.status(), status, "{method} {path}");
+        let v: serde_json::Value = r.json().await.expect("json error body");
+        assert_eq!(v["error"], code, "{method} {path}: {v}");
+        assert!(!v["message"].as_str().expect("message").is_empty());
+    }
+    // A body without a length that grows past the maximum: 413 and the old version stays.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..5).map(|_| Ok(vec![7u8; 64 * 1024])).collect();
+    let r = d
+        .http
+        .put(d.url("/v1/files/kept"))
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(d.get("kept").await.1, kept);
+    let files = d.json("/v1/files").await;
+    assert_eq!(files["files"].as_array().expect("files").len(), 1);
+    d.post("/v1/flush").await;
+    let stats = d.json("/v1/stats").await;
+    assert_eq!(
+        stats["store"]["logical_bytes"], 100_000,
+        "no garbage left: {stats}"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_and_readers_see_whole_versions() {
+    let dir = tmp();
+    let d = Arc::new(Daemon::start(dir.path(), ARGS));
+    let versions: Arc<Vec<Vec<u8>>> = Arc::new(
+        (0..4)
+            .map(|i| data(100 + i, 3 * BS + 1000 * i as usize))
+            .collect(),
+    );
+    d.put("shared", versions[0].clone()).await;
+    let mut tasks = Vec::new();
+    for w in 0..3u64 {
+        let (d, versions) = (d.clone(), versions.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..6 {
+                let v = versions[((w + round) % 4) as usize].clone();
+                assert!(d.put("shared", v).await.status().is_success());
+                // Each writer also has its own file.
+                let own = data(w * 100 + round, 2 * BS + 5);
+                assert!(
+                    d.put(&format!("own/{w}"), own.clone())
+                        .await
+                        .status()
+                        .is_success()
+                );
+                assert_eq!(d.get(&format!("own/{w}")).await.1, own);
+            }
+        }));
+    }
+    for _ in 0..3 {
+        let (d, versions) = (d.clone(), versions.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..15 {
+                let (status, body) = d.get("shared").await;
+                assert_eq!(status, 200);
+                assert!(
+                    versions.contains(&body),
+                    "a read saw a mix of versions ({} bytes)",
+                    body.len()
+                );
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("task");
+    }
+    let d = Arc::try_unwrap(d).ok().expect("sole owner");
+    d.post("/v1/flush").await;
+    let files = d.json("/v1/files").await;
+    let total: u64 = files["files"]
+        .as_array()
+        .expect("files")
+        .iter()
+        .map(|f| f["size"].as_u64().expect("size"))
+        .sum();
+    // Every replaced version was removed: the metadata holds exactly the live files.
+    let stats = d.json("/v1/stats").await;
+    assert_eq!(
+        stats["store"]["logical_bytes"].as_u64(),
+        Some(total),
+        "{stats}"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_shows_in_stats_and_metrics() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), ARGS);
+    let content = data(5, 4 * BS);
+    d.put("a", content.clone()).await;
+    d.put("b", content.clone()).await;
+    d.post("/v1/flush").await;
+    let s = d.json("/v1/stats").await;
+    assert_eq!(s["store"]["logical_bytes"], 8 * BS as u64);
+    assert_eq!(s["store"]["unique_bytes"], 4 * BS as u64);
+    assert_eq!(s["store"]["stored_bytes"], 4 * BS as u64);
+    assert_eq!(s["store"]["dedup_ratio"], 2.0);
+    assert_eq!(s["counters"]["uploads"], 4);
+    let m = d
+        .http
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "blockcache_uploads_total 4",
+        "blockcache_unique_bytes 262144",
+        "blockcache_upload_duration_seconds_bucket",
+        "blockcache_oldest_dirty_age_seconds",
+        "blockcache_http_requests_total{route=\"/v1/stats\",method=\"GET\",status=\"200\"} 1",
+    ] {
+        assert!(m.contains(needle), "metrics lack {needle}:\n{m}");
+    }
+    // Dropping the cache forces downloads on the next read.
+    d.post("/v1/cache/drop").await;
+    assert_eq!(d.get("b").await.1, content);
+    assert_eq!(d.json("/v1/stats").await["counters"]["downloads"], 4);
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_everything_to_the_store() {
+    let dir = tmp();
+    let mut files = Vec::new();
+    {
+        let d = Daemon::start(dir.path(), ARGS);
+        for i in 0..6u64 {
+            let content = data(i, BS * (i as usize) + 333);
+            let r = d
+                .http
+                .put(d.url(&format!("/v1/files/f{i}?durability=none")))
+                .body(content.clone())
+                .send()
+                .await
+                .expect("PUT");
+            assert!(r.status().is_success());
+            files.push(content);
+        }
+        assert!(d.json("/v1/stats").await["dirty"]["entries"].as_u64() > Some(0));
+        let log = d.stop();
+        assert!(log.contains("shut down: flushed"), "{log}");
+    }
+    // A fresh cache directory: everything must come from the store.
+    let fresh = tmp();
+    let db = dir.path().join("meta.db");
+    let store = format!("file://{}", dir.path().join("store").display());
+    let d = Daemon::start(
+        fresh.path(),
+        &[
+            "--block-size",
+            "64KiB",
+            "--database",
+            db.to_str().expect("utf-8"),
+            "--store",
+            &store,
+        ],
+    );
+    for (i, content) in files.iter().enumerate() {
+        assert_eq!(&d.get(&format!("f{i}")).await.1, content, "f{i}");
+    }
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_uploads_then_restart_keeps_every_acknowledged_file() {
+    let dir = tmp();
+    let mut acked = Vec::new();
+    {
+        // Slow uploads: a tight dirty budget and background uploads as soon as possible.
+        let d = Daemon::start(
+            dir.path(),
+            &[
+                "--block-size",
+                "64KiB",
+                "--upload-delay",
+                "1ms",
+                "--upload-tasks",
+                "2",
+            ],
+        );
+        for i in 0..20u64 {
+            let content = data(1000 + i, BS * 3 + i as usize * 100);
+            let r = d.put(&format!("k/{i}"), content.clone()).await;
+            assert!(r.status().is_success());
+            acked.push(content);
+        }
+        // A replacement that is under way when the process dies.
+        let slow: Vec<Result<Vec<u8>, std::io::Error>> =
+            (0..4).map(|_| Ok(vec![9u8; BS])).collect();
+        let body = reqwest::Body::wrap_stream(futures::stream::iter(slow).then(|c| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            c
+        }));
+        let pending = d.http.put(d.url("/v1/files/k/0")).body(body).send();
+        let _ = tokio::time::timeout(Duration::from_millis(120), pending).await;
+        d.kill9();
+    }
+    let d = Daemon::start(dir.path(), ARGS);
+    for (i, content) in acked.iter().enumerate() {
+        let (status, body) = d.get(&format!("k/{i}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(&body, content, "k/{i}");
+    }
+    // The unfinished replacement left nothing: the metadata holds exactly the live files.
+    d.post("/v1/flush").await;
+    let total: usize = acked.iter().map(Vec::len).sum();
+    let s = d.json("/v1/stats").await;
+    assert_eq!(
+        s["store"]["logical_bytes"].as_u64(),
+        Some(total as u64),
+        "{s}"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_on_and_off() {
+    let dir = tmp();
+    let token = "s3cret-token-value";
+    let d = Daemon::start(
+        dir.path(),
+        &["--block-size", "64KiB", "--auth-token", token],
+    );
+    let r = d.http.get(d.url("/v1/stats")).send().await.expect("GET");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.expect("json")["error"],
+        "unauthorized"
+    );
+    let r = d
+        .http
+        .get(d.url("/v1/stats"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = d
+        .http
+        .put(d.url("/v1/files/x"))
+        .body("x")
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = d
+        .http
+        .get(d.url("/v1/stats"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = d.http.get(d.url("/healthz")).send().await.expect("GET");
+    assert_eq!(r.status(), StatusCode::OK);
+    // The CLI takes the token from the environment-free flag.
+    let (status, _, err) = run_cli(&["stats", "--listen", d.addr()], None);
+    assert!(!status.success());
+    assert!(err.contains("401"), "{err}");
+    let (status, out, err) = run_cli(
+        &["stats", "--listen", d.addr(), "--auth-token", token],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out).contains("dirty"));
+    let log = d.stop();
+    assert!(!log.contains(token), "the token leaked into the log");
+    // Without a token every route is open.
+    let d = Daemon::start(dir.path(), &["--block-size", "64KiB"]);
+    assert_eq!(
+        d.http
+            .get(d.url("/v1/stats"))
+            .send()
+            .await
+            .expect("GET")
+            .status(),
+        StatusCode::OK
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_are_refused_with_the_key_named() {
+    let dir = tmp();
+    let conf = dir.path().join("bad.toml");
+    std::fs::write(&conf, "block-size = \"1MiB\"\ncolour = \"blue\"\n").expect("write");
+    let err = Daemon::try_start(dir.path(), &["--config", conf.to_str().expect("utf-8")])
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("colour") && err.contains("block-size"),
+        "{err}"
+    );
+    std::fs::write(&conf, "max-cache-size = \"lots\"\n").expect("write");
+    let err = Daemon::try_start(dir.path(), &["--config", conf.to_str().expect("utf-8")])
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("max-cache-size") && err.contains("lots"),
+        "{err}"
+    );
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--block-size",
+            "big",
+            "--data-dir",
+            dir.path().to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(!status.success());
+    assert!(err.contains("--block-size") && err.contains("big"), "{err}");
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("auth token") && err.contains("--insecure"),
+        "{err}"
+    );
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--durability",
+            "maybe",
+            "--data-dir",
+            dir.path().to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(!status.success());
+    assert!(err.contains("none, local, store"), "{err}");
+    // A volume keeps its block size.
+    let d = Daemon::start(dir.path(), &["--block-size", "64KiB"]);
+    d.put("x", b"kept".to_vec()).await;
+    d.stop();
+    let err = Daemon::try_start(dir.path(), &["--block-size", "128KiB"])
+        .err()
+        .expect("refused");
+    assert!(err.contains("block size"), "{err}");
+    // The settings file sets what flags do not.
+    std::fs::write(&conf, "block-size = \"64KiB\"\nmax-file-size = 10\n").expect("write");
+    let d = Daemon::start(dir.path(), &["--config", conf.to_str().expect("utf-8")]);
+    assert_eq!(d.get("x").await.1, b"kept");
+    assert_eq!(
+        d.put("y", vec![0; 11]).await.status(),
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_against_a_live_daemon() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), ARGS);
+    let addr = d.addr().to_owned();
+    let content = data(77, 3 * BS + 5);
+    // Standard input: by default, or as "-".
+    let (status, _, err) = run_cli(&["put", "--listen", &addr, "cli/one", "-"], Some(b"first"));
+    assert!(status.success(), "{err}");
+    let (status, _, err) = run_cli(&["put", "--listen", &addr, "cli/one"], Some(&content));
+    assert!(status.success(), "{err}");
+    let (status, _, err) = run_cli(&["put", "--listen", &addr, "cli/x", "/no/such/file"], None);
+    assert!(!status.success());
+    assert!(err.contains("/no/such/file"), "{err}");
+    let local = dir.path().join("local.bin");
+    std::fs::write(&local, &content[..1000]).expect("write");
+    let (status, _, err) = run_cli(
+        &[
+            "put",
+            "--listen",
+            &addr,
+            "cli/two",
+            local.to_str().expect("utf-8"),
+        ],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    let (status, out, err) = run_cli(&["get", "--listen", &addr, "cli/one"], None);
+    assert!(status.success(), "{err}");
+    assert_eq!(out, content);
+    let (status, out, _) = run_cli(&["ls", "--listen", &addr, "cli/"], None);
+    assert!(status.success());
+    let out = String::from_utf8_lossy(&out);
+    assert!(
+        out.contains("cli/one")
+            && out.contains("cli/two")
+            && out.contains(&(3 * BS + 5).to_string()),
+        "{out}"
+    );
+    let (status, out, _) = run_cli(&["flush", "--listen", &addr], None);
+    assert!(status.success() && String::from_utf8_lossy(&out).contains("flushed"));
+    let (status, _, _) = run_cli(&["drop-cache", "--listen", &addr], None);
+    assert!(status.success());
+    let (status, out, _) = run_cli(&["stats", "--listen", &addr], None);
+    assert!(status.success());
+    let stats: serde_json::Value = serde_json::from_slice(&out).expect("stats json");
+    assert_eq!(stats["cache"]["entries"], 0);
+    let (status, _, _) = run_cli(&["rm", "--listen", &addr, "cli/two"], None);
+    assert!(status.success());
+    let (status, _, err) = run_cli(&["get", "--listen", &addr, "cli/two"], None);
+    assert!(!status.success());
+    assert!(err.contains("404") && err.contains("cli/two"), "{err}");
+    d.stop();
+    let (status, _, err) = run_cli(&["stats", "--listen", &addr], None);
+    assert!(!status.success());
+    assert!(err.contains("cannot reach the daemon"), "{err}");
+}
