@@ -829,3 +829,78 @@ async fn cli_against_a_live_daemon() {
     assert!(!status.success());
     assert!(err.contains("cannot reach the daemon"), "{err}");
 }
+
+/// A body that sends `chunks` pieces of one block, `gap` apart.
+fn slow_body(chunks: usize, gap: Duration) -> reqwest::Body {
+    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
+        (0..chunks).map(|i| Ok(vec![i as u8; BS])).collect();
+    reqwest::Body::wrap_stream(futures::stream::iter(pieces).then(move |c| async move {
+        tokio::time::sleep(gap).await;
+        c
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), ARGS);
+    let http = d.http.clone();
+    let url = d.url("/v1/files/slow");
+    let upload = tokio::spawn(async move {
+        http.put(url)
+            .body(slow_body(8, Duration::from_millis(60)))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    d.signal(15);
+    let r = upload
+        .await
+        .expect("join")
+        .expect("the upload in flight finishes");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let status = d.wait(Duration::from_secs(60));
+    assert!(status.success(), "{status}");
+    let log = d.log_text();
+    assert!(log.contains("shut down: flushed"), "{log}");
+
+    // Second signal: out at once, dirty data kept for the next start.
+    let mut d = Daemon::start(dir.path(), ARGS);
+    let r = d
+        .http
+        .put(d.url("/v1/files/dirty?durability=local"))
+        .body(data(3, 3 * BS))
+        .send()
+        .await
+        .expect("PUT");
+    assert!(r.status().is_success());
+    let http = d.http.clone();
+    let url = d.url("/v1/files/never");
+    let upload = tokio::spawn(async move {
+        http.put(url)
+            .body(slow_body(100, Duration::from_millis(100)))
+            .send()
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal(15);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    d.signal(2);
+    let status = d.wait(Duration::from_secs(5));
+    assert_eq!(status.code(), Some(130), "{}", d.log_text());
+    // The upload in flight was cut off.
+    let cut = upload.await.expect("join");
+    assert!(cut.is_err() || !cut.expect("response").status().is_success());
+    let d = Daemon::start(dir.path(), ARGS);
+    assert_eq!(d.get("dirty").await.1, data(3, 3 * BS));
+    assert_eq!(d.get("slow").await.1.len(), 8 * BS);
+    assert_eq!(d.get("never").await.0, 404);
+    d.post("/v1/flush").await;
+    let s = d.json("/v1/stats").await;
+    assert_eq!(
+        s["store"]["logical_bytes"].as_u64(),
+        Some(11 * BS as u64),
+        "{s}"
+    );
+    d.stop();
+}
