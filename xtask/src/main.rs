@@ -4,8 +4,9 @@
 //!   `-D warnings` on all targets, the test suite (nextest when installed, else `cargo test`),
 //!   and the doc tests.
 //! - `tidy`: repository hygiene: every Rust file starts with a `//!` module comment.
-//! - `bench [flags]`: builds and runs `blockcache-bench` in release mode; flags pass through
-//!   (`--data-mib`, `--runs`, `--block-sizes`, `--dup`, `--meta-blocks`, `--dir`, `--out`).
+//! - `bench [flags]`: builds `blockcache-bench` and the daemon in release mode and runs the
+//!   benchmark; flags pass through (`--data-mib`, `--runs`, `--block-sizes`, `--dup`,
+//!   `--meta-blocks`, `--daemon-block-size`, `--rss-factor`, `--dir`, `--out`).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};
@@ -16,11 +17,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("ci") => ci(),
         Some("tidy") => tidy(),
-        Some("bench") => {
-            let mut cmd = vec!["run", "--release", "--package", "blockcache-bench", "--"];
-            cmd.extend(args[1..].iter().map(String::as_str));
-            run("cargo", &cmd)
-        }
+        Some("bench") => bench(&args[1..]),
         _ => Err("usage: cargo xtask <ci|tidy|bench [flags]>".to_owned()),
     };
     match result {
@@ -39,9 +36,51 @@ fn root() -> PathBuf {
         .to_owned()
 }
 
+/// Builds the benchmark and the daemon in release mode, then runs the benchmark binary
+/// directly (flags pass through).
+fn bench(flags: &[String]) -> Result<(), String> {
+    run(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "blockcache-bench",
+            "--package",
+            "blockcache-daemon",
+        ],
+    )?;
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from);
+    let exe = target.join("release").join("blockcache-bench");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    run(exe.to_str().ok_or("target path is not UTF-8")?, &flags)
+}
+
 fn run(program: &str, args: &[&str]) -> Result<(), String> {
     println!("$ {program} {}", args.join(" "));
-    let status = Command::new(program)
+    let mut cmd = Command::new(program);
+    // `cargo xtask` runs under cargo, which sets variables describing the xtask package
+    // (CARGO_PKG_*, CARGO_MANIFEST_*, ...). A nested cargo must not see them: they make build
+    // scripts rerun and parts of the tree rebuild on every call.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                &*key,
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_MAKEFLAGS"
+                    | "MAKEFLAGS"
+                    | "MFLAGS"
+            )
+        {
+            cmd.env_remove(&*key);
+        }
+    }
+    let status = cmd
         .args(args)
         .current_dir(root())
         .status()

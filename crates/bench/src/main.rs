@@ -10,9 +10,14 @@
 //!   duplicates, then: write (+ sync: local durability), flush (until in the store), cold
 //!   read (after dropping the cache), hot read, remove (until the store is empty);
 //! - metadata: many 4 KiB blocks: commits per second (flush) and removes per second;
+//! - daemon: the same files through the HTTP API of the release `blockcache` binary with 1
+//!   and 8 concurrent clients (write + flush, cold read, hot read);
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
+
+mod chart;
+mod daemon;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -43,6 +48,8 @@ struct Args {
     out: PathBuf,
     child: Option<String>,
     block_size: u64,
+    daemon_block_size: u64,
+    rss_factor: u64,
 }
 
 fn parse_size(s: &str) -> Result<u64, Error> {
@@ -62,7 +69,7 @@ fn parse_size(s: &str) -> Result<u64, Error> {
 
 fn parse_args() -> Result<Args, Error> {
     let mut a = Args {
-        data_mib: 64,
+        data_mib: 32,
         runs: 3,
         block_sizes: vec![64 << 10, 1 << 20, 4 << 20],
         dup: 0.5,
@@ -71,6 +78,8 @@ fn parse_args() -> Result<Args, Error> {
         out: PathBuf::from("bench/results"),
         child: None,
         block_size: 1 << 20,
+        daemon_block_size: 1 << 20,
+        rss_factor: 4,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -90,9 +99,11 @@ fn parse_args() -> Result<Args, Error> {
             "--out" => a.out = value()?.into(),
             "--child" => a.child = Some(value()?),
             "--block-size" => a.block_size = parse_size(&value()?)?,
+            "--daemon-block-size" => a.daemon_block_size = parse_size(&value()?)?,
+            "--rss-factor" => a.rss_factor = value()?.parse()?,
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--rss-factor 4] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
@@ -428,7 +439,7 @@ fn reference(args: &Args) -> Result<Sample, Error> {
     Ok(s)
 }
 
-fn run_child(args: &Args, kind: &str, block_size: u64) -> Result<Sample, Error> {
+fn run_child(args: &Args, kind: &str, block_size: u64, data_mib: u64) -> Result<Sample, Error> {
     // Start every configuration from a quiet disk: write back what earlier configurations
     // (and builds) left dirty, so their writeback does not land in this one's fsyncs.
     let synced = Command::new("sync").status()?;
@@ -443,7 +454,7 @@ fn run_child(args: &Args, kind: &str, block_size: u64) -> Result<Sample, Error> 
             "--block-size",
             &block_size.to_string(),
             "--data-mib",
-            &args.data_mib.to_string(),
+            &data_mib.to_string(),
             "--dup",
             &args.dup.to_string(),
             "--meta-blocks",
@@ -510,6 +521,8 @@ fn main() -> Result<(), Error> {
             "library" => runtime.block_on(library(&args))?,
             "metadata" => runtime.block_on(metadata(&args))?,
             "reference" => reference(&args)?,
+            "daemon1" => runtime.block_on(daemon::daemon(&args, 1))?,
+            "daemon8" => runtime.block_on(daemon::daemon(&args, 8))?,
             other => return Err(format!("unknown child {other:?}").into()),
         };
         println!("{}", serde_json::to_string(&sample)?);
@@ -517,23 +530,70 @@ fn main() -> Result<(), Error> {
     }
     std::fs::create_dir_all(&args.dir)?;
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let started = Instant::now();
     for run in 0..args.runs {
-        eprintln!("run {}/{}", run + 1, args.runs);
+        eprintln!(
+            "run {}/{} ({:.0} s so far)",
+            run + 1,
+            args.runs,
+            started.elapsed().as_secs_f64()
+        );
+        let mut child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
+            let sample = run_child(&args, kind, bs, mib)?;
+            results.entry(group).or_default().push(sample);
+            Ok(())
+        };
         for &bs in &args.block_sizes {
-            results
-                .entry(format!("reference/{}", label(bs)))
-                .or_default()
-                .push(run_child(&args, "reference", bs)?);
-            results
-                .entry(format!("library/{}", label(bs)))
-                .or_default()
-                .push(run_child(&args, "library", bs)?);
+            child(
+                format!("reference/{}", label(bs)),
+                "reference",
+                bs,
+                args.data_mib,
+            )?;
+            child(
+                format!("library/{}", label(bs)),
+                "library",
+                bs,
+                args.data_mib,
+            )?;
         }
-        results
-            .entry("metadata".into())
-            .or_default()
-            .push(run_child(&args, "metadata", 4096)?);
+        let dbs = args.daemon_block_size;
+        if !args.block_sizes.contains(&dbs) {
+            child(
+                format!("reference/{}", label(dbs)),
+                "reference",
+                dbs,
+                args.data_mib,
+            )?;
+            child(
+                format!("library/{}", label(dbs)),
+                "library",
+                dbs,
+                args.data_mib,
+            )?;
+        }
+        child(
+            format!("daemon1/{}", label(dbs)),
+            "daemon1",
+            dbs,
+            args.data_mib,
+        )?;
+        child(
+            format!("daemon8/{}", label(dbs)),
+            "daemon8",
+            dbs,
+            args.data_mib,
+        )?;
+        // Peak RSS must not grow with the data: the same workload on more data.
+        child(
+            format!("library-x{}/{}", args.rss_factor, label(dbs)),
+            "library",
+            dbs,
+            args.data_mib * args.rss_factor,
+        )?;
+        child("metadata".into(), "metadata", 4096, args.data_mib)?;
     }
+    eprintln!("benchmark took {:.0} s", started.elapsed().as_secs_f64());
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =
         results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
     print_table(&args, &stats);
@@ -550,7 +610,14 @@ fn main() -> Result<(), Error> {
         "results": stats,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-    println!("\nresults written to {}", path.display());
+    let svg = path.with_extension("svg");
+    chart::draw(&args, &stats, &svg)?;
+    std::fs::copy(&svg, args.out.join("latest.svg"))?;
+    println!(
+        "\nresults written to {} and {}",
+        path.display(),
+        svg.display()
+    );
     Ok(())
 }
 
@@ -617,6 +684,35 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
             rss / MIB
         );
     }
+    let dl = label(args.daemon_block_size);
+    let lib = format!("library/{dl}");
+    let rf = format!("reference/{dl}");
+    for n in [1, 8] {
+        let g = format!("daemon{n}/{dl}");
+        println!(
+            "{:<8} daemon, {n} client{}: write+flush {} = {} library write+flush, {} copy+fsync; cold read {} ({} copy+fsync); hot read {} ({} read back); daemon peak RSS {:.1} MiB",
+            dl,
+            if n == 1 { "" } else { "s" },
+            fmt(get(&g, "write_flush_mib_s")).trim(),
+            ratio(get(&g, "write_flush_mib_s"), get(&lib, "write_flush_mib_s")).trim(),
+            ratio(get(&g, "write_flush_mib_s"), get(&rf, "copy_sync_mib_s")).trim(),
+            fmt(get(&g, "cold_read_mib_s")).trim(),
+            ratio(get(&g, "cold_read_mib_s"), get(&rf, "copy_sync_mib_s")).trim(),
+            fmt(get(&g, "hot_read_mib_s")).trim(),
+            ratio(get(&g, "hot_read_mib_s"), get(&rf, "read_back_mib_s")).trim(),
+            get(&g, "peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
+        );
+    }
+    let big = format!("library-x{}/{dl}", args.rss_factor);
+    println!(
+        "{:<8} peak RSS: {:.1} MiB with {} MiB of data, {:.1} MiB with {} MiB (bound: 64 MiB + 8 upload tasks x block = {:.0} MiB)",
+        dl,
+        get(&lib, "peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
+        args.data_mib,
+        get(&big, "peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
+        args.data_mib * args.rss_factor,
+        64.0 + 8.0 * args.daemon_block_size as f64 / MIB,
+    );
     let sha1 = stats.values().find_map(|g| g.get("sha256_1core_mib_s"));
     let shan = stats.values().find_map(|g| g.get("sha256_all_cores_mib_s"));
     println!(

@@ -146,6 +146,19 @@ fn init_logging(settings: &Settings) -> Result<(), String> {
     result.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
+/// `url` without the credentials it may carry, for logs and errors.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if !u.username().is_empty() || u.password().is_some() => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            format!("{u} (credentials hidden)")
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "<unparsable URL>".to_owned(),
+    }
+}
+
 fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("cannot resolve {}: {e}", p.display()))
 }
@@ -225,9 +238,9 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
 
     let db = Db::open(&database)
         .await
-        .map_err(|e| format!("cannot open database {database}: {e}"))?;
-    let backend =
-        Backend::from_url(&store).map_err(|e| format!("cannot use store {store}: {e}"))?;
+        .map_err(|e| format!("cannot open database {}: {e}", redact(&database)))?;
+    let backend = Backend::from_url(&store)
+        .map_err(|e| format!("cannot use store {}: {e}", redact(&store)))?;
     let cache = BlockCache::open(config, db, backend)
         .await
         .map_err(|e| format!("cannot open the cache: {e}"))?;
@@ -252,7 +265,7 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
     });
     let app = server::router(state.clone());
     println!("blockcache listening on http://{addr}");
-    tracing::info!(%addr, %store, database = %database, "listening");
+    tracing::info!(%addr, store = %redact(&store), database = %redact(&database), "listening");
 
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));

@@ -904,3 +904,27 @@ async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once()
     );
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_urls_never_reach_the_log() {
+    let dir = tmp();
+    let args = [
+        "--block-size",
+        "64KiB",
+        "--store",
+        "s3://keyid:supersecret@bucket/prefix",
+    ];
+    let log = match Daemon::try_start(dir.path(), &args) {
+        Ok(d) => {
+            let log = d.log_text();
+            d.kill9();
+            log
+        }
+        Err(log) => log,
+    };
+    assert!(!log.is_empty());
+    assert!(
+        !log.contains("supersecret") && !log.contains("keyid"),
+        "{log}"
+    );
+}
