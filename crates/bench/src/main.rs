@@ -73,7 +73,7 @@ fn parse_args() -> Result<Args, Error> {
         runs: 3,
         block_sizes: vec![64 << 10, 1 << 20, 4 << 20],
         dup: 0.5,
-        meta_blocks: 100_000,
+        meta_blocks: 30_000,
         dir: PathBuf::from("target/bench-tmp"),
         out: PathBuf::from("bench/results"),
         child: None,
@@ -165,6 +165,9 @@ async fn open(dir: &Path, block_size: u64, max_bytes: u64) -> Result<BlockCache,
     config.block_size = block_size;
     config.max_bytes = max_bytes.max(block_size);
     config.max_entries = 10_000_000;
+    // Everything written stays dirty until the phase that is timed: no commits under
+    // pressure while the data is being written.
+    config.max_dirty_bytes = config.max_bytes;
     let db = Db::open(dir.join("meta.db").to_str().ok_or("path not UTF-8")?).await?;
     std::fs::create_dir_all(dir.join("store"))?;
     let backend = Backend::from_url(&format!(
@@ -539,7 +542,9 @@ fn main() -> Result<(), Error> {
             started.elapsed().as_secs_f64()
         );
         let mut child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
+            let t = Instant::now();
             let sample = run_child(&args, kind, bs, mib)?;
+            eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
             results.entry(group).or_default().push(sample);
             Ok(())
         };

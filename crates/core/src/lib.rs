@@ -59,8 +59,10 @@ use crate::files::CacheDir;
 use crate::keylock::KeyedLocks;
 use crate::state::State;
 
-/// Above this many dirty files, `sync` uses one `syncfs` instead of an fsync per file.
-const SYNCFS_THRESHOLD: usize = 64;
+/// Above this many dirty files, `sync` uses one `syncfs` instead of an fsync per file (each
+/// fsync commits the file system's journal; at 1 MiB blocks, alternating runs of the bench
+/// measured write+sync 1.08-1.12x copy+fsync with 8 against 0.93-0.98x with 64).
+const SYNCFS_THRESHOLD: usize = 8;
 
 /// The address of a block: an inode and a block number within it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
