@@ -117,7 +117,10 @@ impl Env {
 
     /// The path of the store file of object `id`.
     pub fn object_path(&self, id: u64) -> PathBuf {
-        self.store_dir().join("data").join(id.to_string())
+        self.store_dir()
+            .join("data")
+            .join(format!("{:02x}", id & 0xff))
+            .join(id.to_string())
     }
 }
 

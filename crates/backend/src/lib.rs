@@ -5,7 +5,7 @@
 //! fault-injecting wrapper used by tests ([`faulty::FaultyStore`]).
 //!
 //! Objects are immutable and their keys are never reused: object `id` lives at
-//! `<prefix>/data/<id>` and is written once. An overwrite-PUT of the same key is therefore
+//! `<prefix>/data/<id mod 256 in hex>/<id>` and is written once. An overwrite-PUT of the same key is therefore
 //! idempotent, which is what makes retrying a PUT after a timeout safe.
 //!
 //! # Object format
@@ -183,9 +183,13 @@ impl Backend {
         &self.store
     }
 
-    /// The key of object `id`.
+    /// The key of object `id`: `<prefix>/data/<id mod 256, two hex digits>/<id>`. The shard
+    /// level spreads objects over 256 directories of a local store (a directory serializes
+    /// the creations and renames in it) and over 256 key prefixes of a cloud store.
     pub fn key(&self, id: u64) -> Path {
-        self.data_prefix().child(id.to_string())
+        self.data_prefix()
+            .child(format!("{:02x}", id & 0xff))
+            .child(id.to_string())
     }
 
     fn data_prefix(&self) -> Path {

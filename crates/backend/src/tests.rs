@@ -71,7 +71,7 @@ async fn missing_object_is_not_found_and_not_retried() {
     let (backend, faults) = faulty();
     let err = backend.get(1).await.expect_err("missing");
     assert!(
-        matches!(err, Error::NotFound { ref key } if key == "vol/data/1"),
+        matches!(err, Error::NotFound { ref key } if key == "vol/data/01/1"),
         "{err}"
     );
     assert!(!err.is_transient());
