@@ -114,6 +114,10 @@ pub(crate) struct Inner {
     /// Upload outcomes waiting to be recorded by the confirmer.
     pub(crate) confirm_tx: mpsc::Sender<UploadOutcome>,
     pub(crate) removal_tx: mpsc::Sender<u64>,
+    /// Clean entries whose files still carry the dirty marker, for the unmark task. At most
+    /// one item per confirmed commit, drained in batches; leaving a marker is harmless.
+    pub(crate) unmark_queue: Mutex<Vec<(BlockKey, u64)>>,
+    pub(crate) unmark_wake: Notify,
     pub(crate) uploads_in_flight: AtomicU64,
     pub(crate) pending_removals: AtomicU64,
     pub(crate) counters: Counters,
@@ -623,10 +627,18 @@ impl Inner {
         };
         if let Some(freed) = became_clean {
             self.dirty_budget.release(freed);
-            self.unmark(key, entry_id);
         }
         done.send_replace(Some(result));
         self.progress.notify_waiters();
+        if became_clean.is_some() {
+            // The rename back to the clean name is a file-system call: the unmark task does
+            // it in batches on the blocking pool, off this path.
+            self.unmark_queue
+                .lock()
+                .expect("unmark queue poisoned")
+                .push((key, entry_id));
+            self.unmark_wake.notify_one();
+        }
     }
 
     /// Renames the file of a clean entry back to its clean name, if its block is not in use.

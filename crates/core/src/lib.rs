@@ -276,6 +276,8 @@ impl BlockCache {
             upload_tx,
             confirm_tx,
             removal_tx,
+            unmark_queue: Default::default(),
+            unmark_wake: Notify::new(),
             uploads_in_flight: Default::default(),
             pending_removals: Default::default(),
             counters: Counters::default(),
@@ -299,6 +301,9 @@ impl BlockCache {
         inner
             .tracker
             .spawn(tasks::confirm_task(inner.clone(), confirm_rx));
+        inner
+            .tracker
+            .spawn(tasks::unmark_task(inner.clone(), cancel.child_token()));
         let intake = cancel.child_token();
         inner
             .tracker
@@ -674,17 +679,26 @@ impl Inner {
                 guards.push((key, inner.locks.lock(key).await));
             }
             let mut freed = 0;
+            let mut files = Vec::new();
             for (key, _) in &guards {
                 let removed = inner.lock_state().remove(*key);
                 if let Some(e) = removed {
                     freed += e.dirty_acc;
-                    inner.dir.remove(*key, e.marker).map_err(Error::io(
-                        "delete cache file",
-                        inner.dir.file(*key, e.marker),
-                    ))?;
+                    files.push((*key, e.marker));
                 }
             }
             inner.dirty_budget.release(freed);
+            // Unlink the files on the blocking pool, while the block locks are still held.
+            let dir = inner.dir.clone();
+            tokio::task::spawn_blocking(move || {
+                for (key, marker) in files {
+                    dir.remove(key, marker)
+                        .map_err(Error::io("delete cache file", dir.file(key, marker)))?;
+                }
+                Ok::<_, Error>(())
+            })
+            .await
+            .expect("unlink task panicked")?;
             let pairs: Vec<(u64, u64)> = guards.iter().map(|(k, _)| (k.inode, k.blockno)).collect();
             let released = {
                 let _commit = inner.commit_lock.lock().await;

@@ -204,3 +204,24 @@ pub(crate) async fn commit_task(inner: Arc<Inner>, intake: CancellationToken) {
 pub(crate) fn outcome<T, E>(result: &Result<T, E>) -> &'static str {
     if result.is_ok() { "ok" } else { "error" }
 }
+
+/// The unmark task: renames files of clean entries back to their clean names, in batches on
+/// the blocking pool (see `Inner::unmark`).
+pub(crate) async fn unmark_task(inner: Arc<Inner>, cancel: CancellationToken) {
+    loop {
+        let batch = std::mem::take(&mut *inner.unmark_queue.lock().expect("unmark queue poisoned"));
+        if batch.is_empty() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = inner.unmark_wake.notified() => continue,
+            }
+        }
+        let i = inner.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for (key, id) in batch {
+                i.unmark(key, id);
+            }
+        })
+        .await;
+    }
+}
