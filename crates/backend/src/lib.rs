@@ -63,6 +63,12 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
+    /// Objects written to a local-directory store could not be made durable (syncfs).
+    #[error("making the objects in the store directory durable failed: {reason}")]
+    NotDurable {
+        /// The I/O error.
+        reason: String,
+    },
     /// The operation was abandoned because the engine is shutting down.
     #[error("cancelled by shutdown")]
     Cancelled,
@@ -87,6 +93,7 @@ impl Error {
                     | E::UnknownConfigurationKey { .. }
             ),
             Self::InvalidUrl { .. } | Self::NotFound { .. } | Self::Malformed { .. } => false,
+            Self::NotDurable { .. } => true,
             Self::Cancelled => false,
         }
     }
@@ -127,6 +134,9 @@ impl Codec for Plain {
 #[derive(Debug, Clone)]
 pub struct Backend {
     store: Arc<dyn ObjectStore>,
+    /// The directory of a `file://` store: its writes reach the disk only through
+    /// [`Backend::make_durable`].
+    local_root: Option<std::path::PathBuf>,
     prefix: Path,
     codec: Arc<dyn Codec>,
     retry: RetryPolicy,
@@ -140,14 +150,38 @@ impl Backend {
     /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials
     /// come from the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn from_url(url: &str) -> Result<Self> {
-        let (store, prefix) = open_store(url)?;
-        Ok(Self::new(store, prefix))
+        let (store, prefix, local_root) = open_store(url)?;
+        let mut backend = Self::new(store, prefix);
+        backend.local_root = local_root;
+        Ok(backend)
+    }
+
+    /// Makes every object written so far durable. A local-directory store writes through the
+    /// page cache (object_store does not fsync), so this is one `syncfs` of its file system,
+    /// called once per batch of uploads before they are recorded as done; cloud stores are
+    /// durable when a PUT returns, so this does nothing for them.
+    pub async fn make_durable(&self) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || {
+            let dir = std::fs::File::open(&root)?;
+            rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
+        })
+        .await
+        .map_err(|e| Error::NotDurable {
+            reason: e.to_string(),
+        })?
+        .map_err(|e| Error::NotDurable {
+            reason: e.to_string(),
+        })
     }
 
     /// Wraps an already built store; objects live under `prefix`.
     pub fn new(store: Arc<dyn ObjectStore>, prefix: Path) -> Self {
         Self {
             store,
+            local_root: None,
             prefix,
             codec: Arc::new(Plain),
             retry: RetryPolicy::default(),
@@ -333,7 +367,7 @@ fn invalid(url: &str, reason: impl std::fmt::Display) -> Error {
     }
 }
 
-fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
+fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::path::PathBuf>)> {
     use object_store::{
         aws::AmazonS3Builder, azure::MicrosoftAzureBuilder, gcp::GoogleCloudStorageBuilder,
         local::LocalFileSystem, memory::InMemory,
@@ -352,9 +386,9 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
             let store = LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| invalid(url_str, e))?
                 .with_automatic_cleanup(true);
-            return Ok((Arc::new(store), Path::default()));
+            return Ok((Arc::new(store), Path::default(), Some(dir)));
         }
-        "memory" => return Ok((Arc::new(InMemory::new()), Path::default())),
+        "memory" => return Ok((Arc::new(InMemory::new()), Path::default(), None)),
         "s3" | "s3a" => Arc::new(
             AmazonS3Builder::from_env()
                 .with_url(url_str)
@@ -380,7 +414,7 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path)> {
             ));
         }
     };
-    Ok((store, prefix()?))
+    Ok((store, prefix()?, None))
 }
 
 #[cfg(test)]

@@ -39,6 +39,16 @@ async fn file_url_round_trip_creates_directory() {
         .await
         .expect("put");
     assert_eq!(size, 5);
+    // The object sits under its shard directory and can be made durable.
+    assert!(root.join("data/07/7").is_file());
+    backend.make_durable().await.expect("syncfs of the store");
+    assert!(
+        Backend::from_url("memory://")
+            .expect("memory")
+            .make_durable()
+            .await
+            .is_ok()
+    );
     assert_eq!(
         backend.get(7).await.expect("get"),
         Bytes::from_static(b"hello")

@@ -542,7 +542,21 @@ impl Inner {
     /// Records the outcomes of uploads in the database in one transaction, then settles
     /// every block waiting for those objects.
     #[tracing::instrument(level = "debug", skip_all, fields(uploads = outcomes.len()))]
-    pub(crate) async fn finish_uploads(self: &Arc<Self>, outcomes: Vec<UploadOutcome>) {
+    pub(crate) async fn finish_uploads(self: &Arc<Self>, mut outcomes: Vec<UploadOutcome>) {
+        // A local-directory store must reach the disk before its objects count as uploaded:
+        // one barrier for the whole batch.
+        if outcomes.iter().any(|o| o.result.is_ok())
+            && let Err(e) = self.backend.make_durable().await
+        {
+            tracing::warn!(error = %e, "store not durable; the blocks stay dirty and are uploaded again");
+            for o in &mut outcomes {
+                if o.result.is_ok() {
+                    o.result = Err(blockcache_backend::Error::NotDurable {
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
         let records: Vec<(u64, Option<u64>)> = outcomes
             .iter()
             .map(|o| (o.obj_id, o.result.as_ref().ok().copied()))

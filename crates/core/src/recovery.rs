@@ -128,6 +128,7 @@ pub(crate) async fn reconcile(inner: &Arc<Inner>, loaded: Loaded) -> Result<Reco
         });
     }
     let dirty: HashSet<BlockKey> = loaded.dirty.iter().copied().collect();
+    let mut store_synced = false;
     for (object, blocks) in inner.db.unconfirmed_objects().await? {
         let keys: Vec<BlockKey> = blocks.iter().map(|&(i, b)| BlockKey::new(i, b)).collect();
         if keys.iter().any(|k| dirty.contains(k)) {
@@ -152,6 +153,21 @@ pub(crate) async fn reconcile(inner: &Arc<Inner>, loaded: Loaded) -> Result<Reco
             }
         };
         let _commit = inner.commit_lock.lock().await;
+        if complete && !store_synced {
+            // It may still be only in the page cache of a local-directory store; one barrier
+            // covers every object written before the crash.
+            inner
+                .backend
+                .make_durable()
+                .await
+                .map_err(|e| Error::Download {
+                    obj_id: object.id,
+                    inode: keys.first().map_or(0, |k| k.inode),
+                    blockno: keys.first().map_or(0, |k| k.blockno),
+                    source: Arc::new(e),
+                })?;
+            store_synced = true;
+        }
         if complete {
             inner.db.confirm_upload(object.id, object.length).await?;
             report.confirmed_in_store += 1;
