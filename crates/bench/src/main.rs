@@ -85,6 +85,7 @@ fn parse_args() -> Result<Args, Error> {
     while let Some(flag) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{flag} needs a value"));
         match flag.as_str() {
+            "--" => {}
             "--data-mib" => a.data_mib = value()?.parse()?,
             "--runs" => a.runs = value()?.parse()?,
             "--block-sizes" => {
