@@ -246,6 +246,7 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
         .map_err(|e| format!("cannot open the cache: {e}"))?;
     let recovery = cache.recovery().clone();
     tracing::info!(?recovery, "cache open");
+    let block_size = cache.config().block_size;
     let ns = Namespace::open(cache, s.max_file_size())
         .await
         .map_err(|e| format!("cannot open the file namespace: {e}"))?;
@@ -262,6 +263,10 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
         token: s.auth_token.clone(),
         draining: Default::default(),
         metrics: metrics.clone(),
+        buffers: Arc::new(tokio::sync::Semaphore::new(server::buffer_permits(
+            s.buffer_memory.map_or(64 << 20, |m| m.0),
+            block_size,
+        ))),
     });
     let app = server::router(state.clone());
     println!("blockcache listening on http://{addr}");

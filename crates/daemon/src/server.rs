@@ -37,6 +37,25 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Renders the Prometheus text format.
     pub metrics: PrometheusHandle,
+    /// Block buffers of requests, shared by all of them: a writer holds one for its whole
+    /// request, a read piece from its read until it is sent. Bounds the daemon's buffer
+    /// memory whatever the number of clients.
+    pub buffers: Arc<tokio::sync::Semaphore>,
+}
+
+/// Block buffers for all requests together: `memory` worth, and at least one.
+pub fn buffer_permits(memory: u64, block_size: u64) -> usize {
+    (memory / block_size.max(1)).max(1) as usize
+}
+
+async fn buffer(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+    state.buffers.clone().acquire_owned().await.map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the daemon is shutting down",
+        )
+    })
 }
 
 type Shared = Arc<AppState>;
@@ -392,6 +411,7 @@ async fn put_file(
         drain(body.into_data_stream()).await;
         return Err(too_large(name, len, max));
     }
+    let _buffer = buffer(state).await?;
     let mut w = state.ns.create(name).await?;
     pour(&mut w, body).await?;
     let meta = w.finish(durability).await?;
@@ -425,6 +445,7 @@ async fn patch_file(
         drain(body.into_data_stream()).await;
         return Err(too_large(name, offset.saturating_add(len), max));
     }
+    let _buffer = buffer(state).await?;
     let mut w = state.ns.patch(name, offset).await?;
     pour(&mut w, body).await?;
     let meta = w.finish(durability).await?;
@@ -568,7 +589,7 @@ async fn get_file(
     let body = if head {
         Body::empty()
     } else {
-        stream_body(reader, start, end)
+        stream_body(reader, start, end, state.buffers.clone())
     };
     let mut r = Response::builder()
         .status(status)
@@ -588,23 +609,37 @@ async fn get_file(
 }
 
 /// Streams bytes `start..end` of a file, one block-aligned piece at a time, reading a few
-/// blocks ahead (memory: `READ_AHEAD` blocks per request).
-fn stream_body(reader: FileReader, start: u64, end: u64) -> Body {
+/// blocks ahead (memory: at most `READ_AHEAD` blocks per request, each holding a permit of
+/// `buffers` from its read until it is handed to the connection).
+fn stream_body(
+    reader: FileReader,
+    start: u64,
+    end: u64,
+    buffers: Arc<tokio::sync::Semaphore>,
+) -> Body {
     let bs = reader.block_size();
     let reader = Arc::new(reader);
-    let mut pieces = Vec::new();
-    let mut pos = start;
-    while pos < end {
-        let n = (bs - pos % bs).min(end - pos);
-        pieces.push((pos, n as usize));
-        pos += n;
-    }
+    // Block-aligned pieces, generated as they are needed (no list proportional to the file).
+    let pieces = std::iter::successors(Some(start), move |&p| Some(p + (bs - p % bs)))
+        .take_while(move |&p| p < end)
+        .map(move |p| (p, (bs - p % bs).min(end - p) as usize));
+    // Permits are taken in piece order (`then` runs one at a time), so a request's held
+    // permits are always for its next pieces and its first one can be read: requests waiting
+    // for permits cannot deadlock each other.
     let stream = futures::stream::iter(pieces)
-        .map(move |(pos, n)| {
+        .then(move |(pos, n)| {
+            let buffers = buffers.clone();
+            async move { (pos, n, buffers.acquire_owned().await) }
+        })
+        .map(move |(pos, n, permit)| {
             let reader = reader.clone();
-            async move { reader.read(pos, n).await }
+            async move {
+                let permit = permit.map_err(|_| blockcache::Error::ShuttingDown)?;
+                reader.read(pos, n).await.map(|b| (b, permit))
+            }
         })
         .buffered(READ_AHEAD)
+        .map_ok(|(bytes, _permit)| bytes)
         .map_err(|e| {
             tracing::error!(error = %e, "reading a file for a response failed");
             std::io::Error::other(e)

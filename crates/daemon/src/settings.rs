@@ -157,6 +157,10 @@ pub struct Settings {
     /// Largest file size [default: 1TiB]
     #[arg(long, env = "BLOCKCACHE_MAX_FILE_SIZE", value_name = "SIZE")]
     pub max_file_size: Option<Size>,
+    /// Memory for request buffers, all requests together (each PUT or PATCH holds one block,
+    /// each GET up to four while sending); requests wait beyond it [default: 64MiB]
+    #[arg(long, env = "BLOCKCACHE_BUFFER_MEMORY", value_name = "SIZE")]
+    pub buffer_memory: Option<Size>,
     /// Bearer token every route but /healthz requires
     #[arg(
         long,
@@ -201,6 +205,7 @@ impl Settings {
             upload_delay: self.upload_delay.or(base.upload_delay),
             durability: self.durability.or(base.durability),
             max_file_size: self.max_file_size.or(base.max_file_size),
+            buffer_memory: self.buffer_memory.or(base.buffer_memory),
             auth_token: self.auth_token.or(base.auth_token),
             insecure: self.insecure || base.insecure,
             log_format: self.log_format.or(base.log_format),

@@ -928,3 +928,48 @@ async fn credentials_in_urls_never_reach_the_log() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_share_a_tiny_buffer_pool_without_deadlock() {
+    let dir = tmp();
+    // One block of buffer memory for every request together.
+    let d = Arc::new(Daemon::start(
+        dir.path(),
+        &["--block-size", "64KiB", "--buffer-memory", "64KiB"],
+    ));
+    let files: Vec<Vec<u8>> = (0..4).map(|i| data(300 + i, 6 * BS + 123)).collect();
+    for (i, f) in files.iter().enumerate() {
+        d.put(&format!("pool/{i}"), f.clone()).await;
+    }
+    let files = Arc::new(files);
+    let mut tasks = Vec::new();
+    for t in 0..10usize {
+        let (d, files) = (d.clone(), files.clone());
+        tasks.push(tokio::spawn(async move {
+            for round in 0..3 {
+                let i = (t + round) % 4;
+                if t % 3 == 0 {
+                    assert!(
+                        d.put(&format!("pool/w{t}"), files[i].clone())
+                            .await
+                            .status()
+                            .is_success()
+                    );
+                } else {
+                    let (status, body) = d.get(&format!("pool/{i}")).await;
+                    assert_eq!(status, 200);
+                    assert_eq!(body, files[i]);
+                }
+            }
+        }));
+    }
+    let all = futures::future::join_all(tasks);
+    let results = tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("no deadlock");
+    for r in results {
+        r.expect("task");
+    }
+    let d = Arc::try_unwrap(d).ok().expect("sole owner");
+    d.stop();
+}
