@@ -118,6 +118,9 @@ pub(crate) struct Inner {
     /// one item per confirmed commit, drained in batches; leaving a marker is harmless.
     pub(crate) unmark_queue: Mutex<Vec<(BlockKey, u64)>>,
     pub(crate) unmark_wake: Notify,
+    /// Items queued for the unmark task and not yet done, and the wakeup when it drops.
+    pub(crate) unmark_pending: AtomicU64,
+    pub(crate) unmark_done: Notify,
     pub(crate) uploads_in_flight: AtomicU64,
     pub(crate) pending_removals: AtomicU64,
     pub(crate) counters: Counters,
@@ -172,6 +175,9 @@ impl Inner {
             if self.cancel.is_cancelled() {
                 return Err(Error::ShuttingDown);
             }
+            // The unmark task briefly locks clean blocks; let it finish so that eviction does
+            // not skip them and pick (and upload) other blocks instead.
+            self.wait_unmarked().await;
             let progress = self.progress.notified();
             let released = self.locks.released().notified();
             tokio::pin!(progress, released);
@@ -641,17 +647,33 @@ impl Inner {
         };
         if let Some(freed) = became_clean {
             self.dirty_budget.release(freed);
-        }
-        done.send_replace(Some(result));
-        self.progress.notify_waiters();
-        if became_clean.is_some() {
             // The rename back to the clean name is a file-system call: the unmark task does
-            // it in batches on the blocking pool, off this path.
+            // it in batches on the blocking pool, off this path. Queued (and counted) before
+            // `done` fires, so whoever acts on `done` can wait for it.
             self.unmark_queue
                 .lock()
                 .expect("unmark queue poisoned")
                 .push((key, entry_id));
+            self.unmark_pending.fetch_add(1, Ordering::SeqCst);
             self.unmark_wake.notify_one();
+        }
+        done.send_replace(Some(result));
+        self.progress.notify_waiters();
+    }
+
+    /// Waits until the unmark task has done everything queued (or the engine stops).
+    pub(crate) async fn wait_unmarked(&self) {
+        loop {
+            let done = self.unmark_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.unmark_pending.load(Ordering::SeqCst) == 0 || self.cancel.is_cancelled() {
+                return;
+            }
+            tokio::select! {
+                () = done => {}
+                () = self.cancel.cancelled() => return,
+            }
         }
     }
 
@@ -736,6 +758,10 @@ impl Inner {
                 }
             }
             if to_commit.is_empty() && waits.is_empty() {
+                // Leave the blocks as a flush found them before the unmark task existed:
+                // under their clean names, and not locked by it when the caller goes on
+                // (eviction skips locked entries).
+                self.wait_unmarked().await;
                 return Ok(());
             }
             for (key, gen_ok, done) in self

@@ -278,6 +278,8 @@ impl BlockCache {
             removal_tx,
             unmark_queue: Default::default(),
             unmark_wake: Notify::new(),
+            unmark_pending: Default::default(),
+            unmark_done: Notify::new(),
             uploads_in_flight: Default::default(),
             pending_removals: Default::default(),
             counters: Counters::default(),

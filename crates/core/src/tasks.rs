@@ -216,6 +216,7 @@ pub(crate) async fn unmark_task(inner: Arc<Inner>, cancel: CancellationToken) {
                 () = inner.unmark_wake.notified() => continue,
             }
         }
+        let n = batch.len() as u64;
         let i = inner.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for (key, id) in batch {
@@ -223,5 +224,7 @@ pub(crate) async fn unmark_task(inner: Arc<Inner>, cancel: CancellationToken) {
             }
         })
         .await;
+        inner.unmark_pending.fetch_sub(n, Ordering::SeqCst);
+        inner.unmark_done.notify_waiters();
     }
 }
