@@ -752,7 +752,9 @@ impl Inner {
                         continue;
                     }
                     match &e.inflight {
-                        Some((g, done)) => waits.push((key, *g >= generation, done.clone())),
+                        // A commit this flush did not start: if it fails, the block is still
+                        // dirty and the next round commits it again (its failure is not ours).
+                        Some((g, done)) => waits.push((key, *g >= generation, true, done.clone())),
                         None => to_commit.push(key),
                     }
                 }
@@ -773,12 +775,12 @@ impl Inner {
                     (k, g >= wanted, d)
                 })
             {
-                waits.push((key, gen_ok, done));
+                waits.push((key, gen_ok, false, done));
             }
-            for (key, covers, done) in waits {
+            for (key, covers, inherited, done) in waits {
                 let result = wait_done(done).await;
                 let Err(error) = result else { continue };
-                if !covers {
+                if !covers || inherited {
                     continue;
                 }
                 // Blocks removed meanwhile need no flush; an upload whose object was released

@@ -60,7 +60,9 @@ async fn dedup_against_an_upload_that_then_fails() {
     let d = data(3, 800);
     env.faults.hold(Op::Put);
     env.faults.permanent(Op::Put, true);
-    env.faults.fail_first(Op::Put, 1);
+    // The upload started by commit fails, and so does the one flush starts itself (a flush
+    // commits again blocks whose earlier upload failed, and reports only its own failures).
+    env.faults.fail_first(Op::Put, 2);
     cache.write(1, 0, 0, &d).await.expect("write");
     cache.commit().await.expect("commit");
     env.faults.wait_held(Op::Put, 1).await;
