@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::{Args, Error, FILE_BYTES, MIB, Sample, fill, seed_of};
+use crate::{Args, Error, FILE_BYTES, MIB, Sample, fill, peak_rss_of, seed_of};
 
 struct Daemon {
     child: Child,
@@ -58,19 +58,6 @@ fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Dae
         .ok_or_else(|| format!("the daemon did not start: {line:?}"))?
         .to_owned();
     Ok(Daemon { child, base })
-}
-
-/// Peak resident set of process `pid` (VmHWM), in bytes.
-fn peak_rss_of(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
 }
 
 async fn check(r: reqwest::Response, what: &str) -> Result<reqwest::Response, Error> {

@@ -142,8 +142,9 @@ fn seed_of(g: u64, dup: f64) -> u64 {
     }
 }
 
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident set (VmHWM) of process `pid`, in bytes.
+fn peak_rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -307,7 +308,7 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     }
     let remove = remove_all(&cache, files).await?;
     put("remove_mib_s", mib_s(remove));
-    put("peak_rss_bytes", peak_rss_bytes() as f64);
+    put("peak_rss_bytes", peak_rss_of(std::process::id()) as f64);
     Arc::into_inner(cache)
         .ok_or("cache still shared")?
         .shutdown()

@@ -554,6 +554,14 @@ impl Namespace {
         self.shared.inner.flush(Some(meta.inode)).await
     }
 
+    /// Waits until the background removals started so far (of inodes retired while read,
+    /// and of abandoned writers) are done.
+    pub async fn wait_for_cleanups(&self) {
+        self.shared.cleanups.close();
+        self.shared.cleanups.wait().await;
+        self.shared.cleanups.reopen();
+    }
+
     /// Finishes background removals, then shuts the cache down (see
     /// [`BlockCache::shutdown`]).
     pub async fn shutdown(self) -> Result<()> {

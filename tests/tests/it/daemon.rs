@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use blockcache_tests::daemon::{Daemon, run_cli};
 use blockcache_tests::data;
-use futures::StreamExt;
 use reqwest::StatusCode;
 
 /// Small blocks keep the tests quick and still span many blocks.
@@ -599,16 +598,16 @@ async fn sigkill_during_uploads_then_restart_keeps_every_acknowledged_file() {
             assert!(r.status().is_success());
             acked.push(content);
         }
-        // A replacement that is under way when the process dies.
-        let slow: Vec<Result<Vec<u8>, std::io::Error>> =
-            (0..4).map(|_| Ok(vec![9u8; BS])).collect();
-        let body = reqwest::Body::wrap_stream(futures::stream::iter(slow).then(|c| async {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            c
-        }));
-        let pending = d.http.put(d.url("/v1/files/k/0")).body(body).send();
-        let _ = tokio::time::timeout(Duration::from_millis(120), pending).await;
+        // A replacement that is under way when the process dies: its first block has
+        // reached the cache, the rest never comes.
+        let entries = cache_entries(&d).await;
+        let (feed, body) = fed_body();
+        let pending = tokio::spawn(d.http.put(d.url("/v1/files/k/0")).body(body).send());
+        feed.send(vec![9u8; BS]).await.expect("feed");
+        wait_for_entries(&d, entries).await;
         d.kill9();
+        drop(feed);
+        assert!(pending.await.expect("join").is_err_or_failed());
     }
     let d = Daemon::start(dir.path(), ARGS);
     for (i, content) in acked.iter().enumerate() {
@@ -830,30 +829,62 @@ async fn cli_against_a_live_daemon() {
     assert!(err.contains("cannot reach the daemon"), "{err}");
 }
 
-/// A body that sends `chunks` pieces of one block, `gap` apart.
-fn slow_body(chunks: usize, gap: Duration) -> reqwest::Body {
-    let pieces: Vec<Result<Vec<u8>, std::io::Error>> =
-        (0..chunks).map(|i| Ok(vec![i as u8; BS])).collect();
-    reqwest::Body::wrap_stream(futures::stream::iter(pieces).then(move |c| async move {
-        tokio::time::sleep(gap).await;
-        c
-    }))
+/// A request body the test feeds chunk by chunk.
+fn fed_body() -> (tokio::sync::mpsc::Sender<Vec<u8>>, reqwest::Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(1);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|c| (Ok::<_, std::io::Error>(c), rx))
+    });
+    (tx, reqwest::Body::wrap_stream(stream))
+}
+
+async fn cache_entries(d: &Daemon) -> u64 {
+    d.json("/v1/stats").await["cache"]["entries"]
+        .as_u64()
+        .expect("entries")
+}
+
+/// Waits until the daemon's cache holds more than `n` entries: a body it is reading has
+/// reached the cache.
+async fn wait_for_entries(d: &Daemon, n: u64) {
+    while cache_entries(d).await <= n {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits until the daemon's log contains `text`.
+async fn wait_for_log(d: &Daemon, text: &str) {
+    while !d.log_text().contains(text) {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A response that is an error or not a success.
+trait Failed {
+    fn is_err_or_failed(&self) -> bool;
+}
+
+impl Failed for reqwest::Result<reqwest::Response> {
+    fn is_err_or_failed(&self) -> bool {
+        self.as_ref().map_or(true, |r| !r.status().is_success())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once() {
     let dir = tmp();
     let mut d = Daemon::start(dir.path(), ARGS);
-    let http = d.http.clone();
-    let url = d.url("/v1/files/slow");
-    let upload = tokio::spawn(async move {
-        http.put(url)
-            .body(slow_body(8, Duration::from_millis(60)))
-            .send()
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (feed, body) = fed_body();
+    let upload = tokio::spawn(d.http.put(d.url("/v1/files/slow")).body(body).send());
+    feed.send(vec![0u8; BS]).await.expect("feed");
+    wait_for_entries(&d, 0).await;
     d.signal(15);
+    wait_for_log(&d, "signal received").await;
+    // The request in flight goes on after the signal and completes.
+    for i in 1..8u8 {
+        feed.send(vec![i; BS]).await.expect("feed");
+    }
+    drop(feed);
     let r = upload
         .await
         .expect("join")
@@ -874,23 +905,19 @@ async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once()
         .await
         .expect("PUT");
     assert!(r.status().is_success());
-    let http = d.http.clone();
-    let url = d.url("/v1/files/never");
-    let upload = tokio::spawn(async move {
-        http.put(url)
-            .body(slow_body(100, Duration::from_millis(100)))
-            .send()
-            .await
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let entries = cache_entries(&d).await;
+    let (feed, body) = fed_body();
+    let upload = tokio::spawn(d.http.put(d.url("/v1/files/never")).body(body).send());
+    feed.send(vec![1u8; BS]).await.expect("feed");
+    wait_for_entries(&d, entries).await;
     d.signal(15);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_for_log(&d, "signal received").await;
     d.signal(2);
     let status = d.wait(Duration::from_secs(5));
     assert_eq!(status.code(), Some(130), "{}", d.log_text());
     // The upload in flight was cut off.
-    let cut = upload.await.expect("join");
-    assert!(cut.is_err() || !cut.expect("response").status().is_success());
+    drop(feed);
+    assert!(upload.await.expect("join").is_err_or_failed());
     let d = Daemon::start(dir.path(), ARGS);
     assert_eq!(d.get("dirty").await.1, data(3, 3 * BS));
     assert_eq!(d.get("slow").await.1.len(), 8 * BS);

@@ -78,14 +78,10 @@ async fn replacement_is_atomic_for_a_reader_and_frees_the_old_blocks() {
     let v = ns.stat("f").await.expect("stat");
     assert_eq!((v.size, v.version), (3000, 2));
     drop(reader);
+    ns.wait_for_cleanups().await;
     ns.cache().flush().await.expect("flush");
     // Once the reader is gone the old inode's objects are deleted: only the new ones remain.
-    for _ in 0..200 {
-        if ns.cache().usage().await.expect("usage").logical_bytes == 3000 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    assert_eq!(ns.cache().usage().await.expect("usage").logical_bytes, 3000);
     assert!(
         ns.cache()
             .wait_for_removals(std::time::Duration::from_secs(10))
@@ -106,13 +102,8 @@ async fn abandoned_replacement_keeps_the_old_version_and_leaves_nothing() {
     w.write(&data(9, 4000)).await.expect("write");
     drop(w);
     assert_eq!(get(&ns, "f").await, old);
+    ns.wait_for_cleanups().await;
     ns.cache().flush().await.expect("flush");
-    for _ in 0..500 {
-        if ns.cache().usage().await.expect("usage").logical_bytes == 2000 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
     assert_eq!(ns.cache().usage().await.expect("usage").logical_bytes, 2000);
     ns.shutdown().await.expect("shutdown");
 }
