@@ -168,8 +168,11 @@ async fn open(dir: &Path, block_size: u64, max_bytes: u64) -> Result<BlockCache,
     config.max_bytes = max_bytes.max(block_size);
     config.max_entries = 10_000_000;
     // Everything written stays dirty until the phase that is timed: no commits under
-    // pressure while the data is being written.
+    // pressure nor by age while the data is being written (writing many small blocks can
+    // take longer than the commit delay, and the timed phase would then commit only the
+    // rest while counting every block).
     config.max_dirty_bytes = config.max_bytes;
+    config.commit_delay = None;
     let db = Db::open(dir.join("meta.db").to_str().ok_or("path not UTF-8")?).await?;
     std::fs::create_dir_all(dir.join("store"))?;
     let backend = Backend::from_url(&format!(
