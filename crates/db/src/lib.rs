@@ -56,6 +56,14 @@ pub enum Error {
         /// The block size asked for.
         requested: u64,
     },
+    /// One batch named the same block twice.
+    #[error("block {blockno} of inode {inode} appears twice in one commit")]
+    DuplicateBlock {
+        /// Inode of the block.
+        inode: u64,
+        /// Block number.
+        blockno: u64,
+    },
     /// The database holds a value that cannot be right.
     #[error("database holds invalid data: {0}")]
     Invalid(String),
@@ -258,6 +266,9 @@ impl Db {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .foreign_keys(true)
+            // Statement journals and temporary tables in memory: a batched statement would
+            // otherwise create (and unlink) a temporary file each time it runs.
+            .pragma("temp_store", "memory")
             .busy_timeout(Duration::from_secs(30));
         let mut writer =
             SqliteConnection::connect_with(&options.clone().synchronous(SqliteSynchronous::Full))
@@ -364,14 +375,14 @@ impl Db {
 
     /// Commits the content of many blocks in one transaction: for each block, link it to an
     /// existing object with the same hash, or register a new object (state `uploading`), and
-    /// release the object it pointed to before.
+    /// release the object it pointed to before. Every new reference of the batch is taken
+    /// before old ones are dropped, so an object one block leaves and another takes up stays.
+    /// The blocks must be distinct ([`Error::DuplicateBlock`] otherwise). The whole batch
+    /// costs a handful of statements, whatever its size.
     pub async fn commit_blocks(&self, requests: &[CommitRequest]) -> Result<Vec<Committed>> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
-        let mut results = Vec::with_capacity(requests.len());
-        for r in requests {
-            results.push(commit_one(&mut tx, r).await?);
-        }
+        let results = batch::commit_blocks(&mut tx, requests).await?;
         tx.commit().await.map_err(ctx("commit block contents"))?;
         Ok(results)
     }
@@ -398,32 +409,7 @@ impl Db {
     pub async fn record_uploads(&self, outcomes: &[(u64, Option<u64>)]) -> Result<Vec<bool>> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
-        let mut recorded = Vec::with_capacity(outcomes.len());
-        for &(id, stored) in outcomes {
-            let ok = match stored {
-                Some(size) => {
-                    sqlx::query(
-                        "UPDATE objects SET state = 'uploaded', stored_size = ? WHERE id = ? AND state = 'uploading'",
-                    )
-                    .bind(to_i64(size)?)
-                    .bind(to_i64(id)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(ctx("confirm an upload"))?
-                    .rows_affected()
-                        == 1
-                }
-                None => false,
-            };
-            if !ok {
-                sqlx::query("UPDATE objects SET state = 'failed', hash = NULL WHERE id = ? AND state = 'uploading'")
-                    .bind(to_i64(id)?)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(ctx("record a failed upload"))?;
-            }
-            recorded.push(ok);
-        }
+        let recorded = batch::record_uploads(&mut tx, outcomes).await?;
         tx.commit().await.map_err(ctx("commit upload outcomes"))?;
         Ok(recorded)
     }
@@ -447,20 +433,7 @@ impl Db {
     pub async fn remove_blocks(&self, blocks: &[(u64, u64)]) -> Result<Vec<u64>> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
-        let mut released = Vec::new();
-        for &(inode, blockno) in blocks {
-            let old: Option<i64> = sqlx::query_scalar(
-                "DELETE FROM blocks WHERE inode = ? AND blockno = ? RETURNING obj_id",
-            )
-            .bind(to_i64(inode)?)
-            .bind(to_i64(blockno)?)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(ctx("delete a block mapping"))?;
-            if let Some(old) = old {
-                released.extend(release(&mut tx, old).await?);
-            }
-        }
+        let released = batch::remove_blocks(&mut tx, blocks).await?;
         tx.commit().await.map_err(ctx("commit block removals"))?;
         Ok(released)
     }
@@ -479,13 +452,7 @@ impl Db {
     pub async fn finish_deletions(&self, ids: &[u64]) -> Result<()> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
-        for &id in ids {
-            sqlx::query("DELETE FROM pending_deletions WHERE obj_id = ?")
-                .bind(to_i64(id)?)
-                .execute(&mut *tx)
-                .await
-                .map_err(ctx("forget a pending deletion"))?;
-        }
+        batch::finish_deletions(&mut tx, ids).await?;
         tx.commit().await.map_err(ctx("commit finished deletions"))
     }
 
@@ -572,105 +539,7 @@ impl Db {
     }
 }
 
-async fn commit_one(tx: &mut SqliteConnection, r: &CommitRequest) -> Result<Committed> {
-    let inode = to_i64(r.inode)?;
-    let blockno = to_i64(r.blockno)?;
-    // Both lookups in one statement: every statement is a round trip to sqlx's worker thread.
-    let (old, existing, existing_state): (Option<i64>, Option<i64>, Option<String>) =
-        sqlx::query_as(
-            "SELECT (SELECT obj_id FROM blocks WHERE inode = ?1 AND blockno = ?2), \
-                (SELECT id FROM objects WHERE hash = ?3), \
-                (SELECT state FROM objects WHERE hash = ?3)",
-        )
-        .bind(inode)
-        .bind(blockno)
-        .bind(&r.hash[..])
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(ctx("look up a block and its content"))?;
-    let existing = match (existing, existing_state) {
-        (Some(id), Some(state)) => Some((id, ObjectState::parse(&state)?)),
-        _ => None,
-    };
-    let outcome = match existing {
-        Some((id, state)) if Some(id) == old => {
-            return Ok(Committed {
-                outcome: Outcome::Unchanged {
-                    obj_id: to_u64(id, "object id")?,
-                    state,
-                },
-                released: None,
-            });
-        }
-        Some((id, state)) => {
-            sqlx::query("UPDATE objects SET refcount = refcount + 1 WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(ctx("take a reference to an object"))?;
-            Outcome::Linked {
-                obj_id: to_u64(id, "object id")?,
-                state,
-            }
-        }
-        None => {
-            let id: i64 = sqlx::query_scalar(
-                "INSERT INTO objects (hash, refcount, length, stored_size, state) \
-                 VALUES (?, 1, ?, NULL, 'uploading') RETURNING id",
-            )
-            .bind(&r.hash[..])
-            .bind(to_i64(r.length)?)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(ctx("register a new object"))?;
-            Outcome::Created {
-                obj_id: to_u64(id, "object id")?,
-            }
-        }
-    };
-    // Insert or repoint the mapping in one statement (the upsert fires the update trigger).
-    sqlx::query(
-        "INSERT INTO blocks (inode, blockno, obj_id) VALUES (?, ?, ?) \
-         ON CONFLICT (inode, blockno) DO UPDATE SET obj_id = excluded.obj_id",
-    )
-    .bind(inode)
-    .bind(blockno)
-    .bind(to_i64(outcome.obj_id())?)
-    .execute(&mut *tx)
-    .await
-    .map_err(ctx("set a block mapping"))?;
-    let released = match old {
-        Some(old) => release(&mut *tx, old).await?,
-        None => None,
-    };
-    Ok(Committed { outcome, released })
-}
-
-/// Drops one reference to object `id`; at 0 deletes the row and records a pending deletion.
-async fn release(executor: &mut SqliteConnection, id: i64) -> Result<Option<u64>> {
-    let refcount: i64 = sqlx::query_scalar(
-        "UPDATE objects SET refcount = refcount - 1 WHERE id = ? RETURNING refcount",
-    )
-    .bind(id)
-    .fetch_one(&mut *executor)
-    .await
-    .map_err(ctx("drop a reference to an object"))?;
-    if refcount > 0 {
-        return Ok(None);
-    }
-    sqlx::query("DELETE FROM objects WHERE id = ?")
-        .bind(id)
-        .execute(&mut *executor)
-        .await
-        .map_err(ctx("delete an unreferenced object"))?;
-    sqlx::query("INSERT OR IGNORE INTO pending_deletions (obj_id) VALUES (?)")
-        .bind(id)
-        .execute(&mut *executor)
-        .await
-        .map_err(ctx("record a pending deletion"))?;
-    Ok(Some(to_u64(id, "object id")?))
-}
-
+mod batch;
 mod files;
 pub use files::FileRow;
 

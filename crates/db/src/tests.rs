@@ -176,3 +176,282 @@ async fn numbers_past_i64_are_rejected() {
     let err = db.mapping(u64::MAX, 0).await.expect_err("too big");
     assert!(err.to_string().contains("exceeds"), "{err}");
 }
+
+#[tokio::test]
+async fn a_block_twice_in_one_batch_is_refused_and_changes_nothing() {
+    let (_dir, db) = open().await;
+    let err = db
+        .commit_blocks(&[req(1, 0, 1, 3), req(1, 0, 2, 3)])
+        .await
+        .expect_err("duplicate");
+    assert!(
+        matches!(
+            err,
+            Error::DuplicateBlock {
+                inode: 1,
+                blockno: 0
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("appears twice"), "{err}");
+    assert_eq!(db.totals().await.expect("totals").objects, 0);
+    assert!(db.mapping(1, 0).await.expect("mapping").is_none());
+}
+
+/// The batched statements against a model of one-block-at-a-time commits (with every new
+/// reference taken before old ones are dropped), over random sequences of operations.
+mod model {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::open;
+    use crate::{CommitRequest, Committed, Db, ObjectState, Outcome};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Commit(Vec<(u64, u64, u8)>),
+        Remove(Vec<(u64, u64)>),
+        Record(Vec<(usize, bool)>),
+        FinishDeletions(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let key = (0u64..3, 0u64..4);
+        prop_oneof![
+            4 => prop::collection::vec((0u64..3, 0u64..4, 0u8..5), 1..8).prop_map(Op::Commit),
+            1 => prop::collection::vec(key, 1..6).prop_map(Op::Remove),
+            2 => prop::collection::vec((0usize..16, any::<bool>()), 1..6).prop_map(Op::Record),
+            1 => (0usize..4).prop_map(Op::FinishDeletions),
+        ]
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Obj {
+        hash: Option<u8>,
+        refcount: u64,
+        length: u64,
+        state: ObjectState,
+    }
+
+    #[derive(Debug, Default)]
+    struct Model {
+        blocks: BTreeMap<(u64, u64), u64>,
+        objects: BTreeMap<u64, Obj>,
+        pending: BTreeSet<u64>,
+        max_id: u64,
+    }
+
+    impl Model {
+        fn by_hash(&self, h: u8) -> Option<u64> {
+            self.objects
+                .iter()
+                .find(|(_, o)| o.hash == Some(h))
+                .map(|(&id, _)| id)
+        }
+
+        /// Checks `got` against the model and applies the batch.
+        fn commit(&mut self, batch: &[(u64, u64, u8)], got: &[Committed]) {
+            assert_eq!(got.len(), batch.len());
+            let mut releases: BTreeMap<u64, usize> = BTreeMap::new();
+            let mut drops: BTreeMap<u64, u64> = BTreeMap::new();
+            for (i, (&(inode, blockno, h), c)) in batch.iter().zip(got).enumerate() {
+                let old = self.blocks.get(&(inode, blockno)).copied();
+                match self.by_hash(h) {
+                    Some(id) if old == Some(id) => {
+                        let state = self.objects[&id].state;
+                        assert_eq!(
+                            c.outcome,
+                            Outcome::Unchanged { obj_id: id, state },
+                            "block {i}"
+                        );
+                        continue;
+                    }
+                    Some(id) => {
+                        let o = self.objects.get_mut(&id).expect("known");
+                        assert_eq!(
+                            c.outcome,
+                            Outcome::Linked {
+                                obj_id: id,
+                                state: o.state
+                            },
+                            "block {i}"
+                        );
+                        o.refcount += 1;
+                        self.blocks.insert((inode, blockno), id);
+                    }
+                    None => {
+                        let Outcome::Created { obj_id } = c.outcome else {
+                            panic!("block {i}: expected a new object, got {c:?}");
+                        };
+                        assert!(obj_id > self.max_id, "object id {obj_id} reused");
+                        self.max_id = obj_id;
+                        self.objects.insert(
+                            obj_id,
+                            Obj {
+                                hash: Some(h),
+                                refcount: 1,
+                                length: u64::from(h) + 1,
+                                state: ObjectState::Uploading,
+                            },
+                        );
+                        self.blocks.insert((inode, blockno), obj_id);
+                    }
+                }
+                if let Some(old) = old {
+                    *drops.entry(old).or_default() += 1;
+                    releases.insert(old, i);
+                }
+            }
+            let mut expected: Vec<Option<u64>> = vec![None; batch.len()];
+            for (id, n) in drops {
+                let o = self.objects.get_mut(&id).expect("mapped object exists");
+                o.refcount -= n;
+                if o.refcount == 0 {
+                    self.objects.remove(&id);
+                    self.pending.insert(id);
+                    expected[releases[&id]] = Some(id);
+                }
+            }
+            let released: Vec<Option<u64>> = got.iter().map(|c| c.released).collect();
+            assert_eq!(released, expected);
+        }
+
+        fn remove(&mut self, keys: &[(u64, u64)]) -> Vec<u64> {
+            let mut released = Vec::new();
+            for key in keys {
+                if let Some(id) = self.blocks.remove(key) {
+                    let o = self.objects.get_mut(&id).expect("mapped object exists");
+                    o.refcount -= 1;
+                    if o.refcount == 0 {
+                        self.objects.remove(&id);
+                        self.pending.insert(id);
+                        released.push(id);
+                    }
+                }
+            }
+            released.sort_unstable();
+            released
+        }
+
+        async fn check(&self, db: &Db) {
+            for (&(inode, blockno), &id) in &self.blocks {
+                let o = db
+                    .mapping(inode, blockno)
+                    .await
+                    .expect("mapping")
+                    .expect("mapped");
+                assert_eq!(o.id, id);
+            }
+            for (&id, m) in &self.objects {
+                let o = db.object(id).await.expect("object").expect("exists");
+                let got = Obj {
+                    hash: o.hash.map(|h| h[0]),
+                    refcount: o.refcount,
+                    length: o.length,
+                    state: o.state,
+                };
+                assert_eq!(&got, m, "object {id}");
+            }
+            let totals = db.totals().await.expect("totals");
+            assert_eq!(totals.objects, self.objects.len() as u64);
+            let pending: BTreeSet<u64> = db
+                .pending_deletions()
+                .await
+                .expect("pending")
+                .into_iter()
+                .collect();
+            assert_eq!(pending, self.pending);
+            db.check_consistency().await.expect("consistent");
+        }
+    }
+
+    async fn run(ops: Vec<Op>) {
+        let (_dir, db) = open().await;
+        let mut model = Model::default();
+        for op in ops {
+            match op {
+                Op::Commit(mut batch) => {
+                    let mut seen = BTreeSet::new();
+                    batch.retain(|&(i, b, _)| seen.insert((i, b)));
+                    let requests: Vec<CommitRequest> = batch
+                        .iter()
+                        .map(|&(inode, blockno, h)| CommitRequest {
+                            inode,
+                            blockno,
+                            hash: [h; 32],
+                            length: u64::from(h) + 1,
+                        })
+                        .collect();
+                    let got = db.commit_blocks(&requests).await.expect("commit");
+                    model.commit(&batch, &got);
+                }
+                Op::Remove(keys) => {
+                    let mut got = db.remove_blocks(&keys).await.expect("remove");
+                    got.sort_unstable();
+                    assert_eq!(got, model.remove(&keys));
+                }
+                Op::Record(picks) => {
+                    let uploading: Vec<u64> = model
+                        .objects
+                        .iter()
+                        .filter(|(_, o)| o.state == ObjectState::Uploading)
+                        .map(|(&id, _)| id)
+                        .collect();
+                    if uploading.is_empty() {
+                        continue;
+                    }
+                    let mut outcomes: Vec<(u64, Option<u64>)> = Vec::new();
+                    for (pick, ok) in picks {
+                        let id = uploading[pick % uploading.len()];
+                        if outcomes.iter().any(|&(o, _)| o == id) {
+                            continue;
+                        }
+                        outcomes.push((id, ok.then_some(100 + id)));
+                    }
+                    // An object released meanwhile is not recorded.
+                    outcomes.push((model.max_id + 1000, Some(1)));
+                    let got = db.record_uploads(&outcomes).await.expect("record");
+                    let expected: Vec<bool> = outcomes
+                        .iter()
+                        .map(|&(id, stored)| {
+                            let Some(o) = model.objects.get_mut(&id) else {
+                                return false;
+                            };
+                            if stored.is_some() {
+                                o.state = ObjectState::Uploaded;
+                                true
+                            } else {
+                                o.state = ObjectState::Failed;
+                                o.hash = None;
+                                false
+                            }
+                        })
+                        .collect();
+                    assert_eq!(got, expected);
+                }
+                Op::FinishDeletions(n) => {
+                    let ids: Vec<u64> = model.pending.iter().take(n).copied().collect();
+                    db.finish_deletions(&ids).await.expect("finish");
+                    for id in ids {
+                        model.pending.remove(&id);
+                    }
+                }
+            }
+            model.check(&db).await;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn batched_statements_match_the_model(ops in prop::collection::vec(op(), 1..24)) {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime")
+                .block_on(run(ops));
+        }
+    }
+}
