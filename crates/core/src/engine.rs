@@ -141,6 +141,19 @@ pub(crate) enum LockMode {
 /// What the commit of one block handed back: the generation and its completion.
 pub(crate) type Pending = (BlockKey, u64, Done);
 
+/// A locked dirty block about to be read for a commit: key, entry id, generation, size,
+/// whether its file carries the dirty marker, its completion, and its lock.
+type Locked = (
+    BlockKey,
+    u64,
+    u64,
+    u64,
+    bool,
+    watch::Sender<Option<Result<()>>>,
+    KeyGuard,
+);
+
+/// A block read and hashed for a commit, still locked.
 struct Snapshot {
     key: BlockKey,
     entry_id: u64,
@@ -285,68 +298,101 @@ impl Inner {
         keys.dedup();
         let mut pending = Vec::new();
         let mut rest = &keys[..];
-        while !rest.is_empty() {
-            let mut snapshots = Vec::new();
-            let mut batch_bytes = 0;
-            while let Some((&key, tail)) = rest.split_first() {
-                if snapshots.len() >= BATCH_BLOCKS || batch_bytes >= BATCH_BYTES {
-                    break;
+        // Two stages: while one batch is recorded in the database and handed to the
+        // uploaders, the next one is locked, read and hashed. Recording never waits for the
+        // next batch's locks: a writer holding one of them may be waiting for this batch's
+        // uploads (eviction).
+        let mut prepared: Option<Vec<Snapshot>> = None;
+        loop {
+            let gather = async {
+                let locked = self.lock_batch(&mut rest, mode, &mut pending).await;
+                if locked.is_empty() {
+                    None
+                } else {
+                    Some(self.read_batch(locked).await)
                 }
-                rest = tail;
-                let guard = match mode {
-                    LockMode::Wait => self.locks.lock(key).await,
-                    LockMode::Skip => match self.locks.try_lock(key) {
-                        Some(g) => g,
-                        None => continue,
-                    },
-                };
-                let started = {
-                    let mut st = self.lock_state();
-                    match st.entries.get_mut(&key) {
-                        None => None,
-                        Some(e) => {
-                            if let Some((generation, done)) = &e.inflight {
-                                pending.push((key, *generation, done.clone()));
-                                None
-                            } else if !e.is_dirty() {
-                                None
-                            } else {
-                                let (tx, rx) = watch::channel(None);
-                                e.inflight = Some((e.generation, rx.clone()));
-                                pending.push((key, e.generation, rx));
-                                Some((e.id, e.generation, e.size, e.marker, tx))
-                            }
+            };
+            let next = match prepared.take() {
+                None => gather.await,
+                Some(current) => {
+                    let (recorded, next) = tokio::join!(self.record_batch(current), gather);
+                    if let Err(error) = recorded {
+                        if let Some(next) = next {
+                            self.fail_batch(next, &error);
                         }
+                        return Err(error);
                     }
-                };
-                let Some((entry_id, generation, size, marker, done)) = started else {
-                    continue;
-                };
-                batch_bytes += size;
-                snapshots.push((key, entry_id, generation, size, marker, done, guard));
+                    next
+                }
+            };
+            match next {
+                Some(next) => prepared = Some(next),
+                None => return Ok(pending),
             }
-            if snapshots.is_empty() {
-                continue;
-            }
-            self.commit_batch(snapshots).await?;
         }
-        Ok(pending)
     }
 
-    #[allow(clippy::type_complexity)]
+    /// Locks the next batch of dirty blocks from `rest` and marks them in flight; blocks
+    /// already in flight go to `pending`. Empty only once `rest` is exhausted.
+    async fn lock_batch(
+        &self,
+        rest: &mut &[BlockKey],
+        mode: LockMode,
+        pending: &mut Vec<Pending>,
+    ) -> Vec<Locked> {
+        let mut snapshots = Vec::new();
+        let mut batch_bytes = 0;
+        while let Some((&key, tail)) = rest.split_first() {
+            if snapshots.len() >= BATCH_BLOCKS || batch_bytes >= BATCH_BYTES {
+                break;
+            }
+            *rest = tail;
+            let guard = match mode {
+                LockMode::Wait => self.locks.lock(key).await,
+                LockMode::Skip => match self.locks.try_lock(key) {
+                    Some(g) => g,
+                    None => continue,
+                },
+            };
+            let started = {
+                let mut st = self.lock_state();
+                match st.entries.get_mut(&key) {
+                    None => None,
+                    Some(e) => {
+                        if let Some((generation, done)) = &e.inflight {
+                            pending.push((key, *generation, done.clone()));
+                            None
+                        } else if !e.is_dirty() {
+                            None
+                        } else {
+                            let (tx, rx) = watch::channel(None);
+                            e.inflight = Some((e.generation, rx.clone()));
+                            pending.push((key, e.generation, rx));
+                            Some((e.id, e.generation, e.size, e.marker, tx))
+                        }
+                    }
+                }
+            };
+            let Some((entry_id, generation, size, marker, done)) = started else {
+                continue;
+            };
+            batch_bytes += size;
+            snapshots.push((key, entry_id, generation, size, marker, done, guard));
+        }
+        snapshots
+    }
+
+    /// Settles blocks that were read for a commit that did not happen.
+    fn fail_batch(&self, snaps: Vec<Snapshot>, error: &Error) {
+        for s in snaps {
+            self.finish_block(s.key, s.entry_id, s.generation, &s.done, Err(error.clone()));
+        }
+    }
+
+    /// Reads and hashes one batch of locked dirty blocks. Blocks that cannot be read are
+    /// settled with the error and left out.
     #[tracing::instrument(level = "debug", skip_all, fields(blocks = snapshots.len()))]
-    async fn commit_batch(
-        self: &Arc<Self>,
-        snapshots: Vec<(
-            BlockKey,
-            u64,
-            u64,
-            u64,
-            bool,
-            watch::Sender<Option<Result<()>>>,
-            KeyGuard,
-        )>,
-    ) -> Result<()> {
+    async fn read_batch(&self, snapshots: Vec<Locked>) -> Vec<Snapshot> {
         // Read and hash the blocks on the blocking pool: a few tasks per batch (one per core),
         // not one per block, so small blocks do not pay a hand-off each.
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -408,6 +454,13 @@ impl Inner {
                 }
             }
         }
+        snaps
+    }
+
+    /// Records one read batch in the database (one transaction) and hands its new objects to
+    /// the upload tasks.
+    #[tracing::instrument(level = "debug", skip_all, fields(blocks = snaps.len()))]
+    async fn record_batch(self: &Arc<Self>, snaps: Vec<Snapshot>) -> Result<()> {
         if snaps.is_empty() {
             return Ok(());
         }
