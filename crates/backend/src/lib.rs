@@ -63,7 +63,8 @@ pub enum Error {
         /// What was wrong.
         reason: String,
     },
-    /// Objects written to a local-directory store could not be made durable (syncfs).
+    /// Objects written to a local-directory store could not be made durable (fsync or
+    /// syncfs).
     #[error("making the objects in the store directory durable failed: {reason}")]
     NotDurable {
         /// The I/O error.
@@ -164,17 +165,68 @@ impl Backend {
         let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
-        tokio::task::spawn_blocking(move || {
+        blocking_durable(move || {
             let dir = std::fs::File::open(&root)?;
             rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
         })
         .await
-        .map_err(|e| Error::NotDurable {
-            reason: e.to_string(),
-        })?
-        .map_err(|e| Error::NotDurable {
-            reason: e.to_string(),
+    }
+
+    /// Whether objects of this store are files on a local file system (a `file://` URL) and
+    /// must be synced before they count as stored.
+    pub fn is_local(&self) -> bool {
+        self.local_root.is_some()
+    }
+
+    /// The local file of object `id`, for a `file://` store.
+    fn local_path(&self, id: u64) -> Option<std::path::PathBuf> {
+        let root = self.local_root.as_ref()?;
+        Some(
+            self.key(id)
+                .parts()
+                .fold(root.clone(), |p, part| p.join(part.as_ref())),
+        )
+    }
+
+    /// Makes the content of object `id` durable (fsync of its file) in a local-directory
+    /// store; the directory entries follow with [`Backend::sync_object_dirs`]. Does nothing for
+    /// other stores.
+    pub async fn sync_object(&self, id: u64) -> Result<()> {
+        let Some(path) = self.local_path(id) else {
+            return Ok(());
+        };
+        blocking_durable(move || std::fs::File::open(&path)?.sync_all()).await
+    }
+
+    /// Makes the directory entries of objects `ids` durable in a local-directory store: one
+    /// fsync of every directory between them and the store root (each only once). With
+    /// [`Backend::sync_object`] of each object, this is a cheaper barrier than
+    /// [`Backend::make_durable`] for a few large objects, and leaves the rest of the file
+    /// system alone.
+    pub async fn sync_object_dirs(&self, ids: &[u64]) -> Result<()> {
+        let Some(root) = self.local_root.clone() else {
+            return Ok(());
+        };
+        let mut dirs = std::collections::BTreeSet::new();
+        for &id in ids {
+            let mut dir = self
+                .local_path(id)
+                .and_then(|p| p.parent().map(std::path::Path::to_owned));
+            while let Some(d) = dir {
+                if !d.starts_with(&root) || !dirs.insert(d.clone()) {
+                    break;
+                }
+                dir = d.parent().map(std::path::Path::to_owned);
+            }
+        }
+        blocking_durable(move || {
+            // Deepest first, so that a directory's entry is synced after its content.
+            for dir in dirs.iter().rev() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
         })
+        .await
     }
 
     /// Wraps an already built store; objects live under `prefix`.
@@ -419,3 +471,12 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::
 
 #[cfg(test)]
 mod tests;
+
+/// Runs a blocking sync on the blocking pool; its failure is [`Error::NotDurable`].
+async fn blocking_durable(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<()> {
+    let not_durable = |reason: String| Error::NotDurable { reason };
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| not_durable(e.to_string()))?
+        .map_err(|e| not_durable(e.to_string()))
+}

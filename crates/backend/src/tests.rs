@@ -62,6 +62,38 @@ async fn file_url_round_trip_creates_directory() {
     assert!(backend.list_ids().await.expect("list").is_empty());
 }
 
+#[tokio::test]
+async fn objects_of_a_file_store_are_synced_one_by_one_with_their_directories() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    let backend = Backend::from_url(&format!("file://{}", root.display())).expect("open");
+    assert!(backend.is_local());
+    for id in [1u64, 257, 2] {
+        backend
+            .put(id, Bytes::from(vec![1u8; 10]))
+            .await
+            .expect("put");
+        backend
+            .sync_object(id)
+            .await
+            .expect("fsync of the object file");
+    }
+    backend
+        .sync_object_dirs(&[1, 257, 2])
+        .await
+        .expect("fsync of the shard directories and their parents");
+    // An object that is not there cannot be made durable: the error says so.
+    let err = backend.sync_object(3).await.expect_err("missing object");
+    assert!(matches!(err, Error::NotDurable { .. }), "{err}");
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("durable"), "{err}");
+    // Other stores are durable once a PUT returns: nothing to do.
+    let memory = Backend::from_url("memory://").expect("memory");
+    assert!(!memory.is_local());
+    memory.sync_object(3).await.expect("no-op");
+    memory.sync_object_dirs(&[3]).await.expect("no-op");
+}
+
 #[test]
 fn bad_urls_are_named() {
     for url in ["ftp://x/y", "not a url", "file://relative"] {

@@ -43,7 +43,7 @@ use crate::{BlockKey, Config, Error, Result};
 
 /// Most blocks, and most bytes, read into memory by one commit batch.
 const BATCH_BLOCKS: usize = 512;
-const BATCH_BYTES: u64 = 16 << 20;
+const BATCH_BYTES: u64 = 4 << 20;
 
 /// A block waiting for the upload of an object.
 #[derive(Debug)]
@@ -598,15 +598,36 @@ impl Inner {
         });
     }
 
+    /// Makes the objects of the successful `outcomes` durable before they are recorded: a
+    /// few large objects (each already synced by its upload task) need only their
+    /// directories synced; otherwise one `syncfs` covers the batch. Nothing for cloud stores.
+    async fn store_barrier(
+        &self,
+        outcomes: &[UploadOutcome],
+    ) -> Result<(), blockcache_backend::Error> {
+        let ok: Vec<&UploadOutcome> = outcomes.iter().filter(|o| o.result.is_ok()).collect();
+        if ok.is_empty() || !self.backend.is_local() {
+            return Ok(());
+        }
+        if ok.len() <= crate::tasks::SYNC_DIRS_MAX
+            && ok
+                .iter()
+                .all(|o| crate::tasks::syncs_each_object(&self.backend, o.len))
+        {
+            let ids: Vec<u64> = ok.iter().map(|o| o.obj_id).collect();
+            self.backend.sync_object_dirs(&ids).await
+        } else {
+            self.backend.make_durable().await
+        }
+    }
+
     /// Records the outcomes of uploads in the database in one transaction, then settles
     /// every block waiting for those objects.
     #[tracing::instrument(level = "debug", skip_all, fields(uploads = outcomes.len()))]
     pub(crate) async fn finish_uploads(self: &Arc<Self>, mut outcomes: Vec<UploadOutcome>) {
         // A local-directory store must reach the disk before its objects count as uploaded:
         // one barrier for the whole batch.
-        if outcomes.iter().any(|o| o.result.is_ok())
-            && let Err(e) = self.backend.make_durable().await
-        {
+        if let Err(e) = self.store_barrier(&outcomes).await {
             tracing::warn!(error = %e, "store not durable; the blocks stay dirty and are uploaded again");
             for o in &mut outcomes {
                 if o.result.is_ok() {

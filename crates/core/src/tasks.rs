@@ -36,12 +36,33 @@ pub(crate) async fn upload_worker(
         };
         let Some(job) = job else { return };
         let started = std::time::Instant::now();
-        let result = backend.put(job.obj_id, job.data).await;
+        let len = job.data.len() as u64;
+        let mut result = backend.put(job.obj_id, job.data).await;
+        if result.is_ok() && syncs_each_object(&backend, len) {
+            // A large object in a local directory: fsync it here, in parallel with the other
+            // uploads, so that the confirmer's barrier is a few directory fsyncs.
+            if let Err(e) = backend.sync_object(job.obj_id).await {
+                result = Err(e);
+            }
+        }
         metrics::histogram!("blockcache_upload_duration_seconds", "outcome" => outcome(&result))
             .record(started.elapsed().as_secs_f64());
         // The receiver is gone only if its recording task was cancelled; nothing to do then.
         let _ = job.reply.send(result);
     }
+}
+
+/// Objects at least this large in a local-directory store are synced one by one by the
+/// upload task that wrote them; smaller ones share one `syncfs` per confirmation batch.
+pub(crate) const SYNC_EACH_OBJECT_MIN: u64 = 256 << 10;
+
+/// Most objects, synced one by one, whose confirmation batch fsyncs their directories rather
+/// than the whole file system.
+pub(crate) const SYNC_DIRS_MAX: usize = 16;
+
+/// Whether the upload task syncs an object of `len` bytes itself.
+pub(crate) fn syncs_each_object(backend: &Backend, len: u64) -> bool {
+    backend.is_local() && len >= SYNC_EACH_OBJECT_MIN
 }
 
 /// The removal task: drains its queue into batches, waits for uploads of those objects still

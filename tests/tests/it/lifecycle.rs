@@ -250,3 +250,57 @@ async fn sync_of_many_dirty_blocks_then_crash_keeps_them() {
     assert_eq!(env.store_ids().await.len(), 100);
     cache.shutdown().await.expect("shutdown");
 }
+
+/// A `file://` store: large objects are synced one by one by their upload tasks (then their
+/// directories), small ones together by one `syncfs`; both reach the store where a fresh
+/// cache finds them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_store_makes_large_and_small_objects_durable() {
+    let env = Env::new();
+    let open = |cache_dir: std::path::PathBuf| {
+        let env = &env;
+        async move {
+            let mut config = env.config();
+            config.cache_dir = cache_dir;
+            config.block_size = 512 << 10;
+            config.max_bytes = 64 << 20;
+            config.max_dirty_bytes = 64 << 20;
+            let db = blockcache_db::Db::open(env.db_path().to_str().expect("utf-8"))
+                .await
+                .expect("db");
+            let url = format!("file://{}", env.store_dir().display());
+            let backend = blockcache_backend::Backend::from_url(&url).expect("file store");
+            blockcache::BlockCache::open(config, db, backend)
+                .await
+                .expect("open")
+        }
+    };
+    let cache = open(env.cache_dir()).await;
+    let large: Vec<Vec<u8>> = (0..3).map(|i| data(100 + i, 512 << 10)).collect();
+    let small: Vec<Vec<u8>> = (0..40).map(|i| data(200 + i, 1000)).collect();
+    for (b, content) in large.iter().enumerate() {
+        cache.write(1, b as u64, 0, content).await.expect("write");
+    }
+    cache.flush().await.expect("flush of large objects");
+    for (b, content) in small.iter().enumerate() {
+        cache.write(2, b as u64, 0, content).await.expect("write");
+    }
+    cache.flush().await.expect("flush of small objects");
+    assert_eq!(env.store_ids().await.len(), 43);
+    cache.shutdown().await.expect("shutdown");
+    let cache = open(env.dir.path().join("fresh-cache")).await;
+    for (b, content) in large.iter().enumerate() {
+        assert_eq!(
+            &cache.read(1, b as u64, 0, 512 << 10).await.expect("read"),
+            content
+        );
+    }
+    for (b, content) in small.iter().enumerate() {
+        assert_eq!(
+            &cache.read(2, b as u64, 0, 1000).await.expect("read"),
+            content
+        );
+    }
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
