@@ -320,8 +320,58 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     Ok(s)
 }
 
+/// The reference for unique small blocks: every one becomes a file of the store, so this
+/// machine's rate of creating small files bounds them. `n` files of 4 KiB are written the way
+/// a local store writes objects (a temporary name, then a rename into one of 256 shard
+/// directories) by 8 threads (the default upload tasks), then one `sync`. Files per second.
+fn small_files_reference(dir: &Path, n: u64) -> Result<f64, Error> {
+    let _ = std::fs::remove_dir_all(dir);
+    for shard in 0..256 {
+        std::fs::create_dir_all(dir.join(format!("{shard:02x}")))?;
+    }
+    let threads = 8u64;
+    let start = Instant::now();
+    std::thread::scope(|scope| -> Result<(), Error> {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || -> std::io::Result<()> {
+                    let mut block = vec![0u8; 4096];
+                    let mut i = t;
+                    while i < n {
+                        fill(&mut block, i + 1);
+                        let path = dir.join(format!("{:02x}/{i}", i & 0xff));
+                        let tmp = path.with_extension("tmp");
+                        std::fs::write(&tmp, &block)?;
+                        std::fs::rename(&tmp, &path)?;
+                        i += threads;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().map_err(|_| "file thread panicked")??;
+        }
+        Ok(())
+    })?;
+    let synced = Command::new("sync").status()?;
+    if !synced.success() {
+        return Err("sync failed".into());
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    std::fs::remove_dir_all(dir)?;
+    // Write the deletions back, so that the workload after this one does not pay for them.
+    Command::new("sync").status()?;
+    Ok(rate)
+}
+
 async fn metadata(args: &Args) -> Result<Sample, Error> {
     let mut s = Sample::default();
+    let files_dir = args.dir.join(format!("files-{}", std::process::id()));
+    s.values.insert(
+        "small_files_per_s".into(),
+        small_files_reference(&files_dir, args.meta_blocks)?,
+    );
     // Unique content: every commit registers an object and uploads it to the local store.
     // Duplicate content: every commit links to one object; this is the metadata path alone.
     for (name, unique) in [("", true), ("dup_", false)] {
@@ -735,6 +785,16 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
         fmt(get("metadata", "commits_per_s")).trim(),
         fmt(get("metadata", "commit_only_per_s")).trim(),
         fmt(get("metadata", "removes_per_s")).trim()
+    );
+    let files = get("metadata", "small_files_per_s");
+    let unique = get("metadata", "commits_per_s");
+    println!(
+        "  reference: 4 KiB files created and synced/s {}  unique commits against it {}",
+        fmt(files).trim(),
+        match (unique, files) {
+            (Some(u), Some(f)) if f.median > 0.0 => format!("{:.2}x", u.median / f.median),
+            _ => "-".into(),
+        }
     );
     println!(
         "metadata, duplicate 4 KiB blocks (no uploads): commits/s {}  removes/s {}",
