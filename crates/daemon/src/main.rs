@@ -268,7 +268,11 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
             block_size,
         ))),
     });
-    let app = server::router(state.clone());
+    // Every clone of the router (one per connection) carries a sender of `alive`, and every
+    // request a further one: the channel closes once the last of them is gone, and with them
+    // every clone of the state.
+    let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
+    let app = server::router(state.clone()).layer(axum::Extension(alive));
     println!("blockcache listening on http://{addr}");
     tracing::info!(%addr, store = %redact(&store), database = %redact(&database), "listening");
 
@@ -300,17 +304,10 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
         .map_err(|e| format!("server failed: {e}"))?;
     upkeep.abort();
 
-    // Every connection is closed; the router and its clones of the state are gone.
-    let mut state = state;
-    let state = loop {
-        match Arc::try_unwrap(state) {
-            Ok(s) => break s,
-            Err(s) => {
-                state = s;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    };
+    // Every connection is closed; wait until their tasks have dropped their routers.
+    let _ = all_gone.recv().await;
+    let state = Arc::try_unwrap(state)
+        .map_err(|_| "the server state is still shared after every connection closed")?;
     let before = state.ns.cache().usage().await.ok();
     let result = state.ns.shutdown().await;
     let (blocks, bytes) = before.map_or((0, 0), |u| (u.dirty_entries, u.dirty_bytes));
