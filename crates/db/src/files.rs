@@ -40,7 +40,7 @@ impl Db {
     /// Allocates a new inode in state `staging`, durably, so that a crash before it is
     /// named leaves a record of the blocks to remove.
     pub async fn create_staging_inode(&self) -> Result<u64> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let id: i64 =
             sqlx::query_scalar("INSERT INTO inodes (state) VALUES ('staging') RETURNING inode")
                 .fetch_one(&mut *w)
@@ -68,7 +68,7 @@ impl Db {
         size: u64,
         mtime_ns: i64,
     ) -> Result<(FileRow, Option<u64>)> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let old = sqlx::query("SELECT inode, version FROM files WHERE name = ?")
             .bind(name)
@@ -128,7 +128,7 @@ impl Db {
         size: u64,
         mtime_ns: i64,
     ) -> Result<Option<FileRow>> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let row = sqlx::query(&format!(
             "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1 \
              WHERE name = ? AND inode = ? RETURNING {FILE_COLUMNS}"
@@ -145,7 +145,7 @@ impl Db {
 
     /// Deletes file `name` and retires its inode, in one transaction. Returns the row.
     pub async fn delete_file(&self, name: &str) -> Result<Option<FileRow>> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let row = sqlx::query(&format!(
             "DELETE FROM files WHERE name = ? RETURNING {FILE_COLUMNS}"
@@ -213,7 +213,7 @@ impl Db {
 
     /// Retires a staging inode whose replacement was abandoned.
     pub async fn retire_inode(&self, inode: u64) -> Result<()> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         sqlx::query("UPDATE inodes SET state = 'retired' WHERE inode = ? AND state = 'staging'")
             .bind(to_i64(inode)?)
             .execute(&mut *w)
@@ -224,7 +224,7 @@ impl Db {
 
     /// Forgets a retired inode whose blocks are gone.
     pub async fn forget_inode(&self, inode: u64) -> Result<()> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         sqlx::query("DELETE FROM inodes WHERE inode = ? AND state = 'retired'")
             .bind(to_i64(inode)?)
             .execute(&mut *w)

@@ -6,9 +6,15 @@
 //! pool of separate connections and never wait behind writers (WAL mode).
 //!
 //! Every multi-statement change is one transaction. The writer runs with
-//! `synchronous=FULL`, so a committed transaction is durable before the caller acts on it:
-//! in particular, an object's row is deleted (and its pending deletion recorded) durably
-//! before the store object is deleted.
+//! `synchronous=FULL`, so a committed transaction is durable before the caller acts on it,
+//! with one exception: [`Db::commit_blocks_unsynced`] commits without a sync of its own and
+//! returns a [`SyncTicket`]. In WAL mode every fully synchronized commit first syncs the
+//! whole log, so the durable state is always a prefix of the commit order: an unsynced
+//! commit becomes durable with the next synchronized one ([`Db::is_durable`]), or when
+//! [`Db::sync_through`] forces one. A process crash loses no commit; a power loss can lose
+//! unsynced commits, only together with every commit after them. Callers act on an unsynced
+//! commit (settle a block as clean, delete a released object from the store) only once it is
+//! durable.
 //!
 //! Inode and block numbers are `u64` in the API and must be at most `i64::MAX`; the engine
 //! rejects larger ones before they reach this crate.
@@ -22,6 +28,7 @@
 
 use std::ops::Range;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::sqlite::{
@@ -29,7 +36,7 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 use sqlx::{Connection, Row};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 /// Errors of the metadata store.
 #[derive(Debug, thiserror::Error)]
@@ -207,11 +214,32 @@ pub struct Totals {
     pub logical_bytes: u64,
 }
 
+/// Names an unsynced commit ([`Db::commit_blocks_unsynced`]): it is durable once
+/// [`Db::is_durable`] says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SyncTicket(u64);
+
 /// The metadata store.
 #[derive(Debug)]
 pub struct Db {
     writer: Mutex<SqliteConnection>,
     readers: SqlitePool,
+    /// Unsynced commits made so far (the last ticket handed out).
+    unsynced: AtomicU64,
+    /// The last ticket known durable. Written under the writer lock.
+    durable: AtomicU64,
+    /// The writer connection may still be in `synchronous=NORMAL` (restoring `FULL` after an
+    /// unsynced commit failed); the next writer restores it first. Under the writer lock.
+    relaxed: AtomicBool,
+}
+
+/// Sets the writer's `synchronous` level (outside a transaction).
+async fn set_synchronous(w: &mut SqliteConnection, level: &str) -> Result<()> {
+    sqlx::query(&format!("PRAGMA synchronous = {level}"))
+        .execute(&mut *w)
+        .await
+        .map_err(ctx("set the synchronous level of the database"))?;
+    Ok(())
 }
 
 fn to_i64(v: u64) -> Result<i64> {
@@ -283,17 +311,71 @@ impl Db {
         Ok(Self {
             writer: Mutex::new(writer),
             readers,
+            unsynced: AtomicU64::new(0),
+            durable: AtomicU64::new(0),
+            relaxed: AtomicBool::new(false),
         })
+    }
+
+    /// Takes the writer connection, in `synchronous=FULL`.
+    async fn write(&self) -> Result<MutexGuard<'_, SqliteConnection>> {
+        let mut w = self.writer.lock().await;
+        if self.relaxed.load(Ordering::Acquire) {
+            set_synchronous(&mut w, "FULL").await?;
+            self.relaxed.store(false, Ordering::Release);
+        }
+        Ok(w)
+    }
+
+    /// Records that a fully synchronized commit just made every earlier commit durable.
+    /// Called under the writer lock, right after that commit.
+    fn synced(&self) {
+        self.durable
+            .store(self.unsynced.load(Ordering::Acquire), Ordering::Release);
+    }
+
+    /// Whether the commit of `ticket` is durable.
+    pub fn is_durable(&self, ticket: SyncTicket) -> bool {
+        self.durable.load(Ordering::Acquire) >= ticket.0
+    }
+
+    /// Makes the commit of `ticket`, and every commit before it, durable: at once if a
+    /// synchronized commit has done so already, otherwise with one synchronized write.
+    /// Concurrent callers share one sync.
+    pub async fn sync_through(&self, ticket: SyncTicket) -> Result<()> {
+        if self.is_durable(ticket) {
+            return Ok(());
+        }
+        let mut w = self.write().await?;
+        if self.is_durable(ticket) {
+            return Ok(());
+        }
+        sqlx::query("UPDATE sync_point SET n = n + 1 WHERE id = 0")
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("sync the database log"))?;
+        self.synced();
+        Ok(())
+    }
+
+    /// Makes every commit made so far durable (see [`Db::sync_through`]).
+    pub async fn sync_all(&self) -> Result<()> {
+        self.sync_through(SyncTicket(self.unsynced.load(Ordering::Acquire)))
+            .await
     }
 
     /// Checkpoints the write-ahead log and closes the reader connections. The writer
     /// connection closes when the `Db` is dropped.
     pub async fn close(&self) {
-        let mut w = self.writer.lock().await;
-        if let Err(error) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
-            .execute(&mut *w)
-            .await
-        {
+        let checkpointed = async {
+            let mut w = self.write().await?;
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(&mut *w)
+                .await
+                .map_err(ctx("checkpoint the database"))?;
+            Ok::<_, Error>(())
+        };
+        if let Err(error) = checkpointed.await {
             tracing::warn!(%error, "checkpointing the database failed");
         }
         self.readers.close().await;
@@ -301,7 +383,7 @@ impl Db {
 
     /// Records `block_size` for a new volume, or checks that it matches the recorded one.
     pub async fn check_block_size(&self, block_size: u64) -> Result<()> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let stored: Option<String> =
             sqlx::query_scalar("SELECT value FROM volume WHERE key = 'block_size'")
@@ -380,17 +462,45 @@ impl Db {
     /// The blocks must be distinct ([`Error::DuplicateBlock`] otherwise). The whole batch
     /// costs a handful of statements, whatever its size.
     pub async fn commit_blocks(&self, requests: &[CommitRequest]) -> Result<Vec<Committed>> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let results = batch::commit_blocks(&mut tx, requests).await?;
         tx.commit().await.map_err(ctx("commit block contents"))?;
+        self.synced();
         Ok(results)
+    }
+
+    /// [`Db::commit_blocks`] without a sync of its own: the commit is durable once
+    /// [`Db::is_durable`] holds for the returned ticket (after the next synchronized commit,
+    /// or [`Db::sync_through`]). It saves an fsync per batch on the path of every upload;
+    /// the caller must not act on the outcome in a way that a power loss could not undo
+    /// (settling a block as clean, deleting a released object) before then.
+    pub async fn commit_blocks_unsynced(
+        &self,
+        requests: &[CommitRequest],
+    ) -> Result<(Vec<Committed>, SyncTicket)> {
+        let mut w = self.write().await?;
+        // From here until `FULL` is restored, `relaxed` makes the next writer restore it
+        // should this function stop half-way.
+        self.relaxed.store(true, Ordering::Release);
+        set_synchronous(&mut w, "NORMAL").await?;
+        let committed = async {
+            let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+            let results = batch::commit_blocks(&mut tx, requests).await?;
+            tx.commit().await.map_err(ctx("commit block contents"))?;
+            Ok::<_, Error>(results)
+        }
+        .await;
+        let ticket = SyncTicket(self.unsynced.fetch_add(1, Ordering::AcqRel) + 1);
+        set_synchronous(&mut w, "FULL").await?;
+        self.relaxed.store(false, Ordering::Release);
+        Ok((committed?, ticket))
     }
 
     /// Marks object `id` as uploaded with `stored_size` bytes. Returns false if the object
     /// no longer exists (it was released while uploading).
     pub async fn confirm_upload(&self, id: u64, stored_size: u64) -> Result<bool> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let done = sqlx::query(
             "UPDATE objects SET state = 'uploaded', stored_size = ? WHERE id = ? AND state = 'uploading'",
         )
@@ -407,16 +517,17 @@ impl Db {
     /// whether a success was recorded (false if the object was released or already failed
     /// meanwhile, or if the upload failed).
     pub async fn record_uploads(&self, outcomes: &[(u64, Option<u64>)]) -> Result<Vec<bool>> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let recorded = batch::record_uploads(&mut tx, outcomes).await?;
         tx.commit().await.map_err(ctx("commit upload outcomes"))?;
+        self.synced();
         Ok(recorded)
     }
 
     /// Marks object `id` as failed and clears its hash so that nothing dedups against it.
     pub async fn fail_upload(&self, id: u64) -> Result<()> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         sqlx::query(
             "UPDATE objects SET state = 'failed', hash = NULL WHERE id = ? AND state = 'uploading'",
         )
@@ -431,10 +542,11 @@ impl Db {
     /// and releases their objects. Returns the objects whose refcount reached 0 (their rows
     /// are gone and pending deletions were recorded).
     pub async fn remove_blocks(&self, blocks: &[(u64, u64)]) -> Result<Vec<u64>> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let released = batch::remove_blocks(&mut tx, blocks).await?;
         tx.commit().await.map_err(ctx("commit block removals"))?;
+        self.synced();
         Ok(released)
     }
 
@@ -450,10 +562,14 @@ impl Db {
 
     /// Forgets pending deletions whose store objects are gone.
     pub async fn finish_deletions(&self, ids: &[u64]) -> Result<()> {
-        let mut w = self.writer.lock().await;
+        let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         batch::finish_deletions(&mut tx, ids).await?;
-        tx.commit().await.map_err(ctx("commit finished deletions"))
+        tx.commit()
+            .await
+            .map_err(ctx("commit finished deletions"))?;
+        self.synced();
+        Ok(())
     }
 
     /// Objects whose upload was never confirmed, with the blocks that point to them.

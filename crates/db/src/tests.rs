@@ -384,7 +384,17 @@ mod model {
                             length: u64::from(h) + 1,
                         })
                         .collect();
-                    let got = db.commit_blocks(&requests).await.expect("commit");
+                    // Half of the batches take the unsynced path: same decisions.
+                    let got = if batch.len() % 2 == 0 {
+                        db.commit_blocks(&requests).await.expect("commit")
+                    } else {
+                        let (got, ticket) = db
+                            .commit_blocks_unsynced(&requests)
+                            .await
+                            .expect("unsynced commit");
+                        assert!(!db.is_durable(ticket));
+                        got
+                    };
                     model.commit(&batch, &got);
                 }
                 Op::Remove(keys) => {
@@ -454,4 +464,85 @@ mod model {
                 .block_on(run(ops));
         }
     }
+}
+
+/// The writer's `synchronous` level (2 is FULL) and the sync point's counter.
+async fn sync_state(db: &Db) -> (i64, i64) {
+    let mut w = db.writer.lock().await;
+    let level: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&mut *w)
+        .await
+        .expect("read synchronous");
+    let n: i64 = sqlx::query_scalar("SELECT n FROM sync_point WHERE id = 0")
+        .fetch_one(&mut *w)
+        .await
+        .expect("read the sync point");
+    (level, n)
+}
+
+#[tokio::test]
+async fn unsynced_commits_become_durable_with_the_next_synced_commit_or_a_sync() {
+    let (_dir, db) = open().await;
+    let (got, t1) = db
+        .commit_blocks_unsynced(&[req(1, 0, 1, 3)])
+        .await
+        .expect("unsynced commit");
+    assert!(matches!(got[0].outcome, Outcome::Created { .. }));
+    assert!(!db.is_durable(t1), "nothing synced the commit yet");
+    assert_eq!(
+        sync_state(&db).await,
+        (2, 0),
+        "FULL is restored after the commit"
+    );
+    // A synchronized commit syncs the whole log, and so every commit before it.
+    let id = got[0].outcome.obj_id();
+    db.record_uploads(&[(id, Some(3))]).await.expect("record");
+    assert!(db.is_durable(t1));
+    db.sync_through(t1).await.expect("sync");
+    assert_eq!(sync_state(&db).await, (2, 0), "durable already: no write");
+
+    let (_, t2) = db
+        .commit_blocks_unsynced(&[req(1, 1, 2, 3)])
+        .await
+        .expect("unsynced commit");
+    assert!(t2 > t1 && !db.is_durable(t2));
+    db.sync_through(t2).await.expect("sync");
+    assert!(db.is_durable(t2));
+    assert_eq!(sync_state(&db).await, (2, 1), "one synchronized write");
+    let (_, t3) = db
+        .commit_blocks_unsynced(&[req(1, 2, 3, 3)])
+        .await
+        .expect("unsynced commit");
+    db.sync_all().await.expect("sync all");
+    assert!(db.is_durable(t3));
+    assert_eq!(sync_state(&db).await, (2, 2));
+    db.check_consistency().await.expect("consistent");
+}
+
+#[tokio::test]
+async fn a_failed_unsynced_commit_changes_nothing_and_restores_full_sync() {
+    let (_dir, db) = open().await;
+    let err = db
+        .commit_blocks_unsynced(&[req(1, 0, 1, 3), req(1, 0, 2, 3)])
+        .await
+        .expect_err("a block twice");
+    assert!(matches!(
+        err,
+        Error::DuplicateBlock {
+            inode: 1,
+            blockno: 0
+        }
+    ));
+    assert_eq!(sync_state(&db).await.0, 2, "FULL is restored");
+    assert_eq!(db.totals().await.expect("totals").objects, 0);
+    // A writer finding the connection left relaxed restores FULL before it writes.
+    {
+        let mut w = db.writer.lock().await;
+        super::set_synchronous(&mut w, "NORMAL")
+            .await
+            .expect("relax");
+        db.relaxed.store(true, std::sync::atomic::Ordering::Release);
+    }
+    db.commit_blocks(&[req(1, 0, 1, 3)]).await.expect("commit");
+    assert_eq!(sync_state(&db).await.0, 2, "restored by the next writer");
 }
