@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockcache_backend::Backend;
-use blockcache_db::{CommitRequest, Db, ObjectState, Outcome};
+use blockcache_db::{CommitRequest, Db, ObjectState, Outcome, SyncTicket};
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
@@ -52,6 +52,8 @@ pub(crate) struct Waiter {
     entry_id: u64,
     generation: u64,
     done: watch::Sender<Option<Result<()>>>,
+    /// The (unsynced) commit that pointed the block at its object.
+    ticket: SyncTicket,
 }
 
 /// An object whose upload is under way, and the blocks that wait for it.
@@ -459,6 +461,12 @@ impl Inner {
 
     /// Records one read batch in the database (one transaction) and hands its new objects to
     /// the upload tasks.
+    ///
+    /// The transaction is not synced on its own (an fsync per batch on the path of every
+    /// upload): a block waiting for an upload is settled after the confirmation, whose
+    /// synchronized commit makes this one durable too; a block that is clean at once (its
+    /// content is already in the store) is settled only after [`Db::sync_through`]; released
+    /// objects are deleted by the removal task only after it synced the database.
     #[tracing::instrument(level = "debug", skip_all, fields(blocks = snaps.len()))]
     async fn record_batch(self: &Arc<Self>, snaps: Vec<Snapshot>) -> Result<()> {
         if snaps.is_empty() {
@@ -473,12 +481,13 @@ impl Inner {
                 length: s.data.len() as u64,
             })
             .collect();
-        let mut settled = Vec::new();
+        let mut clean = Vec::new();
+        let mut failed = Vec::new();
         let mut jobs = Vec::new();
         let mut released = Vec::new();
-        {
+        let ticket = {
             let _commit = self.commit_lock.lock().await;
-            let results = match self.db.commit_blocks(&requests).await {
+            let (results, ticket) = match self.db.commit_blocks_unsynced(&requests).await {
                 Ok(r) => r,
                 Err(e) => {
                     let error = Error::from(e);
@@ -512,6 +521,7 @@ impl Inner {
                     entry_id,
                     generation,
                     done,
+                    ticket,
                 };
                 let (obj_id, state, created) = match committed.outcome {
                     Outcome::Created { obj_id } => (obj_id, ObjectState::Uploading, true),
@@ -521,15 +531,15 @@ impl Inner {
                     }
                 };
                 match state {
-                    ObjectState::Uploaded => settled.push((waiter, Ok(()))),
-                    ObjectState::Failed => settled.push((
+                    ObjectState::Uploaded => clean.push(waiter),
+                    ObjectState::Failed => failed.push((
                         waiter,
-                        Err(Error::Upload {
+                        Error::Upload {
                             obj_id,
                             inode: key.inode,
                             blockno: key.blockno,
                             source: Arc::new(UploadFailure::Stopped),
-                        }),
+                        },
                     )),
                     ObjectState::Uploading => match uploads.get_mut(&obj_id) {
                         // Dedup against an object still being uploaded: the block stays dirty
@@ -550,9 +560,22 @@ impl Inner {
                     },
                 }
             }
+            ticket
+        };
+        for (w, error) in failed {
+            self.finish_block(w.key, w.entry_id, w.generation, &w.done, Err(error));
         }
-        for (w, result) in settled {
-            self.finish_block(w.key, w.entry_id, w.generation, &w.done, result);
+        if !clean.is_empty() {
+            // Clean at once, but not before the commit is durable: after a power loss the
+            // block's file, renamed clean, would otherwise not match its (older) mapping.
+            let inner = Arc::clone(self);
+            self.tracker.spawn(async move {
+                let synced = inner.db.sync_through(ticket).await.map_err(Error::from);
+                for w in clean {
+                    debug_assert!(synced.is_err() || inner.db.is_durable(w.ticket));
+                    inner.finish_block(w.key, w.entry_id, w.generation, &w.done, synced.clone());
+                }
+            });
         }
         for (obj_id, key, data) in jobs {
             self.start_upload(obj_id, key, data).await;
@@ -691,6 +714,8 @@ impl Inner {
             };
             if let Some(upload) = upload {
                 for w in upload.waiters {
+                    // The confirmation's commit was synchronized, after the block's own.
+                    debug_assert!(result.is_err() || self.db.is_durable(w.ticket));
                     self.finish_block(w.key, w.entry_id, w.generation, &w.done, result.clone());
                 }
                 upload.done.send_replace(Some(result));

@@ -98,20 +98,30 @@ pub(crate) async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<u6
                 let _ = wait_done(done).await;
             }
         }
-        let started = std::time::Instant::now();
-        let deleted = inner.backend.delete_many(&batch).await;
-        metrics::histogram!("blockcache_delete_duration_seconds", "outcome" => outcome(&deleted))
-            .record(started.elapsed().as_secs_f64());
-        let result = match deleted {
-            Ok(()) => inner
-                .db
-                .finish_deletions(&batch)
-                .await
-                .map_err(|e| format!("recording the deletions failed: {e}")),
-            Err(e) => Err(match std::error::Error::source(&e) {
-                Some(source) => format!("{e}: {source}"),
-                None => e.to_string(),
-            }),
+        // The release of an object may be a block commit that is not durable yet: after a
+        // power loss the block would point to the object again, so the object stays in the
+        // store until its release is durable.
+        let result = match inner.db.sync_all().await {
+            Err(e) => Err(format!(
+                "syncing the database before the deletion failed: {e}"
+            )),
+            Ok(()) => {
+                let started = std::time::Instant::now();
+                let deleted = inner.backend.delete_many(&batch).await;
+                metrics::histogram!("blockcache_delete_duration_seconds", "outcome" => outcome(&deleted))
+                    .record(started.elapsed().as_secs_f64());
+                match deleted {
+                    Ok(()) => inner
+                        .db
+                        .finish_deletions(&batch)
+                        .await
+                        .map_err(|e| format!("recording the deletions failed: {e}")),
+                    Err(e) => Err(match std::error::Error::source(&e) {
+                        Some(source) => format!("{e}: {source}"),
+                        None => e.to_string(),
+                    }),
+                }
+            }
         };
         match result {
             Ok(()) => {
