@@ -23,6 +23,9 @@ pub struct Env {
     pub store: Arc<dyn ObjectStore>,
     /// Controls faults and counts calls.
     pub faults: Faults,
+    /// Whether the engine opens the store by its `file://` URL (objects become hard links to
+    /// cache files) rather than through the fault-injecting wrapper.
+    linked: bool,
 }
 
 impl Default for Env {
@@ -40,7 +43,21 @@ impl Env {
         let local =
             LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("local store");
         let (store, faults) = FaultyStore::new(Arc::new(local));
-        Self { dir, store, faults }
+        Self {
+            dir,
+            store,
+            faults,
+            linked: false,
+        }
+    }
+
+    /// A new empty volume whose engine opens the store by its `file://` URL, as the daemon
+    /// does: new objects are hard links to their cache files. Faults cannot be injected.
+    pub fn linked() -> Self {
+        Self {
+            linked: true,
+            ..Self::new()
+        }
     }
 
     /// The directory of the object store.
@@ -74,7 +91,13 @@ impl Env {
 
     /// A backend over this volume's store with fast retries.
     pub fn backend(&self) -> Backend {
-        Backend::new(self.store.clone(), StorePath::default()).with_retry(RetryPolicy {
+        let backend = if self.linked {
+            let url = format!("file://{}", self.store_dir().display());
+            Backend::from_url(&url).expect("file store")
+        } else {
+            Backend::new(self.store.clone(), StorePath::default())
+        };
+        backend.with_retry(RetryPolicy {
             max_attempts: 3,
             initial_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(10),

@@ -116,6 +116,11 @@ pub trait Codec: Send + Sync + std::fmt::Debug + 'static {
     fn encode(&self, block: Bytes) -> Result<Bytes>;
     /// Decodes stored bytes back into the plaintext block; `key` names the object in errors.
     fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes>;
+    /// Whether stored bytes are the plaintext block itself, so that a local-directory store
+    /// may hold a block as a hard link to a file of that content ([`Backend::link_object`]).
+    fn is_identity(&self) -> bool {
+        false
+    }
 }
 
 /// The identity codec: stored bytes are the plaintext block.
@@ -129,6 +134,9 @@ impl Codec for Plain {
     fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes> {
         Ok(stored)
     }
+    fn is_identity(&self) -> bool {
+        true
+    }
 }
 
 /// Access to one object store under one key prefix.
@@ -138,6 +146,9 @@ pub struct Backend {
     /// The directory of a `file://` store: its writes reach the disk only through
     /// [`Backend::make_durable`].
     local_root: Option<std::path::PathBuf>,
+    /// Set once a hard link into the local store failed for a reason that will not change
+    /// (another file system, links not supported): later objects are copied.
+    links_refused: Arc<std::sync::atomic::AtomicBool>,
     prefix: Path,
     codec: Arc<dyn Codec>,
     retry: RetryPolicy,
@@ -188,6 +199,69 @@ impl Backend {
         )
     }
 
+    /// Whether [`Backend::link_object`] may store objects without copying them: a `file://`
+    /// store, blocks stored as they are, and no link refused so far.
+    pub fn can_link(&self) -> bool {
+        self.local_root.is_some()
+            && self.codec.is_identity()
+            && !self
+                .links_refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Stores object `id` as a hard link to `file`, whose whole content is the block: no
+    /// bytes are copied. Only for a `file://` store on the file system of `file`, with the
+    /// identity codec ([`Backend::can_link`]); returns the stored size, or `None` when the
+    /// object could not be linked (the caller then uploads the bytes with [`Backend::put`]).
+    ///
+    /// The caller must never change `file` in place afterwards (the store's object is the
+    /// same inode): it replaces the file with a copy before modifying it while its link count
+    /// is above one. The object is durable only after [`Backend::sync_object`] and
+    /// [`Backend::sync_object_dirs`] (or [`Backend::make_durable`]). Blocking: call it on the
+    /// blocking pool.
+    pub fn link_object(&self, id: u64, file: &std::path::Path) -> Option<u64> {
+        if !self.can_link() {
+            return None;
+        }
+        let path = self.local_path(id)?;
+        // Linked under a staging name that object_store's listing skips (`#` and digits),
+        // then renamed into place: an object left by an earlier attempt is replaced whole.
+        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut staged = path.clone().into_os_string();
+        staged.push(format!("#9{}{n}", std::process::id()));
+        let staged = std::path::PathBuf::from(staged);
+        let linked = std::fs::hard_link(file, &staged).or_else(|e| {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                return Err(e);
+            }
+            // The shard directory does not exist yet (or `file` is gone: the retry says so).
+            std::fs::create_dir_all(staged.parent().unwrap_or(&path))?;
+            std::fs::hard_link(file, &staged)
+        });
+        let result = linked.and_then(|()| {
+            let size = std::fs::metadata(&staged)?.len();
+            std::fs::rename(&staged, &path)?;
+            Ok(size)
+        });
+        match result {
+            Ok(size) => Some(size),
+            Err(e) => {
+                let _ = std::fs::remove_file(&staged);
+                let permanent = matches!(
+                    e.raw_os_error(),
+                    Some(libc_codes::EXDEV | libc_codes::EPERM | libc_codes::EMLINK)
+                ) || e.kind() == std::io::ErrorKind::Unsupported;
+                if permanent {
+                    self.links_refused
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                tracing::debug!(obj_id = id, error = %e, permanent, "linking an object into the store failed; copying it instead");
+                None
+            }
+        }
+    }
+
     /// Makes the content of object `id` durable (fsync of its file) in a local-directory
     /// store; the directory entries follow with [`Backend::sync_object_dirs`]. Does nothing for
     /// other stores.
@@ -234,6 +308,7 @@ impl Backend {
         Self {
             store,
             local_root: None,
+            links_refused: Arc::default(),
             prefix,
             codec: Arc::new(Plain),
             retry: RetryPolicy::default(),
@@ -471,6 +546,13 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::
 
 #[cfg(test)]
 mod tests;
+
+/// The error numbers after which hard links into the store are not tried again.
+mod libc_codes {
+    pub(crate) const EPERM: i32 = rustix::io::Errno::PERM.raw_os_error();
+    pub(crate) const EXDEV: i32 = rustix::io::Errno::XDEV.raw_os_error();
+    pub(crate) const EMLINK: i32 = rustix::io::Errno::MLINK.raw_os_error();
+}
 
 /// Runs a blocking sync on the blocking pool; its failure is [`Error::NotDurable`].
 async fn blocking_durable(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<()> {

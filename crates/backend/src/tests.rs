@@ -225,3 +225,90 @@ async fn held_calls_wait_for_release() {
     task.await.expect("join").expect("put");
     assert_eq!(backend.list_ids().await.expect("list"), vec![1]);
 }
+
+#[tokio::test]
+async fn link_object_stores_a_file_without_copying_it() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    let backend = Backend::from_url(&format!("file://{}", root.display())).expect("open");
+    assert!(backend.can_link());
+    let block = dir.path().join("block");
+    std::fs::write(&block, b"linked bytes").expect("write");
+    // The shard directory does not exist yet: it is created.
+    assert_eq!(backend.link_object(300, &block), Some(12));
+    let object = root.join("data/2c/300");
+    assert_eq!(
+        std::fs::metadata(&object).expect("object").ino(),
+        std::fs::metadata(&block).expect("block").ino()
+    );
+    assert_eq!(
+        backend.get(300).await.expect("get"),
+        Bytes::from_static(b"linked bytes")
+    );
+    // Linking again (a retried upload) replaces the object whole; no staging names remain
+    // and listings see the object once.
+    let other = dir.path().join("other");
+    std::fs::write(&other, b"second").expect("write");
+    assert_eq!(backend.link_object(300, &other), Some(6));
+    assert_eq!(
+        backend.get(300).await.expect("get"),
+        Bytes::from_static(b"second")
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join("data/2c"))
+            .expect("shard")
+            .count(),
+        1
+    );
+    assert_eq!(backend.list_ids().await.expect("list"), vec![300]);
+    assert_eq!(std::fs::metadata(&block).expect("block").nlink(), 1);
+    backend.sync_object(300).await.expect("sync");
+    backend.sync_object_dirs(&[300]).await.expect("sync dirs");
+    // A missing source is no object, and the store may still link later.
+    assert_eq!(backend.link_object(301, &dir.path().join("missing")), None);
+    assert!(backend.can_link());
+    assert!(matches!(
+        backend.get(301).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+#[tokio::test]
+async fn only_local_stores_with_the_identity_codec_link() {
+    #[derive(Debug)]
+    struct Reverse;
+    impl crate::Codec for Reverse {
+        fn encode(&self, block: Bytes) -> crate::Result<Bytes> {
+            Ok(block.iter().rev().copied().collect::<Vec<u8>>().into())
+        }
+        fn decode(&self, _key: &str, stored: Bytes) -> crate::Result<Bytes> {
+            self.encode(stored)
+        }
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let block = dir.path().join("block");
+    std::fs::write(&block, b"abc").expect("write");
+    let memory = Backend::from_url("memory://").expect("memory");
+    assert!(!memory.can_link());
+    assert_eq!(memory.link_object(1, &block), None);
+    let encoded = Backend::from_url(&format!("file://{}", dir.path().join("store").display()))
+        .expect("open")
+        .with_codec(Arc::new(Reverse));
+    assert!(!encoded.can_link());
+    assert_eq!(encoded.link_object(1, &block), None);
+    assert!(!dir.path().join("store/data/01/1").exists());
+}
+
+#[tokio::test]
+async fn a_store_on_another_file_system_stops_linking() {
+    let store = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let block = dir.path().join("block");
+    std::fs::write(&block, b"abc").expect("write");
+    let backend = Backend::from_url(&format!("file://{}", store.path().display())).expect("open");
+    assert!(backend.can_link());
+    assert_eq!(backend.link_object(1, &block), None, "EXDEV");
+    assert!(!backend.can_link(), "no further attempts");
+    assert!(std::fs::read_dir(store.path().join("data/01")).is_ok_and(|mut d| d.next().is_none()));
+}

@@ -14,6 +14,9 @@
 //!   and 8 concurrent clients (write + flush, cold read, hot read);
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
+//!
+//! `BLOCKCACHE_BENCH_LOG=<filter>` (e.g. `blockcache=debug`) prints the engine's spans with
+//! their timings on standard error, for profiling a phase.
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod chart;
@@ -571,6 +574,16 @@ fn label(bs: u64) -> String {
 
 fn main() -> Result<(), Error> {
     let args = parse_args()?;
+    // For profiling: `BLOCKCACHE_BENCH_LOG=debug` prints the engine's spans (with their busy
+    // and idle times) as they close, on standard error.
+    if let Ok(filter) = std::env::var("BLOCKCACHE_BENCH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     if let Some(kind) = args.child.clone() {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()

@@ -22,6 +22,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -67,8 +68,31 @@ pub(crate) struct ObjUpload {
 #[derive(Debug)]
 pub(crate) struct UploadJob {
     pub(crate) obj_id: u64,
-    pub(crate) data: Bytes,
+    pub(crate) source: UploadSource,
     pub(crate) reply: oneshot::Sender<Result<u64, blockcache_backend::Error>>,
+}
+
+/// What an upload task stores.
+#[derive(Debug)]
+pub(crate) enum UploadSource {
+    /// The block's bytes, uploaded with [`Backend::put`].
+    Bytes(Bytes),
+    /// Already in a local-directory store as a hard link to the cache file
+    /// ([`Backend::link_object`]) of `len` bytes; the upload task only makes it durable.
+    Linked {
+        /// The object's size.
+        len: u64,
+    },
+}
+
+impl UploadSource {
+    /// The object's size in bytes.
+    pub(crate) fn len(&self) -> u64 {
+        match self {
+            Self::Bytes(b) => b.len() as u64,
+            Self::Linked { len } => *len,
+        }
+    }
 }
 
 /// The outcome of one upload, on its way to the confirmer.
@@ -162,6 +186,8 @@ struct Snapshot {
     generation: u64,
     guard: KeyGuard,
     done: watch::Sender<Option<Result<()>>>,
+    /// The cache file the data was read from (still locked, so unchanged).
+    path: PathBuf,
     data: Vec<u8>,
     hash: [u8; 32],
 }
@@ -422,7 +448,7 @@ impl Inner {
                         .map(|(path, size)| {
                             let data = files::read_whole(&path, size)?;
                             let hash: [u8; 32] = Sha256::digest(&data).into();
-                            Ok::<_, std::io::Error>((data, hash))
+                            Ok::<_, std::io::Error>((path, data, hash))
                         })
                         .collect::<Vec<_>>()
                 })
@@ -436,12 +462,13 @@ impl Inner {
             futures::future::join_all(reads).await.into_iter().flatten()
         {
             match read {
-                Ok((data, hash)) => snaps.push(Snapshot {
+                Ok((path, data, hash)) => snaps.push(Snapshot {
                     key,
                     entry_id,
                     generation,
                     guard,
                     done,
+                    path,
                     data,
                     hash,
                 }),
@@ -512,10 +539,10 @@ impl Inner {
                     generation,
                     guard,
                     done,
+                    path,
                     data,
                     ..
                 } = snap;
-                drop(guard);
                 let waiter = Waiter {
                     key,
                     entry_id,
@@ -555,10 +582,13 @@ impl Inner {
                                     waiters: vec![waiter],
                                 },
                             );
-                            jobs.push((obj_id, key, Bytes::from(data)));
+                            // Still locked: the file may become the store's object.
+                            jobs.push((obj_id, key, data, path, guard));
+                            continue;
                         }
                     },
                 }
+                drop(guard);
             }
             ticket
         };
@@ -577,24 +607,58 @@ impl Inner {
                 }
             });
         }
-        for (obj_id, key, data) in jobs {
-            self.start_upload(obj_id, key, data).await;
+        for (obj_id, key, source) in self.link_objects(jobs).await {
+            self.start_upload(obj_id, key, source).await;
         }
         self.queue_removals(released).await;
         Ok(())
     }
 
+    /// Turns new objects into upload sources. In a local-directory store on the cache's file
+    /// system, each object becomes a hard link to its block's cache file, made while the
+    /// block is still locked (so the file holds exactly the hashed bytes): no copy, and the
+    /// bytes are written to the disk once. A later change of the block first replaces its
+    /// cache file with a copy ([`BlockHandle::apply`]). Blocks that cannot be linked are
+    /// uploaded from their bytes. The block locks are released here.
+    async fn link_objects(
+        &self,
+        jobs: Vec<(u64, BlockKey, Vec<u8>, PathBuf, KeyGuard)>,
+    ) -> Vec<(u64, BlockKey, UploadSource)> {
+        if jobs.is_empty() || !self.backend.can_link() {
+            return jobs
+                .into_iter()
+                .map(|(id, key, data, _, _)| (id, key, UploadSource::Bytes(Bytes::from(data))))
+                .collect();
+        }
+        let backend = self.backend.clone();
+        let linked = tokio::task::spawn_blocking(move || {
+            jobs.into_iter()
+                .map(|(id, key, data, path, guard)| {
+                    let linked = backend.link_object(id, &path);
+                    drop(guard);
+                    match linked {
+                        Some(len) if len == data.len() as u64 => {
+                            (id, key, UploadSource::Linked { len })
+                        }
+                        _ => (id, key, UploadSource::Bytes(Bytes::from(data))),
+                    }
+                })
+                .collect::<Vec<_>>()
+        });
+        linked.await.expect("linking task panicked")
+    }
+
     /// Hands one object to the upload tasks (waiting while they are busy) and spawns the task
     /// that passes its outcome to the confirmer.
-    async fn start_upload(self: &Arc<Self>, obj_id: u64, key: BlockKey, data: Bytes) {
+    async fn start_upload(self: &Arc<Self>, obj_id: u64, key: BlockKey, source: UploadSource) {
         let (reply, rx) = oneshot::channel();
         self.uploads_in_flight.fetch_add(1, Ordering::SeqCst);
-        let len = data.len() as u64;
+        let len = source.len();
         let sent = self
             .upload_tx
             .send(UploadJob {
                 obj_id,
-                data,
+                source,
                 reply,
             })
             .await
@@ -1118,6 +1182,14 @@ impl BlockHandle {
             if let Some(e) = inner.lock_state().entries.get_mut(&key) {
                 e.marker = true;
             }
+        }
+        // A cache file that is also a store object (a hard link) is never changed in place.
+        let file = self.file()?;
+        if let Some(copy) = inner.dir.unshare(key, file).map_err(Error::io(
+            "copy the cache file shared with the store",
+            inner.dir.file(key, true),
+        ))? {
+            self.file = Some(copy);
         }
         let file = self.file()?;
         op(file).map_err(Error::io("write cache file", inner.dir.file(key, true)))

@@ -118,12 +118,37 @@ impl CacheDir {
 
     /// Creates an empty file for a new block, with the dirty marker.
     pub(crate) fn create_dirty(&self, key: BlockKey) -> io::Result<File> {
-        OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(self.file(key, true))
+        create_fresh(&self.file(key, true))
+    }
+
+    /// Makes the open file `file` of `key` (under its dirty name) safe to change in place.
+    /// A file whose inode is also an object of a local store (a hard link made by the
+    /// upload, see `Backend::link_object`) is replaced, under the same name, by a copy of
+    /// its own; the copy is returned. `None`: the file is not shared and may be changed.
+    ///
+    /// A crash in between leaves the dirty name on either inode, both holding the same
+    /// bytes, and the object in the store untouched. The copy is as durable as any dirty
+    /// write: `sync` makes it so.
+    pub(crate) fn unshare(&self, key: BlockKey, file: &File) -> io::Result<Option<File>> {
+        use std::os::unix::fs::MetadataExt;
+        if file.metadata()?.nlink() <= 1 {
+            return Ok(None);
+        }
+        let path = self.file(key, true);
+        let staged = self
+            .path
+            .join(format!("{}-{}.unshare.tmp", key.inode, key.blockno));
+        let copied = (|| {
+            let mut source = File::open(&path)?;
+            let mut copy = create_fresh(&staged)?;
+            io::copy(&mut source, &mut copy)?;
+            std::fs::rename(&staged, &path)?;
+            Ok(copy)
+        })();
+        if copied.is_err() {
+            let _ = std::fs::remove_file(&staged);
+        }
+        copied.map(Some)
     }
 
     /// Opens the file of a cached block for reading and writing.
@@ -145,12 +170,7 @@ impl CacheDir {
     pub(crate) fn install_clean(&self, key: BlockKey, data: &[u8]) -> io::Result<File> {
         let path = self.file(key, false);
         let result = (|| {
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)?;
+            let file = create_fresh(&path)?;
             file.write_all_at(data, 0)?;
             Ok(file)
         })();
@@ -183,6 +203,25 @@ impl CacheDir {
     /// fsyncs the directory itself, making creations and renames durable.
     pub(crate) fn sync_dir(&self) -> io::Result<()> {
         File::open(&self.path)?.sync_all()
+    }
+}
+
+/// Creates an empty file at `path`, open for reading and writing. A file already there is
+/// unlinked first, never truncated: its inode may be an object of a local store.
+fn create_fresh(path: &Path) -> io::Result<File> {
+    let create = || {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+    };
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            create()
+        }
+        result => result,
     }
 }
 

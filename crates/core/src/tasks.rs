@@ -10,7 +10,7 @@ use blockcache_backend::Backend;
 use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{Inner, LockMode, UploadJob, UploadOutcome, wait_done};
+use crate::engine::{Inner, LockMode, UploadJob, UploadOutcome, UploadSource, wait_done};
 
 /// Most objects deleted in one bulk request.
 const REMOVAL_BATCH: usize = 1000;
@@ -36,8 +36,11 @@ pub(crate) async fn upload_worker(
         };
         let Some(job) = job else { return };
         let started = std::time::Instant::now();
-        let len = job.data.len() as u64;
-        let mut result = backend.put(job.obj_id, job.data).await;
+        let len = job.source.len();
+        let mut result = match job.source {
+            UploadSource::Bytes(data) => backend.put(job.obj_id, data).await,
+            UploadSource::Linked { len } => Ok(len),
+        };
         if result.is_ok() && syncs_each_object(&backend, len) {
             // A large object in a local directory: fsync it here, in parallel with the other
             // uploads, so that the confirmer's barrier is a few directory fsyncs.

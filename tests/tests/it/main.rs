@@ -6,6 +6,7 @@ mod crash;
 mod daemon;
 mod faults;
 mod lifecycle;
+mod links;
 mod model;
 mod namespace;
 mod s3ql;

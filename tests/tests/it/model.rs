@@ -54,6 +54,8 @@ fn action() -> impl Strategy<Value = Action> {
             let len = len.min((BLOCK - offset) as usize).max(1);
             Action::Write { inode, blockno, offset, len, seed }
         }),
+        // Whole blocks of a few contents, so that blocks share objects.
+        2 => (key.clone(), 0..3u64).prop_map(|((inode, blockno), seed)| Action::Write { inode, blockno, offset: 0, len: BLOCK as usize, seed }),
         4 => key.clone().prop_map(|(inode, blockno)| Action::Read { inode, blockno }),
         1 => (key, 0..=BLOCK).prop_map(|((inode, blockno), size)| Action::Truncate { inode, blockno, size }),
         1 => (0..3u64, 0..5u64, 0..6u64).prop_map(|(inode, start, len)| Action::Remove { inode, start, end: start + len }),
@@ -68,8 +70,9 @@ fn action() -> impl Strategy<Value = Action> {
 
 type Model = HashMap<(u64, u64), Vec<u8>>;
 
-async fn run(actions: Vec<Action>) {
-    let env = Env::new();
+async fn run(actions: Vec<Action>, linked: bool) {
+    // Linked: objects are hard links to cache files, and store failures cannot be injected.
+    let env = if linked { Env::linked() } else { Env::new() };
     let mut config = env.config();
     config.block_size = BLOCK;
     config.max_bytes = 8 * BLOCK;
@@ -204,6 +207,16 @@ proptest! {
             .enable_all()
             .build()
             .expect("runtime");
-        runtime.block_on(run(actions));
+        runtime.block_on(run(actions, false));
+    }
+
+    #[test]
+    fn cache_matches_the_model_with_linked_objects(actions in proptest::collection::vec(action(), 1..40)) {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime.block_on(run(actions, true));
     }
 }

@@ -1,0 +1,313 @@
+//! Objects of a `file://` store that are hard links to cache files: the store's copy never
+//! changes when its block does (in place, by truncation, after a restart, under concurrent
+//! writers), and a store on another file system gets copies.
+
+use std::os::unix::fs::MetadataExt;
+use std::sync::Arc;
+
+use blockcache::{BlockCache, Config};
+use blockcache_backend::Backend;
+use blockcache_db::Db;
+use blockcache_tests::{Env, data};
+
+/// The store's only object (panics unless there is exactly one).
+async fn only_object(env: &Env) -> u64 {
+    let ids = env.store_ids().await;
+    assert_eq!(ids.len(), 1, "objects in the store: {ids:?}");
+    ids[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linked_object_keeps_its_bytes_when_its_blocks_change() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    let original = data(1, 1024);
+    // Three blocks of equal content: one object, a hard link of one of their cache files.
+    for inode in 1..=3 {
+        cache.write(inode, 0, 0, &original).await.expect("write");
+    }
+    cache.flush().await.expect("flush");
+    let id = only_object(&env).await;
+    let object = env.object_path(id);
+    assert_eq!(
+        std::fs::metadata(&object).expect("object").nlink(),
+        2,
+        "the object is the cache file of one block"
+    );
+
+    // Change two of the blocks in place: whichever holds the link gets a copy first.
+    cache.write(1, 0, 10, b"changed").await.expect("write");
+    cache
+        .write(2, 0, 1000, b"also changed")
+        .await
+        .expect("write");
+    assert_eq!(std::fs::read(&object).expect("object"), original);
+    assert_eq!(
+        std::fs::metadata(&object).expect("object").nlink(),
+        1,
+        "no cache file shares the object any more"
+    );
+    cache.flush().await.expect("flush");
+    assert_eq!(std::fs::read(&object).expect("object"), original);
+
+    cache.clear().await.expect("clear");
+    let mut want1 = original.clone();
+    want1[10..17].copy_from_slice(b"changed");
+    let mut want2 = original.clone();
+    want2[1000..1012].copy_from_slice(b"also changed");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
+        &want1[..]
+    );
+    assert_eq!(
+        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
+        &want2[..]
+    );
+    assert_eq!(
+        &cache.read(3, 0, 0, 1024).await.expect("read")[..],
+        &original[..],
+        "the block still pointing to the object reads its old bytes"
+    );
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncating_a_linked_block_leaves_its_object_whole() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    let original = data(2, 1024);
+    cache.write(1, 0, 0, &original).await.expect("write");
+    cache.write(2, 0, 0, &original).await.expect("write");
+    cache.flush().await.expect("flush");
+    let object = env.object_path(only_object(&env).await);
+    for inode in 1..=2 {
+        let mut block = cache.block(inode, 0).await.expect("handle");
+        block.truncate(10).await.expect("truncate");
+    }
+    assert_eq!(std::fs::read(&object).expect("object"), original);
+    cache.flush().await.expect("flush");
+    assert!(
+        cache
+            .wait_for_removals(std::time::Duration::from_secs(30))
+            .await
+    );
+    assert!(!object.exists(), "the released object was deleted");
+    cache.clear().await.expect("clear");
+    for inode in 1..=2 {
+        assert_eq!(
+            &cache.read(inode, 0, 0, 1024).await.expect("read")[..],
+            &original[..10]
+        );
+    }
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_survive_a_restart_and_are_still_copied_before_a_change() {
+    let env = Env::linked();
+    let original = data(3, 1024);
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &original).await.expect("write");
+    cache.write(2, 0, 0, &original).await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.shutdown().await.expect("shutdown");
+    let object = env.object_path(only_object(&env).await);
+    assert_eq!(std::fs::metadata(&object).expect("object").nlink(), 2);
+
+    // A new engine knows nothing of earlier links: the link count tells it.
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &[0xAB; 1024]).await.expect("write");
+    cache.write(2, 0, 0, &[0xCD; 512]).await.expect("write");
+    assert_eq!(std::fs::read(&object).expect("object"), original);
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
+        &[0xAB; 1024][..]
+    );
+    let mut want2 = original.clone();
+    want2[..512].fill(0xCD);
+    assert_eq!(
+        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
+        &want2[..]
+    );
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+/// The content of writer `t`'s block in `round`: one of the anchors' contents, or, in the
+/// rounds that commit between a block's two writes, a new one (so that the commit makes an
+/// object of the writer's own file).
+fn seed_of(t: u64, round: u64) -> u64 {
+    if round.is_multiple_of(3) {
+        100 + t * 1000 + round
+    } else {
+        (round * 7 + t) % 5
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_commits_never_change_a_stored_object() {
+    let env = Env::linked();
+    let mut config = env.config();
+    config.max_bytes = 1 << 20;
+    config.max_dirty_bytes = 1 << 20;
+    let cache = Arc::new(env.open_with(config).await);
+    // Anchors: blocks never changed, holding the contents the writers start from, so that
+    // a writer's block often shares its object with an anchor (inode 9).
+    for seed in 0..5u64 {
+        cache
+            .write(9, seed, 0, &data(seed, 1024))
+            .await
+            .expect("write");
+    }
+    cache.commit().await.expect("commit");
+    // Four writers, each on its own blocks, with contents drawn from a few seeds so that
+    // blocks share objects; commits (some between a block's two writes) and flushes run
+    // meanwhile.
+    let mut tasks = Vec::new();
+    for t in 0..4u64 {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut model = std::collections::HashMap::new();
+            for round in 0..60u64 {
+                let blockno = round % 6;
+                let seed = seed_of(t, round);
+                let bytes = data(seed, 1024);
+                cache.write(t + 1, blockno, 0, &bytes).await.expect("write");
+                if round.is_multiple_of(3) {
+                    // The block's object may now be a link to its file; an anchor block
+                    // (inode 10 + t) of the same content shares that object.
+                    cache.commit().await.expect("commit");
+                    cache.write(10 + t, round, 0, &bytes).await.expect("write");
+                }
+                let offset = (round * 37 % 1000) as usize;
+                cache
+                    .write(t + 1, blockno, offset as u64, &[round as u8; 16])
+                    .await
+                    .expect("write");
+                let mut want = bytes;
+                want[offset..offset + 16].fill(round as u8);
+                model.insert(blockno, want);
+                if round % 5 == t {
+                    cache.commit().await.expect("commit");
+                }
+            }
+            model
+        }));
+    }
+    let flusher = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                cache.flush().await.expect("flush");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    let mut models = Vec::new();
+    for t in tasks {
+        models.push(t.await.expect("writer"));
+    }
+    flusher.await.expect("flusher");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    // Every read is a download, verified against the hash the object was recorded with.
+    for seed in 0..5u64 {
+        let got = cache.read(9, seed, 0, 1024).await.expect("read back");
+        assert_eq!(&got[..], &data(seed, 1024)[..], "anchor {seed}");
+    }
+    for t in 0..4u64 {
+        for round in (0..60u64).step_by(3) {
+            let got = cache.read(10 + t, round, 0, 1024).await.expect("read back");
+            let seed = seed_of(t, round);
+            assert_eq!(
+                &got[..],
+                &data(seed, 1024)[..],
+                "anchor {round} of writer {t}"
+            );
+        }
+    }
+    for (t, model) in models.iter().enumerate() {
+        for (blockno, want) in model {
+            let got = cache
+                .read(t as u64 + 1, *blockno, 0, 1024)
+                .await
+                .expect("read back");
+            assert_eq!(&got[..], &want[..], "block {blockno} of writer {t}");
+        }
+    }
+    assert!(
+        cache
+            .wait_for_removals(std::time::Duration::from_secs(30))
+            .await
+    );
+    cache.check_invariants().await.expect("invariants");
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(
+        env.backend().stored_bytes().await.expect("list"),
+        usage.stored_bytes
+    );
+    Arc::into_inner(cache)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_on_another_file_system_gets_copies() {
+    // /dev/shm is a tmpfs: a hard link from the cache's disk into it fails with EXDEV.
+    let store = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert_ne!(
+        std::fs::metadata(store.path()).expect("store").dev(),
+        std::fs::metadata(dir.path()).expect("dir").dev(),
+        "the test needs /dev/shm on a file system of its own"
+    );
+    let open = || async {
+        let mut config = Config::new(dir.path().join("cache"));
+        config.block_size = 1024;
+        config.commit_delay = None;
+        let db = Db::open(dir.path().join("meta.db").to_str().expect("utf-8"))
+            .await
+            .expect("db");
+        let backend =
+            Backend::from_url(&format!("file://{}", store.path().display())).expect("store");
+        BlockCache::open(config, db, backend).await.expect("open")
+    };
+    let cache: BlockCache = open().await;
+    let original = data(4, 1024);
+    cache.write(1, 0, 0, &original).await.expect("write");
+    cache.write(2, 0, 0, &data(5, 1024)).await.expect("write");
+    cache.flush().await.expect("flush");
+    let ids = Backend::from_url(&format!("file://{}", store.path().display()))
+        .expect("store")
+        .list_ids()
+        .await
+        .expect("list");
+    assert_eq!(ids.len(), 2);
+    for id in ids {
+        let path = store
+            .path()
+            .join("data")
+            .join(format!("{:02x}", id & 0xff))
+            .join(id.to_string());
+        assert_eq!(std::fs::metadata(&path).expect("object").nlink(), 1);
+    }
+    cache.write(1, 0, 0, b"new").await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    let mut want = original;
+    want[..3].copy_from_slice(b"new");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
+        &want[..]
+    );
+    assert_eq!(
+        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
+        &data(5, 1024)[..]
+    );
+    cache.shutdown().await.expect("shutdown");
+}
