@@ -73,6 +73,12 @@ pub enum Error {
     /// The operation was abandoned because the engine is shutting down.
     #[error("cancelled by shutdown")]
     Cancelled,
+    /// The bytes to upload could not be read from their local source (a cache file).
+    #[error("reading the block to upload failed: {reason}")]
+    Source {
+        /// The I/O error, with the file.
+        reason: String,
+    },
 }
 
 impl Error {
@@ -94,7 +100,7 @@ impl Error {
                     | E::UnknownConfigurationKey { .. }
             ),
             Self::InvalidUrl { .. } | Self::NotFound { .. } | Self::Malformed { .. } => false,
-            Self::NotDurable { .. } => true,
+            Self::NotDurable { .. } | Self::Source { .. } => true,
             Self::Cancelled => false,
         }
     }

@@ -72,11 +72,25 @@ pub(crate) struct UploadJob {
     pub(crate) reply: oneshot::Sender<Result<u64, blockcache_backend::Error>>,
 }
 
+/// A new object's block, still locked, on its way to becoming an upload source.
+struct UploadFrom {
+    path: PathBuf,
+    len: u64,
+    data: Option<Vec<u8>>,
+}
+
 /// What an upload task stores.
 #[derive(Debug)]
 pub(crate) enum UploadSource {
     /// The block's bytes, uploaded with [`Backend::put`].
     Bytes(Bytes),
+    /// The cache file could not be read for an upload of its bytes.
+    Unreadable {
+        /// The object's size.
+        len: u64,
+        /// What failed, with the file.
+        reason: String,
+    },
     /// Already in a local-directory store as a hard link to the cache file
     /// ([`Backend::link_object`]) of `len` bytes; the upload task only makes it durable.
     Linked {
@@ -90,7 +104,7 @@ impl UploadSource {
     pub(crate) fn len(&self) -> u64 {
         match self {
             Self::Bytes(b) => b.len() as u64,
-            Self::Linked { len } => *len,
+            Self::Linked { len } | Self::Unreadable { len, .. } => *len,
         }
     }
 }
@@ -188,7 +202,9 @@ struct Snapshot {
     done: watch::Sender<Option<Result<()>>>,
     /// The cache file the data was read from (still locked, so unchanged).
     path: PathBuf,
-    data: Vec<u8>,
+    len: u64,
+    /// The bytes, kept only when they may be uploaded as bytes (not linked).
+    data: Option<Vec<u8>>,
     hash: [u8; 32],
 }
 
@@ -431,6 +447,8 @@ impl Inner {
             let tail = rest.split_off(per_task.min(rest.len()));
             chunks.push(std::mem::replace(&mut rest, tail));
         }
+        // A store that links objects to cache files needs only the hash, not the bytes.
+        let keep_data = !self.backend.can_link();
         let reads = chunks.into_iter().map(|chunk| {
             let dir = self.dir.clone();
             async move {
@@ -446,9 +464,14 @@ impl Inner {
                 let read = tokio::task::spawn_blocking(move || {
                     io.into_iter()
                         .map(|(path, size)| {
-                            let data = files::read_whole(&path, size)?;
-                            let hash: [u8; 32] = Sha256::digest(&data).into();
-                            Ok::<_, std::io::Error>((path, data, hash))
+                            if keep_data {
+                                let data = files::read_whole(&path, size)?;
+                                let hash: [u8; 32] = Sha256::digest(&data).into();
+                                Ok::<_, std::io::Error>((path, size, Some(data), hash))
+                            } else {
+                                let hash = files::hash_file(&path, size)?;
+                                Ok((path, size, None, hash))
+                            }
                         })
                         .collect::<Vec<_>>()
                 })
@@ -462,13 +485,14 @@ impl Inner {
             futures::future::join_all(reads).await.into_iter().flatten()
         {
             match read {
-                Ok((path, data, hash)) => snaps.push(Snapshot {
+                Ok((path, len, data, hash)) => snaps.push(Snapshot {
                     key,
                     entry_id,
                     generation,
                     guard,
                     done,
                     path,
+                    len,
                     data,
                     hash,
                 }),
@@ -505,7 +529,7 @@ impl Inner {
                 inode: s.key.inode,
                 blockno: s.key.blockno,
                 hash: s.hash,
-                length: s.data.len() as u64,
+                length: s.len,
             })
             .collect();
         let mut clean = Vec::new();
@@ -540,6 +564,7 @@ impl Inner {
                     guard,
                     done,
                     path,
+                    len,
                     data,
                     ..
                 } = snap;
@@ -583,7 +608,7 @@ impl Inner {
                                 },
                             );
                             // Still locked: the file may become the store's object.
-                            jobs.push((obj_id, key, data, path, guard));
+                            jobs.push((obj_id, key, UploadFrom { path, len, data }, guard));
                             continue;
                         }
                     },
@@ -622,26 +647,36 @@ impl Inner {
     /// uploaded from their bytes. The block locks are released here.
     async fn link_objects(
         &self,
-        jobs: Vec<(u64, BlockKey, Vec<u8>, PathBuf, KeyGuard)>,
+        jobs: Vec<(u64, BlockKey, UploadFrom, KeyGuard)>,
     ) -> Vec<(u64, BlockKey, UploadSource)> {
-        if jobs.is_empty() || !self.backend.can_link() {
+        if jobs.iter().all(|(_, _, from, _)| from.data.is_some()) && !self.backend.can_link() {
             return jobs
                 .into_iter()
-                .map(|(id, key, data, _, _)| (id, key, UploadSource::Bytes(Bytes::from(data))))
+                .map(|(id, key, from, _)| {
+                    let data = from.data.unwrap_or_default();
+                    (id, key, UploadSource::Bytes(Bytes::from(data)))
+                })
                 .collect();
         }
         let backend = self.backend.clone();
         let linked = tokio::task::spawn_blocking(move || {
             jobs.into_iter()
-                .map(|(id, key, data, path, guard)| {
-                    let linked = backend.link_object(id, &path);
+                .map(|(id, key, from, guard)| {
+                    let UploadFrom { path, len, data } = from;
+                    let source = match backend.link_object(id, &path) {
+                        Some(linked) if linked == len => UploadSource::Linked { len },
+                        // Not linked: upload the bytes, read now if they were not kept
+                        // (the block is still locked, so they are the hashed ones).
+                        _ => match data.map_or_else(|| files::read_whole(&path, len), Ok) {
+                            Ok(data) => UploadSource::Bytes(Bytes::from(data)),
+                            Err(e) => UploadSource::Unreadable {
+                                len,
+                                reason: format!("{}: {e}", path.display()),
+                            },
+                        },
+                    };
                     drop(guard);
-                    match linked {
-                        Some(len) if len == data.len() as u64 => {
-                            (id, key, UploadSource::Linked { len })
-                        }
-                        _ => (id, key, UploadSource::Bytes(Bytes::from(data))),
-                    }
+                    (id, key, source)
                 })
                 .collect::<Vec<_>>()
         });
@@ -894,12 +929,13 @@ impl Inner {
 
     /// Commit + wait: returns once every block dirty at the call is in the store.
     pub(crate) async fn flush(self: &Arc<Self>, only: Option<u64>) -> Result<()> {
-        let targets: Vec<(BlockKey, u64, u64)> = {
+        // Block -> (entry id, generation) at the call.
+        let targets: HashMap<BlockKey, (u64, u64)> = {
             let st = self.lock_state();
             st.dirty
                 .iter()
                 .filter(|(_, k)| only.is_none_or(|i| k.inode == i))
-                .map(|(_, k)| (*k, st.entries[k].id, st.entries[k].generation))
+                .map(|(_, k)| (*k, (st.entries[k].id, st.entries[k].generation)))
                 .collect()
         };
         loop {
@@ -907,7 +943,7 @@ impl Inner {
             let mut waits = Vec::new();
             {
                 let st = self.lock_state();
-                for &(key, id, generation) in &targets {
+                for (&key, &(id, generation)) in &targets {
                     let Some(e) = st.entries.get(&key).filter(|e| e.id == id) else {
                         continue; // removed: nothing to flush
                     };
@@ -934,7 +970,7 @@ impl Inner {
                 .await?
                 .into_iter()
                 .map(|(k, g, d)| {
-                    let wanted = targets.iter().find(|t| t.0 == k).map_or(0, |t| t.2);
+                    let wanted = targets.get(&k).map_or(0, |t| t.1);
                     (k, g >= wanted, d)
                 })
             {
@@ -948,7 +984,7 @@ impl Inner {
                 }
                 // Blocks removed meanwhile need no flush; an upload whose object was released
                 // by a newer commit leaves the block dirty, and the next round commits it.
-                let id = targets.iter().find(|t| t.0 == key).map(|t| t.1);
+                let id = targets.get(&key).map(|t| t.0);
                 let removed = self
                     .lock_state()
                     .entries

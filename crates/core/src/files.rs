@@ -225,6 +225,27 @@ fn create_fresh(path: &Path) -> io::Result<File> {
     }
 }
 
+/// The SHA-256 of the first `len` bytes of `path`, read in pieces through one reused buffer
+/// per thread (no allocation of the whole block, which the caller does not keep).
+pub(crate) fn hash_file(path: &Path, len: u64) -> io::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    thread_local! {
+        static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 256 << 10]);
+    }
+    let file = File::open(path)?;
+    BUF.with_borrow_mut(|buf| {
+        let mut hasher = Sha256::new();
+        let mut offset = 0u64;
+        while offset < len {
+            let n = usize::try_from(len - offset).map_or(buf.len(), |rest| rest.min(buf.len()));
+            file.read_exact_at(&mut buf[..n], offset)?;
+            hasher.update(&buf[..n]);
+            offset += n as u64;
+        }
+        Ok(hasher.finalize().into())
+    })
+}
+
 /// Reads `len` bytes at offset 0 of `path`.
 pub(crate) fn read_whole(path: &Path, len: u64) -> io::Result<Vec<u8>> {
     let file = File::open(path)?;

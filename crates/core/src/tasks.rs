@@ -40,6 +40,9 @@ pub(crate) async fn upload_worker(
         let mut result = match job.source {
             UploadSource::Bytes(data) => backend.put(job.obj_id, data).await,
             UploadSource::Linked { len } => Ok(len),
+            UploadSource::Unreadable { reason, .. } => {
+                Err(blockcache_backend::Error::Source { reason })
+            }
         };
         if result.is_ok() && syncs_each_object(&backend, len) {
             // A large object in a local directory: fsync it here, in parallel with the other
