@@ -42,9 +42,14 @@ use crate::keylock::{KeyGuard, KeyedLocks};
 use crate::state::{Done, State};
 use crate::{BlockKey, Config, Error, Result};
 
-/// Most blocks, and most bytes, read into memory by one commit batch.
+/// Most blocks, and most bytes, read into memory by one commit batch (two batches are in
+/// memory at a time: one being hashed, one being recorded and handed to the uploaders).
 const BATCH_BLOCKS: usize = 512;
 const BATCH_BYTES: u64 = 4 << 20;
+/// Most bytes of one commit batch when the store links objects to cache files: the bytes are
+/// hashed through a small buffer and not kept, so a batch costs no memory of its size, and
+/// fewer, larger batches share the database transactions and syncs among more blocks.
+const LINKED_BATCH_BYTES: u64 = 16 << 20;
 
 /// A block waiting for the upload of an object.
 #[derive(Debug)]
@@ -386,8 +391,13 @@ impl Inner {
     ) -> Vec<Locked> {
         let mut snapshots = Vec::new();
         let mut batch_bytes = 0;
+        let max_bytes = if self.backend.can_link() {
+            LINKED_BATCH_BYTES
+        } else {
+            BATCH_BYTES
+        };
         while let Some((&key, tail)) = rest.split_first() {
-            if snapshots.len() >= BATCH_BLOCKS || batch_bytes >= BATCH_BYTES {
+            if snapshots.len() >= BATCH_BLOCKS || batch_bytes >= max_bytes {
                 break;
             }
             *rest = tail;
