@@ -76,7 +76,7 @@ fn parse_args() -> Result<Args, Error> {
         runs: 3,
         block_sizes: vec![64 << 10, 1 << 20, 4 << 20],
         dup: 0.5,
-        meta_blocks: 30_000,
+        meta_blocks: 100_000,
         dir: PathBuf::from("target/bench-tmp"),
         out: PathBuf::from("bench/results"),
         child: None,
