@@ -248,6 +248,13 @@ impl Backend {
         let result = linked.and_then(|()| {
             let size = std::fs::metadata(&staged)?.len();
             std::fs::rename(&staged, &path)?;
+            // When the object already is a link to `file` (a block committed again after a
+            // crash), the rename of one link over another of the same inode does nothing and
+            // leaves the staging name behind.
+            match std::fs::remove_file(&staged) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                other => other?,
+            }
             Ok(size)
         });
         match result {

@@ -246,6 +246,15 @@ async fn link_object_stores_a_file_without_copying_it() {
         backend.get(300).await.expect("get"),
         Bytes::from_static(b"linked bytes")
     );
+    // Linking the same file again leaves one name in the store, not a staging name too.
+    assert_eq!(backend.link_object(300, &block), Some(12));
+    assert_eq!(
+        std::fs::read_dir(root.join("data/2c"))
+            .expect("shard")
+            .count(),
+        1
+    );
+    assert_eq!(std::fs::metadata(&block).expect("block").nlink(), 2);
     // Linking again (a retried upload) replaces the object whole; no staging names remain
     // and listings see the object once.
     let other = dir.path().join("other");
