@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -194,6 +194,7 @@ type Locked = (
     u64,
     u64,
     bool,
+    Option<[u8; 32]>,
     watch::Sender<Option<Result<()>>>,
     KeyGuard,
 );
@@ -422,16 +423,22 @@ impl Inner {
                             let (tx, rx) = watch::channel(None);
                             e.inflight = Some((e.generation, rx.clone()));
                             pending.push((key, e.generation, rx));
-                            Some((e.id, e.generation, e.size, e.marker, tx))
+                            let prehash = e
+                                .prehash
+                                .filter(|(g, _)| *g == e.generation)
+                                .map(|(_, h)| h);
+                            Some((e.id, e.generation, e.size, e.marker, prehash, tx))
                         }
                     }
                 }
             };
-            let Some((entry_id, generation, size, marker, done)) = started else {
+            let Some((entry_id, generation, size, marker, prehash, done)) = started else {
                 continue;
             };
             batch_bytes += size;
-            snapshots.push((key, entry_id, generation, size, marker, done, guard));
+            snapshots.push((
+                key, entry_id, generation, size, marker, prehash, done, guard,
+            ));
         }
         snapshots
     }
@@ -464,22 +471,27 @@ impl Inner {
             async move {
                 let (keep, io): (Vec<_>, Vec<_>) = chunk
                     .into_iter()
-                    .map(|(key, entry_id, generation, size, marker, done, guard)| {
-                        (
-                            (key, entry_id, generation, done, guard),
-                            (dir.file(key, marker), size),
-                        )
-                    })
+                    .map(
+                        |(key, entry_id, generation, size, marker, prehash, done, guard)| {
+                            (
+                                (key, entry_id, generation, done, guard),
+                                (dir.file(key, marker), size, prehash),
+                            )
+                        },
+                    )
                     .unzip();
                 let read = tokio::task::spawn_blocking(move || {
                     io.into_iter()
-                        .map(|(path, size)| {
+                        .map(|(path, size, prehash)| {
                             if keep_data {
                                 let data = files::read_whole(&path, size)?;
-                                let hash: [u8; 32] = Sha256::digest(&data).into();
+                                let hash = prehash.unwrap_or_else(|| Sha256::digest(&data).into());
                                 Ok::<_, std::io::Error>((path, size, Some(data), hash))
                             } else {
-                                let hash = files::hash_file(&path, size)?;
+                                let hash = match prehash {
+                                    Some(hash) => hash,
+                                    None => files::hash_file(&path, size)?,
+                                };
                                 Ok((path, size, None, hash))
                             }
                         })
@@ -885,6 +897,64 @@ impl Inner {
         }
     }
 
+    /// Hashes dirty blocks among `keys` ahead of their commit, on the blocking pool (one task
+    /// per core), until `stop` is set; `sync` runs it while the disk writes. A block that is
+    /// locked, in flight or already hashed at its generation is skipped; each one hashed is
+    /// locked meanwhile, so its generation and bytes cannot change under the hash.
+    pub(crate) async fn prehash(self: &Arc<Self>, keys: Vec<BlockKey>, stop: Arc<AtomicBool>) {
+        if keys.is_empty() {
+            return;
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let per_task = keys.len().div_ceil(cores).max(1);
+        let tasks: Vec<_> = keys
+            .chunks(per_task)
+            .map(|chunk| {
+                let (inner, chunk, stop) = (Arc::clone(self), chunk.to_vec(), stop.clone());
+                tokio::task::spawn_blocking(move || {
+                    for key in chunk {
+                        if stop.load(Ordering::Relaxed) || inner.cancel.is_cancelled() {
+                            return;
+                        }
+                        inner.prehash_one(key);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Hashes one dirty block ahead of its commit (see [`Inner::prehash`]). Blocking.
+    fn prehash_one(&self, key: BlockKey) {
+        let Some(_guard) = self.locks.try_lock(key) else {
+            return;
+        };
+        let found = {
+            let st = self.lock_state();
+            st.entries
+                .get(&key)
+                .filter(|e| e.is_dirty() && e.inflight.is_none())
+                .filter(|e| e.prehash.is_none_or(|(g, _)| g != e.generation))
+                .map(|e| (e.id, e.generation, e.size, e.marker))
+        };
+        let Some((id, generation, size, marker)) = found else {
+            return;
+        };
+        // A failure here only means the commit hashes the block itself.
+        let Ok(hash) = files::hash_file(&self.dir.file(key, marker), size) else {
+            return;
+        };
+        let mut st = self.lock_state();
+        if let Some(e) = st.entries.get_mut(&key)
+            && e.id == id
+            && e.generation == generation
+        {
+            e.prehash = Some((generation, hash));
+        }
+    }
+
     /// Renames the file of a clean entry back to its clean name, if its block is not in use.
     /// Leaving the marker is harmless: recovery would re-hash the block and find it clean.
     pub(crate) fn unmark(&self, key: BlockKey, entry_id: u64) {
@@ -1218,8 +1288,14 @@ impl BlockHandle {
         let inner = Arc::clone(self.inner());
         let key = self.key;
         // Mark the file dirty before the bytes change, so a crash never leaves modified
-        // data under a clean name.
-        let needs_marker = !inner.lock_state().entries[&key].marker;
+        // data under a clean name. A hash computed ahead is void from here on, even if the
+        // change fails half-way and the generation stays.
+        let needs_marker = {
+            let mut st = inner.lock_state();
+            let e = st.entries.get_mut(&key).expect("ensured");
+            e.prehash = None;
+            !e.marker
+        };
         if needs_marker {
             inner.dir.set_marker(key, true).map_err(Error::io(
                 "mark cache file dirty",

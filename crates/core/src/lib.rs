@@ -605,15 +605,33 @@ impl Inner {
     }
 
     /// Makes dirty blocks (all, or those of one inode) durable in the cache directory.
-    pub(crate) async fn sync_dirty(&self, inode: Option<u64>) -> Result<()> {
-        let paths: Vec<PathBuf> = {
+    ///
+    /// While the disk writes, the blocks are hashed ahead of their commit
+    /// ([`Inner::prehash`]): the CPU is idle then, and the commit that usually follows a sync
+    /// need not read and hash them again. The hashing stops when the sync is done.
+    pub(crate) async fn sync_dirty(self: &Arc<Self>, inode: Option<u64>) -> Result<()> {
+        let keys: Vec<BlockKey> = {
             let st = self.lock_state();
             st.dirty
                 .iter()
                 .filter(|(_, k)| inode.is_none_or(|i| k.inode == i))
-                .map(|(_, k)| self.dir.file(*k, true))
+                .map(|(_, k)| *k)
                 .collect()
         };
+        let paths: Vec<PathBuf> = keys.iter().map(|k| self.dir.file(*k, true)).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let synced = async {
+            let synced = self.sync_files(paths).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            synced
+        };
+        let (synced, ()) = tokio::join!(synced, self.prehash(keys, stop.clone()));
+        synced
+    }
+
+    /// fsyncs the cache files `paths` and the directory, or the whole file system (one
+    /// `syncfs`) for more than [`SYNCFS_THRESHOLD`] of them.
+    async fn sync_files(&self, paths: Vec<PathBuf>) -> Result<()> {
         let dir = self.dir.clone();
         if paths.len() > SYNCFS_THRESHOLD {
             // Many small files: one syncfs of the cache's file system costs less than an

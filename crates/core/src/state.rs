@@ -39,6 +39,9 @@ pub(crate) struct Entry {
     pub(crate) dirty_acc: u64,
     /// False for clean files found at start-up until their content has been checked.
     pub(crate) verified: bool,
+    /// The SHA-256 of the file's content at a generation, computed ahead of the commit while
+    /// `sync` waited for the disk; valid only while `generation` is still that one.
+    pub(crate) prehash: Option<(u64, [u8; 32])>,
 }
 
 impl Entry {
@@ -114,6 +117,7 @@ impl State {
             tick,
             dirty_acc: if dirty { size } else { 0 },
             verified,
+            prehash: None,
         };
         self.bytes += size;
         self.dirty_bytes += entry.dirty_acc;

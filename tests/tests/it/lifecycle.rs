@@ -304,3 +304,56 @@ async fn a_file_store_makes_large_and_small_objects_durable() {
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashes_computed_during_sync_never_outlive_a_change() {
+    // `sync` hashes dirty blocks ahead of their commit; blocks changed afterwards must be
+    // committed with the hash of their new content. Both with bytes uploaded and with
+    // objects linked to cache files.
+    for linked in [false, true] {
+        let env = if linked { Env::linked() } else { Env::new() };
+        let cache = env.open().await;
+        let mut model = std::collections::HashMap::new();
+        for b in 0..20u64 {
+            let bytes = data(b + 1, 1024);
+            cache.write(1, b, 0, &bytes).await.expect("write");
+            model.insert(b, bytes);
+        }
+        cache.sync().await.expect("sync");
+        // In place, truncated, rewritten whole, and rewritten to equal another block.
+        cache
+            .write(1, 0, 100, b"after the sync")
+            .await
+            .expect("write");
+        model.get_mut(&0).expect("block 0")[100..114].copy_from_slice(b"after the sync");
+        let mut h = cache.block(1, 1).await.expect("handle");
+        h.truncate(10).await.expect("truncate");
+        drop(h);
+        model.get_mut(&1).expect("block 1").truncate(10);
+        let other = data(99, 1024);
+        cache.write(1, 2, 0, &other).await.expect("write");
+        model.insert(2, other);
+        let same = model[&5].clone();
+        cache.write(1, 3, 0, &same).await.expect("write");
+        model.insert(3, same);
+        // A second sync hashes only what changed; then everything goes to the store.
+        cache.sync().await.expect("sync");
+        cache.write(1, 4, 0, b"x").await.expect("write");
+        model.get_mut(&4).expect("block 4")[0] = b'x';
+        cache.flush().await.expect("flush");
+        cache.clear().await.expect("clear");
+        for (b, want) in &model {
+            let got = cache.read(1, *b, 0, 1024).await.expect("read back");
+            assert_eq!(&got[..], &want[..], "block {b} (linked: {linked})");
+        }
+        assert!(cache.wait_for_removals(Duration::from_secs(30)).await);
+        let usage = cache.usage().await.expect("usage");
+        assert_eq!(
+            usage.stored_bytes,
+            (18 * 1024 + 10) as u64,
+            "18 distinct full blocks and one of 10 bytes (linked: {linked})"
+        );
+        cache.check_invariants().await.expect("invariants");
+        cache.shutdown().await.expect("shutdown");
+    }
+}

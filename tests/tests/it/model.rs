@@ -1,4 +1,5 @@
-//! A proptest model test: random sequences of write, read, truncate, remove, commit, flush,
+//! A proptest model test: random sequences of write, read, truncate, remove, commit, sync
+//! (which hashes dirty blocks ahead of their commit), flush,
 //! clear, evict, reopen (clean or after a crash) and store failures, checked against a map
 //! of the expected block contents.
 
@@ -36,6 +37,7 @@ enum Action {
         end: u64,
     },
     Commit,
+    Sync,
     Flush,
     Clear,
     Evict {
@@ -60,6 +62,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => (key, 0..=BLOCK).prop_map(|((inode, blockno), size)| Action::Truncate { inode, blockno, size }),
         1 => (0..3u64, 0..5u64, 0..6u64).prop_map(|(inode, start, len)| Action::Remove { inode, start, end: start + len }),
         1 => Just(Action::Commit),
+        1 => Just(Action::Sync),
         1 => Just(Action::Flush),
         1 => Just(Action::Clear),
         1 => (1..8u64).prop_map(|max_entries| Action::Evict { max_entries }),
@@ -125,6 +128,9 @@ async fn run(actions: Vec<Action>, linked: bool) {
             }
             Action::Commit => {
                 let _ = cache.commit().await;
+            }
+            Action::Sync => {
+                cache.sync().await.expect("sync");
             }
             Action::Flush => {
                 let _ = cache.flush().await;
