@@ -216,7 +216,8 @@ impl Backend {
     }
 
     /// Stores object `id` as a hard link to `file`, whose whole content is the block: no
-    /// bytes are copied. Only for a `file://` store on the file system of `file`, with the
+    /// bytes are copied. The link appears at once under the object's name (its content is
+    /// complete before it has a name in the store); an object already there is replaced. Only for a `file://` store on the file system of `file`, with the
     /// identity codec ([`Backend::can_link`]); returns the stored size, or `None` when the
     /// object could not be linked (the caller then uploads the bytes with [`Backend::put`]).
     ///
@@ -230,37 +231,10 @@ impl Backend {
             return None;
         }
         let path = self.local_path(id)?;
-        // Linked under a staging name that object_store's listing skips (`#` and digits),
-        // then renamed into place: an object left by an earlier attempt is replaced whole.
-        static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut staged = path.clone().into_os_string();
-        staged.push(format!("#9{}{n}", std::process::id()));
-        let staged = std::path::PathBuf::from(staged);
-        let linked = std::fs::hard_link(file, &staged).or_else(|e| {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                return Err(e);
-            }
-            // The shard directory does not exist yet (or `file` is gone: the retry says so).
-            std::fs::create_dir_all(staged.parent().unwrap_or(&path))?;
-            std::fs::hard_link(file, &staged)
-        });
-        let result = linked.and_then(|()| {
-            let size = std::fs::metadata(&staged)?.len();
-            std::fs::rename(&staged, &path)?;
-            // When the object already is a link to `file` (a block committed again after a
-            // crash), the rename of one link over another of the same inode does nothing and
-            // leaves the staging name behind.
-            match std::fs::remove_file(&staged) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                other => other?,
-            }
-            Ok(size)
-        });
+        let result = link_into_place(file, &path);
         match result {
             Ok(size) => Some(size),
             Err(e) => {
-                let _ = std::fs::remove_file(&staged);
                 let permanent = matches!(
                     e.raw_os_error(),
                     Some(libc_codes::EXDEV | libc_codes::EPERM | libc_codes::EMLINK)
@@ -559,6 +533,54 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::
 
 #[cfg(test)]
 mod tests;
+
+/// Makes `path` a hard link to `file` and returns the size of the file. The common case, no
+/// object at `path` yet, is one directory operation; an object left there by an earlier
+/// attempt is replaced whole, through a staging name that object_store's listing skips (`#`
+/// and digits) and a rename.
+fn link_into_place(file: &std::path::Path, path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::ErrorKind;
+    // Creates the shard directory on the first object in it (if `file` is what is missing,
+    // the second attempt says so).
+    let with_dir = |link: &dyn Fn() -> std::io::Result<()>| {
+        link().or_else(|e| {
+            if e.kind() != ErrorKind::NotFound {
+                return Err(e);
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            link()
+        })
+    };
+    match with_dir(&|| std::fs::hard_link(file, path)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut staged = path.to_owned().into_os_string();
+            staged.push(format!("#9{}{n}", std::process::id()));
+            let staged = std::path::PathBuf::from(staged);
+            let replaced = std::fs::hard_link(file, &staged)
+                .and_then(|()| std::fs::rename(&staged, path))
+                .and_then(|()| {
+                    // When the object already is a link to `file` (a block committed again
+                    // after a crash), a rename between two links of one inode does nothing
+                    // and leaves the staging name behind.
+                    match std::fs::remove_file(&staged) {
+                        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                        other => other,
+                    }
+                });
+            if replaced.is_err() {
+                let _ = std::fs::remove_file(&staged);
+            }
+            replaced?;
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(std::fs::metadata(path)?.len())
+}
 
 /// The error numbers after which hard links into the store are not tried again.
 mod libc_codes {

@@ -456,14 +456,7 @@ impl Inner {
     async fn read_batch(&self, snapshots: Vec<Locked>) -> Vec<Snapshot> {
         // Read and hash the blocks on the blocking pool: a few tasks per batch (one per core),
         // not one per block, so small blocks do not pay a hand-off each.
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let per_task = snapshots.len().div_ceil(cores).max(1);
-        let mut chunks = Vec::new();
-        let mut rest = snapshots;
-        while !rest.is_empty() {
-            let tail = rest.split_off(per_task.min(rest.len()));
-            chunks.push(std::mem::replace(&mut rest, tail));
-        }
+        let chunks = per_core(snapshots);
         // A store that links objects to cache files needs only the hash, not the bytes.
         let keep_data = !self.backend.can_link();
         let reads = chunks.into_iter().map(|chunk| {
@@ -655,7 +648,23 @@ impl Inner {
             });
         }
         for (obj_id, key, source) in self.link_objects(jobs).await {
-            self.start_upload(obj_id, key, source).await;
+            match source {
+                // Nothing left for an upload task to do: the confirmer's barrier (one syncfs
+                // for the batch) makes it durable.
+                UploadSource::Linked { len }
+                    if !crate::tasks::syncs_each_object(&self.backend, len) =>
+                {
+                    self.uploads_in_flight.fetch_add(1, Ordering::SeqCst);
+                    self.confirm(UploadOutcome {
+                        obj_id,
+                        key,
+                        len,
+                        result: Ok(len),
+                    })
+                    .await;
+                }
+                source => self.start_upload(obj_id, key, source).await,
+            }
         }
         self.queue_removals(released).await;
         Ok(())
@@ -680,29 +689,19 @@ impl Inner {
                 })
                 .collect();
         }
-        let backend = self.backend.clone();
-        let linked = tokio::task::spawn_blocking(move || {
-            jobs.into_iter()
-                .map(|(id, key, from, guard)| {
-                    let UploadFrom { path, len, data } = from;
-                    let source = match backend.link_object(id, &path) {
-                        Some(linked) if linked == len => UploadSource::Linked { len },
-                        // Not linked: upload the bytes, read now if they were not kept
-                        // (the block is still locked, so they are the hashed ones).
-                        _ => match data.map_or_else(|| files::read_whole(&path, len), Ok) {
-                            Ok(data) => UploadSource::Bytes(Bytes::from(data)),
-                            Err(e) => UploadSource::Unreadable {
-                                len,
-                                reason: format!("{}: {e}", path.display()),
-                            },
-                        },
-                    };
-                    drop(guard);
-                    (id, key, source)
-                })
-                .collect::<Vec<_>>()
-        });
-        linked.await.expect("linking task panicked")
+        // One blocking task per core: each link is a directory operation of the store.
+        let tasks: Vec<_> = per_core(jobs)
+            .into_iter()
+            .map(|chunk| {
+                let backend = self.backend.clone();
+                tokio::task::spawn_blocking(move || link_chunk(&backend, chunk))
+            })
+            .collect();
+        let mut linked = Vec::new();
+        for t in tasks {
+            linked.extend(t.await.expect("linking task panicked"));
+        }
+        linked
     }
 
     /// Hands one object to the upload tasks (waiting while they are busy) and spawns the task
@@ -734,12 +733,16 @@ impl Inner {
                 len,
                 result,
             };
-            // The confirmer records outcomes in batches; once it has stopped (shutdown), the
-            // outcome is recorded here.
-            if let Err(mpsc::error::SendError(outcome)) = inner.confirm_tx.send(outcome).await {
-                inner.finish_uploads(vec![outcome]).await;
-            }
+            inner.confirm(outcome).await;
         });
+    }
+
+    /// Passes an upload's outcome to the confirmer, which records outcomes in batches; once
+    /// it has stopped (shutdown), the outcome is recorded here.
+    async fn confirm(self: &Arc<Self>, outcome: UploadOutcome) {
+        if let Err(mpsc::error::SendError(outcome)) = self.confirm_tx.send(outcome).await {
+            self.finish_uploads(vec![outcome]).await;
+        }
     }
 
     /// Makes the objects of the successful `outcomes` durable before they are recorded: a
@@ -905,12 +908,10 @@ impl Inner {
         if keys.is_empty() {
             return;
         }
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let per_task = keys.len().div_ceil(cores).max(1);
-        let tasks: Vec<_> = keys
-            .chunks(per_task)
+        let tasks: Vec<_> = per_core(keys)
+            .into_iter()
             .map(|chunk| {
-                let (inner, chunk, stop) = (Arc::clone(self), chunk.to_vec(), stop.clone());
+                let (inner, stop) = (Arc::clone(self), stop.clone());
                 tokio::task::spawn_blocking(move || {
                     for key in chunk {
                         if stop.load(Ordering::Relaxed) || inner.cancel.is_cancelled() {
@@ -1077,6 +1078,45 @@ impl Inner {
             }
         }
     }
+}
+
+/// Links a chunk of new objects into the store (see `Inner::link_objects`), releasing each
+/// block's lock once its object is settled. Blocking.
+fn link_chunk(
+    backend: &Backend,
+    jobs: Vec<(u64, BlockKey, UploadFrom, KeyGuard)>,
+) -> Vec<(u64, BlockKey, UploadSource)> {
+    jobs.into_iter()
+        .map(|(id, key, from, guard)| {
+            let UploadFrom { path, len, data } = from;
+            let source = match backend.link_object(id, &path) {
+                Some(linked) if linked == len => UploadSource::Linked { len },
+                // Not linked: upload the bytes, read now if they were not kept
+                // (the block is still locked, so they are the hashed ones).
+                _ => match data.map_or_else(|| files::read_whole(&path, len), Ok) {
+                    Ok(data) => UploadSource::Bytes(Bytes::from(data)),
+                    Err(e) => UploadSource::Unreadable {
+                        len,
+                        reason: format!("{}: {e}", path.display()),
+                    },
+                },
+            };
+            drop(guard);
+            (id, key, source)
+        })
+        .collect::<Vec<_>>()
+}
+
+/// Splits `items` into one part per core (fewer if there are fewer items), in order.
+fn per_core<T>(mut items: Vec<T>) -> Vec<Vec<T>> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_part = items.len().div_ceil(cores).max(1);
+    let mut parts = Vec::new();
+    while !items.is_empty() {
+        let tail = items.split_off(per_part.min(items.len()));
+        parts.push(std::mem::replace(&mut items, tail));
+    }
+    parts
 }
 
 /// Waits for a completion.

@@ -642,26 +642,30 @@ impl Inner {
                 .expect("sync task panicked")
                 .map_err(Error::io("sync the file system of", dir.path()));
         }
-        // Two blocking tasks share the files, so two cores sync in parallel.
-        let half = paths.len().div_ceil(2).max(1);
-        let mut tasks = Vec::new();
-        for chunk in paths.chunks(half) {
-            let chunk = chunk.to_vec();
-            tasks.push(tokio::task::spawn_blocking(move || {
-                for p in &chunk {
-                    crate::files::sync_file(p).map_err(Error::io("sync cache file", p.clone()))?;
-                }
-                Ok::<_, Error>(())
-            }));
-        }
-        for t in tasks {
-            t.await.expect("sync task panicked")?;
-        }
+        // One blocking task per file (at most SYNCFS_THRESHOLD), and the directory at the same
+        // time: the disk gets every write at once, as from one syncfs, instead of one file's
+        // after another. Both must finish before the sync counts.
+        let mut tasks: Vec<_> = paths
+            .into_iter()
+            .map(|p| {
+                tokio::task::spawn_blocking(move || {
+                    crate::files::sync_file(&p).map_err(Error::io("sync cache file", p.clone()))
+                })
+            })
+            .collect();
         let d = dir.clone();
-        tokio::task::spawn_blocking(move || d.sync_dir())
-            .await
-            .expect("sync task panicked")
-            .map_err(Error::io("sync cache directory", dir.path()))
+        tasks.push(tokio::task::spawn_blocking(move || {
+            d.sync_dir()
+                .map_err(Error::io("sync cache directory", d.path()))
+        }));
+        let mut result = Ok(());
+        for t in tasks {
+            let synced = t.await.expect("sync task panicked");
+            if result.is_ok() {
+                result = synced;
+            }
+        }
+        result
     }
 
     /// Removes blocks `range` of `inode` (see [`BlockCache::remove`]).
