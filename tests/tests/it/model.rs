@@ -199,6 +199,16 @@ async fn run(actions: Vec<Action>, linked: bool) {
     cache.shutdown().await.expect("shutdown");
 }
 
+/// Runs one case on a runtime of its own.
+fn run_case(actions: Vec<Action>, linked: bool) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(run(actions, linked));
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: std::env::var("BLOCKCACHE_MODEL_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
@@ -208,21 +218,11 @@ proptest! {
 
     #[test]
     fn cache_matches_the_model(actions in proptest::collection::vec(action(), 1..40)) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(run(actions, false));
+        run_case(actions, false);
     }
 
     #[test]
     fn cache_matches_the_model_with_linked_objects(actions in proptest::collection::vec(action(), 1..40)) {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
-        runtime.block_on(run(actions, true));
+        run_case(actions, true);
     }
 }
