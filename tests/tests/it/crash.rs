@@ -53,6 +53,7 @@ async fn abandoned_mid_upload_then_reopened_uploads_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_writes_and_uploads_loses_nothing_synced() {
     let env = Env::new();
+    let mut synced_last = None;
     for round in 0..3u64 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_crash-writer"))
             .arg(env.dir.path())
@@ -78,6 +79,7 @@ async fn sigkill_during_writes_and_uploads_loses_nothing_synced() {
         child.kill().expect("kill");
         child.wait().expect("reap");
         let last = last.expect("the child synced something");
+        synced_last = Some(last);
         let cache = env
             .open_with({
                 let mut c = env.config();
@@ -107,13 +109,21 @@ async fn sigkill_during_writes_and_uploads_loses_nothing_synced() {
         cache.check_invariants().await.expect("invariants");
         cache.shutdown().await.expect("shutdown");
     }
-    // Everything is in the store: a fresh cache directory reads it all back.
+    // Everything is in the store: a fresh cache directory reads it all back, every read a
+    // verified download. (The child's objects were hard links to its cache files, which it
+    // kept overwriting: none of those changes reached an object.)
     std::fs::remove_dir_all(env.cache_dir()).expect("drop cache dir");
-    let cache = env.open().await;
-    assert_eq!(
-        cache.read(1, 0, 0, 1024).await.expect("read"),
-        data(0, 1024)
-    );
+    let mut config = env.config();
+    config.max_bytes = 1 << 20;
+    let cache = env.open_with(config).await;
+    let synced = synced_last.expect("three rounds ran");
+    for i in 0..=synced {
+        assert_eq!(
+            cache.read(1, i, 0, 1024).await.expect("read"),
+            data(i, 1024),
+            "block {i} from the store"
+        );
+    }
     cache.shutdown().await.expect("shutdown");
 }
 
