@@ -249,6 +249,40 @@ impl Backend {
         }
     }
 
+    /// Makes `dest` a hard link to the file of object `id` (the reverse of
+    /// [`Backend::link_object`]): a read of the object without copying it, for a `file://`
+    /// store on the file system of `dest` with the identity codec. A file already at `dest`
+    /// is unlinked first, never truncated. The caller must never change `dest` in place
+    /// while its link count is above one. `Ok(false)`: this store cannot link (the caller
+    /// uses [`Backend::get`]). Blocking: call it on the blocking pool.
+    pub fn link_out(&self, id: u64, dest: &std::path::Path) -> std::io::Result<bool> {
+        if !self.can_link() {
+            return Ok(false);
+        }
+        let Some(path) = self.local_path(id) else {
+            return Ok(false);
+        };
+        let linked = std::fs::hard_link(&path, dest).or_else(|e| {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                return Err(e);
+            }
+            std::fs::remove_file(dest)?;
+            std::fs::hard_link(&path, dest)
+        });
+        match linked {
+            Ok(()) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc_codes::EXDEV | libc_codes::EPERM | libc_codes::EMLINK)
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Makes the content of object `id` durable (fsync of its file) in a local-directory
     /// store; the directory entries follow with [`Backend::sync_object_dirs`]. Does nothing for
     /// other stores.

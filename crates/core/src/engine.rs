@@ -1438,6 +1438,12 @@ impl BlockHandle {
                 blockno: key.blockno,
             })?;
         }
+        if inner.backend.can_link() {
+            // `None`: the store could not link this one; fetch it.
+            if let Some(result) = self.download_linked(&object, hash).await {
+                return result;
+            }
+        }
         let started = std::time::Instant::now();
         let fetched = inner.backend.get(object.id).await;
         metrics::histogram!(
@@ -1520,6 +1526,111 @@ impl BlockHandle {
             .fetch_add(object.length, Ordering::Relaxed);
         self.file = Some(file);
         Ok(())
+    }
+
+    /// A miss served from a local-directory store on the cache's file system: the clean
+    /// cache file becomes a hard link to the object's file (no copy, no new inode), then its
+    /// length and SHA-256 are checked like any download. A change of the block later gets a
+    /// file of its own first (invariant 11). `None` if the store could not link it; the
+    /// caller then fetches the object.
+    async fn download_linked(
+        &mut self,
+        object: &blockcache_db::Object,
+        hash: [u8; 32],
+    ) -> Option<Result<()>> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
+        if let Err(e) = inner.make_room(object.length, 1).await {
+            return Some(Err(e));
+        }
+        let (dir, backend, id, len) = (
+            inner.dir.clone(),
+            inner.backend.clone(),
+            object.id,
+            object.length,
+        );
+        let started = std::time::Instant::now();
+        // Ok(Some(Ok(file))): installed and checked; Ok(Some(Err(reason))): the object does
+        // not match its metadata (the link is gone again); Ok(None): not linked.
+        let linked = tokio::task::spawn_blocking(move || {
+            let path = dir.file(key, false);
+            match backend.link_out(id, &path) {
+                Ok(true) => {}
+                // Not linkable, or no such object: the fetch says what is wrong.
+                Ok(false) => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            }
+            let checked = (|| -> std::io::Result<std::result::Result<std::fs::File, String>> {
+                let file = dir.open(key, false)?;
+                let actual = file.metadata()?.len();
+                if actual != len {
+                    return Ok(Err(format!("{actual} bytes instead of {len}")));
+                }
+                let digest = files::hash_file(&path, len)?;
+                if digest != hash {
+                    return Ok(Err(format!(
+                        "SHA-256 {} instead of {}",
+                        hex::encode(digest),
+                        hex::encode(hash)
+                    )));
+                }
+                Ok(Ok(file))
+            })();
+            if !matches!(checked, Ok(Ok(_))) {
+                let _ = std::fs::remove_file(&path);
+            }
+            checked.map(Some)
+        })
+        .await
+        .expect("download task panicked");
+        metrics::histogram!(
+            "blockcache_download_duration_seconds",
+            "outcome" => if matches!(linked, Ok(Some(Ok(_)))) { "ok" } else { "error" }
+        )
+        .record(started.elapsed().as_secs_f64());
+        {
+            let mut st = inner.lock_state();
+            st.reserved_bytes -= len;
+            st.reserved_slots -= 1;
+            if let Ok(Some(Ok(_))) = &linked {
+                st.insert(key, len, false, true);
+            }
+        }
+        let failed = || {
+            inner
+                .counters
+                .download_errors
+                .fetch_add(1, Ordering::Relaxed);
+        };
+        match linked {
+            Ok(None) => None,
+            Ok(Some(Ok(file))) => {
+                inner.counters.downloads.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .counters
+                    .download_bytes
+                    .fetch_add(len, Ordering::Relaxed);
+                self.file = Some(file);
+                Some(Ok(()))
+            }
+            Ok(Some(Err(reason))) => {
+                failed();
+                Some(Err(Error::Corrupted {
+                    obj_id: id,
+                    inode: key.inode,
+                    blockno: key.blockno,
+                    reason,
+                }))
+            }
+            Err(e) => {
+                failed();
+                Some(Err(Error::io(
+                    "link the object into the cache",
+                    inner.dir.file(key, false),
+                )(e)))
+            }
+        }
     }
 
     /// Checks a clean file found at start-up against its mapping (length and SHA-256).

@@ -311,3 +311,90 @@ async fn a_store_on_another_file_system_gets_copies() {
     );
     cache.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_link_the_object_into_the_cache_and_changes_still_copy() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    let original = data(6, 1024);
+    cache.write(1, 0, 0, &original).await.expect("write");
+    cache.write(2, 0, 0, &original).await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    let object = env.object_path(only_object(&env).await);
+    assert_eq!(std::fs::metadata(&object).expect("object").nlink(), 1);
+    // Both misses are served by links to the one object: no copies.
+    assert_eq!(
+        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
+        &original[..]
+    );
+    assert_eq!(
+        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
+        &original[..]
+    );
+    assert_eq!(std::fs::metadata(&object).expect("object").nlink(), 3);
+    assert_eq!(cache.usage().await.expect("usage").downloads, 2);
+    // A change of one of them leaves the object and the other block alone.
+    cache.write(1, 0, 0, b"changed").await.expect("write");
+    assert_eq!(std::fs::read(&object).expect("object"), original);
+    assert_eq!(
+        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
+        &original[..]
+    );
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    let mut want = original.clone();
+    want[..7].copy_from_slice(b"changed");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
+        &want[..]
+    );
+    assert_eq!(
+        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
+        &original[..]
+    );
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_or_missing_object_is_not_linked_into_the_cache() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(7, 1024)).await.expect("write");
+    cache.write(2, 0, 0, &data(8, 1024)).await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    let ids = env.store_ids().await;
+    assert_eq!(ids.len(), 2);
+    // Damage one object (same length, other bytes) and delete the other.
+    let damaged = ids
+        .iter()
+        .copied()
+        .find(|&id| std::fs::read(env.object_path(id)).expect("object") == data(7, 1024))
+        .expect("the object of block 1");
+    let missing = ids
+        .iter()
+        .copied()
+        .find(|&id| id != damaged)
+        .expect("the other");
+    std::fs::write(env.object_path(damaged), data(70, 1024)).expect("damage");
+    std::fs::remove_file(env.object_path(missing)).expect("delete");
+    let err = cache.read(1, 0, 0, 1024).await.expect_err("damaged");
+    assert!(
+        matches!(err, blockcache::Error::Corrupted { obj_id, .. } if obj_id == damaged),
+        "{err}"
+    );
+    let err = cache.read(2, 0, 0, 1024).await.expect_err("missing");
+    assert!(
+        matches!(err, blockcache::Error::Download { obj_id, .. } if obj_id == missing),
+        "{err}"
+    );
+    assert!(
+        blockcache_tests::list_dir(&env.cache_dir()).is_empty(),
+        "nothing was left in the cache: {:?}",
+        blockcache_tests::list_dir(&env.cache_dir())
+    );
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
