@@ -1089,8 +1089,16 @@ fn link_chunk(
     jobs.into_iter()
         .map(|(id, key, from, guard)| {
             let UploadFrom { path, len, data } = from;
+            let started = std::time::Instant::now();
             let source = match backend.link_object(id, &path) {
-                Some(linked) if linked == len => UploadSource::Linked { len },
+                Some(linked) if linked == len => {
+                    // The link is the whole upload of an object that no upload task syncs.
+                    if !crate::tasks::syncs_each_object(backend, len) {
+                        metrics::histogram!("blockcache_upload_duration_seconds", "outcome" => "ok")
+                            .record(started.elapsed().as_secs_f64());
+                    }
+                    UploadSource::Linked { len }
+                }
                 // Not linked: upload the bytes, read now if they were not kept
                 // (the block is still locked, so they are the hashed ones).
                 _ => match data.map_or_else(|| files::read_whole(&path, len), Ok) {
