@@ -1,6 +1,7 @@
-//! Objects of a `file://` store that are hard links to cache files: the store's copy never
-//! changes when its block does (in place, by truncation, after a restart, under concurrent
-//! writers), and a store on another file system gets copies.
+//! Objects of a `file://` store that are hard links to cache files (made by uploads, and by
+//! misses): the store's copy never changes when its block does (in place, by truncation,
+//! after a restart, under concurrent writers, syncs and flushes), damaged or missing objects
+//! are not linked into the cache, and a store on another file system gets copies.
 
 use std::os::unix::fs::MetadataExt;
 use std::sync::Arc;
@@ -206,11 +207,22 @@ async fn writers_racing_commits_never_change_a_stored_object() {
             }
         })
     };
+    // Syncs hash dirty blocks ahead of their commit while the writers change them.
+    let syncer = {
+        let cache = cache.clone();
+        tokio::spawn(async move {
+            for _ in 0..40 {
+                cache.sync().await.expect("sync");
+                tokio::task::yield_now().await;
+            }
+        })
+    };
     let mut models = Vec::new();
     for t in tasks {
         models.push(t.await.expect("writer"));
     }
     flusher.await.expect("flusher");
+    syncer.await.expect("syncer");
     cache.flush().await.expect("flush");
     cache.clear().await.expect("clear");
     // Every read is a download, verified against the hash the object was recorded with.
