@@ -182,11 +182,39 @@ struct Shared {
     /// Removals of retired inodes started from `Drop`.
     cleanups: TaskTracker,
     max_file_size: u64,
+    /// Staging inodes allocated ahead and not yet taken by a writer, the next one last.
+    spare_inodes: Mutex<Vec<u64>>,
 }
+
+/// Staging inodes allocated by one transaction: concurrent and successive replacements share
+/// the sync that makes an allocation durable.
+const INODES_AHEAD: u64 = 16;
 
 impl Shared {
     fn block_size(&self) -> u64 {
         self.inner.config.block_size
+    }
+
+    /// A durable staging inode for a new writer: one allocated ahead, or the first of a new
+    /// batch of [`INODES_AHEAD`] (the rest are kept for the next writers). Unused ones are
+    /// staging inodes without blocks: shutdown forgets them, and after a crash the next open
+    /// removes them like any abandoned replacement.
+    async fn take_inode(&self) -> Result<u64> {
+        if let Some(inode) = self
+            .spare_inodes
+            .lock()
+            .expect("spare inodes poisoned")
+            .pop()
+        {
+            return Ok(inode);
+        }
+        let mut fresh = self.inner.db.create_staging_inodes(INODES_AHEAD).await?;
+        let first = fresh.remove(0);
+        self.spare_inodes
+            .lock()
+            .expect("spare inodes poisoned")
+            .extend(fresh.into_iter().rev());
+        Ok(first)
     }
 
     /// Removes the blocks of a retired (or abandoned staging) inode and forgets it.
@@ -349,6 +377,7 @@ impl Namespace {
             pins: Mutex::new(HashMap::new()),
             cleanups: TaskTracker::new(),
             max_file_size,
+            spare_inodes: Mutex::new(Vec::new()),
         });
         let leftover = shared.inner.db.inodes_to_clean().await?;
         if !leftover.is_empty() {
@@ -413,7 +442,7 @@ impl Namespace {
         if self.shared.inner.cancel.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
-        let inode = self.shared.inner.db.create_staging_inode().await?;
+        let inode = self.shared.take_inode().await?;
         Ok(FileWriter {
             shared: self.shared.clone(),
             name: name.to_owned(),
@@ -565,6 +594,16 @@ impl Namespace {
     /// Finishes background removals, then shuts the cache down (see
     /// [`BlockCache::shutdown`]).
     pub async fn shutdown(self) -> Result<()> {
+        let spare = std::mem::take(
+            &mut *self
+                .shared
+                .spare_inodes
+                .lock()
+                .expect("spare inodes poisoned"),
+        );
+        if let Err(error) = self.shared.inner.db.forget_staging_inodes(&spare).await {
+            tracing::warn!(%error, "forgetting unused inodes failed; the next open removes them");
+        }
         self.shared.cleanups.close();
         let grace = self.shared.inner.config.shutdown_grace;
         if tokio::time::timeout(grace, self.shared.cleanups.wait())

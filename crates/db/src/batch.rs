@@ -37,7 +37,7 @@ fn json_rows<const N: usize>(rows: impl IntoIterator<Item = [i64; N]>) -> String
 }
 
 /// A JSON array of integers: `[1,2,3]`.
-fn json_ints(values: impl IntoIterator<Item = i64>) -> String {
+pub(crate) fn json_ints(values: impl IntoIterator<Item = i64>) -> String {
     let mut out = String::from("[");
     for (i, v) in values.into_iter().enumerate() {
         if i > 0 {

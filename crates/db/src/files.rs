@@ -37,18 +37,6 @@ fn file_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
 const FILE_COLUMNS: &str = "name, inode, size, mtime_ns, version";
 
 impl Db {
-    /// Allocates a new inode in state `staging`, durably, so that a crash before it is
-    /// named leaves a record of the blocks to remove.
-    pub async fn create_staging_inode(&self) -> Result<u64> {
-        let mut w = self.write().await?;
-        let id: i64 =
-            sqlx::query_scalar("INSERT INTO inodes (state) VALUES ('staging') RETURNING inode")
-                .fetch_one(&mut *w)
-                .await
-                .map_err(ctx("allocate an inode"))?;
-        to_u64(id, "inode")
-    }
-
     /// The file called `name`, if any.
     pub async fn file(&self, name: &str) -> Result<Option<FileRow>> {
         let row = sqlx::query(&format!("SELECT {FILE_COLUMNS} FROM files WHERE name = ?"))
@@ -57,6 +45,49 @@ impl Db {
             .await
             .map_err(ctx("look up a file"))?;
         row.as_ref().map(file_from_row).transpose()
+    }
+
+    /// Allocates `n` new inodes in state `staging` in one durable transaction (one sync for
+    /// all of them): a writer takes one each, and those never taken are staging inodes like
+    /// any abandoned one, removed by the next open or by [`Db::forget_staging_inodes`].
+    pub async fn create_staging_inodes(&self, n: u64) -> Result<Vec<u64>> {
+        let mut w = self.write().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "WITH RECURSIVE k(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM k WHERE x < ?) \
+             INSERT INTO inodes (state) SELECT 'staging' FROM k RETURNING inode",
+        )
+        .bind(to_i64(n)?)
+        .fetch_all(&mut *w)
+        .await
+        .map_err(ctx("allocate inodes"))?;
+        let mut ids = ids
+            .into_iter()
+            .map(|i| to_u64(i, "inode"))
+            .collect::<Result<Vec<_>>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Forgets staging inodes that were never written (allocated ahead and not used), in one
+    /// transaction. Inodes that have blocks, or are no longer staging, are left alone.
+    pub async fn forget_staging_inodes(&self, inodes: &[u64]) -> Result<()> {
+        let list = crate::batch::json_ints(
+            inodes
+                .iter()
+                .map(|&i| to_i64(i))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        let mut w = self.write().await?;
+        sqlx::query(
+            "DELETE FROM inodes WHERE state = 'staging' \
+             AND inode IN (SELECT value FROM json_each(?)) \
+             AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.inode = inodes.inode)",
+        )
+        .bind(list)
+        .execute(&mut *w)
+        .await
+        .map_err(ctx("forget unused inodes"))?;
+        Ok(())
     }
 
     /// Names the staging inode `inode` `name` with `size`, in one transaction. The inode

@@ -546,3 +546,34 @@ async fn a_failed_unsynced_commit_changes_nothing_and_restores_full_sync() {
     db.commit_blocks(&[req(1, 0, 1, 3)]).await.expect("commit");
     assert_eq!(sync_state(&db).await.0, 2, "restored by the next writer");
 }
+
+#[tokio::test]
+async fn staging_inodes_are_allocated_in_batches_and_unused_ones_forgotten() {
+    let (dir, db) = open().await;
+    let first = db.create_staging_inodes(3).await.expect("allocate");
+    assert_eq!(first.len(), 3);
+    assert!(first.windows(2).all(|w| w[0] < w[1]), "{first:?}");
+    let more = db.create_staging_inodes(2).await.expect("allocate");
+    assert!(more[0] > first[2], "never reused: {first:?} then {more:?}");
+    // Durable and listed as staging, so a crash leaves them to the next open's cleanup.
+    drop(db);
+    let db = Db::open(dir.path().join("meta.db").to_str().expect("utf-8"))
+        .await
+        .expect("reopen");
+    let mut all = first.clone();
+    all.extend(&more);
+    assert_eq!(db.inodes_to_clean().await.expect("list"), all);
+    // One of them got a block, one was named: neither is forgotten.
+    db.commit_blocks(&[req(first[0], 0, 1, 10)])
+        .await
+        .expect("commit");
+    db.replace_file("named", first[1], 10, 1)
+        .await
+        .expect("name it");
+    db.forget_staging_inodes(&all).await.expect("forget");
+    assert_eq!(db.inodes_to_clean().await.expect("list"), vec![first[0]]);
+    db.forget_staging_inodes(&[])
+        .await
+        .expect("nothing to forget");
+    db.check_consistency().await.expect("consistent");
+}
