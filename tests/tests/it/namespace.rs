@@ -235,6 +235,15 @@ async fn delete_under_a_reader_and_listing_pages() {
     ns.shutdown().await.expect("shutdown");
 }
 
+/// Asserts that the volume's metadata lists no staging or retired inodes.
+async fn assert_nothing_to_clean(env: &Env) {
+    let db = blockcache_db::Db::open(env.db_path().to_str().expect("utf-8"))
+        .await
+        .expect("db");
+    assert_eq!(db.inodes_to_clean().await.expect("list"), Vec::<u64>::new());
+    db.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inodes_allocated_ahead_leave_nothing_behind() {
     let env = Env::new();
@@ -244,12 +253,7 @@ async fn inodes_allocated_ahead_leave_nothing_behind() {
         put(&files, &format!("f{i}"), &data(i, 3000), 700).await;
     }
     files.shutdown().await.expect("shutdown");
-    let db = blockcache_db::Db::open(env.db_path().to_str().expect("utf-8"))
-        .await
-        .expect("db");
-    assert_eq!(db.inodes_to_clean().await.expect("list"), Vec::<u64>::new());
-    db.close().await;
-    drop(db);
+    assert_nothing_to_clean(&env).await;
     // After a crash they are staging inodes like an abandoned replacement: the next open
     // removes them, and the files written stay whole.
     let files = ns(&env).await;
@@ -260,9 +264,5 @@ async fn inodes_allocated_ahead_leave_nothing_behind() {
         assert_eq!(get(&files, &format!("f{i}")).await, data(i, 3000));
     }
     files.shutdown().await.expect("shutdown");
-    let db = blockcache_db::Db::open(env.db_path().to_str().expect("utf-8"))
-        .await
-        .expect("db");
-    assert_eq!(db.inodes_to_clean().await.expect("list"), Vec::<u64>::new());
-    db.close().await;
+    assert_nothing_to_clean(&env).await;
 }
