@@ -410,3 +410,33 @@ async fn a_damaged_or_missing_object_is_not_linked_into_the_cache() {
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_cannot_be_linked_into_fails_the_upload_and_keeps_the_block_dirty() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    // Object 1 would live in data/01/: a plain file there makes both the link and the
+    // fallback upload of the bytes fail.
+    std::fs::create_dir_all(env.store_dir().join("data")).expect("data dir");
+    std::fs::write(env.store_dir().join("data/01"), b"in the way").expect("blocker");
+    let original = data(9, 1024);
+    cache.write(1, 0, 0, &original).await.expect("write");
+    let err = cache
+        .flush()
+        .await
+        .expect_err("the store cannot hold object 1");
+    assert!(matches!(err, blockcache::Error::Upload { .. }), "{err}");
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(usage.dirty_entries, 1, "the block stays dirty");
+    // Once the store can hold it again, the next flush uploads it.
+    std::fs::remove_file(env.store_dir().join("data/01")).expect("unblock");
+    cache.flush().await.expect("flush");
+    assert_eq!(cache.usage().await.expect("usage").dirty_entries, 0);
+    cache.clear().await.expect("clear");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
+        &original[..]
+    );
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
