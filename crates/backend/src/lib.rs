@@ -231,22 +231,29 @@ impl Backend {
             return None;
         }
         let path = self.local_path(id)?;
-        let result = link_into_place(file, &path);
-        match result {
+        match link_into_place(file, &path) {
             Ok(size) => Some(size),
             Err(e) => {
-                let permanent = matches!(
-                    e.raw_os_error(),
-                    Some(libc_codes::EXDEV | libc_codes::EPERM | libc_codes::EMLINK)
-                ) || e.kind() == std::io::ErrorKind::Unsupported;
-                if permanent {
-                    self.links_refused
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
-                }
+                let permanent = self.refuse_links_after(&e);
                 tracing::debug!(obj_id = id, error = %e, permanent, "linking an object into the store failed; copying it instead");
                 None
             }
         }
+    }
+
+    /// Whether `e`, from a hard link between the store and another directory, says that links
+    /// will never work there (another file system, links not permitted or not supported); if
+    /// so, this store stops trying ([`Backend::can_link`]).
+    fn refuse_links_after(&self, e: &std::io::Error) -> bool {
+        let permanent = matches!(
+            e.raw_os_error(),
+            Some(libc_codes::EXDEV | libc_codes::EPERM | libc_codes::EMLINK)
+        ) || e.kind() == std::io::ErrorKind::Unsupported;
+        if permanent {
+            self.links_refused
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        permanent
     }
 
     /// Makes `dest` a hard link to the file of object `id` (the reverse of
@@ -271,14 +278,7 @@ impl Backend {
         });
         match linked {
             Ok(()) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc_codes::EXDEV | libc_codes::EPERM | libc_codes::EMLINK)
-                ) =>
-            {
-                Ok(false)
-            }
+            Err(e) if self.refuse_links_after(&e) => Ok(false),
             Err(e) => Err(e),
         }
     }

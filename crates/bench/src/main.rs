@@ -602,6 +602,13 @@ fn main() -> Result<(), Error> {
     std::fs::create_dir_all(&args.dir)?;
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let started = Instant::now();
+    let mut child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
+        let t = Instant::now();
+        let sample = run_child(&args, kind, bs, mib)?;
+        eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
+        results.entry(group).or_default().push(sample);
+        Ok(())
+    };
     for run in 0..args.runs {
         eprintln!(
             "run {}/{} ({:.0} s so far)",
@@ -609,13 +616,6 @@ fn main() -> Result<(), Error> {
             args.runs,
             started.elapsed().as_secs_f64()
         );
-        let mut child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
-            let t = Instant::now();
-            let sample = run_child(&args, kind, bs, mib)?;
-            eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
-            results.entry(group).or_default().push(sample);
-            Ok(())
-        };
         for &bs in &args.block_sizes {
             child(
                 format!("reference/{}", label(bs)),
@@ -671,10 +671,7 @@ fn main() -> Result<(), Error> {
     // each, but not their reference, a few large files). So its runs come after all others.
     for run in 0..args.runs {
         eprintln!("metadata run {}/{}", run + 1, args.runs);
-        let t = Instant::now();
-        let sample = run_child(&args, "metadata", 4096, args.data_mib)?;
-        eprintln!("  metadata: {:.1} s", t.elapsed().as_secs_f64());
-        results.entry("metadata".into()).or_default().push(sample);
+        child("metadata".into(), "metadata", 4096, args.data_mib)?;
     }
     eprintln!("benchmark took {:.0} s", started.elapsed().as_secs_f64());
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =

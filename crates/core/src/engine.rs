@@ -648,23 +648,7 @@ impl Inner {
             });
         }
         for (obj_id, key, source) in self.link_objects(jobs).await {
-            match source {
-                // Nothing left for an upload task to do: the confirmer's barrier (one syncfs
-                // for the batch) makes it durable.
-                UploadSource::Linked { len }
-                    if !crate::tasks::syncs_each_object(&self.backend, len) =>
-                {
-                    self.uploads_in_flight.fetch_add(1, Ordering::SeqCst);
-                    self.confirm(UploadOutcome {
-                        obj_id,
-                        key,
-                        len,
-                        result: Ok(len),
-                    })
-                    .await;
-                }
-                source => self.start_upload(obj_id, key, source).await,
-            }
+            self.start_upload(obj_id, key, source).await;
         }
         self.queue_removals(released).await;
         Ok(())
@@ -706,10 +690,25 @@ impl Inner {
 
     /// Hands one object to the upload tasks (waiting while they are busy) and spawns the task
     /// that passes its outcome to the confirmer.
+    ///
+    /// A small linked object needs no upload task: the confirmer's barrier (one `syncfs` for
+    /// its batch) makes it durable, so its outcome goes to the confirmer at once.
     async fn start_upload(self: &Arc<Self>, obj_id: u64, key: BlockKey, source: UploadSource) {
-        let (reply, rx) = oneshot::channel();
         self.uploads_in_flight.fetch_add(1, Ordering::SeqCst);
         let len = source.len();
+        if matches!(source, UploadSource::Linked { .. })
+            && !crate::tasks::syncs_each_object(&self.backend, len)
+        {
+            self.confirm(UploadOutcome {
+                obj_id,
+                key,
+                len,
+                result: Ok(len),
+            })
+            .await;
+            return;
+        }
+        let (reply, rx) = oneshot::channel();
         let sent = self
             .upload_tx
             .send(UploadJob {
@@ -1115,6 +1114,19 @@ fn link_chunk(
         .collect::<Vec<_>>()
 }
 
+/// A download written into the cache (see `BlockHandle::fetch_download`): the open file,
+/// or what does not match the metadata; `Err` if the file could not be written.
+type Downloaded = std::io::Result<std::result::Result<File, String>>;
+
+/// The `Error::Corrupted` reason of bytes whose SHA-256 is not the recorded one.
+fn mismatch(actual: &[u8; 32], expected: &[u8; 32]) -> String {
+    format!(
+        "SHA-256 {} instead of {}",
+        hex::encode(actual),
+        hex::encode(expected)
+    )
+}
+
 /// Splits `items` into one part per core (fewer if there are fewer items), in order.
 fn per_core<T>(mut items: Vec<T>) -> Vec<Vec<T>> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -1446,12 +1458,69 @@ impl BlockHandle {
                 blockno: key.blockno,
             })?;
         }
-        if inner.backend.can_link() {
-            // `None`: the store could not link this one; fetch it.
-            if let Some(result) = self.download_linked(&object, hash).await {
-                return result;
+        let linked = if inner.backend.can_link() {
+            self.link_download(&object, hash).await?
+        } else {
+            None
+        };
+        let (installed, action) = match linked {
+            Some(installed) => (installed, "link the object into the cache"),
+            // Not linkable: fetch the bytes.
+            None => (
+                self.fetch_download(&object, hash).await?,
+                "store downloaded block",
+            ),
+        };
+        {
+            // The reservation becomes the entry in one critical section.
+            let mut st = inner.lock_state();
+            st.reserved_bytes -= object.length;
+            st.reserved_slots -= 1;
+            if let Ok(Ok(_)) = installed {
+                st.insert(key, object.length, false, true);
             }
         }
+        let file = match installed {
+            Ok(Ok(file)) => file,
+            Ok(Err(reason)) => {
+                inner
+                    .counters
+                    .download_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Error::Corrupted {
+                    obj_id: object.id,
+                    inode: key.inode,
+                    blockno: key.blockno,
+                    reason,
+                });
+            }
+            Err(source) => {
+                inner
+                    .counters
+                    .download_errors
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Error::io(action, inner.dir.file(key, false))(source));
+            }
+        };
+        inner.counters.downloads.fetch_add(1, Ordering::Relaxed);
+        inner
+            .counters
+            .download_bytes
+            .fetch_add(object.length, Ordering::Relaxed);
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// Fetches the object and writes it under the block's clean name, with room reserved for
+    /// it. `Ok(Ok(file))`: installed, and the file stays open for the handle; `Ok(Err(reason))`:
+    /// the bytes do not match the metadata; `Err`: the file could not be written.
+    async fn fetch_download(
+        &mut self,
+        object: &blockcache_db::Object,
+        hash: [u8; 32],
+    ) -> Result<Downloaded> {
+        let inner = Arc::clone(self.inner());
+        let key = self.key;
         let started = std::time::Instant::now();
         let fetched = inner.backend.get(object.id).await;
         metrics::histogram!(
@@ -1471,86 +1540,37 @@ impl BlockHandle {
                 source: Arc::new(e),
             }
         })?;
-        let corrupted = |reason: String| {
-            inner
-                .counters
-                .download_errors
-                .fetch_add(1, Ordering::Relaxed);
-            Error::Corrupted {
-                obj_id: object.id,
-                inode: key.inode,
-                blockno: key.blockno,
-                reason,
-            }
-        };
-        if data.len() as u64 != object.length {
-            return Err(corrupted(format!(
-                "{} bytes instead of {}",
-                data.len(),
-                object.length
-            )));
-        }
         inner.make_room(object.length, 1).await?;
-        let dir = inner.dir.clone();
-        // Ok(Ok(file)): installed, and the file stays open for this handle;
-        // Ok(Err(hash)): the content does not match; Err: the file could not be written.
+        let (dir, len) = (inner.dir.clone(), object.length);
         let installed = tokio::task::spawn_blocking(move || {
+            if data.len() as u64 != len {
+                return Ok(Err(format!("{} bytes instead of {len}", data.len())));
+            }
             let actual: [u8; 32] = Sha256::digest(&data).into();
             if actual != hash {
-                return Ok(Err(hex::encode(actual)));
+                return Ok(Err(mismatch(&actual, &hash)));
             }
             dir.install_clean(key, &data).map(Ok)
         })
         .await
         .expect("download task panicked");
-        {
-            // The reservation becomes the entry in one critical section.
-            let mut st = inner.lock_state();
-            st.reserved_bytes -= object.length;
-            st.reserved_slots -= 1;
-            if let Ok(Ok(_)) = installed {
-                st.insert(key, object.length, false, true);
-            }
-        }
-        let file = match installed {
-            Ok(Ok(file)) => file,
-            Ok(Err(actual)) => {
-                return Err(corrupted(format!(
-                    "SHA-256 {actual} instead of {}",
-                    hex::encode(hash)
-                )));
-            }
-            Err(source) => {
-                return Err(Error::io(
-                    "store downloaded block",
-                    inner.dir.file(key, false),
-                )(source));
-            }
-        };
-        inner.counters.downloads.fetch_add(1, Ordering::Relaxed);
-        inner
-            .counters
-            .download_bytes
-            .fetch_add(object.length, Ordering::Relaxed);
-        self.file = Some(file);
-        Ok(())
+        Ok(installed)
     }
 
-    /// A miss served from a local-directory store on the cache's file system: the clean
-    /// cache file becomes a hard link to the object's file (no copy, no new inode), then its
-    /// length and SHA-256 are checked like any download. A change of the block later gets a
-    /// file of its own first (invariant 11). `None` if the store could not link it; the
-    /// caller then fetches the object.
-    async fn download_linked(
+    /// A miss served from a local-directory store on the cache's file system, with room
+    /// reserved for it: the clean cache file becomes a hard link to the object's file (no
+    /// copy, no new inode), then its length and SHA-256 are checked like any download, and
+    /// the link is removed again if they do not match. A change of the block later gets a
+    /// file of its own first (invariant 11). `None` (and no reservation) if the store could
+    /// not link it, or has no such object: the fetch says what is wrong.
+    async fn link_download(
         &mut self,
         object: &blockcache_db::Object,
         hash: [u8; 32],
-    ) -> Option<Result<()>> {
+    ) -> Result<Option<Downloaded>> {
         let inner = Arc::clone(self.inner());
         let key = self.key;
-        if let Err(e) = inner.make_room(object.length, 1).await {
-            return Some(Err(e));
-        }
+        inner.make_room(object.length, 1).await?;
         let (dir, backend, id, len) = (
             inner.dir.clone(),
             inner.backend.clone(),
@@ -1558,87 +1578,44 @@ impl BlockHandle {
             object.length,
         );
         let started = std::time::Instant::now();
-        // Ok(Some(Ok(file))): installed and checked; Ok(Some(Err(reason))): the object does
-        // not match its metadata (the link is gone again); Ok(None): not linked.
         let linked = tokio::task::spawn_blocking(move || {
             let path = dir.file(key, false);
             match backend.link_out(id, &path) {
                 Ok(true) => {}
-                // Not linkable, or no such object: the fetch says what is wrong.
-                Ok(false) => return Ok(None),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                Err(e) => return Err(e),
+                Ok(false) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+                Err(e) => return Some(Err(e)),
             }
-            let checked = (|| -> std::io::Result<std::result::Result<std::fs::File, String>> {
+            let checked = (|| -> Downloaded {
                 let file = dir.open(key, false)?;
                 let actual = file.metadata()?.len();
                 if actual != len {
                     return Ok(Err(format!("{actual} bytes instead of {len}")));
                 }
-                let digest = files::hash_file(&path, len)?;
+                let digest = files::hash_open(&file, len)?;
                 if digest != hash {
-                    return Ok(Err(format!(
-                        "SHA-256 {} instead of {}",
-                        hex::encode(digest),
-                        hex::encode(hash)
-                    )));
+                    return Ok(Err(mismatch(&digest, &hash)));
                 }
                 Ok(Ok(file))
             })();
             if !matches!(checked, Ok(Ok(_))) {
                 let _ = std::fs::remove_file(&path);
             }
-            checked.map(Some)
+            Some(checked)
         })
         .await
         .expect("download task panicked");
         metrics::histogram!(
             "blockcache_download_duration_seconds",
-            "outcome" => if matches!(linked, Ok(Some(Ok(_)))) { "ok" } else { "error" }
+            "outcome" => if matches!(linked, Some(Ok(Ok(_)))) { "ok" } else { "error" }
         )
         .record(started.elapsed().as_secs_f64());
-        {
+        if linked.is_none() {
             let mut st = inner.lock_state();
             st.reserved_bytes -= len;
             st.reserved_slots -= 1;
-            if let Ok(Some(Ok(_))) = &linked {
-                st.insert(key, len, false, true);
-            }
         }
-        let failed = || {
-            inner
-                .counters
-                .download_errors
-                .fetch_add(1, Ordering::Relaxed);
-        };
-        match linked {
-            Ok(None) => None,
-            Ok(Some(Ok(file))) => {
-                inner.counters.downloads.fetch_add(1, Ordering::Relaxed);
-                inner
-                    .counters
-                    .download_bytes
-                    .fetch_add(len, Ordering::Relaxed);
-                self.file = Some(file);
-                Some(Ok(()))
-            }
-            Ok(Some(Err(reason))) => {
-                failed();
-                Some(Err(Error::Corrupted {
-                    obj_id: id,
-                    inode: key.inode,
-                    blockno: key.blockno,
-                    reason,
-                }))
-            }
-            Err(e) => {
-                failed();
-                Some(Err(Error::io(
-                    "link the object into the cache",
-                    inner.dir.file(key, false),
-                )(e)))
-            }
-        }
+        Ok(linked)
     }
 
     /// Checks a clean file found at start-up against its mapping (length and SHA-256).
@@ -1656,8 +1633,7 @@ impl BlockHandle {
                 let expected = o.hash.expect("checked");
                 let p = path.clone();
                 tokio::task::spawn_blocking(move || {
-                    files::read_whole(&p, size)
-                        .map(|d| <[u8; 32]>::from(Sha256::digest(&d)) == expected)
+                    files::hash_file(&p, size).map(|digest| digest == expected)
                 })
                 .await
                 .expect("verify task panicked")

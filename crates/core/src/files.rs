@@ -228,11 +228,15 @@ fn create_fresh(path: &Path) -> io::Result<File> {
 /// The SHA-256 of the first `len` bytes of `path`, read in pieces through one reused buffer
 /// per thread (no allocation of the whole block, which the caller does not keep).
 pub(crate) fn hash_file(path: &Path, len: u64) -> io::Result<[u8; 32]> {
+    hash_open(&File::open(path)?, len)
+}
+
+/// [`hash_file`] of a file already open.
+pub(crate) fn hash_open(file: &File, len: u64) -> io::Result<[u8; 32]> {
     use sha2::{Digest, Sha256};
     thread_local! {
         static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; 256 << 10]);
     }
-    let file = File::open(path)?;
     BUF.with_borrow_mut(|buf| {
         let mut hasher = Sha256::new();
         let mut offset = 0u64;

@@ -11,6 +11,16 @@ use blockcache_backend::Backend;
 use blockcache_db::Db;
 use blockcache_tests::{Env, data};
 
+/// Block 0 of `inode`, whole (1 KiB blocks).
+async fn block_of(cache: &BlockCache, inode: u64) -> bytes::Bytes {
+    cache.read(inode, 0, 0, 1024).await.expect("read")
+}
+
+/// The link count of the file at `path`.
+fn links(path: &std::path::Path) -> u64 {
+    std::fs::metadata(path).expect("object").nlink()
+}
+
 /// The store's only object (panics unless there is exactly one).
 async fn only_object(env: &Env) -> u64 {
     let ids = env.store_ids().await;
@@ -31,7 +41,7 @@ async fn a_linked_object_keeps_its_bytes_when_its_blocks_change() {
     let id = only_object(&env).await;
     let object = env.object_path(id);
     assert_eq!(
-        std::fs::metadata(&object).expect("object").nlink(),
+        links(&object),
         2,
         "the object is the cache file of one block"
     );
@@ -44,7 +54,7 @@ async fn a_linked_object_keeps_its_bytes_when_its_blocks_change() {
         .expect("write");
     assert_eq!(std::fs::read(&object).expect("object"), original);
     assert_eq!(
-        std::fs::metadata(&object).expect("object").nlink(),
+        links(&object),
         1,
         "no cache file shares the object any more"
     );
@@ -56,16 +66,10 @@ async fn a_linked_object_keeps_its_bytes_when_its_blocks_change() {
     want1[10..17].copy_from_slice(b"changed");
     let mut want2 = original.clone();
     want2[1000..1012].copy_from_slice(b"also changed");
+    assert_eq!(&block_of(&cache, 1).await[..], &want1[..]);
+    assert_eq!(&block_of(&cache, 2).await[..], &want2[..]);
     assert_eq!(
-        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
-        &want1[..]
-    );
-    assert_eq!(
-        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
-        &want2[..]
-    );
-    assert_eq!(
-        &cache.read(3, 0, 0, 1024).await.expect("read")[..],
+        &block_of(&cache, 3).await[..],
         &original[..],
         "the block still pointing to the object reads its old bytes"
     );
@@ -96,10 +100,7 @@ async fn truncating_a_linked_block_leaves_its_object_whole() {
     assert!(!object.exists(), "the released object was deleted");
     cache.clear().await.expect("clear");
     for inode in 1..=2 {
-        assert_eq!(
-            &cache.read(inode, 0, 0, 1024).await.expect("read")[..],
-            &original[..10]
-        );
+        assert_eq!(&block_of(&cache, inode).await[..], &original[..10]);
     }
     cache.shutdown().await.expect("shutdown");
 }
@@ -114,7 +115,7 @@ async fn links_survive_a_restart_and_are_still_copied_before_a_change() {
     cache.flush().await.expect("flush");
     cache.shutdown().await.expect("shutdown");
     let object = env.object_path(only_object(&env).await);
-    assert_eq!(std::fs::metadata(&object).expect("object").nlink(), 2);
+    assert_eq!(links(&object), 2);
 
     // A new engine knows nothing of earlier links: the link count tells it.
     let cache = env.open().await;
@@ -123,16 +124,10 @@ async fn links_survive_a_restart_and_are_still_copied_before_a_change() {
     assert_eq!(std::fs::read(&object).expect("object"), original);
     cache.flush().await.expect("flush");
     cache.clear().await.expect("clear");
-    assert_eq!(
-        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
-        &[0xAB; 1024][..]
-    );
+    assert_eq!(&block_of(&cache, 1).await[..], &[0xAB; 1024][..]);
     let mut want2 = original.clone();
     want2[..512].fill(0xCD);
-    assert_eq!(
-        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
-        &want2[..]
-    );
+    assert_eq!(&block_of(&cache, 2).await[..], &want2[..]);
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
@@ -313,14 +308,8 @@ async fn a_store_on_another_file_system_gets_copies() {
     cache.clear().await.expect("clear");
     let mut want = original;
     want[..3].copy_from_slice(b"new");
-    assert_eq!(
-        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
-        &want[..]
-    );
-    assert_eq!(
-        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
-        &data(5, 1024)[..]
-    );
+    assert_eq!(&block_of(&cache, 1).await[..], &want[..]);
+    assert_eq!(&block_of(&cache, 2).await[..], &data(5, 1024)[..]);
     cache.shutdown().await.expect("shutdown");
 }
 
@@ -334,37 +323,22 @@ async fn misses_link_the_object_into_the_cache_and_changes_still_copy() {
     cache.flush().await.expect("flush");
     cache.clear().await.expect("clear");
     let object = env.object_path(only_object(&env).await);
-    assert_eq!(std::fs::metadata(&object).expect("object").nlink(), 1);
+    assert_eq!(links(&object), 1);
     // Both misses are served by links to the one object: no copies.
-    assert_eq!(
-        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
-        &original[..]
-    );
-    assert_eq!(
-        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
-        &original[..]
-    );
-    assert_eq!(std::fs::metadata(&object).expect("object").nlink(), 3);
+    assert_eq!(&block_of(&cache, 1).await[..], &original[..]);
+    assert_eq!(&block_of(&cache, 2).await[..], &original[..]);
+    assert_eq!(links(&object), 3);
     assert_eq!(cache.usage().await.expect("usage").downloads, 2);
     // A change of one of them leaves the object and the other block alone.
     cache.write(1, 0, 0, b"changed").await.expect("write");
     assert_eq!(std::fs::read(&object).expect("object"), original);
-    assert_eq!(
-        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
-        &original[..]
-    );
+    assert_eq!(&block_of(&cache, 2).await[..], &original[..]);
     cache.flush().await.expect("flush");
     cache.clear().await.expect("clear");
     let mut want = original.clone();
     want[..7].copy_from_slice(b"changed");
-    assert_eq!(
-        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
-        &want[..]
-    );
-    assert_eq!(
-        &cache.read(2, 0, 0, 1024).await.expect("read")[..],
-        &original[..]
-    );
+    assert_eq!(&block_of(&cache, 1).await[..], &want[..]);
+    assert_eq!(&block_of(&cache, 2).await[..], &original[..]);
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
@@ -433,10 +407,34 @@ async fn a_shard_that_cannot_be_linked_into_fails_the_upload_and_keeps_the_block
     cache.flush().await.expect("flush");
     assert_eq!(cache.usage().await.expect("usage").dirty_entries, 0);
     cache.clear().await.expect("clear");
-    assert_eq!(
-        &cache.read(1, 0, 0, 1024).await.expect("read")[..],
-        &original[..]
-    );
+    assert_eq!(&block_of(&cache, 1).await[..], &original[..]);
     cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_that_cannot_be_linked_into_the_cache_fails_and_frees_its_room() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    let original = data(10, 1024);
+    cache.write(1, 0, 0, &original).await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    // A directory where the clean cache file would go: the link cannot replace it.
+    let blocker = env.cache_dir().join("1-0");
+    std::fs::create_dir(&blocker).expect("blocker");
+    let err = cache
+        .read(1, 0, 0, 1024)
+        .await
+        .expect_err("no room for the link");
+    assert!(
+        matches!(&err, blockcache::Error::Io { action, .. } if *action == "link the object into the cache"),
+        "{err}"
+    );
+    // The room reserved for the block is free again, and nothing was cached.
+    cache.check_invariants().await.expect("invariants");
+    assert_eq!(cache.usage().await.expect("usage").entries, 0);
+    std::fs::remove_dir(&blocker).expect("unblock");
+    assert_eq!(&block_of(&cache, 1).await[..], &original[..]);
     cache.shutdown().await.expect("shutdown");
 }
