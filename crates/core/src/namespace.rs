@@ -184,7 +184,13 @@ struct Shared {
     max_file_size: u64,
     /// Staging inodes allocated ahead and not yet taken by a writer, the next one last.
     spare_inodes: Mutex<Vec<u64>>,
+    /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
+    /// reuses pages already mapped instead of faulting in fresh ones each block.
+    spare_buffers: Mutex<Vec<BytesMut>>,
 }
+
+/// The most memory that [`Shared::spare_buffers`] keeps.
+const SPARE_BUFFER_BYTES: u64 = 16 << 20;
 
 /// Staging inodes allocated by one transaction: concurrent and successive replacements share
 /// the sync that makes an allocation durable.
@@ -193,6 +199,25 @@ const INODES_AHEAD: u64 = 16;
 impl Shared {
     fn block_size(&self) -> u64 {
         self.inner.config.block_size
+    }
+
+    /// An empty buffer that holds one block: a spare one, or a new one.
+    fn take_buffer(&self) -> BytesMut {
+        let spare = self.spare_buffers.lock().expect("spare buffers poisoned").pop();
+        spare.unwrap_or_else(|| BytesMut::with_capacity(self.block_size() as usize))
+    }
+
+    /// Keeps `buf` for the next writer, unless enough are kept already.
+    fn recycle_buffer(&self, mut buf: BytesMut) {
+        let bs = self.block_size() as usize;
+        if buf.capacity() < bs {
+            return;
+        }
+        buf.clear();
+        let mut spare = self.spare_buffers.lock().expect("spare buffers poisoned");
+        if ((spare.len() + 1) * bs) as u64 <= SPARE_BUFFER_BYTES.max(bs as u64) {
+            spare.push(buf);
+        }
     }
 
     /// A durable staging inode for a new writer: one allocated ahead, or the first of a new
@@ -378,6 +403,7 @@ impl Namespace {
             cleanups: TaskTracker::new(),
             max_file_size,
             spare_inodes: Mutex::new(Vec::new()),
+            spare_buffers: Mutex::new(Vec::new()),
         });
         let leftover = shared.inner.db.inodes_to_clean().await?;
         if !leftover.is_empty() {
@@ -694,6 +720,9 @@ impl FileWriter {
                 // A piece that ends at the block's end: write it without buffering.
                 self.put(&data[..n]).await?;
             } else {
+                if self.buf.capacity() == 0 {
+                    self.buf = self.shared.take_buffer();
+                }
                 self.buf.extend_from_slice(&data[..n]);
                 if n == room {
                     let piece = std::mem::take(&mut self.buf);
@@ -725,8 +754,10 @@ impl FileWriter {
     /// a replacement swaps the new content in, a patch updates the size.
     pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
         if !self.buf.is_empty() {
-            let piece = std::mem::take(&mut self.buf);
+            let mut piece = std::mem::take(&mut self.buf);
             self.put(&piece).await?;
+            piece.clear();
+            self.buf = piece;
         }
         self.shared.make_durable(self.inode, durability).await?;
         let end = self.pos;
@@ -766,6 +797,7 @@ impl FileWriter {
 
 impl Drop for FileWriter {
     fn drop(&mut self) {
+        self.shared.recycle_buffer(std::mem::take(&mut self.buf));
         match std::mem::replace(&mut self.mode, Mode::Replace { finished: true }) {
             Mode::Replace { finished: false } => self.shared.clean_later(self.inode),
             Mode::Replace { finished: true } => {}
