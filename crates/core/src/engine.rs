@@ -1249,7 +1249,25 @@ impl BlockHandle {
             .await?;
         let size = self.cached_size().expect("ensured");
         let new_size = size.max(offset + data.len() as u64);
-        self.modify(new_size, |file| file.write_all_at(data, offset))
+        self.modify(new_size, None, |file| file.write_all_at(data, offset))
+            .await
+    }
+
+    /// Writes `data` from the block's start, where the caller has computed `hash`, the
+    /// SHA-256 of `data`, as it gathered the bytes. If the block is then exactly `data`
+    /// (it was not longer), the hash is kept for the commit, which then need not read the
+    /// block back to hash it.
+    pub(crate) async fn write_hashed(&mut self, data: &[u8], hash: [u8; 32]) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(0, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.ensure(Intent::Write(0, data.len() as u64)).await?;
+        let size = self.cached_size().expect("ensured");
+        let new_size = size.max(data.len() as u64);
+        let hash = (new_size == data.len() as u64).then_some(hash);
+        self.modify(new_size, hash, |file| file.write_all_at(data, 0))
             .await
     }
 
@@ -1261,7 +1279,7 @@ impl BlockHandle {
         if self.cached_size() == Some(size) {
             return Ok(());
         }
-        self.modify(size, |file| file.set_len(size)).await
+        self.modify(size, None, |file| file.set_len(size)).await
     }
 
     /// Makes this block's data durable in the cache directory (fsync of file and directory).
@@ -1313,9 +1331,12 @@ impl BlockHandle {
 
     /// Applies a modification that leaves the block `new_size` bytes long: grow the cache
     /// reservation if needed, mark dirty (renaming the file first), then run `op` on the file.
+    /// `hash`, if given, is the SHA-256 of the block's whole content after `op`; it is kept
+    /// with the new generation, in the same critical section that makes that generation.
     async fn modify(
         &mut self,
         new_size: u64,
+        hash: Option<[u8; 32]>,
         op: impl FnOnce(&File) -> std::io::Result<()>,
     ) -> Result<()> {
         let inner = Arc::clone(self.inner());
@@ -1332,6 +1353,10 @@ impl BlockHandle {
         st.reserved_bytes -= growth;
         applied?;
         let delta = st.modify(key, new_size);
+        if let Some(hash) = hash {
+            let e = st.entries.get_mut(&key).expect("modified entry is cached");
+            e.prehash = Some((e.generation, hash));
+        }
         drop(st);
         let credit = self.credit.as_mut().expect("writable");
         if delta >= 0 {
@@ -1397,6 +1422,14 @@ impl BlockHandle {
             self.file = None;
         } else if cached {
             inner.counters.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(true);
+        }
+        if let Intent::Write(0, end) = intent
+            && end >= inner.config.block_size
+        {
+            // The write replaces any content the block may have in the store (no object is
+            // longer than a block): there is nothing to look up or fetch.
+            self.create_empty().await?;
             return Ok(true);
         }
         let mapping = inner.db.mapping(key.inode, key.blockno).await?;

@@ -24,6 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use blockcache_db::FileRow;
 use bytes::{Bytes, BytesMut};
+use sha2::{Digest, Sha256};
 use tokio_util::task::TaskTracker;
 
 use crate::engine::Inner;
@@ -203,7 +204,11 @@ impl Shared {
 
     /// An empty buffer that holds one block: a spare one, or a new one.
     fn take_buffer(&self) -> BytesMut {
-        let spare = self.spare_buffers.lock().expect("spare buffers poisoned").pop();
+        let spare = self
+            .spare_buffers
+            .lock()
+            .expect("spare buffers poisoned")
+            .pop();
         spare.unwrap_or_else(|| BytesMut::with_capacity(self.block_size() as usize))
     }
 
@@ -477,6 +482,7 @@ impl Namespace {
             start: 0,
             pos: 0,
             buf: BytesMut::new(),
+            hasher: None,
         })
     }
 
@@ -507,6 +513,7 @@ impl Namespace {
             start: offset,
             pos: offset,
             buf: BytesMut::new(),
+            hasher: None,
         })
     }
 
@@ -692,6 +699,8 @@ pub struct FileWriter {
     /// File offset of the first byte of `buf`.
     pos: u64,
     buf: BytesMut,
+    /// The SHA-256 of `buf` so far, if `buf` starts at a block's start.
+    hasher: Option<Sha256>,
 }
 
 impl FileWriter {
@@ -718,15 +727,27 @@ impl FileWriter {
             let n = room.min(data.len());
             if self.buf.is_empty() && n == room {
                 // A piece that ends at the block's end: write it without buffering.
-                self.put(&data[..n]).await?;
+                let hash = filled
+                    .is_multiple_of(bs)
+                    .then(|| Sha256::digest(&data[..n]).into());
+                self.put(&data[..n], hash).await?;
             } else {
                 if self.buf.capacity() == 0 {
                     self.buf = self.shared.take_buffer();
                 }
+                if self.buf.is_empty() {
+                    // Bytes gathered from a block's start are hashed as they come, while
+                    // they are in the CPU's cache.
+                    self.hasher = filled.is_multiple_of(bs).then(Sha256::new);
+                }
                 self.buf.extend_from_slice(&data[..n]);
+                if let Some(h) = self.hasher.as_mut() {
+                    h.update(&data[..n]);
+                }
                 if n == room {
                     let piece = std::mem::take(&mut self.buf);
-                    self.put(&piece).await?;
+                    let hash = self.hasher.take().map(|h| h.finalize().into());
+                    self.put(&piece, hash).await?;
                     self.buf = piece;
                     self.buf.clear();
                 }
@@ -736,16 +757,16 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Writes `piece` (within one block) at `pos`.
-    async fn put(&mut self, piece: &[u8]) -> Result<()> {
+    /// Writes `piece` (within one block) at `pos`; `hash` is its SHA-256 if it starts at the
+    /// block's start.
+    async fn put(&mut self, piece: &[u8], hash: Option<[u8; 32]>) -> Result<()> {
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
-        self.shared
-            .inner
-            .handle(key, true)
-            .await?
-            .write(self.pos % bs, piece)
-            .await?;
+        let mut handle = self.shared.inner.handle(key, true).await?;
+        match hash {
+            Some(hash) if self.pos.is_multiple_of(bs) => handle.write_hashed(piece, hash).await?,
+            _ => handle.write(self.pos % bs, piece).await?,
+        }
         self.pos += piece.len() as u64;
         Ok(())
     }
@@ -755,7 +776,8 @@ impl FileWriter {
     pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
         if !self.buf.is_empty() {
             let mut piece = std::mem::take(&mut self.buf);
-            self.put(&piece).await?;
+            let hash = self.hasher.take().map(|h| h.finalize().into());
+            self.put(&piece, hash).await?;
             piece.clear();
             self.buf = piece;
         }

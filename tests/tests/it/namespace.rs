@@ -266,3 +266,51 @@ async fn inodes_allocated_ahead_leave_nothing_behind() {
     files.shutdown().await.expect("shutdown");
     assert_nothing_to_clean(&env).await;
 }
+
+/// Writers hash blocks as they gather them; the hash must only ever stand for the bytes the
+/// block then holds: whole blocks, a short last block, but not a short piece written at the
+/// start of a longer block, whose hash would wrongly match a file of just that piece.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hashes_gathered_while_writing_name_exactly_the_stored_bytes() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    let content = data(1, 3000);
+    // Gathered in small pieces, and passed in whole blocks: the same three objects.
+    put(&ns, "a", &content, 333).await;
+    put(&ns, "b", &content, 1024).await;
+    ns.cache().flush().await.expect("flush");
+    assert_eq!(
+        ns.cache().usage().await.expect("usage").stored_bytes,
+        3000,
+        "both files share their objects"
+    );
+    // A short piece at the start of a longer block, and a file of just that piece.
+    let piece = data(2, 100);
+    let mut w = ns.patch("a", 0).await.expect("patch");
+    w.write(&piece).await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    put(&ns, "c", &piece, 7).await;
+    // A whole block over one that is only in the store, and a piece within a block.
+    ns.cache().flush().await.expect("flush");
+    ns.cache().clear().await.expect("clear");
+    let whole = data(3, 1024);
+    let mut w = ns.patch("b", 1024).await.expect("patch");
+    w.write(&whole).await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    let mut w = ns.patch("b", 2500).await.expect("patch");
+    w.write(b"mid").await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    ns.cache().flush().await.expect("flush");
+    ns.cache().clear().await.expect("clear");
+
+    let mut want_a = content.clone();
+    want_a[..100].copy_from_slice(&piece);
+    let mut want_b = content.clone();
+    want_b[1024..2048].copy_from_slice(&whole);
+    want_b[2500..2503].copy_from_slice(b"mid");
+    assert_eq!(get(&ns, "a").await, want_a);
+    assert_eq!(get(&ns, "b").await, want_b);
+    assert_eq!(get(&ns, "c").await, piece);
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
