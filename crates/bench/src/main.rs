@@ -52,6 +52,9 @@ struct Args {
     child: Option<String>,
     block_size: u64,
     daemon_block_size: u64,
+    /// Data of the daemon workload, and of the library run it is compared with: at least
+    /// 8 files of [`FILE_BYTES`], so that each of the 8 clients has files to send.
+    daemon_data_mib: u64,
     rss_factor: u64,
 }
 
@@ -82,6 +85,7 @@ fn parse_args() -> Result<Args, Error> {
         child: None,
         block_size: 1 << 20,
         daemon_block_size: 1 << 20,
+        daemon_data_mib: 128,
         rss_factor: 4,
     };
     let mut it = std::env::args().skip(1);
@@ -105,17 +109,21 @@ fn parse_args() -> Result<Args, Error> {
             "--block-size" => a.block_size = parse_size(&value()?)?,
             "--daemon-block-size" => a.daemon_block_size = parse_size(&value()?)?,
             "--rss-factor" => a.rss_factor = value()?.parse()?,
+            "--daemon-data-mib" => a.daemon_data_mib = value()?.parse()?,
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--rss-factor 4] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other:?}").into()),
         }
     }
-    if a.data_mib == 0 || a.runs == 0 || !(0.0..=1.0).contains(&a.dup) {
-        return Err("--data-mib and --runs must be positive and --dup within 0..=1".into());
+    if a.data_mib == 0 || a.daemon_data_mib == 0 || a.runs == 0 || !(0.0..=1.0).contains(&a.dup) {
+        return Err(
+            "--data-mib, --daemon-data-mib and --runs must be positive and --dup within 0..=1"
+                .into(),
+        );
     }
     Ok(a)
 }
@@ -694,13 +702,13 @@ fn main() -> Result<(), Error> {
             format!("daemon1/{}", label(dbs)),
             "daemon1",
             dbs,
-            args.data_mib,
+            args.daemon_data_mib,
         )?;
         child(
             format!("daemon8/{}", label(dbs)),
             "daemon8",
             dbs,
-            args.data_mib,
+            args.daemon_data_mib,
         )?;
         // Peak RSS must not grow with the data: the same workload on more data.
         child(
@@ -709,6 +717,15 @@ fn main() -> Result<(), Error> {
             dbs,
             args.data_mib * args.rss_factor,
         )?;
+        // The library on the daemon's data, unless the run above was just that.
+        if args.daemon_data_mib != args.data_mib * args.rss_factor {
+            child(
+                daemon_library_group(&args),
+                "library",
+                dbs,
+                args.daemon_data_mib,
+            )?;
+        }
     }
     // The metadata workload deletes hundreds of thousands of files; on this kind of disk
     // (ext4 mounted with online discard) creating files stays slow for a while after that,
@@ -729,6 +746,7 @@ fn main() -> Result<(), Error> {
     let path = args.out.join(format!("run-{stamp}.json"));
     let report = serde_json::json!({
         "data_mib": args.data_mib,
+        "daemon_data_mib": args.daemon_data_mib,
         "runs": args.runs,
         "dup": args.dup,
         "meta_blocks": args.meta_blocks,
@@ -744,6 +762,16 @@ fn main() -> Result<(), Error> {
         svg.display()
     );
     Ok(())
+}
+
+/// The library run that the daemon is compared with: the same block size and data.
+fn daemon_library_group(args: &Args) -> String {
+    let dl = label(args.daemon_block_size);
+    if args.daemon_data_mib == args.data_mib * args.rss_factor {
+        format!("library-x{}/{dl}", args.rss_factor)
+    } else {
+        format!("library-daemon/{dl}")
+    }
 }
 
 fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
@@ -812,15 +840,28 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
     let dl = label(args.daemon_block_size);
     let lib = format!("library/{dl}");
     let rf = format!("reference/{dl}");
+    let dlib = daemon_library_group(args);
+    println!(
+        "{:<8} daemon workload: {} MiB; the library on the same data: write+flush {}, {} CPU s",
+        dl,
+        args.daemon_data_mib,
+        fmt(get(&dlib, "write_flush_mib_s")).trim(),
+        fmt(get(&dlib, "write_flush_cpu_s")).trim(),
+    );
     for n in [1, 8] {
         let g = format!("daemon{n}/{dl}");
         println!(
-            "{:<8} daemon, {n} client{}: write+flush {} = {} library write+flush, {} copy+fsync; cold read {} ({} copy+fsync); hot read {} ({} read back); daemon peak RSS {:.1} MiB",
+            "{:<8} daemon, {n} client{}: write+flush {} = {} library write+flush, {} copy+fsync, {} CPU s with the client's; cold read {} ({} copy+fsync); hot read {} ({} read back); daemon peak RSS {:.1} MiB",
             dl,
             if n == 1 { "" } else { "s" },
             fmt(get(&g, "write_flush_mib_s")).trim(),
-            ratio(get(&g, "write_flush_mib_s"), get(&lib, "write_flush_mib_s")).trim(),
+            ratio(
+                get(&g, "write_flush_mib_s"),
+                get(&dlib, "write_flush_mib_s")
+            )
+            .trim(),
             ratio(get(&g, "write_flush_mib_s"), get(&rf, "copy_sync_mib_s")).trim(),
+            fmt(get(&g, "write_flush_cpu_s")).trim(),
             fmt(get(&g, "cold_read_mib_s")).trim(),
             ratio(get(&g, "cold_read_mib_s"), get(&rf, "copy_sync_mib_s")).trim(),
             fmt(get(&g, "hot_read_mib_s")).trim(),
