@@ -73,6 +73,38 @@ async fn check(r: reqwest::Response, what: &str) -> Result<reqwest::Response, Er
     }
 }
 
+/// Block buffers of the client, reused once sent.
+#[derive(Clone, Default)]
+struct Spares(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Spares {
+    fn take(&self, len: usize) -> Vec<u8> {
+        let spare = self.0.lock().expect("spares poisoned").pop();
+        let mut buf = spare.unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+}
+
+/// A block being sent; its buffer returns to the spares when the last `Bytes` of it drops.
+struct Spare {
+    buf: Vec<u8>,
+    home: Spares,
+}
+
+impl AsRef<[u8]> for Spare {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+impl Drop for Spare {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.home.0.lock().expect("spares poisoned").push(buf);
+    }
+}
+
 /// Runs `job(file)` for every file, with `clients` concurrent workers taking the next file.
 async fn each_file<F, Fut>(files: u64, clients: usize, job: F) -> Result<Duration, Error>
 where
@@ -119,20 +151,20 @@ pub async fn daemon(args: &Args, clients: usize) -> Result<Sample, Error> {
 
     let (h, b) = (http.clone(), base.clone());
     let cpu = cpu_of(d.child.id()) + cpu_of(std::process::id());
+    let spares = Spares::default();
     let write = each_file(files, clients, move |file| {
-        let (h, b) = (h.clone(), b.clone());
+        let (h, b, spares) = (h.clone(), b.clone(), spares.clone());
         async move {
             // The body is generated block by block as it is sent: no whole file in memory.
-            // Blocks are cut from one buffer that is reclaimed once the blocks sent from it
-            // are dropped, so the client does not pay for fresh pages each block.
-            let mut spare = bytes::BytesMut::new();
+            // A block's buffer goes back to `spares` once hyper has sent and dropped it, so
+            // the client does not pay for fresh pages each block.
             let body = futures::stream::iter(0..blocks_per_file).map(move |blk| {
-                if spare.capacity() < bs as usize {
-                    spare.reserve(4 * bs as usize);
-                }
-                spare.resize(bs as usize, 0);
-                fill(&mut spare, seed_of(file * blocks_per_file + blk, dup));
-                Ok::<_, std::io::Error>(spare.split().freeze())
+                let mut buf = spares.take(bs as usize);
+                fill(&mut buf, seed_of(file * blocks_per_file + blk, dup));
+                Ok::<_, std::io::Error>(bytes::Bytes::from_owner(Spare {
+                    buf,
+                    home: spares.clone(),
+                }))
             });
             let r = h
                 .put(format!("{b}/v1/files/bench/{file}"))
@@ -166,6 +198,9 @@ pub async fn daemon(args: &Args, clients: usize) -> Result<Sample, Error> {
         "stored_bytes".into(),
         stats["store"]["stored_bytes"].as_f64().unwrap_or(0.0),
     );
+    if crate::write_only() {
+        return Ok(s);
+    }
 
     check(
         http.post(format!("{base}/v1/cache/drop")).send().await?,

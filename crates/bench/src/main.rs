@@ -181,6 +181,12 @@ fn peak_rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// With `BLOCKCACHE_BENCH_WRITE_ONLY` set, the library and daemon workloads stop after
+/// write+flush: a profiler attached to the whole run then sees that phase alone.
+fn write_only() -> bool {
+    std::env::var_os("BLOCKCACHE_BENCH_WRITE_ONLY").is_some()
+}
+
 /// CPU seconds (user and system, all threads) a process has used so far, from
 /// `/proc/<pid>/stat` (clock ticks of 10 ms).
 fn cpu_of(pid: u32) -> f64 {
@@ -329,6 +335,9 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     put("stored_bytes", usage.stored_bytes as f64);
     put("unique_bytes", unique_bytes as f64);
     put("logical_bytes", logical as f64);
+    if write_only() {
+        return Ok(s);
+    }
 
     cache.clear().await?;
     let c = cache.clone();
