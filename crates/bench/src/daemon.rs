@@ -198,6 +198,10 @@ pub async fn daemon(args: &Args, clients: usize) -> Result<Sample, Error> {
         "stored_bytes".into(),
         stats["store"]["stored_bytes"].as_f64().unwrap_or(0.0),
     );
+    s.values.insert(
+        "write_peak_rss_bytes".into(),
+        peak_rss_of(d.child.id()) as f64,
+    );
     if crate::write_only() {
         return Ok(s);
     }

@@ -790,6 +790,11 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
             format!("{:8.1} ({:.1}-{:.1})", s.median, s.min, s.max)
         })
     };
+    let fmt_cpu = |s: Option<&Stat>| {
+        s.map_or("-".to_owned(), |s| {
+            format!("{:.2} ({:.2}-{:.2})", s.median, s.min, s.max)
+        })
+    };
     let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
         (Some(a), Some(b)) if b.median > 0.0 => format!("{:5.2}x", a.median / b.median),
         _ => "-".to_owned(),
@@ -855,12 +860,12 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
         dl,
         args.daemon_data_mib,
         fmt(get(&dlib, "write_flush_mib_s")).trim(),
-        fmt(get(&dlib, "write_flush_cpu_s")).trim(),
+        fmt_cpu(get(&dlib, "write_flush_cpu_s")),
     );
     for n in [1, 8] {
         let g = format!("daemon{n}/{dl}");
         println!(
-            "{:<8} daemon, {n} client{}: write+flush {} = {} library write+flush, {} copy+fsync, {} CPU s with the client's; cold read {} ({} copy+fsync); hot read {} ({} read back); daemon peak RSS {:.1} MiB",
+            "{:<8} daemon, {n} client{}: write+flush {} = {} library write+flush, {} copy+fsync, {} CPU s with the client's; cold read {} ({} copy+fsync); hot read {} ({} read back); daemon peak RSS {:.1} MiB ({:.1} MiB after write+flush)",
             dl,
             if n == 1 { "" } else { "s" },
             fmt(get(&g, "write_flush_mib_s")).trim(),
@@ -870,12 +875,13 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
             )
             .trim(),
             ratio(get(&g, "write_flush_mib_s"), get(&rf, "copy_sync_mib_s")).trim(),
-            fmt(get(&g, "write_flush_cpu_s")).trim(),
+            fmt_cpu(get(&g, "write_flush_cpu_s")),
             fmt(get(&g, "cold_read_mib_s")).trim(),
             ratio(get(&g, "cold_read_mib_s"), get(&rf, "copy_sync_mib_s")).trim(),
             fmt(get(&g, "hot_read_mib_s")).trim(),
             ratio(get(&g, "hot_read_mib_s"), get(&rf, "read_back_mib_s")).trim(),
             get(&g, "peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
+            get(&g, "write_peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
         );
     }
     let big = format!("library-x{}/{dl}", args.rss_factor);
