@@ -52,7 +52,8 @@ impl Env {
     }
 
     /// A new empty volume whose engine opens the store by its `file://` URL, as the daemon
-    /// does: new objects are hard links to their cache files. Faults cannot be injected.
+    /// does: new objects are hard links to their cache files. Of the faults, only those of
+    /// the store's durability barriers (`Op::Barrier`) can be injected.
     pub fn linked() -> Self {
         Self {
             linked: true,
@@ -93,7 +94,9 @@ impl Env {
     pub fn backend(&self) -> Backend {
         let backend = if self.linked {
             let url = format!("file://{}", self.store_dir().display());
-            Backend::from_url(&url).expect("file store")
+            Backend::from_url(&url)
+                .expect("file store")
+                .with_faults(self.faults.clone())
         } else {
             Backend::new(self.store.clone(), StorePath::default())
         };

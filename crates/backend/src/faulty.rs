@@ -36,10 +36,14 @@ pub enum Op {
     Delete,
     /// Listings.
     List,
+    /// Making a local-directory store durable (`Backend::make_durable`, `sync_object`,
+    /// `sync_object_dirs`): consulted by a [`crate::Backend`] given these faults with
+    /// [`crate::Backend::with_faults`], since those barriers are not object store calls.
+    Barrier,
 }
 
 impl Op {
-    const ALL: [Op; 4] = [Op::Put, Op::Get, Op::Delete, Op::List];
+    const ALL: [Op; 5] = [Op::Put, Op::Get, Op::Delete, Op::List, Op::Barrier];
 
     fn index(self) -> usize {
         self as usize
@@ -63,10 +67,10 @@ pub struct Faults {
 
 struct FaultsInner {
     config: Mutex<HashMap<Op, OpFaults>>,
-    calls: [AtomicU64; 4],
-    injected: [AtomicU64; 4],
-    gates: [watch::Sender<bool>; 4],
-    waiting: [watch::Sender<u64>; 4],
+    calls: [AtomicU64; 5],
+    injected: [AtomicU64; 5],
+    gates: [watch::Sender<bool>; 5],
+    waiting: [watch::Sender<u64>; 5],
 }
 
 impl fmt::Debug for Faults {
@@ -159,6 +163,11 @@ impl Faults {
     /// Failures injected into `op` so far.
     pub fn injected(&self, op: Op) -> u64 {
         self.inner.injected[op.index()].load(Ordering::SeqCst)
+    }
+
+    /// Runs the faults of one durability barrier of a local-directory store.
+    pub(crate) async fn barrier(&self, what: &str) -> object_store::Result<()> {
+        self.before(Op::Barrier, what).await.map(|_| ())
     }
 
     /// Runs the faults of one call: counts it, waits at the gate, sleeps, maybe fails.

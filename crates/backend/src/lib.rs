@@ -159,6 +159,8 @@ pub struct Backend {
     codec: Arc<dyn Codec>,
     retry: RetryPolicy,
     cancel: CancellationToken,
+    /// Faults injected into the durability barriers of a local-directory store (tests).
+    faults: Option<faulty::Faults>,
 }
 
 impl Backend {
@@ -182,6 +184,7 @@ impl Backend {
         let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
+        self.barrier_faults("syncfs of the store").await?;
         blocking_durable(move || {
             let dir = std::fs::File::open(&root)?;
             rustix::fs::syncfs(&dir).map_err(std::io::Error::from)
@@ -290,6 +293,8 @@ impl Backend {
         let Some(path) = self.local_path(id) else {
             return Ok(());
         };
+        self.barrier_faults(&format!("fsync of object {id}"))
+            .await?;
         blocking_durable(move || std::fs::File::open(&path)?.sync_all()).await
     }
 
@@ -302,6 +307,8 @@ impl Backend {
         let Some(root) = self.local_root.clone() else {
             return Ok(());
         };
+        self.barrier_faults("fsync of the store's directories")
+            .await?;
         let mut dirs = std::collections::BTreeSet::new();
         for &id in ids {
             let mut dir = self
@@ -334,6 +341,25 @@ impl Backend {
             codec: Arc::new(Plain),
             retry: RetryPolicy::default(),
             cancel: CancellationToken::new(),
+            faults: None,
+        }
+    }
+
+    /// Consults `faults` ([`faulty::Op::Barrier`]) before each durability barrier of a
+    /// local-directory store, for tests: those barriers are file system calls, which a
+    /// [`faulty::FaultyStore`] around the object store cannot reach.
+    pub fn with_faults(mut self, faults: faulty::Faults) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// Runs the injected faults of one barrier, if any.
+    async fn barrier_faults(&self, what: &str) -> Result<()> {
+        match &self.faults {
+            Some(f) => f.barrier(what).await.map_err(|e| Error::NotDurable {
+                reason: e.to_string(),
+            }),
+            None => Ok(()),
         }
     }
 

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use blockcache::{BlockCache, Config};
 use blockcache_backend::Backend;
+use blockcache_backend::faulty::Op;
 use blockcache_db::Db;
 use blockcache_tests::{Env, data};
 
@@ -437,4 +438,73 @@ async fn a_miss_that_cannot_be_linked_into_the_cache_fails_and_frees_its_room() 
     std::fs::remove_dir(&blocker).expect("unblock");
     assert_eq!(&block_of(&cache, 1).await[..], &original[..]);
     cache.shutdown().await.expect("shutdown");
+}
+
+/// Writes `blocks` blocks of `bs` bytes (inodes 1.., the last two alike), fails the store's
+/// next durability barrier, and checks that no block counts as stored until a later flush,
+/// which stores them all, and that removing them leaves nothing in the store.
+async fn barrier_failure_round(bs: u64, blocks: u64) {
+    let env = Env::linked();
+    let mut config = env.config();
+    config.block_size = bs;
+    config.max_bytes = 4 * blocks * bs;
+    config.max_dirty_bytes = 4 * blocks * bs;
+    let cache = env.open_with(config).await;
+    let content = |i: u64| data(20 + i.min(blocks - 2), bs as usize);
+    for i in 0..blocks {
+        cache.write(i + 1, 0, 0, &content(i)).await.expect("write");
+    }
+    env.faults.fail_first(Op::Barrier, 1);
+    let err = cache.flush().await.expect_err("the barrier fails");
+    assert!(matches!(err, blockcache::Error::Upload { .. }), "{err}");
+    assert!(
+        format!("{err:#}").contains("durable") || format!("{err:?}").contains("NotDurable"),
+        "{err:?}"
+    );
+    assert_eq!(env.faults.injected(Op::Barrier), 1);
+    let usage = cache.usage().await.expect("usage");
+    assert!(usage.dirty_entries > 0, "blocks stay dirty: {usage:?}");
+    cache.check_invariants().await.expect("invariants");
+
+    cache.flush().await.expect("a later flush");
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(usage.dirty_entries, 0);
+    assert_eq!(
+        usage.stored_bytes,
+        (blocks - 1) * bs,
+        "one object per content"
+    );
+    cache.clear().await.expect("clear");
+    for i in 0..blocks {
+        let got = cache.read(i + 1, 0, 0, bs as usize).await.expect("read");
+        assert_eq!(&got[..], &content(i)[..], "block of inode {}", i + 1);
+    }
+    cache.check_invariants().await.expect("invariants");
+    for i in 0..blocks {
+        cache.remove(i + 1, 0..u64::MAX).await.expect("remove");
+    }
+    assert!(
+        cache
+            .wait_for_removals(std::time::Duration::from_secs(20))
+            .await
+    );
+    assert_eq!(
+        env.store_ids().await,
+        Vec::<u64>::new(),
+        "nothing left behind"
+    );
+    cache.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_barrier_keeps_small_blocks_dirty_until_a_later_flush() {
+    // Small objects: the confirmer's barrier is one syncfs of the store.
+    barrier_failure_round(1024, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_store_barrier_keeps_large_blocks_dirty_until_a_later_flush() {
+    // Objects of 256 KiB or more: each upload task fsyncs its object, then the confirmer
+    // fsyncs their directories; the first of these barriers fails.
+    barrier_failure_round(256 << 10, 4).await;
 }
