@@ -630,21 +630,30 @@ impl Db {
                 "object {id} has refcount {refcount} but {n} mappings"
             )));
         }
-        let recount: (i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM objects), \
+        // The totals and their recount in one statement, so one snapshot: a commit running
+        // meanwhile cannot land between them.
+        let row: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT t.objects, t.unique_bytes, t.stored_bytes, t.logical_bytes, \
+                    (SELECT count(*) FROM objects), \
                     (SELECT coalesce(sum(length), 0) FROM objects), \
                     (SELECT coalesce(sum(stored_size), 0) FROM objects WHERE state = 'uploaded'), \
-                    (SELECT coalesce(sum(o.length), 0) FROM blocks b JOIN objects o ON o.id = b.obj_id)",
+                    (SELECT coalesce(sum(o.length), 0) FROM blocks b JOIN objects o ON o.id = b.obj_id) \
+             FROM totals t WHERE t.id = 0",
         )
         .fetch_one(&self.readers)
         .await
         .map_err(ctx("recount the totals"))?;
-        let totals = self.totals().await?;
+        let totals = Totals {
+            objects: to_u64(row.0, "object count")?,
+            unique_bytes: to_u64(row.1, "unique bytes")?,
+            stored_bytes: to_u64(row.2, "stored bytes")?,
+            logical_bytes: to_u64(row.3, "logical bytes")?,
+        };
         let expected = Totals {
-            objects: to_u64(recount.0, "count")?,
-            unique_bytes: to_u64(recount.1, "bytes")?,
-            stored_bytes: to_u64(recount.2, "bytes")?,
-            logical_bytes: to_u64(recount.3, "bytes")?,
+            objects: to_u64(row.4, "count")?,
+            unique_bytes: to_u64(row.5, "bytes")?,
+            stored_bytes: to_u64(row.6, "bytes")?,
+            logical_bytes: to_u64(row.7, "bytes")?,
         };
         if totals != expected {
             return Err(Error::Invalid(format!(
