@@ -647,9 +647,17 @@ fn main() -> Result<(), Error> {
             .init();
     }
     if let Some(kind) = args.child.clone() {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
+        // The daemon's client runs on one thread: it only moves bytes to sockets, and a
+        // second thread would add wakeups on the cores the daemon needs.
+        let runtime = if kind.starts_with("daemon") {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+        } else {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+        };
         let sample = match kind.as_str() {
             "library" => runtime.block_on(library(&args))?,
             "metadata" => runtime.block_on(metadata(&args))?,
