@@ -771,6 +771,17 @@ impl FileWriter {
         Ok(())
     }
 
+    /// Gives the writer up. A replacement's staging inode and its blocks are removed before
+    /// this returns, so nothing of it is left for a flush to upload (dropping the writer
+    /// removes them in the background; so does this if it is cancelled). A patch is dropped
+    /// as is: the bytes it wrote stay, as after any partial write.
+    pub async fn abandon(mut self) {
+        if let Mode::Replace { finished: false } = self.mode {
+            self.shared.clean_logged(self.inode).await;
+            self.mode = Mode::Replace { finished: true };
+        }
+    }
+
     /// Writes what is buffered, makes the data as durable as asked, then makes it visible:
     /// a replacement swaps the new content in, a patch updates the size.
     pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {

@@ -413,7 +413,11 @@ async fn put_file(
     }
     let _buffer = buffer(state).await?;
     let mut w = state.ns.create(name).await?;
-    pour(&mut w, body).await?;
+    if let Err(e) = pour(&mut w, body).await {
+        // Nothing of the refused body stays behind once the client has the answer.
+        w.abandon().await;
+        return Err(e);
+    }
     let meta = w.finish(durability).await?;
     let status = if meta.version == 1 {
         StatusCode::CREATED

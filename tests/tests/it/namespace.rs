@@ -105,6 +105,17 @@ async fn abandoned_replacement_keeps_the_old_version_and_leaves_nothing() {
     ns.wait_for_cleanups().await;
     ns.cache().flush().await.expect("flush");
     assert_eq!(ns.cache().usage().await.expect("usage").logical_bytes, 2000);
+    // Given up explicitly: nothing is left once `abandon` returns, without waiting, so a
+    // flush right after uploads nothing of it.
+    let mut w = ns.create("f").await.expect("create");
+    w.write(&data(10, 5000)).await.expect("write");
+    w.abandon().await;
+    let usage = ns.cache().usage().await.expect("usage");
+    assert_eq!((usage.entries, usage.dirty_entries), (2, 0), "{usage:?}");
+    ns.cache().flush().await.expect("flush");
+    assert_eq!(ns.cache().usage().await.expect("usage").logical_bytes, 2000);
+    assert_eq!(get(&ns, "f").await, old);
+    ns.cache().check_invariants().await.expect("invariants");
     ns.shutdown().await.expect("shutdown");
 }
 
