@@ -1253,6 +1253,17 @@ impl BlockHandle {
             .await
     }
 
+    /// Starts making the block's data durable in the background (fdatasync on the blocking
+    /// pool), so that a sync soon after finds little left to write. The task's result must
+    /// be looked at: a failed fdatasync may be reported to no later sync.
+    pub(crate) fn sync_ahead(&self) -> Option<tokio::task::JoinHandle<Result<()>>> {
+        let file = self.file.as_ref()?.try_clone().ok()?;
+        let path = self.inner.dir.file(self.key, true);
+        Some(tokio::task::spawn_blocking(move || {
+            file.sync_data().map_err(Error::io("sync cache file", path))
+        }))
+    }
+
     /// Writes `data` from the block's start, where the caller has computed `hash`, the
     /// SHA-256 of `data`, as it gathered the bytes. If the block is then exactly `data`
     /// (it was not longer), the hash is kept for the commit, which then need not read the

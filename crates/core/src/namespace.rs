@@ -483,6 +483,8 @@ impl Namespace {
             pos: 0,
             buf: BytesMut::new(),
             hasher: None,
+            write_behind: false,
+            ahead: std::collections::VecDeque::new(),
         })
     }
 
@@ -514,6 +516,8 @@ impl Namespace {
             pos: offset,
             buf: BytesMut::new(),
             hasher: None,
+            write_behind: false,
+            ahead: std::collections::VecDeque::new(),
         })
     }
 
@@ -701,7 +705,14 @@ pub struct FileWriter {
     buf: BytesMut,
     /// The SHA-256 of `buf` so far, if `buf` starts at a block's start.
     hasher: Option<Sha256>,
+    /// Whether completed blocks start their way to the disk at once ([`FileWriter::write_behind`]).
+    write_behind: bool,
+    /// Those syncs still running, oldest first.
+    ahead: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
 }
+
+/// Syncs of completed blocks that one writer keeps running ([`FileWriter::write_behind`]).
+const WRITE_BEHIND_DEPTH: usize = 4;
 
 impl FileWriter {
     /// Bytes written so far.
@@ -768,7 +779,37 @@ impl FileWriter {
             _ => handle.write(self.pos % bs, piece).await?,
         }
         self.pos += piece.len() as u64;
+        if self.write_behind && self.pos.is_multiple_of(bs) {
+            if self.ahead.len() >= WRITE_BEHIND_DEPTH {
+                self.wait_ahead(1).await?;
+            }
+            if let Some(task) = handle.sync_ahead() {
+                self.ahead.push_back(task);
+            }
+        }
         Ok(())
+    }
+
+    /// Makes each completed block start its way to the disk at once (an fdatasync in the
+    /// background, at most [`WRITE_BEHIND_DEPTH`] at a time), for a writer that will
+    /// [`finish`](FileWriter::finish) with `local` or `store` durability: the sync there then
+    /// finds the data written instead of writing it all while the caller waits. A failed
+    /// background sync fails the next write or the finish.
+    pub fn write_behind(&mut self) {
+        self.write_behind = true;
+    }
+
+    /// Waits for the `n` oldest background syncs; the first error is returned.
+    async fn wait_ahead(&mut self, n: usize) -> Result<()> {
+        let mut result = Ok(());
+        for _ in 0..n.min(self.ahead.len()) {
+            let task = self.ahead.pop_front().expect("counted");
+            let synced = task.await.expect("sync task panicked");
+            if result.is_ok() {
+                result = synced;
+            }
+        }
+        result
     }
 
     /// Gives the writer up. A replacement's staging inode and its blocks are removed before
@@ -792,6 +833,7 @@ impl FileWriter {
             piece.clear();
             self.buf = piece;
         }
+        self.wait_ahead(self.ahead.len()).await?;
         self.shared.make_durable(self.inode, durability).await?;
         let end = self.pos;
         match &mut self.mode {

@@ -413,6 +413,9 @@ async fn put_file(
     }
     let _buffer = buffer(state).await?;
     let mut w = state.ns.create(name).await?;
+    if durability != Durability::None {
+        w.write_behind();
+    }
     if let Err(e) = pour(&mut w, body).await {
         // Nothing of the refused body stays behind once the client has the answer.
         w.abandon().await;
@@ -451,6 +454,9 @@ async fn patch_file(
     }
     let _buffer = buffer(state).await?;
     let mut w = state.ns.patch(name, offset).await?;
+    if durability != Durability::None {
+        w.write_behind();
+    }
     pour(&mut w, body).await?;
     let meta = w.finish(durability).await?;
     Ok(with_meta_headers(

@@ -325,3 +325,31 @@ async fn hashes_gathered_while_writing_name_exactly_the_stored_bytes() {
     ns.cache().check_invariants().await.expect("invariants");
     ns.shutdown().await.expect("shutdown");
 }
+
+/// Writers that send completed blocks to the disk as they go (as the daemon's PUT and PATCH
+/// do for `local` and `store` durability) write exactly what plain writers write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_that_write_behind_store_the_same_bytes() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    let content = data(30, 10_000);
+    let mut w = ns.create("wb").await.expect("create");
+    w.write_behind();
+    for piece in content.chunks(700) {
+        w.write(piece).await.expect("write");
+    }
+    w.finish(Durability::Local).await.expect("finish");
+    assert_eq!(get(&ns, "wb").await, content);
+    let mut w = ns.patch("wb", 5000).await.expect("patch");
+    w.write_behind();
+    let patch = data(31, 3000);
+    w.write(&patch).await.expect("write");
+    w.finish(Durability::Store).await.expect("finish");
+    let mut want = content.clone();
+    want[5000..8000].copy_from_slice(&patch);
+    ns.cache().clear().await.expect("clear");
+    assert_eq!(get(&ns, "wb").await, want);
+    assert_eq!(ns.cache().usage().await.expect("usage").dirty_entries, 0);
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
