@@ -780,12 +780,13 @@ impl FileWriter {
         }
         self.pos += piece.len() as u64;
         if self.write_behind && self.pos.is_multiple_of(bs) {
+            let task = handle.sync_ahead();
+            // The block's lock is not held while waiting for the disk.
+            drop(handle);
             if self.ahead.len() >= WRITE_BEHIND_DEPTH {
                 self.wait_ahead(1).await?;
             }
-            if let Some(task) = handle.sync_ahead() {
-                self.ahead.push_back(task);
-            }
+            self.ahead.extend(task);
         }
         Ok(())
     }
