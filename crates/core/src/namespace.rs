@@ -182,12 +182,35 @@ struct Shared {
     pins: Mutex<HashMap<u64, Pin>>,
     /// Removals of retired inodes started from `Drop`.
     cleanups: TaskTracker,
+    /// The same tasks by the order they started in, for [`Namespace::wait_for_cleanups`].
+    cleanup_tickets: tokio::sync::watch::Sender<Tickets>,
     max_file_size: u64,
     /// Staging inodes allocated ahead and not yet taken by a writer, the next one last.
     spare_inodes: Mutex<Vec<u64>>,
     /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
     /// reuses pages already mapped instead of faulting in fresh ones each block.
     spare_buffers: Mutex<Vec<BytesMut>>,
+}
+
+/// Background tasks of the namespace by start order: the next ticket, and those running.
+#[derive(Debug, Default)]
+struct Tickets {
+    next: u64,
+    running: std::collections::BTreeSet<u64>,
+}
+
+/// Gives its ticket back when the task holding it ends, however it ends.
+struct Ticket {
+    tickets: tokio::sync::watch::Sender<Tickets>,
+    number: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.tickets.send_modify(|t| {
+            t.running.remove(&self.number);
+        });
+    }
 }
 
 /// The most memory that [`Shared::spare_buffers`] keeps.
@@ -280,17 +303,39 @@ impl Shared {
 
     /// Runs the cleaning of `inode` in the background (from `Drop`).
     fn clean_later(self: &Arc<Self>, inode: u64) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                let shared = self.clone();
-                self.cleanups
-                    .spawn_on(async move { shared.clean_logged(inode).await }, &handle);
-            }
-            Err(_) => tracing::warn!(
+        let shared = self.clone();
+        if !self.spawn_cleanup(async move { shared.clean_logged(inode).await }) {
+            tracing::warn!(
                 inode,
                 "no runtime to remove a retired inode; the next open does"
-            ),
+            );
         }
+    }
+
+    /// Runs `task` in the background, tracked for shutdown and for
+    /// [`Namespace::wait_for_cleanups`]; false if there is no runtime to run it on.
+    fn spawn_cleanup(&self, task: impl Future<Output = ()> + Send + 'static) -> bool {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let mut number = 0;
+        self.cleanup_tickets.send_modify(|t| {
+            number = t.next;
+            t.next += 1;
+            t.running.insert(number);
+        });
+        let ticket = Ticket {
+            tickets: self.cleanup_tickets.clone(),
+            number,
+        };
+        self.cleanups.spawn_on(
+            async move {
+                let _ticket = ticket;
+                task.await;
+            },
+            &handle,
+        );
+        true
     }
 
     fn pin(self: &Arc<Self>, inode: u64) -> PinGuard {
@@ -406,6 +451,7 @@ impl Namespace {
             names: Arc::new(KeyedLocks::default()),
             pins: Mutex::new(HashMap::new()),
             cleanups: TaskTracker::new(),
+            cleanup_tickets: tokio::sync::watch::Sender::new(Tickets::default()),
             max_file_size,
             spare_inodes: Mutex::new(Vec::new()),
             spare_buffers: Mutex::new(Vec::new()),
@@ -621,11 +667,22 @@ impl Namespace {
     }
 
     /// Waits until the background removals started so far (of inodes retired while read,
-    /// and of abandoned writers) are done.
+    /// and of abandoned writers) are done; later ones are not waited for.
     pub async fn wait_for_cleanups(&self) {
-        self.shared.cleanups.close();
-        self.shared.cleanups.wait().await;
-        self.shared.cleanups.reopen();
+        let mut tickets = self.shared.cleanup_tickets.subscribe();
+        let started = tickets.borrow().next;
+        // The sender lives in `shared`, so the wait cannot fail.
+        let _ = tickets
+            .wait_for(|t| t.running.first().is_none_or(|&first| first >= started))
+            .await;
+    }
+
+    /// Waits for the background removals started so far, then until everything written
+    /// before the call is in the store: the store then holds the live files, and none of
+    /// the blocks being removed is uploaded.
+    pub async fn flush(&self) -> Result<()> {
+        self.wait_for_cleanups().await;
+        self.shared.inner.flush(None).await
     }
 
     /// Finishes background removals, then shuts the cache down (see
@@ -882,24 +939,18 @@ impl Drop for FileWriter {
                 // An abandoned patch may have changed bytes within the old size: bump the
                 // version (under the name's lock) so that clients see a new ETag. Bytes past
                 // the old size stay invisible and are cut before the file grows over them.
-                let Ok(handle) = tokio::runtime::Handle::try_current() else {
-                    return;
-                };
                 let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
-                self.shared.cleanups.spawn_on(
-                    async move {
-                        let _guard = _guard;
-                        if let Err(error) = shared
-                            .inner
-                            .db
-                            .update_file(&name, inode, old_size, now_ns())
-                            .await
-                        {
-                            tracing::warn!(%name, %error, "recording an abandoned patch failed");
-                        }
-                    },
-                    &handle,
-                );
+                self.shared.spawn_cleanup(async move {
+                    let _guard = _guard;
+                    if let Err(error) = shared
+                        .inner
+                        .db
+                        .update_file(&name, inode, old_size, now_ns())
+                        .await
+                    {
+                        tracing::warn!(%name, %error, "recording an abandoned patch failed");
+                    }
+                });
             }
             Mode::Patch { .. } => {}
         }

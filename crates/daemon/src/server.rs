@@ -628,7 +628,9 @@ fn stream_body(
     buffers: Arc<tokio::sync::Semaphore>,
 ) -> Body {
     let bs = reader.block_size();
-    let reader = Arc::new(reader);
+    // The last piece takes the reader: once it is read, the file is unpinned, before the
+    // client has its last bytes (a replaced version's removal then starts no later).
+    let mut reader = Some(Arc::new(reader));
     // Block-aligned pieces, generated as they are needed (no list proportional to the file).
     let pieces = std::iter::successors(Some(start), move |&p| Some(p + (bs - p % bs)))
         .take_while(move |&p| p < end)
@@ -642,10 +644,17 @@ fn stream_body(
             async move { (pos, n, buffers.acquire_owned().await) }
         })
         .map(move |(pos, n, permit)| {
-            let reader = reader.clone();
+            let reader = if pos + n as u64 >= end {
+                reader.take()
+            } else {
+                reader.clone()
+            };
             async move {
+                let reader = reader.expect("no piece after the last");
                 let permit = permit.map_err(|_| blockcache::Error::ShuttingDown)?;
-                reader.read(pos, n).await.map(|b| (b, permit))
+                let read = reader.read(pos, n).await;
+                drop(reader);
+                read.map(|b| (b, permit))
             }
         })
         .buffered(READ_AHEAD)
@@ -692,7 +701,7 @@ async fn flush(State(state): State<Shared>, uri: Uri) -> ApiResult {
     let started = Instant::now();
     match params.get("name") {
         Some(name) => state.ns.flush_file(name).await?,
-        None => state.ns.cache().flush().await?,
+        None => state.ns.flush().await?,
     }
     Ok(
         axum::Json(json!({"flushed": true, "seconds": started.elapsed().as_secs_f64()}))

@@ -482,10 +482,11 @@ async fn concurrent_writers_and_readers_see_whole_versions() {
         .iter()
         .map(|f| f["size"].as_u64().expect("size"))
         .sum();
-    // Every replaced version is removed: the metadata comes to hold exactly the live files.
-    // A version's blocks go once its last reader is done, in the background (the server
-    // drops a response's stream after the client has read the last bytes), hence the wait.
-    let stats = logical_bytes_reach(&d, total).await;
+    // Every replaced version is removed: a version's removal starts once its last reader
+    // has read its last piece, and a flush waits for the removals started before it, so the
+    // metadata then holds exactly the live files.
+    d.post("/v1/flush").await;
+    let stats = d.json("/v1/stats").await;
     assert_eq!(
         stats["store"]["logical_bytes"].as_u64(),
         Some(total),
@@ -850,22 +851,6 @@ async fn cache_entries(d: &Daemon) -> u64 {
 async fn wait_for_entries(d: &Daemon, n: u64) {
     while cache_entries(d).await <= n {
         tokio::task::yield_now().await;
-    }
-}
-
-/// Flushes and reads the stats until the mapped bytes are `want` (up to 10 s); returns the
-/// last stats.
-async fn logical_bytes_reach(d: &Daemon, want: u64) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        d.post("/v1/flush").await;
-        let stats = d.json("/v1/stats").await;
-        if stats["store"]["logical_bytes"].as_u64() == Some(want)
-            || std::time::Instant::now() > deadline
-        {
-            return stats;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

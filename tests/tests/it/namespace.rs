@@ -353,3 +353,43 @@ async fn writers_that_write_behind_store_the_same_bytes() {
     ns.cache().check_invariants().await.expect("invariants");
     ns.shutdown().await.expect("shutdown");
 }
+
+/// Waiting for background removals waits for those started before the call, from any
+/// number of callers at once, and a flush includes that wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waits_for_removals_see_those_started_before_them() {
+    let env = Env::new();
+    let ns = std::sync::Arc::new(ns(&env).await);
+    put(&ns, "r", &data(40, 3000), 3000).await;
+    // A reader keeps the first version while a replacement retires it.
+    let reader = ns.open_read("r").await.expect("open");
+    put(&ns, "r", &data(41, 1000), 1000).await;
+    drop(reader);
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let ns = ns.clone();
+            tokio::spawn(async move { ns.wait_for_cleanups().await })
+        })
+        .collect();
+    for w in waiters {
+        tokio::time::timeout(std::time::Duration::from_secs(20), w)
+            .await
+            .expect("a waiter finishes")
+            .expect("join");
+    }
+    // Only the new version's block is left in the cache.
+    assert_eq!(ns.cache().usage().await.expect("usage").entries, 1);
+    // Retired again under a reader, then a flush right after the reader is done.
+    let reader = ns.open_read("r").await.expect("open");
+    put(&ns, "r", &data(42, 2000), 2000).await;
+    drop(reader);
+    ns.flush().await.expect("flush");
+    let usage = ns.cache().usage().await.expect("usage");
+    assert_eq!((usage.logical_bytes, usage.stored_bytes), (2000, 2000));
+    ns.cache().check_invariants().await.expect("invariants");
+    std::sync::Arc::into_inner(ns)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
+}
