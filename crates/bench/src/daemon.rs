@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use crate::{Args, Error, FILE_BYTES, MIB, Sample, cpu_of, fill, peak_rss_of, seed_of};
+use crate::{Args, Error, FILE_BYTES, MIB, Sample, Spares, cpu_of, fill, peak_rss_of, seed_of};
 
 struct Daemon {
     child: Child,
@@ -73,19 +73,6 @@ async fn check(r: reqwest::Response, what: &str) -> Result<reqwest::Response, Er
     }
 }
 
-/// Block buffers of the client, reused once sent.
-#[derive(Clone, Default)]
-struct Spares(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
-
-impl Spares {
-    fn take(&self, len: usize) -> Vec<u8> {
-        let spare = self.0.lock().expect("spares poisoned").pop();
-        let mut buf = spare.unwrap_or_default();
-        buf.resize(len, 0);
-        buf
-    }
-}
-
 /// A block being sent; its buffer returns to the spares when the last `Bytes` of it drops.
 struct Spare {
     buf: Vec<u8>,
@@ -100,8 +87,7 @@ impl AsRef<[u8]> for Spare {
 
 impl Drop for Spare {
     fn drop(&mut self) {
-        let buf = std::mem::take(&mut self.buf);
-        self.home.0.lock().expect("spares poisoned").push(buf);
+        self.home.give(std::mem::take(&mut self.buf));
     }
 }
 

@@ -181,6 +181,26 @@ fn peak_rss_of(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Block buffers of generated data, reused once written or sent: neither the library's
+/// writers nor the daemon's client pay for fresh pages each block.
+#[derive(Clone, Default)]
+struct Spares(Arc<std::sync::Mutex<Vec<Vec<u8>>>>);
+
+impl Spares {
+    /// A buffer of `len` bytes (their content is whatever was there).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let spare = self.0.lock().expect("spares poisoned").pop();
+        let mut buf = spare.unwrap_or_default();
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Keeps `buf` for the next `take`.
+    fn give(&self, buf: Vec<u8>) {
+        self.0.lock().expect("spares poisoned").push(buf);
+    }
+}
+
 /// With `BLOCKCACHE_BENCH_WRITE_ONLY` set, the library and daemon workloads stop after
 /// write+flush: a profiler attached to the whole run then sees that phase alone.
 fn write_only() -> bool {
@@ -301,23 +321,17 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     let mib_s = |t: Duration| logical as f64 / MIB / t.as_secs_f64();
 
     let c = cache.clone();
-    // Block buffers are reused, as the daemon's client reuses its own: neither side pays
-    // for fresh pages of the generated data.
-    let spare: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let spares = Spares::default();
     let cpu = cpu_of(std::process::id());
     let start = Instant::now();
     for_all_blocks(files, blocks_per_file, 4, move |file, b| {
         let c = c.clone();
-        let spare = spare.clone();
-        let mut data = spare
-            .lock()
-            .expect("spare buffers poisoned")
-            .pop()
-            .unwrap_or_else(|| vec![0; bs as usize]);
+        let spares = spares.clone();
+        let mut data = spares.take(bs as usize);
         fill(&mut data, seed_of(file * blocks_per_file + b, dup));
         async move {
             c.write(file + 1, b, 0, &data).await?;
-            spare.lock().expect("spare buffers poisoned").push(data);
+            spares.give(data);
             Ok(())
         }
     })
@@ -793,16 +807,16 @@ fn daemon_library_group(args: &Args) -> String {
 
 fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
     let get = |group: &str, key: &str| stats.get(group).and_then(|g| g.get(key));
-    let fmt = |s: Option<&Stat>| {
+    let fmt_places = |s: Option<&Stat>, places: usize| {
         s.map_or("-".to_owned(), |s| {
-            format!("{:8.1} ({:.1}-{:.1})", s.median, s.min, s.max)
+            format!(
+                "{:8.places$} ({:.places$}-{:.places$})",
+                s.median, s.min, s.max
+            )
         })
     };
-    let fmt_cpu = |s: Option<&Stat>| {
-        s.map_or("-".to_owned(), |s| {
-            format!("{:.2} ({:.2}-{:.2})", s.median, s.min, s.max)
-        })
-    };
+    let fmt = |s: Option<&Stat>| fmt_places(s, 1);
+    let fmt_cpu = |s: Option<&Stat>| fmt_places(s, 2).trim().to_owned();
     let ratio = |a: Option<&Stat>, b: Option<&Stat>| match (a, b) {
         (Some(a), Some(b)) if b.median > 0.0 => format!("{:5.2}x", a.median / b.median),
         _ => "-".to_owned(),
