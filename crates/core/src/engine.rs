@@ -1240,16 +1240,30 @@ impl BlockHandle {
     /// Writes `data` at `offset`, growing the block if needed (a gap reads as zeros).
     /// A write that covers the block's whole old content does not download it first.
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.write_with_hash(offset, data, None).await
+    }
+
+    /// [`BlockHandle::write`], where the caller may have computed `hash`, the SHA-256 of
+    /// `data`, as it gathered the bytes. If the write starts at the block's start and the
+    /// block is then exactly `data` (it was not longer), the hash is kept for the commit,
+    /// which then need not read the block back to hash it.
+    pub(crate) async fn write_with_hash(
+        &mut self,
+        offset: u64,
+        data: &[u8],
+        hash: Option<[u8; 32]>,
+    ) -> Result<()> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }
-        self.ensure(Intent::Write(offset, offset + data.len() as u64))
-            .await?;
+        let end = offset + data.len() as u64;
+        self.ensure(Intent::Write(offset, end)).await?;
         let size = self.cached_size().expect("ensured");
-        let new_size = size.max(offset + data.len() as u64);
-        self.modify(new_size, None, |file| file.write_all_at(data, offset))
+        let new_size = size.max(end);
+        let hash = hash.filter(|_| offset == 0 && new_size == end);
+        self.modify(new_size, hash, |file| file.write_all_at(data, offset))
             .await
     }
 
@@ -1262,24 +1276,6 @@ impl BlockHandle {
         Some(tokio::task::spawn_blocking(move || {
             file.sync_data().map_err(Error::io("sync cache file", path))
         }))
-    }
-
-    /// Writes `data` from the block's start, where the caller has computed `hash`, the
-    /// SHA-256 of `data`, as it gathered the bytes. If the block is then exactly `data`
-    /// (it was not longer), the hash is kept for the commit, which then need not read the
-    /// block back to hash it.
-    pub(crate) async fn write_hashed(&mut self, data: &[u8], hash: [u8; 32]) -> Result<()> {
-        self.check_writable()?;
-        self.check_range(0, data.len() as u64)?;
-        if data.is_empty() {
-            return Ok(());
-        }
-        self.ensure(Intent::Write(0, data.len() as u64)).await?;
-        let size = self.cached_size().expect("ensured");
-        let new_size = size.max(data.len() as u64);
-        let hash = (new_size == data.len() as u64).then_some(hash);
-        self.modify(new_size, hash, |file| file.write_all_at(data, 0))
-            .await
     }
 
     /// Sets the block's length to `size`, cutting or zero-extending it.

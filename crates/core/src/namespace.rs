@@ -831,10 +831,7 @@ impl FileWriter {
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
         let mut handle = self.shared.inner.handle(key, true).await?;
-        match hash {
-            Some(hash) if self.pos.is_multiple_of(bs) => handle.write_hashed(piece, hash).await?,
-            _ => handle.write(self.pos % bs, piece).await?,
-        }
+        handle.write_with_hash(self.pos % bs, piece, hash).await?;
         self.pos += piece.len() as u64;
         if self.write_behind && self.pos.is_multiple_of(bs) {
             let task = handle.sync_ahead();
