@@ -612,11 +612,16 @@ impl Inner {
     pub(crate) async fn sync_dirty(self: &Arc<Self>, inode: Option<u64>) -> Result<()> {
         let keys: Vec<BlockKey> = {
             let st = self.lock_state();
-            st.dirty
-                .iter()
-                .filter(|(_, k)| inode.is_none_or(|i| k.inode == i))
-                .map(|(_, k)| *k)
-                .collect()
+            match inode {
+                // One inode's entries, not every dirty block of the cache.
+                Some(i) => st
+                    .entries
+                    .range(BlockKey::new(i, 0)..=BlockKey::new(i, u64::MAX))
+                    .filter(|(_, e)| e.is_dirty())
+                    .map(|(k, _)| *k)
+                    .collect(),
+                None => st.dirty.iter().map(|(_, k)| *k).collect(),
+            }
         };
         let paths: Vec<PathBuf> = keys.iter().map(|k| self.dir.file(*k, true)).collect();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
