@@ -4,7 +4,7 @@
 //! A semaphore cannot change its size at runtime, so this is a counter with a limit behind a
 //! std mutex (never held across an await) and a `Notify` for waiters.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
@@ -22,6 +22,50 @@ pub(crate) struct Budget {
     freed: Notify,
 }
 
+/// Bytes taken from a [`Budget`]; what is left of them goes back when this is dropped.
+#[derive(Debug)]
+pub(crate) struct Credit {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Credit {
+    /// Turns up to `n` bytes of this credit into dirty data that an entry now holds (they
+    /// stay taken from the budget until the entry is clean or removed).
+    pub(crate) fn spend(&mut self, n: u64) {
+        self.bytes = self.bytes.saturating_sub(n);
+    }
+
+    /// Takes back `n` bytes that an entry no longer holds.
+    pub(crate) fn refund(&mut self, n: u64) {
+        self.bytes += n;
+    }
+}
+
+impl Drop for Credit {
+    fn drop(&mut self) {
+        self.budget.release(std::mem::take(&mut self.bytes));
+    }
+}
+
+/// A writer counted among the waiters until it is granted or gives up (its future dropped).
+struct Waiting<'a> {
+    budget: &'a Budget,
+    registered: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.registered {
+            self.budget
+                .counts
+                .lock()
+                .expect("budget mutex poisoned")
+                .waiters -= 1;
+        }
+    }
+}
+
 impl Budget {
     pub(crate) fn new(limit: u64) -> Self {
         Self {
@@ -37,8 +81,13 @@ impl Budget {
     /// Takes `n` bytes, waiting while that would exceed the limit. `pressure` is notified
     /// while waiting so that the commit task uploads dirty data. A request larger than the
     /// limit is granted once nothing else is in use, so it cannot wait forever.
-    pub(crate) async fn acquire(&self, n: u64, pressure: &Notify) {
-        let mut registered = false;
+    ///
+    /// Cancel-safe: a dropped wait takes nothing and no longer counts as a waiter.
+    pub(crate) async fn acquire(self: &Arc<Self>, n: u64, pressure: &Notify) -> Credit {
+        let mut waiting = Waiting {
+            budget: self,
+            registered: false,
+        };
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
@@ -47,14 +96,18 @@ impl Budget {
                 let mut c = self.counts.lock().expect("budget mutex poisoned");
                 if c.used + n <= c.limit || c.used == 0 {
                     c.used += n;
-                    if registered {
+                    if waiting.registered {
                         c.waiters -= 1;
+                        waiting.registered = false;
                     }
-                    return;
+                    return Credit {
+                        budget: Arc::clone(self),
+                        bytes: n,
+                    };
                 }
-                if !registered {
+                if !waiting.registered {
                     c.waiters += 1;
-                    registered = true;
+                    waiting.registered = true;
                 }
             }
             pressure.notify_one();
@@ -96,10 +149,15 @@ impl Budget {
         c.waiters > 0 || c.used > c.limit
     }
 
-    /// Bytes in use (dirty data plus what open write handles reserved).
+    /// Bytes in use (dirty data plus what open write handles reserved), and writers waiting.
+    pub(crate) fn used_and_waiters(&self) -> (u64, u64) {
+        let c = self.counts.lock().expect("budget mutex poisoned");
+        (c.used, c.waiters)
+    }
+
     #[cfg(test)]
-    pub(crate) fn used(&self) -> u64 {
-        self.counts.lock().expect("budget mutex poisoned").used
+    fn used(&self) -> u64 {
+        self.used_and_waiters().0
     }
 }
 
@@ -114,13 +172,13 @@ mod tests {
     async fn waits_until_released_and_signals_pressure() {
         let budget = Arc::new(Budget::new(10));
         let pressure = Arc::new(Notify::new());
-        budget.acquire(8, &pressure).await;
+        let first = budget.acquire(8, &pressure).await;
         let (b, p) = (budget.clone(), pressure.clone());
-        let waiter = tokio::spawn(async move { b.acquire(5, &p).await });
+        let waiter = tokio::spawn(async move { std::mem::forget(b.acquire(5, &p).await) });
         pressure.notified().await;
         assert!(budget.under_pressure());
         assert!(!waiter.is_finished());
-        budget.release(8);
+        drop(first);
         tokio::time::timeout(Duration::from_secs(5), waiter)
             .await
             .expect("granted after release")
@@ -131,14 +189,36 @@ mod tests {
 
     #[tokio::test]
     async fn oversized_request_is_granted_when_idle_and_limit_can_grow() {
-        let budget = Budget::new(4);
+        let budget = Arc::new(Budget::new(4));
         let pressure = Notify::new();
-        budget.acquire(100, &pressure).await;
+        let big = budget.acquire(100, &pressure).await;
         assert_eq!(budget.used(), 100);
-        budget.release(100);
+        drop(big);
         budget.set_limit(1000);
-        budget.acquire(600, &pressure).await;
-        budget.acquire(400, &pressure).await;
+        let a = budget.acquire(600, &pressure).await;
+        let b = budget.acquire(400, &pressure).await;
         assert_eq!(budget.used(), 1000);
+        drop((a, b));
+        assert_eq!(budget.used(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_wait_leaves_no_waiter_and_takes_nothing() {
+        let budget = Arc::new(Budget::new(10));
+        let pressure = Notify::new();
+        let held = budget.acquire(10, &pressure).await;
+        {
+            let wait = budget.acquire(5, &pressure);
+            tokio::pin!(wait);
+            // Polled once: registered as a waiter, then dropped.
+            assert!(futures::poll!(wait.as_mut()).is_pending());
+            assert!(budget.under_pressure());
+        }
+        assert_eq!(budget.used_and_waiters(), (10, 0));
+        assert!(!budget.under_pressure());
+        let mut credit = held;
+        credit.spend(4);
+        drop(credit);
+        assert_eq!(budget.used(), 4, "spent bytes stay taken until released");
     }
 }

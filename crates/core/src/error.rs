@@ -136,6 +136,16 @@ pub enum Error {
         /// Block number.
         blockno: u64,
     },
+    /// The store failed at something that concerns no single block (a durability barrier,
+    /// a deletion).
+    #[error("could not {action} in the store: {source}")]
+    Store {
+        /// What we were doing, as a verb phrase.
+        action: &'static str,
+        /// The store error.
+        #[source]
+        source: Arc<blockcache_backend::Error>,
+    },
     /// Another engine has the cache directory open.
     #[error("cache directory {} is in use by another blockcache engine", path.display())]
     InUse {
@@ -156,12 +166,24 @@ pub enum UploadFailure {
     /// The upload succeeded but could not be recorded.
     #[error("recording the upload failed")]
     Db(#[source] Arc<blockcache_db::Error>),
-    /// Upload tasks stopped before the upload ran.
-    #[error("upload tasks stopped")]
-    Stopped,
+    /// The block's content was deduplicated onto an object whose upload had failed.
+    #[error("the block deduplicated onto an object whose upload failed")]
+    SharedObjectFailed,
     /// The object was released or marked failed while it was being uploaded.
     #[error("the object was released or marked failed during the upload")]
     NotRecorded,
+    /// The cache file could not be read for the upload.
+    #[error("could not read cache file {}", path.display())]
+    Unreadable {
+        /// The cache file.
+        path: PathBuf,
+        /// The read error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store took the object, but its durability barrier failed.
+    #[error("the store did not make the object durable")]
+    NotDurable(#[source] Arc<blockcache_backend::Error>),
 }
 
 impl Error {
@@ -172,9 +194,27 @@ impl Error {
             Self::Upload { source, .. } => match &**source {
                 UploadFailure::Store(e) => e.is_transient(),
                 UploadFailure::Db(e) => e.is_transient(),
-                UploadFailure::Stopped | UploadFailure::NotRecorded => false,
+                UploadFailure::NotDurable(e) => e.is_transient(),
+                UploadFailure::SharedObjectFailed
+                | UploadFailure::NotRecorded
+                | UploadFailure::Unreadable { .. } => false,
             },
-            Self::Download { source, .. } => source.is_transient(),
+            Self::Download { source, .. } | Self::Store { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// Whether the call failed because the engine is stopping (its work was cancelled), not
+    /// because of the data, the disk or the store.
+    pub fn is_cancelled(&self) -> bool {
+        match self {
+            Self::ShuttingDown => true,
+            Self::Upload { source, .. } => match &**source {
+                UploadFailure::Store(e) => e.is_cancelled(),
+                UploadFailure::NotDurable(e) => e.is_cancelled(),
+                _ => false,
+            },
+            Self::Download { source, .. } | Self::Store { source, .. } => source.is_cancelled(),
             _ => false,
         }
     }

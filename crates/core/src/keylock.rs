@@ -52,6 +52,11 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
         })
     }
 
+    /// How many keys are held or waited for.
+    pub(crate) fn held(&self) -> usize {
+        self.map.len()
+    }
+
     /// Notified whenever any guard is released.
     pub(crate) fn released(&self) -> &Notify {
         &self.released

@@ -722,7 +722,7 @@ fn secs(d: Option<Duration>) -> f64 {
 async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
     Params::parse(&uri, &[])?;
     let u = state.ns.cache().usage().await?;
-    let limits = Lim::from(u.limits);
+    let limits = u.limits;
     let ratio = if u.unique_bytes == 0 {
         1.0
     } else {
@@ -747,7 +747,7 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
 async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
     Params::parse(&uri, &[])?;
     let u = state.ns.cache().usage().await?;
-    let limits = Lim::from(u.limits);
+    let limits = u.limits;
     let gauges = [
         ("blockcache_cache_bytes", u.bytes as f64),
         ("blockcache_cache_entries", u.entries as f64),
@@ -790,28 +790,4 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
         state.metrics.render(),
     )
         .into_response())
-}
-
-/// The limits of a usage report, zero where unknown.
-struct Lim {
-    max_bytes: u64,
-    max_entries: u64,
-    max_dirty_bytes: u64,
-}
-
-impl From<Option<blockcache::Limits>> for Lim {
-    fn from(l: Option<blockcache::Limits>) -> Self {
-        l.map_or(
-            Self {
-                max_bytes: 0,
-                max_entries: 0,
-                max_dirty_bytes: 0,
-            },
-            |l| Self {
-                max_bytes: l.max_bytes,
-                max_entries: l.max_entries,
-                max_dirty_bytes: l.max_dirty_bytes,
-            },
-        )
-    }
 }

@@ -125,7 +125,7 @@ async fn limits_change_at_runtime() {
         .expect("shrink");
     let usage = cache.usage().await.expect("usage");
     assert!(usage.bytes <= 4 * 1024 && usage.entries <= 4, "{usage:?}");
-    assert_eq!(usage.limits.expect("limits").max_bytes, 4 * 1024);
+    assert_eq!(usage.limits.max_bytes, 4 * 1024);
     for b in 0..10 {
         assert_eq!(
             cache.read(1, b, 0, 1024).await.expect("read"),

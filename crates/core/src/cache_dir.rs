@@ -18,11 +18,19 @@ use std::time::SystemTime;
 
 use crate::BlockKey;
 
+/// The name a block's file has: clean (`<inode>-<blockno>`, identical to its object) or
+/// with the dirty marker (`<inode>-<blockno>.dirty`, may differ from the store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Marker {
+    Clean,
+    Dirty,
+}
+
 /// A file found by [`CacheDir::scan`].
 #[derive(Debug)]
 pub(crate) struct Found {
     pub(crate) key: BlockKey,
-    pub(crate) dirty: bool,
+    pub(crate) marker: Marker,
     pub(crate) size: u64,
     pub(crate) modified: SystemTime,
 }
@@ -42,9 +50,12 @@ impl CacheDir {
         &self.path
     }
 
-    /// The path of the file of `key`, with or without the dirty marker.
-    pub(crate) fn file(&self, key: BlockKey, dirty: bool) -> PathBuf {
-        let suffix = if dirty { ".dirty" } else { "" };
+    /// The path of the file of `key` under the name `marker`.
+    pub(crate) fn file(&self, key: BlockKey, marker: Marker) -> PathBuf {
+        let suffix = match marker {
+            Marker::Dirty => ".dirty",
+            Marker::Clean => "",
+        };
         self.path
             .join(format!("{}-{}{suffix}", key.inode, key.blockno))
     }
@@ -93,9 +104,9 @@ impl CacheDir {
                 std::fs::remove_file(item.path())?;
                 continue;
             }
-            let (stem, dirty) = match name.strip_suffix(".dirty") {
-                Some(stem) => (stem, true),
-                None => (name, false),
+            let (stem, marker) = match name.strip_suffix(".dirty") {
+                Some(stem) => (stem, Marker::Dirty),
+                None => (name, Marker::Clean),
             };
             let Some(key) = parse_key(stem) else {
                 unknown.push(item.path());
@@ -108,7 +119,7 @@ impl CacheDir {
             }
             found.push(Found {
                 key,
-                dirty,
+                marker,
                 size: meta.len(),
                 modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             });
@@ -118,7 +129,7 @@ impl CacheDir {
 
     /// Creates an empty file for a new block, with the dirty marker.
     pub(crate) fn create_dirty(&self, key: BlockKey) -> io::Result<File> {
-        create_fresh(&self.file(key, true))
+        create_fresh(&self.file(key, Marker::Dirty))
     }
 
     /// Makes the open file `file` of `key` (under its dirty name) safe to change in place.
@@ -134,7 +145,7 @@ impl CacheDir {
         if file.metadata()?.nlink() <= 1 {
             return Ok(None);
         }
-        let path = self.file(key, true);
+        let path = self.file(key, Marker::Dirty);
         let staged = self
             .path
             .join(format!("{}-{}.unshare.tmp", key.inode, key.blockno));
@@ -152,11 +163,11 @@ impl CacheDir {
     }
 
     /// Opens the file of a cached block for reading and writing.
-    pub(crate) fn open(&self, key: BlockKey, dirty: bool) -> io::Result<File> {
+    pub(crate) fn open(&self, key: BlockKey, marker: Marker) -> io::Result<File> {
         OpenOptions::new()
             .read(true)
             .write(true)
-            .open(self.file(key, dirty))
+            .open(self.file(key, marker))
     }
 
     /// Stores downloaded content as a clean file and returns it, open for reading and
@@ -168,7 +179,7 @@ impl CacheDir {
     /// never served. If the block is later modified, `sync` flushes the whole file, downloaded
     /// bytes included. On error the partial file is deleted.
     pub(crate) fn install_clean(&self, key: BlockKey, data: &[u8]) -> io::Result<File> {
-        let path = self.file(key, false);
+        let path = self.file(key, Marker::Clean);
         let result = (|| {
             let file = create_fresh(&path)?;
             file.write_all_at(data, 0)?;
@@ -180,14 +191,18 @@ impl CacheDir {
         result
     }
 
-    /// Renames the file of `key` to or from its dirty name.
-    pub(crate) fn set_marker(&self, key: BlockKey, dirty: bool) -> io::Result<()> {
-        std::fs::rename(self.file(key, !dirty), self.file(key, dirty))
+    /// Renames the file of `key` to the name `to` from the other one.
+    pub(crate) fn set_marker(&self, key: BlockKey, to: Marker) -> io::Result<()> {
+        let from = match to {
+            Marker::Dirty => Marker::Clean,
+            Marker::Clean => Marker::Dirty,
+        };
+        std::fs::rename(self.file(key, from), self.file(key, to))
     }
 
-    /// Deletes the file of `key` under either name; a missing file is fine.
-    pub(crate) fn remove(&self, key: BlockKey, dirty: bool) -> io::Result<()> {
-        match std::fs::remove_file(self.file(key, dirty)) {
+    /// Deletes the file of `key` under the name `marker`; a missing file is fine.
+    pub(crate) fn remove(&self, key: BlockKey, marker: Marker) -> io::Result<()> {
+        match std::fs::remove_file(self.file(key, marker)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -295,13 +310,13 @@ mod tests {
         found.sort_by_key(|f| f.key);
         assert_eq!(found.len(), 2);
         assert_eq!(
-            (found[0].key, found[0].dirty, found[0].size),
-            (BlockKey::new(1, 0), false, 3)
+            (found[0].key, found[0].marker, found[0].size),
+            (BlockKey::new(1, 0), Marker::Clean, 3)
         );
-        assert_eq!((found[1].key, found[1].dirty), (k, true));
+        assert_eq!((found[1].key, found[1].marker), (k, Marker::Dirty));
         assert_eq!(unknown.len(), 2);
         assert!(!dir.path().join("3-4.tmp").exists());
-        cache.set_marker(k, false).expect("unmark");
-        assert!(cache.file(k, false).exists() && !cache.file(k, true).exists());
+        cache.set_marker(k, Marker::Clean).expect("unmark");
+        assert!(cache.file(k, Marker::Clean).exists() && !cache.file(k, Marker::Dirty).exists());
     }
 }

@@ -1,0 +1,245 @@
+//! [`BlockCache`], the public face of one open cache: opening, the block API, commit, flush,
+//! sync, removal, limits, usage and shutdown. Each call is a thin step into the engine.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blockcache_backend::Backend;
+use blockcache_db::Db;
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::cache_dir::CacheDir;
+use crate::engine::{Access, BlockHandle, Inner, LockMode, Recovery};
+use crate::{BlockKey, Config, Error, Limits, Result, Usage};
+
+/// An open block cache. Dropping it without [`BlockCache::shutdown`] stops its tasks and
+/// logs an error; dirty data stays in the cache directory and the next open uploads it.
+#[derive(Debug)]
+pub struct BlockCache {
+    inner: Arc<Inner>,
+    /// Stops the commit task (shutdown stops background commits before it flushes).
+    intake: CancellationToken,
+    recovery: Recovery,
+    shut_down: bool,
+}
+
+impl BlockCache {
+    /// Opens the cache: checks the settings and the cache directory, reconciles the cache
+    /// files with the metadata after a crash, and starts the background tasks.
+    pub async fn open(config: Config, db: Db, backend: Backend) -> Result<Self> {
+        config.validate()?;
+        let dir = CacheDir::new(config.cache_dir.clone());
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || d.prepare())
+            .await
+            .expect("prepare task panicked")
+            .map_err(Error::io("create files in cache directory", dir.path()))?;
+        let d = dir.clone();
+        let dir_lock = tokio::task::spawn_blocking(move || d.lock())
+            .await
+            .expect("lock task panicked")
+            .map_err(Error::io("lock cache directory", dir.path()))?
+            .ok_or_else(|| Error::InUse {
+                path: dir.path().to_owned(),
+            })?;
+        let (inner, queues) = Inner::open(config, dir, dir_lock, db, backend).await?;
+        let found = inner.load().await?;
+        let intake = inner.cancel_token().child_token();
+        crate::tasks::start(&inner, queues, intake.clone());
+        let recovery = inner.reconcile(found).await?;
+        Ok(Self {
+            inner,
+            intake,
+            recovery,
+            shut_down: false,
+        })
+    }
+
+    pub(crate) fn engine(&self) -> &Arc<Inner> {
+        &self.inner
+    }
+
+    /// What opening found and did about an earlier crash.
+    pub fn recovery(&self) -> &Recovery {
+        &self.recovery
+    }
+
+    /// The settings the cache was opened with (limits as at open).
+    pub fn config(&self) -> &Config {
+        self.inner.config()
+    }
+
+    /// Exclusive read-write access to block `(inode, blockno)`. Waits for the dirty budget
+    /// (one block's worth) before taking the block's lock.
+    pub async fn block(&self, inode: u64, blockno: u64) -> Result<BlockHandle> {
+        self.inner
+            .handle(BlockKey::new(inode, blockno), Access::Write)
+            .await
+    }
+
+    /// Exclusive read-only access to block `(inode, blockno)`. Never waits for uploads.
+    pub async fn block_for_read(&self, inode: u64, blockno: u64) -> Result<BlockHandle> {
+        self.inner
+            .handle(BlockKey::new(inode, blockno), Access::Read)
+            .await
+    }
+
+    /// Reads up to `len` bytes at `offset` of a block (fewer at its end; none for a hole).
+    pub async fn read(&self, inode: u64, blockno: u64, offset: u64, len: usize) -> Result<Bytes> {
+        self.block_for_read(inode, blockno)
+            .await?
+            .read(offset, len)
+            .await
+    }
+
+    /// Writes `data` at `offset` of a block.
+    pub async fn write(&self, inode: u64, blockno: u64, offset: u64, data: &[u8]) -> Result<()> {
+        self.block(inode, blockno).await?.write(offset, data).await
+    }
+
+    /// Hashes every dirty block, links it to an existing object or registers a new one, and
+    /// hands new objects to the upload tasks. Returns once every block is handed off (uploads
+    /// may still run).
+    pub async fn commit(&self) -> Result<()> {
+        let keys = self.inner.dirty_keys(None);
+        self.inner.commit_keys(keys, LockMode::Wait).await.map(drop)
+    }
+
+    /// Commits and waits: when this returns `Ok`, every byte written before the call is in
+    /// the object store and the metadata says so. Returns the upload error if one persists.
+    pub async fn flush(&self) -> Result<()> {
+        self.inner.flush(None).await
+    }
+
+    /// [`BlockCache::flush`] restricted to the blocks of one inode.
+    pub async fn flush_inode(&self, inode: u64) -> Result<()> {
+        self.inner.flush(Some(inode)).await
+    }
+
+    /// Makes every dirty block durable in the cache directory (fsync of each dirty file and
+    /// of the directory). After a crash, the next open finds and uploads them.
+    pub async fn sync(&self) -> Result<()> {
+        self.inner.sync_dirty(None).await
+    }
+
+    /// [`BlockCache::sync`] restricted to the blocks of one inode.
+    pub async fn sync_inode(&self, inode: u64) -> Result<()> {
+        self.inner.sync_dirty(Some(inode)).await
+    }
+
+    /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
+    /// and releases their objects; objects no longer referenced are deleted from the store
+    /// by the removal task. Does not wait for uploads of these blocks.
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub async fn remove(&self, inode: u64, range: Range<u64>) -> Result<()> {
+        self.inner.remove_range(inode, range).await
+    }
+
+    /// Evicts until the cache is within its limits, uploading dirty blocks first.
+    pub async fn evict(&self) -> Result<()> {
+        drop(self.inner.make_room(0, 0).await?);
+        Ok(())
+    }
+
+    /// Changes the limits, then evicts down to them.
+    pub async fn set_limits(&self, limits: Limits) -> Result<()> {
+        self.inner.set_limits(limits)?;
+        self.evict().await
+    }
+
+    /// Uploads every dirty block, then drops every cached file.
+    pub async fn clear(&self) -> Result<()> {
+        self.flush().await?;
+        self.inner.drop_clean().await
+    }
+
+    /// Usage and counters (O(1)).
+    pub async fn usage(&self) -> Result<Usage> {
+        self.inner.usage().await
+    }
+
+    /// Waits until the removal task has deleted every pending object (or `timeout` passes);
+    /// returns whether the queue is empty.
+    pub async fn wait_for_removals(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let progress = self.inner.progress().notified();
+            tokio::pin!(progress);
+            progress.as_mut().enable();
+            if self.inner.pending_removals() == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, progress).await.is_err() {
+                return self.inner.pending_removals() == 0;
+            }
+        }
+    }
+
+    /// Flushes, finishes pending deletions, stops every task and waits for them, and closes
+    /// the database. Returns the flush error if dirty data could not be uploaded; that data
+    /// stays in the cache directory for the next open.
+    pub async fn shutdown(mut self) -> Result<()> {
+        self.intake.cancel();
+        let flushed = self.flush().await;
+        let grace = self.inner.config().shutdown_grace;
+        if !self.wait_for_removals(grace).await {
+            tracing::warn!(
+                pending = self.inner.pending_removals(),
+                "store deletions still pending at shutdown; the next open finishes them"
+            );
+        }
+        self.stop_tasks().await;
+        // Clean files that still carry the dirty marker get their clean names back, so the
+        // next open does not re-hash them.
+        self.inner.unmark_all();
+        self.inner.db().close().await;
+        self.shut_down = true;
+        flushed
+    }
+
+    async fn stop_tasks(&self) {
+        self.inner.cancel_token().cancel();
+        let tracker = self.inner.tracker();
+        tracker.close();
+        if tokio::time::timeout(self.inner.config().shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = tracker.len(),
+                "tasks still running after the grace period"
+            );
+        }
+    }
+
+    /// Checks the in-memory accounting against a recount and the metadata invariants.
+    /// For tests; O(n).
+    #[doc(hidden)]
+    pub async fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.inner.check_invariants(false).await
+    }
+
+    /// [`BlockCache::check_invariants`], and also that nothing is held: no block locked, no
+    /// writer waiting, and the dirty budget holding exactly the dirty bytes. Only true while
+    /// no call runs; for tests of cancellation.
+    #[doc(hidden)]
+    pub async fn check_quiescent(&self) -> std::result::Result<(), String> {
+        self.inner.check_invariants(true).await
+    }
+}
+
+impl Drop for BlockCache {
+    fn drop(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        self.inner.cancel_token().cancel();
+        let dirty = self.inner.dirty_entries();
+        tracing::error!(
+            dirty_blocks = dirty,
+            "block cache dropped without shutdown; dirty blocks stay in the cache directory and the next open uploads them"
+        );
+    }
+}

@@ -1,0 +1,102 @@
+//! Settings of a cache: those fixed at open and the limits that can change while it runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Settings of a cache.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory of the cache files.
+    pub cache_dir: PathBuf,
+    /// Largest block, in bytes; fixed when the volume is created.
+    pub block_size: u64,
+    /// Most bytes cached (apparent sizes).
+    pub max_bytes: u64,
+    /// Most blocks cached.
+    pub max_entries: u64,
+    /// Most dirty bytes; writers wait above it.
+    pub max_dirty_bytes: u64,
+    /// Concurrent uploads.
+    pub upload_tasks: usize,
+    /// Blocks are committed in the background once unmodified for this long; `None` leaves
+    /// uploads to `commit`, `flush`, eviction and dirty-budget pressure.
+    pub commit_delay: Option<Duration>,
+    /// How long shutdown waits for background tasks after flushing.
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Defaults: 1 MiB blocks, 1 GiB cache, 65,536 entries, 256 MiB dirty, 8 upload tasks,
+    /// a 10 s commit delay.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            cache_dir: cache_dir.into(),
+            block_size: 1 << 20,
+            max_bytes: 1 << 30,
+            max_entries: 65_536,
+            max_dirty_bytes: 256 << 20,
+            upload_tasks: 8,
+            commit_delay: Some(Duration::from_secs(10)),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.block_size == 0 || self.block_size > 1 << 30 {
+            return bad(format!(
+                "block_size {} must be between 1 byte and 1 GiB",
+                self.block_size
+            ));
+        }
+        self.limits().validate(self.block_size)?;
+        if self.upload_tasks == 0 || self.upload_tasks > 1024 {
+            return bad(format!(
+                "upload_tasks {} must be between 1 and 1024",
+                self.upload_tasks
+            ));
+        }
+        Ok(())
+    }
+
+    /// The limits part of these settings.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+            max_dirty_bytes: self.max_dirty_bytes,
+        }
+    }
+}
+
+/// Limits that can change while the cache runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes cached.
+    pub max_bytes: u64,
+    /// Most blocks cached.
+    pub max_entries: u64,
+    /// Most dirty bytes.
+    pub max_dirty_bytes: u64,
+}
+
+impl Limits {
+    pub(crate) fn validate(&self, block_size: u64) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidConfig(m));
+        if self.max_bytes < block_size {
+            return bad(format!(
+                "max_bytes {} must be at least the block size {block_size}",
+                self.max_bytes
+            ));
+        }
+        if self.max_dirty_bytes < block_size {
+            return bad(format!(
+                "max_dirty_bytes {} must be at least the block size {block_size}",
+                self.max_dirty_bytes
+            ));
+        }
+        Ok(())
+    }
+}

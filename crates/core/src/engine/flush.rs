@@ -1,0 +1,81 @@
+//! Flush: commit what is dirty and wait until the store holds it.
+
+use std::sync::Arc;
+
+use super::Inner;
+use super::commit::LockMode;
+use super::state::{FlushStatus, Target};
+use super::upload::wait_done;
+use crate::error::UploadFailure;
+use crate::{BlockKey, Error, Result};
+
+/// A commit a flush waits for.
+struct Wait {
+    key: BlockKey,
+    /// Whether it covers the generation the flush must see.
+    covers: bool,
+    /// Whether this flush did not start it (its failure is not the flush's: the next round
+    /// commits the block again).
+    inherited: bool,
+    done: super::state::Done,
+}
+
+impl Inner {
+    /// Commit + wait: returns once every block dirty at the call (all, or those of one
+    /// inode) is in the store. Cancel-safe: the commits it started finish on their own.
+    pub(crate) async fn flush(self: &Arc<Self>, only: Option<u64>) -> Result<()> {
+        let targets = self.lock_state().flush_targets(only);
+        loop {
+            let mut to_commit = Vec::new();
+            let mut waits = Vec::new();
+            {
+                let st = self.lock_state();
+                for (&key, &target) in &targets {
+                    match st.flush_status(key, target) {
+                        FlushStatus::Done => {}
+                        FlushStatus::InFlight { generation, done } => waits.push(Wait {
+                            key,
+                            covers: generation >= target.generation,
+                            inherited: true,
+                            done,
+                        }),
+                        FlushStatus::Idle => to_commit.push(key),
+                    }
+                }
+            }
+            if to_commit.is_empty() && waits.is_empty() {
+                // Leave the blocks as a flush found them before the unmark task existed:
+                // under their clean names, and not locked by it when the caller goes on
+                // (eviction skips locked entries).
+                self.wait_unmarked().await;
+                return Ok(());
+            }
+            for p in self.commit_keys(to_commit, LockMode::Wait).await? {
+                let wanted = targets.get(&p.key).map_or(0, |t: &Target| t.generation);
+                waits.push(Wait {
+                    key: p.key,
+                    covers: p.generation >= wanted,
+                    inherited: false,
+                    done: p.done,
+                });
+            }
+            for w in waits {
+                let Err(error) = wait_done(w.done).await else {
+                    continue;
+                };
+                if !w.covers || w.inherited {
+                    continue;
+                }
+                // Blocks removed meanwhile need no flush; an upload whose object was released
+                // by a newer commit leaves the block dirty, and the next round commits it.
+                let removed = targets
+                    .get(&w.key)
+                    .is_none_or(|t| self.lock_state().is_gone(w.key, t.entry_id));
+                let released = matches!(&error, Error::Upload { source, .. } if matches!(**source, UploadFailure::NotRecorded));
+                if !removed && !released {
+                    return Err(error);
+                }
+            }
+        }
+    }
+}

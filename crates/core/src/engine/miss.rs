@@ -1,0 +1,300 @@
+//! A block's first access: check a clean file found at start-up, create an empty block, or
+//! download (or link) its object from the store.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+
+use super::Counters;
+use super::handle::{BlockHandle, Intent};
+use super::state::Origin;
+use super::upload::wait_done;
+use crate::cache_dir::{self, Marker};
+use crate::{Error, Result};
+
+/// A download, checked against the metadata and written into the cache.
+enum Fetched {
+    /// Installed under the clean name; the file stays open for the handle.
+    Installed(File),
+    /// The bytes do not match the metadata: what differs.
+    Mismatch(String),
+}
+
+/// The `Error::Corrupted` reason of bytes whose SHA-256 is not the recorded one.
+fn mismatch(actual: &[u8; 32], expected: &[u8; 32]) -> String {
+    format!(
+        "SHA-256 {} instead of {}",
+        hex::encode(actual),
+        hex::encode(expected)
+    )
+}
+
+impl BlockHandle {
+    /// Makes sure the block is cached if it has content; returns false for a hole on read.
+    pub(super) async fn ensure(&mut self, intent: Intent) -> Result<bool> {
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        let found = inner.lock_state().touch(key);
+        match found {
+            Some(c) if c.verified => {
+                self.hit();
+                return Ok(true);
+            }
+            Some(_) => {
+                if self.verify().await? {
+                    self.hit();
+                    return Ok(true);
+                }
+                self.file = None;
+            }
+            None => {}
+        }
+        if let Intent::Write { start: 0, end } = intent
+            && end >= inner.config.block_size
+        {
+            // The write replaces any content the block may have in the store (no object is
+            // longer than a block): there is nothing to look up or fetch.
+            self.create_empty().await?;
+            return Ok(true);
+        }
+        let mapping = inner.db.mapping(key.inode, key.blockno).await?;
+        let Some(object) = mapping else {
+            if let Intent::Read = intent {
+                return Ok(false);
+            }
+            self.create_empty().await?;
+            return Ok(true);
+        };
+        let replaces_all = match intent {
+            Intent::Read => false,
+            Intent::Write { start, end } => start == 0 && end >= object.length,
+            Intent::Truncate(size) => size == 0,
+        };
+        if replaces_all {
+            self.create_empty().await?;
+            return Ok(true);
+        }
+        Counters::add(&inner.counters.misses, 1);
+        self.download(object).await?;
+        Ok(true)
+    }
+
+    async fn create_empty(&mut self) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let room = inner.make_room(0, 1).await?;
+        let created = inner.dir.create_dirty(self.key);
+        // The reserved slot becomes the entry in one critical section.
+        let mut st = inner.lock_state();
+        room.settle(&mut st);
+        let file = created.map_err(Error::io(
+            "create cache file",
+            inner.dir.file(self.key, Marker::Dirty),
+        ))?;
+        // An empty new block is dirty (it must become a mapping) but holds no bytes yet.
+        st.insert(self.key, 0, Origin::Created);
+        drop(st);
+        self.file = Some(file);
+        Ok(())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(inode = self.key.inode, blockno = self.key.blockno, obj_id = object.id))]
+    async fn download(&mut self, object: blockcache_db::Object) -> Result<()> {
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        let lost = || Error::Lost {
+            obj_id: object.id,
+            inode: key.inode,
+            blockno: key.blockno,
+        };
+        let Some(hash) = object.hash else {
+            return Err(lost());
+        };
+        if let Some(done) = inner.upload_of(object.id) {
+            // The object is still being uploaded for another block: wait for it.
+            wait_done(done).await.map_err(|_| lost())?;
+        }
+        // Room for the block, given back if this fails or the caller gives up.
+        let room = inner.make_room(object.length, 1).await?;
+        let linked = if inner.backend.can_link() {
+            self.link_download(&object, hash).await?
+        } else {
+            None
+        };
+        let (fetched, action) = match linked {
+            Some(fetched) => (fetched, "link the object into the cache"),
+            // Not linkable: fetch the bytes.
+            None => (
+                self.fetch_download(&object, hash).await?,
+                "store downloaded block",
+            ),
+        };
+        {
+            // The reservation becomes the entry in one critical section.
+            let mut st = inner.lock_state();
+            room.settle(&mut st);
+            if let Ok(Fetched::Installed(_)) = fetched {
+                st.insert(key, object.length, Origin::Downloaded);
+            }
+        }
+        let file = match fetched {
+            Ok(Fetched::Installed(file)) => file,
+            Ok(Fetched::Mismatch(reason)) => {
+                Counters::add(&inner.counters.download_errors, 1);
+                return Err(Error::Corrupted {
+                    obj_id: object.id,
+                    inode: key.inode,
+                    blockno: key.blockno,
+                    reason,
+                });
+            }
+            Err(source) => {
+                Counters::add(&inner.counters.download_errors, 1);
+                return Err(Error::io(action, inner.dir.file(key, Marker::Clean))(
+                    source,
+                ));
+            }
+        };
+        Counters::add(&inner.counters.downloads, 1);
+        Counters::add(&inner.counters.download_bytes, object.length);
+        self.file = Some(file);
+        Ok(())
+    }
+
+    /// Fetches the object and writes it under the block's clean name (room is reserved).
+    /// `Err` inside: the file could not be written.
+    async fn fetch_download(
+        &mut self,
+        object: &blockcache_db::Object,
+        hash: [u8; 32],
+    ) -> Result<std::io::Result<Fetched>> {
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        let started = std::time::Instant::now();
+        let fetched = inner.backend.get(object.id).await;
+        metrics::histogram!(
+            "blockcache_download_duration_seconds",
+            "outcome" => super::outcome_label(&fetched)
+        )
+        .record(started.elapsed().as_secs_f64());
+        let data = fetched.map_err(|e| {
+            Counters::add(&inner.counters.download_errors, 1);
+            Error::Download {
+                obj_id: object.id,
+                inode: key.inode,
+                blockno: key.blockno,
+                source: Arc::new(e),
+            }
+        })?;
+        let (dir, len) = (inner.dir.clone(), object.length);
+        let installed = tokio::task::spawn_blocking(move || {
+            if data.len() as u64 != len {
+                return Ok(Fetched::Mismatch(format!(
+                    "{} bytes instead of {len}",
+                    data.len()
+                )));
+            }
+            let actual: [u8; 32] = Sha256::digest(&data).into();
+            if actual != hash {
+                return Ok(Fetched::Mismatch(mismatch(&actual, &hash)));
+            }
+            dir.install_clean(key, &data).map(Fetched::Installed)
+        })
+        .await
+        .expect("download task panicked");
+        Ok(installed)
+    }
+
+    /// A miss served from a local-directory store on the cache's file system (room is
+    /// reserved): the clean cache file becomes a hard link to the object's file (no copy, no
+    /// new inode), then its length and SHA-256 are checked like any download, and the link
+    /// is removed again if they do not match. A change of the block later gets a file of its
+    /// own first (invariant 11). `None` if the store could not link it, or has no such
+    /// object: the fetch says what is wrong.
+    async fn link_download(
+        &mut self,
+        object: &blockcache_db::Object,
+        hash: [u8; 32],
+    ) -> Result<Option<std::io::Result<Fetched>>> {
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        let (dir, backend, id, len) = (
+            inner.dir.clone(),
+            inner.backend.clone(),
+            object.id,
+            object.length,
+        );
+        let started = std::time::Instant::now();
+        let linked = tokio::task::spawn_blocking(move || {
+            let path = dir.file(key, Marker::Clean);
+            match backend.link_out(id, &path) {
+                Ok(true) => {}
+                Ok(false) => return None,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+                Err(e) => return Some(Err(e)),
+            }
+            let checked = (|| -> std::io::Result<Fetched> {
+                let file = dir.open(key, Marker::Clean)?;
+                let actual = file.metadata()?.len();
+                if actual != len {
+                    return Ok(Fetched::Mismatch(format!(
+                        "{actual} bytes instead of {len}"
+                    )));
+                }
+                let digest = cache_dir::hash_open(&file, len)?;
+                if digest != hash {
+                    return Ok(Fetched::Mismatch(mismatch(&digest, &hash)));
+                }
+                Ok(Fetched::Installed(file))
+            })();
+            if !matches!(checked, Ok(Fetched::Installed(_))) {
+                let _ = std::fs::remove_file(&path);
+            }
+            Some(checked)
+        })
+        .await
+        .expect("download task panicked");
+        metrics::histogram!(
+            "blockcache_download_duration_seconds",
+            "outcome" => if matches!(linked, Some(Ok(Fetched::Installed(_)))) { "ok" } else { "error" }
+        )
+        .record(started.elapsed().as_secs_f64());
+        Ok(linked)
+    }
+
+    /// Checks a clean file found at start-up against its mapping (length and SHA-256).
+    /// A stale or damaged file is deleted and the block treated as a miss. Returns whether the
+    /// file was kept.
+    #[tracing::instrument(level = "debug", skip_all, fields(inode = self.key.inode, blockno = self.key.blockno))]
+    async fn verify(&mut self) -> Result<bool> {
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        let size = inner.lock_state().get(key).expect("cached").size;
+        let mapping = inner.db.mapping(key.inode, key.blockno).await?;
+        let path = inner.dir.file(key, Marker::Clean);
+        let ok = match mapping {
+            Some(o) if o.length == size && o.hash.is_some() => {
+                let expected = o.hash.expect("checked");
+                let p = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    cache_dir::hash_file(&p, size).map(|digest| digest == expected)
+                })
+                .await
+                .expect("verify task panicked")
+                .unwrap_or(false)
+            }
+            _ => false,
+        };
+        if ok {
+            inner.lock_state().mark_verified(key);
+            return Ok(true);
+        }
+        tracing::warn!(inode = key.inode, blockno = key.blockno, path = %path.display(), "cached block does not match its metadata; discarding it");
+        inner.lock_state().remove(key);
+        inner
+            .dir
+            .remove(key, Marker::Clean)
+            .map_err(Error::io("delete stale cache file", path))?;
+        Ok(false)
+    }
+}

@@ -1,0 +1,392 @@
+//! The engine: the shared state of one open cache and everything that changes it.
+//!
+//! [`Inner`] is the engine's state; its fields are private to this module and its children,
+//! and the rest of the crate (the [`crate::BlockCache`] facade, the background loops in
+//! [`crate::tasks`], the [`crate::Namespace`]) goes through the `pub(crate)` methods below.
+//! The children each hold one part of the work:
+//!
+//! - `state`: entries, LRU and dirty order, reservations and their accounting (one std mutex);
+//! - `handle`: [`BlockHandle`], exclusive access to one block (read, write, truncate, sync);
+//! - `miss`: loading a block on first access (check, create, download, link from the store);
+//! - `evict`: making room, with [`Reservation`]s that give room back when dropped;
+//! - `commit`: hashing dirty blocks and recording them in batches (dedup);
+//! - `upload`: the upload registry, hand-off to the upload workers, confirmation batches;
+//! - `settle`: marking commits done, clean names back (the unmark queue);
+//! - `sync`: fsync of dirty blocks, hashing them meanwhile;
+//! - `flush`: commit and wait until the store holds everything;
+//! - `remove`: removing blocks and deleting released objects from the store;
+//! - `recovery`: opening after a crash.
+//!
+//! The lock order and the invariants are written once, in ARCHITECTURE.md (*Locks*,
+//! *Invariants*).
+
+mod commit;
+mod evict;
+mod flush;
+mod handle;
+mod miss;
+mod recovery;
+mod remove;
+mod settle;
+mod state;
+mod sync;
+mod upload;
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use blockcache_backend::Backend;
+use blockcache_db::Db;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::budget::Budget;
+use crate::cache_dir::CacheDir;
+use crate::keylock::KeyedLocks;
+use crate::{BlockKey, Config, Error, Limits, Result, Usage};
+
+pub(crate) use commit::LockMode;
+pub use handle::BlockHandle;
+pub use recovery::Recovery;
+pub(crate) use state::InodeBlocks;
+pub(crate) use upload::{UploadJob, UploadOutcome, UploadSource, outcome_label, syncs_each_object};
+
+use settle::Unmarks;
+use state::State;
+use upload::ObjUpload;
+
+/// Counters since start-up, for statistics and metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    uploads: AtomicU64,
+    upload_bytes: AtomicU64,
+    upload_errors: AtomicU64,
+    downloads: AtomicU64,
+    download_bytes: AtomicU64,
+    download_errors: AtomicU64,
+    dedup_hits: AtomicU64,
+    deletes: AtomicU64,
+    delete_errors: AtomicU64,
+}
+
+impl Counters {
+    fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// What a block handle is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Reads only; never waits for the dirty budget.
+    Read,
+    /// Reads and writes; takes one block's worth of the dirty budget first.
+    Write,
+}
+
+/// The receiving ends of the engine's queues, for the background loops.
+#[derive(Debug)]
+pub(crate) struct Queues {
+    pub(crate) uploads: mpsc::Receiver<UploadJob>,
+    pub(crate) confirmations: mpsc::Receiver<UploadOutcome>,
+    pub(crate) removals: mpsc::Receiver<u64>,
+}
+
+/// Shared state of one open cache.
+#[derive(Debug)]
+pub(crate) struct Inner {
+    config: Config,
+    dir: CacheDir,
+    db: Arc<Db>,
+    backend: Backend,
+    locks: Arc<KeyedLocks>,
+    state: Mutex<State>,
+    budget: Arc<Budget>,
+    /// Wakes the commit task: writers wait for the dirty budget.
+    pressure: Notify,
+    /// Wakes eviction and waiters for removals: an upload finished or an entry went away.
+    progress: Notify,
+    /// Held around each metadata transaction of the commit pipeline together with the upload
+    /// registry, and around confirmations and removals (see ARCHITECTURE.md, *Locks*).
+    commit_lock: tokio::sync::Mutex<()>,
+    /// Objects whose upload is under way, and the blocks waiting for them.
+    uploads: Mutex<HashMap<u64, ObjUpload>>,
+    upload_tx: mpsc::Sender<UploadJob>,
+    /// Upload outcomes waiting to be recorded by the confirmer.
+    confirm_tx: mpsc::Sender<UploadOutcome>,
+    removal_tx: mpsc::Sender<u64>,
+    unmarks: Unmarks,
+    uploads_in_flight: AtomicU64,
+    pending_removals: AtomicU64,
+    counters: Counters,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    /// The exclusive lock of the cache directory, held as long as anything of this engine
+    /// runs.
+    _dir_lock: File,
+}
+
+/// Most upload outcomes waiting for the confirmer, and most object ids waiting for the
+/// removal task.
+const QUEUE_DEPTH: usize = 4 * 1024;
+
+impl Inner {
+    /// Opens the engine over a prepared and locked cache directory: the state is empty until
+    /// [`Inner::load`] fills it. The caller starts the loops over the returned queues.
+    pub(crate) async fn open(
+        config: Config,
+        dir: CacheDir,
+        dir_lock: File,
+        db: Db,
+        backend: Backend,
+    ) -> Result<(Arc<Self>, Queues)> {
+        db.check_block_size(config.block_size).await?;
+        let cancel = CancellationToken::new();
+        let backend = backend.with_cancel(cancel.child_token());
+        let (upload_tx, uploads) = mpsc::channel(config.upload_tasks);
+        let (removal_tx, removals) = mpsc::channel(QUEUE_DEPTH);
+        let (confirm_tx, confirmations) = mpsc::channel(QUEUE_DEPTH);
+        let inner = Arc::new(Self {
+            dir,
+            db: Arc::new(db),
+            backend,
+            locks: Arc::new(KeyedLocks::default()),
+            state: Mutex::new(State::new(config.max_bytes, config.max_entries)),
+            budget: Arc::new(Budget::new(config.max_dirty_bytes)),
+            pressure: Notify::new(),
+            progress: Notify::new(),
+            commit_lock: tokio::sync::Mutex::new(()),
+            uploads: Mutex::new(HashMap::new()),
+            upload_tx,
+            confirm_tx,
+            removal_tx,
+            unmarks: Unmarks::default(),
+            uploads_in_flight: AtomicU64::new(0),
+            pending_removals: AtomicU64::new(0),
+            counters: Counters::default(),
+            cancel,
+            tracker: TaskTracker::new(),
+            _dir_lock: dir_lock,
+            config,
+        });
+        let queues = Queues {
+            uploads,
+            confirmations,
+            removals,
+        };
+        Ok((inner, queues))
+    }
+
+    fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("state mutex poisoned")
+    }
+
+    /// The settings the cache was opened with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metadata store (the namespace keeps its file tables there).
+    pub(crate) fn db(&self) -> &Arc<Db> {
+        &self.db
+    }
+
+    /// The object store.
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// Cancelled when the engine stops: every task ends.
+    pub(crate) fn cancel_token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Whether the engine is stopping.
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// The engine's tasks, for shutdown.
+    pub(crate) fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Notified when writers wait for the dirty budget.
+    pub(crate) fn pressure(&self) -> &Notify {
+        &self.pressure
+    }
+
+    /// Store deletions queued and not yet done.
+    pub(crate) fn pending_removals(&self) -> u64 {
+        self.pending_removals.load(Ordering::SeqCst)
+    }
+
+    /// Notified whenever an upload or a deletion finishes or an entry goes away.
+    pub(crate) fn progress(&self) -> &Notify {
+        &self.progress
+    }
+
+    /// Dirty blocks now.
+    pub(crate) fn dirty_entries(&self) -> u64 {
+        self.lock_state().totals().dirty_entries
+    }
+
+    /// Dirty idle blocks for the commit task: all while writers wait for the dirty budget,
+    /// else those unmodified for `delay`.
+    pub(crate) fn commit_candidates(&self, delay: Option<std::time::Duration>) -> Vec<BlockKey> {
+        let pressure = self.budget.under_pressure();
+        self.lock_state().commit_candidates(pressure, delay)
+    }
+
+    /// Dirty blocks, all or those of one inode.
+    pub(crate) fn dirty_keys(&self, inode: Option<u64>) -> Vec<BlockKey> {
+        self.lock_state().dirty_keys(inode)
+    }
+
+    /// How many blocks of `inode` are cached, dirty and being uploaded.
+    pub(crate) fn inode_blocks(&self, inode: u64) -> InodeBlocks {
+        self.lock_state().inode_blocks(inode)
+    }
+
+    /// Changes the limits (the caller evicts down to them).
+    pub(crate) fn set_limits(&self, limits: Limits) -> Result<()> {
+        limits.validate(self.config.block_size)?;
+        self.lock_state()
+            .set_limits(limits.max_bytes, limits.max_entries);
+        self.budget.set_limit(limits.max_dirty_bytes);
+        Ok(())
+    }
+
+    /// Usage and counters (O(1) but for the database's totals).
+    pub(crate) async fn usage(&self) -> Result<Usage> {
+        let totals = self.db.totals().await?;
+        let st = self.lock_state().totals();
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Ok(Usage {
+            entries: st.entries,
+            bytes: st.bytes,
+            dirty_entries: st.dirty_entries,
+            dirty_bytes: st.dirty_bytes,
+            uploads_in_flight: self.uploads_in_flight.load(Ordering::SeqCst),
+            pending_removals: self.pending_removals(),
+            oldest_dirty_age: st
+                .oldest_dirty
+                .map(|since| tokio::time::Instant::now().duration_since(since)),
+            stored_bytes: totals.stored_bytes,
+            unique_bytes: totals.unique_bytes,
+            logical_bytes: totals.logical_bytes,
+            dedup_savings: totals.logical_bytes.saturating_sub(totals.unique_bytes),
+            limits: Limits {
+                max_bytes: st.max_bytes,
+                max_entries: st.max_entries,
+                max_dirty_bytes: self.budget.limit(),
+            },
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            uploads: get(&c.uploads),
+            upload_bytes: get(&c.upload_bytes),
+            upload_errors: get(&c.upload_errors),
+            downloads: get(&c.downloads),
+            download_bytes: get(&c.download_bytes),
+            download_errors: get(&c.download_errors),
+            dedup_hits: get(&c.dedup_hits),
+            deletes: get(&c.deletes),
+            delete_errors: get(&c.delete_errors),
+        })
+    }
+
+    /// A handle on block `key`; for writing, after waiting for one block's worth of the
+    /// dirty budget. Cancel-safe: a wait dropped before the lock is taken gives the credit
+    /// back.
+    pub(crate) async fn handle(
+        self: &Arc<Self>,
+        key: BlockKey,
+        access: Access,
+    ) -> Result<BlockHandle> {
+        let key = key.check()?;
+        let credit = match access {
+            Access::Read => None,
+            Access::Write => {
+                if self.cancel.is_cancelled() {
+                    return Err(Error::ShuttingDown);
+                }
+                let bytes = self.config.block_size;
+                Some(self.budget.acquire(bytes, &self.pressure).await)
+            }
+        };
+        let guard = self.locks.lock(key).await;
+        Ok(BlockHandle::new(self.clone(), key, guard, credit))
+    }
+
+    /// Drops every clean cached file (after a flush, by the caller).
+    pub(crate) async fn drop_clean(&self) -> Result<()> {
+        let keys = self.lock_state().keys();
+        for key in keys {
+            let _guard = self.locks.lock(key).await;
+            let removed = self.lock_state().remove_if_clean(key);
+            if let Some(marker) = removed {
+                self.dir
+                    .remove(key, marker)
+                    .map_err(Error::io("delete cache file", self.dir.file(key, marker)))?;
+            }
+        }
+        self.progress.notify_waiters();
+        Ok(())
+    }
+
+    /// Checks the in-memory accounting against a recount, that no cache room is left
+    /// reserved, and (with `quiet`, as when no call is running) that no block is locked, no
+    /// writer waits and the dirty budget holds exactly the dirty bytes; then the metadata
+    /// invariants. For tests; O(n).
+    pub(crate) async fn check_invariants(&self, quiet: bool) -> std::result::Result<(), String> {
+        let dirty_bytes = {
+            let st = self.lock_state();
+            st.check(true)?;
+            st.totals().dirty_bytes
+        };
+        if quiet {
+            let (used, waiters) = self.budget.used_and_waiters();
+            if used != dirty_bytes || waiters != 0 {
+                return Err(format!(
+                    "dirty budget holds {used} bytes for {dirty_bytes} dirty bytes, with {waiters} waiters"
+                ));
+            }
+            let held = self.locks.held();
+            if held != 0 {
+                return Err(format!("{held} block locks still held"));
+            }
+        }
+        self.db.check_consistency().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Splits `items` into one part per core (fewer if there are fewer items), in order.
+fn per_core<T>(mut items: Vec<T>) -> Vec<Vec<T>> {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let per_part = items.len().div_ceil(cores).max(1);
+    let mut parts = Vec::new();
+    while !items.is_empty() {
+        let tail = items.split_off(per_part.min(items.len()));
+        parts.push(std::mem::replace(&mut items, tail));
+    }
+    parts
+}
+
+/// Runs `work` as a task of the engine and waits for it: if the caller's future is dropped,
+/// the work still finishes, so a cancelled call leaves the state as a finished one would.
+async fn detached<T: Send + 'static>(
+    tracker: &TaskTracker,
+    work: impl Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    match tracker.spawn(work).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(Error::ShuttingDown),
+    }
+}

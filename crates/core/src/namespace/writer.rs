@@ -1,0 +1,249 @@
+//! [`FileWriter`]: a file written sequentially, block by block, as a replacement (a staging
+//! inode swapped in at the end) or a patch of the live inode.
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use sha2::{Digest, Sha256};
+
+use super::shared::Shared;
+use super::{Durability, FileMeta, now_ns};
+use crate::engine::Access;
+use crate::keylock::KeyGuard;
+use crate::{BlockKey, Error, Result};
+
+/// What a writer does when it finishes.
+#[derive(Debug)]
+pub(super) enum Mode {
+    Replace {
+        finished: bool,
+    },
+    Patch {
+        _guard: KeyGuard<String>,
+        old_size: u64,
+    },
+}
+
+/// Writes a file sequentially, block by block: memory stays at one block whatever the size.
+#[derive(Debug)]
+pub struct FileWriter {
+    shared: Arc<Shared>,
+    name: String,
+    inode: u64,
+    mode: Mode,
+    /// Where the writer started.
+    start: u64,
+    /// File offset of the first byte of `buf`.
+    pos: u64,
+    buf: BytesMut,
+    /// The SHA-256 of `buf` so far, if `buf` starts at a block's start.
+    hasher: Option<Sha256>,
+    /// Whether completed blocks start their way to the disk at once ([`FileWriter::write_behind`]).
+    write_behind: bool,
+    /// Those syncs still running, oldest first.
+    ahead: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
+}
+
+/// Syncs of completed blocks that one writer keeps running ([`FileWriter::write_behind`]).
+const WRITE_BEHIND_DEPTH: usize = 4;
+
+impl FileWriter {
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        name: String,
+        inode: u64,
+        mode: Mode,
+        start: u64,
+    ) -> Self {
+        Self {
+            shared,
+            name,
+            inode,
+            mode,
+            start,
+            pos: start,
+            buf: BytesMut::new(),
+            hasher: None,
+            write_behind: false,
+            ahead: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.pos + self.buf.len() as u64 - self.start
+    }
+
+    /// Appends `data`. Whole blocks go to the cache as soon as they are complete.
+    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        let end = self.pos + (self.buf.len() + data.len()) as u64;
+        if end > self.shared.max_file_size {
+            return Err(Error::FileTooLarge {
+                name: self.name.clone(),
+                size: end,
+                max: self.shared.max_file_size,
+            });
+        }
+        let bs = self.shared.block_size();
+        while !data.is_empty() {
+            // `buf` holds the bytes from `pos` on, all within one block.
+            let filled = self.pos + self.buf.len() as u64;
+            let room = (bs - filled % bs) as usize;
+            let n = room.min(data.len());
+            if self.buf.is_empty() && n == room {
+                // A piece that ends at the block's end: write it without buffering.
+                let hash = filled
+                    .is_multiple_of(bs)
+                    .then(|| Sha256::digest(&data[..n]).into());
+                self.put(&data[..n], hash).await?;
+            } else {
+                if self.buf.capacity() == 0 {
+                    self.buf = self.shared.take_buffer();
+                }
+                if self.buf.is_empty() {
+                    // Bytes gathered from a block's start are hashed as they come, while
+                    // they are in the CPU's cache.
+                    self.hasher = filled.is_multiple_of(bs).then(Sha256::new);
+                }
+                self.buf.extend_from_slice(&data[..n]);
+                if let Some(h) = self.hasher.as_mut() {
+                    h.update(&data[..n]);
+                }
+                if n == room {
+                    let piece = std::mem::take(&mut self.buf);
+                    let hash = self.hasher.take().map(|h| h.finalize().into());
+                    self.put(&piece, hash).await?;
+                    self.buf = piece;
+                    self.buf.clear();
+                }
+            }
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes `piece` (within one block) at `pos`; `hash` is its SHA-256 if it starts at the
+    /// block's start.
+    async fn put(&mut self, piece: &[u8], hash: Option<[u8; 32]>) -> Result<()> {
+        let bs = self.shared.block_size();
+        let key = BlockKey::new(self.inode, self.pos / bs);
+        let mut handle = self.shared.inner.handle(key, Access::Write).await?;
+        handle.write_with_hash(self.pos % bs, piece, hash).await?;
+        self.pos += piece.len() as u64;
+        if self.write_behind && self.pos.is_multiple_of(bs) {
+            let task = handle.sync_ahead();
+            // The block's lock is not held while waiting for the disk.
+            drop(handle);
+            if self.ahead.len() >= WRITE_BEHIND_DEPTH {
+                self.wait_ahead(1).await?;
+            }
+            self.ahead.extend(task);
+        }
+        Ok(())
+    }
+
+    /// Makes each completed block start its way to the disk at once (an fdatasync in the
+    /// background, at most [`WRITE_BEHIND_DEPTH`] at a time), for a writer that will
+    /// [`finish`](FileWriter::finish) with `local` or `store` durability: the sync there then
+    /// finds the data written instead of writing it all while the caller waits. A failed
+    /// background sync fails the next write or the finish.
+    pub fn write_behind(&mut self) {
+        self.write_behind = true;
+    }
+
+    /// Waits for the `n` oldest background syncs; the first error is returned.
+    async fn wait_ahead(&mut self, n: usize) -> Result<()> {
+        let mut result = Ok(());
+        for _ in 0..n.min(self.ahead.len()) {
+            let task = self.ahead.pop_front().expect("counted");
+            // A task that never ran (the runtime is shutting down) synced nothing.
+            let synced = task.await.unwrap_or(Err(Error::ShuttingDown));
+            if result.is_ok() {
+                result = synced;
+            }
+        }
+        result
+    }
+
+    /// Gives the writer up. A replacement's staging inode and its blocks are removed before
+    /// this returns, so nothing of it is left for a flush to upload (dropping the writer
+    /// removes them in the background; so does this if it is cancelled). A patch is dropped
+    /// as is: the bytes it wrote stay, as after any partial write.
+    pub async fn abandon(mut self) {
+        if let Mode::Replace { finished: false } = self.mode {
+            self.shared.clean_logged(self.inode).await;
+            self.mode = Mode::Replace { finished: true };
+        }
+    }
+
+    /// Writes what is buffered, makes the data as durable as asked, then makes it visible:
+    /// a replacement swaps the new content in, a patch updates the size.
+    pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
+        if !self.buf.is_empty() {
+            let mut piece = std::mem::take(&mut self.buf);
+            let hash = self.hasher.take().map(|h| h.finalize().into());
+            self.put(&piece, hash).await?;
+            piece.clear();
+            self.buf = piece;
+        }
+        self.wait_ahead(self.ahead.len()).await?;
+        self.shared.make_durable(self.inode, durability).await?;
+        let end = self.pos;
+        match &mut self.mode {
+            Mode::Replace { finished } => {
+                let _guard = self.shared.names.lock(self.name.clone()).await;
+                let (row, old) = self
+                    .shared
+                    .db
+                    .replace_file(&self.name, self.inode, end, now_ns())
+                    .await?;
+                *finished = true;
+                if let Some(old) = old {
+                    self.shared.retire(old).await;
+                }
+                Ok(FileMeta::from_row(row))
+            }
+            Mode::Patch { old_size, .. } => {
+                let size = end.max(*old_size);
+                // Mark the writer done first: the size below makes the bytes visible.
+                *old_size = size;
+                self.start = self.pos;
+                self.shared
+                    .db
+                    .update_file(&self.name, self.inode, size, now_ns())
+                    .await?
+                    .map(FileMeta::from_row)
+                    .ok_or_else(|| Error::NotFound {
+                        name: self.name.clone(),
+                    })
+            }
+        }
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        self.shared.recycle_buffer(std::mem::take(&mut self.buf));
+        match std::mem::replace(&mut self.mode, Mode::Replace { finished: true }) {
+            Mode::Replace { finished: false } => self.shared.clean_later(self.inode),
+            Mode::Replace { finished: true } => {}
+            Mode::Patch { _guard, old_size } if self.pos > self.start => {
+                // An abandoned patch may have changed bytes within the old size: bump the
+                // version (under the name's lock) so that clients see a new ETag. Bytes past
+                // the old size stay invisible and are cut before the file grows over them.
+                let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
+                self.shared.spawn_cleanup(async move {
+                    let _guard = _guard;
+                    if let Err(error) = shared
+                        .db
+                        .update_file(&name, inode, old_size, now_ns())
+                        .await
+                    {
+                        tracing::warn!(%name, %error, "recording an abandoned patch failed");
+                    }
+                });
+            }
+            Mode::Patch { .. } => {}
+        }
+    }
+}
