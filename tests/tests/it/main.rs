@@ -1,6 +1,7 @@
 //! The black-box tests of blockcache, one binary with a module per area.
 
 mod bad_input;
+mod cancel;
 mod concurrency;
 mod crash;
 mod daemon;
