@@ -327,3 +327,50 @@ async fn a_flush_dropped_during_its_uploads_leaves_nothing_in_flight() {
     assert_eq!(cache.usage().await.expect("usage").dirty_entries, 0);
     cache.shutdown().await.expect("shutdown");
 }
+
+/// A replacement whose `finish` is dropped at any point leaves the file with its old content
+/// or its new one, whole: never a name pointing at removed blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replacement_dropped_while_finishing_leaves_old_or_new_content() {
+    let env = Env::new();
+    let files = blockcache::Namespace::open(env.open().await, 1 << 30)
+        .await
+        .expect("namespace");
+    let mut content = data(1, 3 * BS as usize + 100);
+    let mut w = files.create("f").await.expect("create");
+    w.write(&content).await.expect("write");
+    w.finish(blockcache::Durability::None)
+        .await
+        .expect("finish");
+    let mut finished = 0;
+    for polls in 0..80u32 {
+        let new = data(u64::from(polls) + 2, 2 * BS as usize + 7 * polls as usize);
+        let mut w = files.create("f").await.expect("create");
+        w.write(&new).await.expect("write");
+        let cut = Cut::After(Duration::from_micros(150 * u64::from(polls)));
+        let done = cut_short(cut, w.finish(blockcache::Durability::Local)).await;
+        if let Some(r) = done {
+            r.expect("finish");
+            finished += 1;
+        }
+        files.wait_for_cleanups().await;
+        let reader = files.open_read("f").await.expect("open");
+        let got = reader
+            .read(0, reader.meta().size as usize)
+            .await
+            .expect("read");
+        if got[..] == new[..] {
+            content = new;
+        } else {
+            assert!(
+                got[..] == content[..],
+                "cut after {cut:?} the file is neither its old nor its new content"
+            );
+        }
+    }
+    assert!(
+        finished > 0 && finished < 80,
+        "every finish ran to its end, or none did: {finished}"
+    );
+    files.shutdown().await.expect("shutdown");
+}

@@ -165,7 +165,10 @@ impl Shared {
     /// Runs the cleaning of `inode` in the background (from `Drop`).
     pub(super) fn clean_later(self: &Arc<Self>, inode: u64) {
         let shared = self.clone();
-        if !self.spawn_cleanup(async move { shared.clean_logged(inode).await }) {
+        if self
+            .spawn_cleanup(async move { shared.clean_logged(inode).await })
+            .is_none()
+        {
             tracing::warn!(
                 inode,
                 "no runtime to remove a retired inode; the next open does"
@@ -174,11 +177,12 @@ impl Shared {
     }
 
     /// Runs `task` in the background, tracked for shutdown and for
-    /// [`Namespace::wait_for_cleanups`]; false if there is no runtime to run it on.
-    pub(super) fn spawn_cleanup(&self, task: impl Future<Output = ()> + Send + 'static) -> bool {
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return false;
-        };
+    /// [`Namespace::wait_for_cleanups`]; `None` if there is no runtime to run it on.
+    pub(super) fn spawn_cleanup<T: Send + 'static>(
+        &self,
+        task: impl Future<Output = T> + Send + 'static,
+    ) -> Option<tokio::task::JoinHandle<T>> {
+        let handle = tokio::runtime::Handle::try_current().ok()?;
         let mut number = 0;
         self.cleanup_tickets.send_modify(|t| {
             number = t.next;
@@ -189,14 +193,13 @@ impl Shared {
             tickets: self.cleanup_tickets.clone(),
             number,
         };
-        self.cleanups.spawn_on(
+        Some(self.cleanups.spawn_on(
             async move {
                 let _ticket = ticket;
-                task.await;
+                task.await
             },
             &handle,
-        );
-        true
+        ))
     }
 
     pub(super) fn pin(self: &Arc<Self>, inode: u64) -> PinGuard {

@@ -189,34 +189,50 @@ impl FileWriter {
         self.wait_ahead(self.ahead.len()).await?;
         self.shared.make_durable(self.inode, durability).await?;
         let end = self.pos;
-        match &mut self.mode {
-            Mode::Replace { finished } => {
-                let _guard = self.shared.names.lock(self.name.clone()).await;
-                let (row, old) = self
-                    .shared
-                    .db
-                    .replace_file(&self.name, self.inode, end, now_ns())
-                    .await?;
-                *finished = true;
-                if let Some(old) = old {
-                    self.shared.retire(old).await;
+        // From here the writer's fate is decided by one task that runs to its end even if
+        // the caller gives up: a name swapped in but then cleaned as abandoned would lose
+        // the file.
+        let mode = std::mem::replace(&mut self.mode, Mode::Replace { finished: true });
+        self.start = self.pos;
+        let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
+        let named = self.shared.spawn_cleanup(async move {
+            match mode {
+                Mode::Replace { .. } => {
+                    let named = {
+                        let _guard = shared.names.lock(name.clone()).await;
+                        shared.db.replace_file(&name, inode, end, now_ns()).await
+                    };
+                    match named {
+                        Ok((row, old)) => {
+                            if let Some(old) = old {
+                                shared.retire(old).await;
+                            }
+                            Ok(FileMeta::from_row(row))
+                        }
+                        Err(e) => {
+                            shared.clean_later(inode);
+                            Err(Error::from(e))
+                        }
+                    }
                 }
-                Ok(FileMeta::from_row(row))
+                Mode::Patch { _guard, old_size } => {
+                    let _guard = _guard;
+                    shared
+                        .db
+                        .update_file(&name, inode, end.max(old_size), now_ns())
+                        .await?
+                        .map(FileMeta::from_row)
+                        .ok_or(Error::NotFound { name })
+                }
             }
-            Mode::Patch { old_size, .. } => {
-                let size = end.max(*old_size);
-                // Mark the writer done first: the size below makes the bytes visible.
-                *old_size = size;
-                self.start = self.pos;
-                self.shared
-                    .db
-                    .update_file(&self.name, self.inode, size, now_ns())
-                    .await?
-                    .map(FileMeta::from_row)
-                    .ok_or_else(|| Error::NotFound {
-                        name: self.name.clone(),
-                    })
-            }
+        });
+        let Some(named) = named else {
+            return Err(Error::ShuttingDown);
+        };
+        match named.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(Error::ShuttingDown),
         }
     }
 }
