@@ -381,16 +381,6 @@ impl Backend {
         self
     }
 
-    /// The retry policy in use.
-    pub fn retry_policy(&self) -> &RetryPolicy {
-        &self.retry
-    }
-
-    /// The underlying store.
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
-        &self.store
-    }
-
     /// The key of object `id`: `<prefix>/data/<id mod 256, two hex digits>/<id>`. The shard
     /// level spreads objects over 256 directories of a local store (a directory serializes
     /// the creations and renames in it) and over 256 key prefixes of a cloud store.

@@ -143,7 +143,7 @@ pub struct Object {
     pub state: ObjectState,
 }
 
-/// What [`Db::commit_blocks`] decided for one block.
+/// What [`Db::commit_blocks_unsynced`] decided for one block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     /// The block already pointed to an object with this content.
@@ -165,17 +165,6 @@ pub enum Outcome {
         /// The new object.
         obj_id: u64,
     },
-}
-
-impl Outcome {
-    /// The object the block points to now.
-    pub fn obj_id(&self) -> u64 {
-        match *self {
-            Self::Unchanged { obj_id, .. }
-            | Self::Linked { obj_id, .. }
-            | Self::Created { obj_id } => obj_id,
-        }
-    }
 }
 
 /// One block to commit: its key and the hash and length of its current content.
@@ -427,18 +416,6 @@ impl Db {
         row.as_ref().map(object_from_row).transpose()
     }
 
-    /// The object with id `id`, if it exists.
-    pub async fn object(&self, id: u64) -> Result<Option<Object>> {
-        let row = sqlx::query(&format!(
-            "SELECT {OBJECT_COLUMNS} FROM objects WHERE id = ?"
-        ))
-        .bind(to_i64(id)?)
-        .fetch_optional(&self.readers)
-        .await
-        .map_err(ctx("look up an object"))?;
-        row.as_ref().map(object_from_row).transpose()
-    }
-
     /// Block numbers of `inode` in `range` that have a mapping.
     pub async fn mapped_blocks(&self, inode: u64, range: Range<u64>) -> Result<Vec<u64>> {
         let rows: Vec<i64> = sqlx::query_scalar(
@@ -461,20 +438,12 @@ impl Db {
     /// before old ones are dropped, so an object one block leaves and another takes up stays.
     /// The blocks must be distinct ([`Error::DuplicateBlock`] otherwise). The whole batch
     /// costs a handful of statements, whatever its size.
-    pub async fn commit_blocks(&self, requests: &[CommitRequest]) -> Result<Vec<Committed>> {
-        let mut w = self.write().await?;
-        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
-        let results = batch::commit_blocks(&mut tx, requests).await?;
-        tx.commit().await.map_err(ctx("commit block contents"))?;
-        self.synced();
-        Ok(results)
-    }
-
-    /// [`Db::commit_blocks`] without a sync of its own: the commit is durable once
-    /// [`Db::is_durable`] holds for the returned ticket (after the next synchronized commit,
-    /// or [`Db::sync_through`]). It saves an fsync per batch on the path of every upload;
-    /// the caller must not act on the outcome in a way that a power loss could not undo
-    /// (settling a block as clean, deleting a released object) before then.
+    ///
+    /// The commit has no sync of its own: it is durable once [`Db::is_durable`] holds for the
+    /// returned ticket (after the next synchronized commit, or [`Db::sync_through`]). That
+    /// saves an fsync per batch on the path of every upload; the caller must not act on the
+    /// outcome in a way that a power loss could not undo (settling a block as clean, deleting
+    /// a released object) before then.
     pub async fn commit_blocks_unsynced(
         &self,
         requests: &[CommitRequest],
@@ -523,19 +492,6 @@ impl Db {
         tx.commit().await.map_err(ctx("commit upload outcomes"))?;
         self.synced();
         Ok(recorded)
-    }
-
-    /// Marks object `id` as failed and clears its hash so that nothing dedups against it.
-    pub async fn fail_upload(&self, id: u64) -> Result<()> {
-        let mut w = self.write().await?;
-        sqlx::query(
-            "UPDATE objects SET state = 'failed', hash = NULL WHERE id = ? AND state = 'uploading'",
-        )
-        .bind(to_i64(id)?)
-        .execute(&mut *w)
-        .await
-        .map_err(ctx("record a failed upload"))?;
-        Ok(())
     }
 
     /// Removes the mappings of `blocks` (pairs of inode and block number) in one transaction

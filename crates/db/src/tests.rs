@@ -1,6 +1,6 @@
 //! Unit tests of the metadata store against real SQLite files.
 
-use crate::{CommitRequest, Db, Error, ObjectState, Outcome};
+use crate::{CommitRequest, Committed, Db, Error, ObjectState, Outcome};
 
 async fn open() -> (tempfile::TempDir, Db) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -8,6 +8,14 @@ async fn open() -> (tempfile::TempDir, Db) {
         .await
         .expect("open");
     (dir, db)
+}
+
+/// Commits `requests` the way the engine does: [`Db::commit_blocks_unsynced`], whose
+/// ticket the callers here need not keep (a later synchronized write, or none, as they go).
+async fn commit(db: &Db, requests: &[CommitRequest]) -> Result<Vec<Committed>, Error> {
+    db.commit_blocks_unsynced(requests)
+        .await
+        .map(|(committed, _)| committed)
 }
 
 fn req(inode: u64, blockno: u64, fill: u8, length: u64) -> CommitRequest {
@@ -43,8 +51,7 @@ async fn block_size_is_fixed_at_creation() {
 async fn dedup_link_release_and_totals() {
     let (_dir, db) = open().await;
     // Two blocks with equal content: one object, refcount 2.
-    let r = db
-        .commit_blocks(&[req(1, 0, 0xaa, 10), req(1, 1, 0xaa, 10)])
+    let r = commit(&db, &[req(1, 0, 0xaa, 10), req(1, 1, 0xaa, 10)])
         .await
         .expect("commit");
     let Outcome::Created { obj_id } = r[0].outcome else {
@@ -69,23 +76,17 @@ async fn dedup_link_release_and_totals() {
         (1, 10, 10, 20)
     );
     // Same content again: unchanged.
-    let r = db
-        .commit_blocks(&[req(1, 0, 0xaa, 10)])
-        .await
-        .expect("commit");
+    let r = commit(&db, &[req(1, 0, 0xaa, 10)]).await.expect("commit");
     assert!(matches!(r[0].outcome, Outcome::Unchanged { .. }));
     // Block 0 moves to new content: old object keeps one reference.
-    let r = db
-        .commit_blocks(&[req(1, 0, 0xbb, 5)])
-        .await
-        .expect("commit");
+    let r = commit(&db, &[req(1, 0, 0xbb, 5)]).await.expect("commit");
     assert!(matches!(r[0].outcome, Outcome::Created { .. }));
     assert_eq!(r[0].released, None);
     // Block 1 is removed: the old object is released and its deletion recorded.
     let released = db.remove_blocks(&[(1, 1), (9, 9)]).await.expect("remove");
     assert_eq!(released, vec![obj_id]);
     assert_eq!(db.pending_deletions().await.expect("pending"), vec![obj_id]);
-    assert!(db.object(obj_id).await.expect("object").is_none());
+    assert!(db.mapping(1, 1).await.expect("mapping").is_none());
     db.finish_deletions(&[obj_id]).await.expect("finish");
     assert!(db.pending_deletions().await.expect("pending").is_empty());
     db.check_consistency().await.expect("consistent");
@@ -104,16 +105,22 @@ async fn dedup_link_release_and_totals() {
 #[tokio::test]
 async fn failed_upload_clears_hash_so_nothing_dedups_against_it() {
     let (_dir, db) = open().await;
-    let r = db.commit_blocks(&[req(1, 0, 1, 3)]).await.expect("commit");
-    let first = r[0].outcome.obj_id();
-    db.fail_upload(first).await.expect("fail");
-    let object = db.object(first).await.expect("object").expect("exists");
-    assert_eq!((object.hash, object.state), (None, ObjectState::Failed));
+    let r = commit(&db, &[req(1, 0, 1, 3)]).await.expect("commit");
+    let Outcome::Created { obj_id: first } = r[0].outcome else {
+        panic!("expected a new object, got {r:?}")
+    };
+    let recorded = db.record_uploads(&[(first, None)]).await.expect("fail");
+    assert_eq!(recorded, vec![false], "a failure records no success");
+    let object = db.mapping(1, 0).await.expect("mapping").expect("mapped");
+    assert_eq!(
+        (object.id, object.hash, object.state),
+        (first, None, ObjectState::Failed)
+    );
     // Another block with the same content gets its own object.
-    let r = db.commit_blocks(&[req(2, 0, 1, 3)]).await.expect("commit");
+    let r = commit(&db, &[req(2, 0, 1, 3)]).await.expect("commit");
     assert!(matches!(r[0].outcome, Outcome::Created { obj_id } if obj_id != first));
     // Recommitting the first block moves it to the new object and releases the failed one.
-    let r = db.commit_blocks(&[req(1, 0, 1, 3)]).await.expect("commit");
+    let r = commit(&db, &[req(1, 0, 1, 3)]).await.expect("commit");
     assert_eq!(r[0].released, Some(first));
     assert!(
         !db.confirm_upload(first, 3)
@@ -134,9 +141,7 @@ async fn concurrent_commits_of_equal_content_create_one_object() {
     for inode in 0..16 {
         let db = db.clone();
         tasks.push(tokio::spawn(async move {
-            db.commit_blocks(&[req(inode, 0, 7, 100)])
-                .await
-                .expect("commit")
+            commit(&db, &[req(inode, 0, 7, 100)]).await.expect("commit")
         }));
     }
     let mut created = 0;
@@ -153,12 +158,15 @@ async fn concurrent_commits_of_equal_content_create_one_object() {
 #[tokio::test]
 async fn mapped_blocks_lists_a_range() {
     let (_dir, db) = open().await;
-    db.commit_blocks(&[
-        req(5, 1, 1, 1),
-        req(5, 3, 2, 1),
-        req(5, 9, 3, 1),
-        req(6, 2, 4, 1),
-    ])
+    commit(
+        &db,
+        &[
+            req(5, 1, 1, 1),
+            req(5, 3, 2, 1),
+            req(5, 9, 3, 1),
+            req(6, 2, 4, 1),
+        ],
+    )
     .await
     .expect("commit");
     assert_eq!(
@@ -180,8 +188,7 @@ async fn numbers_past_i64_are_rejected() {
 #[tokio::test]
 async fn a_block_twice_in_one_batch_is_refused_and_changes_nothing() {
     let (_dir, db) = open().await;
-    let err = db
-        .commit_blocks(&[req(1, 0, 1, 3), req(1, 0, 2, 3)])
+    let err = commit(&db, &[req(1, 0, 1, 3), req(1, 0, 2, 3)])
         .await
         .expect_err("duplicate");
     assert!(
@@ -336,24 +343,25 @@ mod model {
         }
 
         async fn check(&self, db: &Db) {
+            // Every object of the model has a reference, so the mappings reach them all.
+            let mut seen = BTreeSet::new();
             for (&(inode, blockno), &id) in &self.blocks {
                 let o = db
                     .mapping(inode, blockno)
                     .await
                     .expect("mapping")
                     .expect("mapped");
-                assert_eq!(o.id, id);
-            }
-            for (&id, m) in &self.objects {
-                let o = db.object(id).await.expect("object").expect("exists");
+                assert_eq!(o.id, id, "block ({inode}, {blockno})");
                 let got = Obj {
                     hash: o.hash.map(|h| h[0]),
                     refcount: o.refcount,
                     length: o.length,
                     state: o.state,
                 };
-                assert_eq!(&got, m, "object {id}");
+                assert_eq!(&got, &self.objects[&id], "object {id}");
+                seen.insert(id);
             }
+            assert!(seen.iter().eq(self.objects.keys()), "objects {seen:?}");
             let totals = db.totals().await.expect("totals");
             assert_eq!(totals.objects, self.objects.len() as u64);
             let pending: BTreeSet<u64> = db
@@ -384,17 +392,16 @@ mod model {
                             length: u64::from(h) + 1,
                         })
                         .collect();
-                    // Half of the batches take the unsynced path: same decisions.
-                    let got = if batch.len() % 2 == 0 {
-                        db.commit_blocks(&requests).await.expect("commit")
-                    } else {
-                        let (got, ticket) = db
-                            .commit_blocks_unsynced(&requests)
-                            .await
-                            .expect("unsynced commit");
-                        assert!(!db.is_durable(ticket));
-                        got
-                    };
+                    let (got, ticket) = db
+                        .commit_blocks_unsynced(&requests)
+                        .await
+                        .expect("unsynced commit");
+                    assert!(!db.is_durable(ticket));
+                    // Half of the batches are synced at once, the others by a later write.
+                    if batch.len() % 2 == 0 {
+                        db.sync_through(ticket).await.expect("sync");
+                        assert!(db.is_durable(ticket));
+                    }
                     model.commit(&batch, &got);
                 }
                 Op::Remove(keys) => {
@@ -495,7 +502,9 @@ async fn unsynced_commits_become_durable_with_the_next_synced_commit_or_a_sync()
         "FULL is restored after the commit"
     );
     // A synchronized commit syncs the whole log, and so every commit before it.
-    let id = got[0].outcome.obj_id();
+    let Outcome::Created { obj_id: id } = got[0].outcome else {
+        unreachable!("checked above")
+    };
     db.record_uploads(&[(id, Some(3))]).await.expect("record");
     assert!(db.is_durable(t1));
     db.sync_through(t1).await.expect("sync");
@@ -543,7 +552,8 @@ async fn a_failed_unsynced_commit_changes_nothing_and_restores_full_sync() {
             .expect("relax");
         db.relaxed.store(true, std::sync::atomic::Ordering::Release);
     }
-    db.commit_blocks(&[req(1, 0, 1, 3)]).await.expect("commit");
+    // A synchronized writer (an unsynced commit would restore FULL after itself anyway).
+    db.remove_blocks(&[(1, 0)]).await.expect("remove");
     assert_eq!(sync_state(&db).await.0, 2, "restored by the next writer");
 }
 
@@ -564,7 +574,7 @@ async fn staging_inodes_are_allocated_in_batches_and_unused_ones_forgotten() {
     all.extend(&more);
     assert_eq!(db.inodes_to_clean().await.expect("list"), all);
     // One of them got a block, one was named: neither is forgotten.
-    db.commit_blocks(&[req(first[0], 0, 1, 10)])
+    commit(&db, &[req(first[0], 0, 1, 10)])
         .await
         .expect("commit");
     db.replace_file("named", first[1], 10, 1)
