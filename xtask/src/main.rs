@@ -3,7 +3,8 @@
 //! - `ci`: everything CI checks, in order: tidy, `cargo fmt --check`, clippy with
 //!   `-D warnings` on all targets, the test suite (nextest when installed, else `cargo test`),
 //!   and the doc tests.
-//! - `tidy`: repository hygiene: every Rust file starts with a `//!` module comment.
+//! - `tidy`: repository hygiene: every Rust file starts with a `//!` module comment. The
+//!   test `tests::the_repository_is_tidy` runs the same check, so the test suite covers it.
 //! - `bench [flags]`: builds `blockcache-bench` and the daemon in release mode and runs the
 //!   benchmark; flags pass through (`--data-mib`, `--runs`, `--block-sizes`, `--dup`,
 //!   `--meta-blocks`, `--daemon-block-size`, `--rss-factor`, `--dir`, `--out`).
@@ -161,7 +162,14 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 fn tidy() -> Result<(), String> {
-    let root = root();
+    let checked = check_tidy(&root())?;
+    println!("tidy: {checked} Rust files start with a //! comment");
+    Ok(())
+}
+
+/// Checks the Rust files under `root`'s `crates`, `tests` and `xtask`; returns how many
+/// there are, or names those that fail.
+fn check_tidy(root: &Path) -> Result<usize, String> {
     let mut files = Vec::new();
     for dir in ["crates", "tests", "xtask"] {
         rust_files(&root.join(dir), &mut files);
@@ -172,7 +180,7 @@ fn tidy() -> Result<(), String> {
             std::fs::read_to_string(file).map_err(|e| format!("read {}: {e}", file.display()))?;
         if !text.starts_with("//!") {
             bad.push(
-                file.strip_prefix(&root)
+                file.strip_prefix(root)
                     .unwrap_or(file)
                     .display()
                     .to_string(),
@@ -180,12 +188,39 @@ fn tidy() -> Result<(), String> {
         }
     }
     if bad.is_empty() {
-        println!("tidy: {} Rust files start with a //! comment", files.len());
-        Ok(())
+        Ok(files.len())
     } else {
         Err(format!(
             "files without a leading //! module comment: {}",
             bad.join(", ")
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_tidy, root};
+
+    #[test]
+    fn the_repository_is_tidy() {
+        let checked = check_tidy(&root()).unwrap_or_else(|e| panic!("tidy: {e}"));
+        assert!(
+            checked > 0,
+            "tidy found no Rust files under {}",
+            root().display()
+        );
+    }
+
+    #[test]
+    fn tidy_names_a_file_without_a_module_comment() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("crates").join("x").join("src");
+        std::fs::create_dir_all(&src).expect("create dirs");
+        std::fs::write(src.join("lib.rs"), "//! Documented.\n").expect("write");
+        assert_eq!(check_tidy(dir.path()), Ok(1));
+        std::fs::write(src.join("bare.rs"), "fn f() {}\n").expect("write");
+        let err = check_tidy(dir.path()).expect_err("a file without //!");
+        assert!(err.contains("crates/x/src/bare.rs"), "{err}");
+        assert!(!err.contains("lib.rs"), "{err}");
     }
 }
