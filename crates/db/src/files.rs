@@ -34,16 +34,26 @@ fn file_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
     })
 }
 
-const FILE_COLUMNS: &str = "name, inode, size, mtime_ns, version";
+/// The columns of `files` that [`file_from_row`] reads (a macro for `concat!`, as in
+/// `object_columns!`).
+macro_rules! file_columns {
+    () => {
+        "name, inode, size, mtime_ns, version"
+    };
+}
 
 impl Db {
     /// The file called `name`, if any.
     pub async fn file(&self, name: &str) -> Result<Option<FileRow>> {
-        let row = sqlx::query(&format!("SELECT {FILE_COLUMNS} FROM files WHERE name = ?"))
-            .bind(name)
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(ctx("look up a file"))?;
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            file_columns!(),
+            " FROM files WHERE name = ?"
+        ))
+        .bind(name)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(ctx("look up a file"))?;
         row.as_ref().map(file_from_row).transpose()
     }
 
@@ -130,10 +140,11 @@ impl Db {
                 .await
                 .map_err(ctx("retire an inode"))?;
         }
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(concat!(
             "INSERT INTO files (name, inode, size, mtime_ns, version) VALUES (?, ?, ?, ?, ?) \
              ON CONFLICT (name) DO UPDATE SET inode = excluded.inode, size = excluded.size, \
-             mtime_ns = excluded.mtime_ns, version = excluded.version RETURNING {FILE_COLUMNS}"
+             mtime_ns = excluded.mtime_ns, version = excluded.version RETURNING ",
+            file_columns!()
         ))
         .bind(name)
         .bind(to_i64(inode)?)
@@ -160,9 +171,10 @@ impl Db {
         mtime_ns: i64,
     ) -> Result<Option<FileRow>> {
         let mut w = self.write().await?;
-        let row = sqlx::query(&format!(
+        let row = sqlx::query(concat!(
             "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1 \
-             WHERE name = ? AND inode = ? RETURNING {FILE_COLUMNS}"
+             WHERE name = ? AND inode = ? RETURNING ",
+            file_columns!()
         ))
         .bind(to_i64(size)?)
         .bind(mtime_ns)
@@ -178,8 +190,9 @@ impl Db {
     pub async fn delete_file(&self, name: &str) -> Result<Option<FileRow>> {
         let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
-        let row = sqlx::query(&format!(
-            "DELETE FROM files WHERE name = ? RETURNING {FILE_COLUMNS}"
+        let row = sqlx::query(concat!(
+            "DELETE FROM files WHERE name = ? RETURNING ",
+            file_columns!()
         ))
         .bind(name)
         .fetch_optional(&mut *tx)
@@ -207,13 +220,25 @@ impl Db {
     ) -> Result<Vec<FileRow>> {
         // Names with a common prefix are contiguous in name order: start at the prefix (or
         // after the cursor) and stop at the first name without it.
-        let (op, start) = match after {
-            Some(after) if after >= prefix => (">", after),
-            _ => (">=", prefix),
+        let (sql, start) = match after {
+            Some(after) if after >= prefix => (
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files WHERE name > ? ORDER BY name LIMIT ?"
+                ),
+                after,
+            ),
+            _ => (
+                concat!(
+                    "SELECT ",
+                    file_columns!(),
+                    " FROM files WHERE name >= ? ORDER BY name LIMIT ?"
+                ),
+                prefix,
+            ),
         };
-        let sql =
-            format!("SELECT {FILE_COLUMNS} FROM files WHERE name {op} ? ORDER BY name LIMIT ?");
-        let rows = sqlx::query(&sql)
+        let rows = sqlx::query(sql)
             .bind(start)
             .bind(i64::from(limit))
             .fetch_all(&self.readers)

@@ -222,9 +222,22 @@ pub struct Db {
     relaxed: AtomicBool,
 }
 
+/// The `synchronous` levels the writer switches between.
+#[derive(Debug, Clone, Copy)]
+enum Synchronous {
+    /// Every commit syncs the log.
+    Full,
+    /// Commits do not sync; a later `Full` commit makes them durable.
+    Normal,
+}
+
 /// Sets the writer's `synchronous` level (outside a transaction).
-async fn set_synchronous(w: &mut SqliteConnection, level: &str) -> Result<()> {
-    sqlx::query(&format!("PRAGMA synchronous = {level}"))
+async fn set_synchronous(w: &mut SqliteConnection, level: Synchronous) -> Result<()> {
+    let statement = match level {
+        Synchronous::Full => "PRAGMA synchronous = FULL",
+        Synchronous::Normal => "PRAGMA synchronous = NORMAL",
+    };
+    sqlx::query(statement)
         .execute(&mut *w)
         .await
         .map_err(ctx("set the synchronous level of the database"))?;
@@ -267,7 +280,13 @@ fn object_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Object> {
     })
 }
 
-const OBJECT_COLUMNS: &str = "id, hash, refcount, length, stored_size, state";
+/// The columns of `objects` that [`object_from_row`] reads. A macro, so that queries naming
+/// them are `&'static str` (`concat!` takes literals only) and need no dynamic SQL.
+macro_rules! object_columns {
+    () => {
+        "id, hash, refcount, length, stored_size, state"
+    };
+}
 
 impl Db {
     /// Opens (creating if needed) the database at `url` (`sqlite://path` or a plain path) and
@@ -310,7 +329,7 @@ impl Db {
     async fn write(&self) -> Result<MutexGuard<'_, SqliteConnection>> {
         let mut w = self.writer.lock().await;
         if self.relaxed.load(Ordering::Acquire) {
-            set_synchronous(&mut w, "FULL").await?;
+            set_synchronous(&mut w, Synchronous::Full).await?;
             self.relaxed.store(false, Ordering::Release);
         }
         Ok(w)
@@ -404,8 +423,10 @@ impl Db {
 
     /// The object block `(inode, blockno)` points to, if any.
     pub async fn mapping(&self, inode: u64, blockno: u64) -> Result<Option<Object>> {
-        let row = sqlx::query(&format!(
-            "SELECT {OBJECT_COLUMNS} FROM objects WHERE id = \
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            object_columns!(),
+            " FROM objects WHERE id = \
              (SELECT obj_id FROM blocks WHERE inode = ? AND blockno = ?)"
         ))
         .bind(to_i64(inode)?)
@@ -452,7 +473,7 @@ impl Db {
         // From here until `FULL` is restored, `relaxed` makes the next writer restore it
         // should this function stop half-way.
         self.relaxed.store(true, Ordering::Release);
-        set_synchronous(&mut w, "NORMAL").await?;
+        set_synchronous(&mut w, Synchronous::Normal).await?;
         let committed = async {
             let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
             let results = batch::commit_blocks(&mut tx, requests).await?;
@@ -461,7 +482,7 @@ impl Db {
         }
         .await;
         let ticket = SyncTicket(self.unsynced.fetch_add(1, Ordering::AcqRel) + 1);
-        set_synchronous(&mut w, "FULL").await?;
+        set_synchronous(&mut w, Synchronous::Full).await?;
         self.relaxed.store(false, Ordering::Release);
         Ok((committed?, ticket))
     }
@@ -530,8 +551,10 @@ impl Db {
 
     /// Objects whose upload was never confirmed, with the blocks that point to them.
     pub async fn unconfirmed_objects(&self) -> Result<Vec<(Object, Vec<(u64, u64)>)>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {OBJECT_COLUMNS} FROM objects WHERE state != 'uploaded' ORDER BY id"
+        let rows = sqlx::query(concat!(
+            "SELECT ",
+            object_columns!(),
+            " FROM objects WHERE state != 'uploaded' ORDER BY id"
         ))
         .fetch_all(&self.readers)
         .await

@@ -547,7 +547,7 @@ async fn a_failed_unsynced_commit_changes_nothing_and_restores_full_sync() {
     // A writer finding the connection left relaxed restores FULL before it writes.
     {
         let mut w = db.writer.lock().await;
-        super::set_synchronous(&mut w, "NORMAL")
+        super::set_synchronous(&mut w, super::Synchronous::Normal)
             .await
             .expect("relax");
         db.relaxed.store(true, std::sync::atomic::Ordering::Release);
