@@ -19,8 +19,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
 use object_store::{
-    GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
-    PutMultipartOptions, PutOptions, PutPayload, PutResult,
+    CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
+    ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use rand::Rng;
 use tokio::sync::watch;
@@ -276,6 +276,7 @@ impl ObjectStore for FaultyStore {
             meta,
             range,
             attributes,
+            extensions,
             ..
         } = result;
         let bytes = self.inner.get(location).await?.bytes().await?;
@@ -292,6 +293,7 @@ impl ObjectStore for FaultyStore {
             meta,
             range,
             attributes,
+            extensions,
         })
     }
 
@@ -304,9 +306,27 @@ impl ObjectStore for FaultyStore {
         self.inner.get_ranges(location, ranges).await
     }
 
-    async fn delete(&self, location: &Path) -> object_store::Result<()> {
-        self.faults.before(Op::Delete, location.as_ref()).await?;
-        self.inner.delete(location).await
+    /// Runs the faults of each deletion on its own, so that a bulk delete can fail for some
+    /// objects and not others; up to 10 deletions run at once, in order.
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        let faults = self.faults.clone();
+        let inner = Arc::clone(&self.inner);
+        locations
+            .map(move |location| {
+                let faults = faults.clone();
+                let inner = Arc::clone(&inner);
+                async move {
+                    let location = location?;
+                    faults.before(Op::Delete, location.as_ref()).await?;
+                    inner.delete(&location).await?;
+                    Ok(location)
+                }
+            })
+            .buffered(10)
+            .boxed()
     }
 
     fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
@@ -330,13 +350,13 @@ impl ObjectStore for FaultyStore {
         self.inner.list_with_delimiter(prefix).await
     }
 
-    async fn copy(&self, from: &Path, to: &Path) -> object_store::Result<()> {
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
         self.faults.before(Op::Put, to.as_ref()).await?;
-        self.inner.copy(from, to).await
-    }
-
-    async fn copy_if_not_exists(&self, from: &Path, to: &Path) -> object_store::Result<()> {
-        self.faults.before(Op::Put, to.as_ref()).await?;
-        self.inner.copy_if_not_exists(from, to).await
+        self.inner.copy_opts(from, to, options).await
     }
 }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::{ObjectStore, PutPayload, path::Path};
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path};
 use tokio_util::sync::CancellationToken;
 
 pub use retry::RetryPolicy;
@@ -94,7 +94,7 @@ impl Error {
                     | E::AlreadyExists { .. }
                     | E::Precondition { .. }
                     | E::NotModified { .. }
-                    | E::NotImplemented
+                    | E::NotImplemented { .. }
                     | E::PermissionDenied { .. }
                     | E::Unauthenticated { .. }
                     | E::UnknownConfigurationKey { .. }
@@ -386,12 +386,12 @@ impl Backend {
     /// the creations and renames in it) and over 256 key prefixes of a cloud store.
     pub fn key(&self, id: u64) -> Path {
         self.data_prefix()
-            .child(format!("{:02x}", id & 0xff))
-            .child(id.to_string())
+            .join(format!("{:02x}", id & 0xff))
+            .join(id.to_string())
     }
 
     fn data_prefix(&self) -> Path {
-        self.prefix.child("data")
+        self.prefix.clone().join("data")
     }
 
     /// Stores object `id`, retrying transient failures. Returns the stored size in bytes.
