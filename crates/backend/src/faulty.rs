@@ -22,7 +22,7 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::watch;
 
 /// A kind of store operation that faults can target.

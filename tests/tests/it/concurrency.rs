@@ -9,7 +9,7 @@ use std::time::Duration;
 use blockcache::BlockKey;
 use blockcache_backend::faulty::Op;
 use blockcache_tests::{Env, data};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stress_many_tasks_on_overlapping_blocks() {
