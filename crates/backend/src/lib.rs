@@ -55,30 +55,17 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
-    /// The stored bytes could not be decoded into a block.
-    #[error("object {key} is malformed: {reason}")]
-    Malformed {
-        /// The object key.
-        key: String,
-        /// What was wrong.
-        reason: String,
-    },
     /// Objects written to a local-directory store could not be made durable (fsync or
     /// syncfs).
-    #[error("making the objects in the store directory durable failed: {reason}")]
+    #[error("making the objects in the store directory durable failed")]
     NotDurable {
         /// The I/O error.
-        reason: String,
+        #[source]
+        source: std::io::Error,
     },
     /// The operation was abandoned because the engine is shutting down.
     #[error("cancelled by shutdown")]
     Cancelled,
-    /// The bytes to upload could not be read from their local source (a cache file).
-    #[error("reading the block to upload failed: {reason}")]
-    Source {
-        /// The I/O error, with the file.
-        reason: String,
-    },
 }
 
 impl Error {
@@ -99,8 +86,8 @@ impl Error {
                     | E::Unauthenticated { .. }
                     | E::UnknownConfigurationKey { .. }
             ),
-            Self::InvalidUrl { .. } | Self::NotFound { .. } | Self::Malformed { .. } => false,
-            Self::NotDurable { .. } | Self::Source { .. } => true,
+            Self::InvalidUrl { .. } | Self::NotFound { .. } => false,
+            Self::NotDurable { .. } => true,
             Self::Cancelled => false,
         }
     }
@@ -357,7 +344,7 @@ impl Backend {
     async fn barrier_faults(&self, what: &str) -> Result<()> {
         match &self.faults {
             Some(f) => f.barrier(what).await.map_err(|e| Error::NotDurable {
-                reason: e.to_string(),
+                source: std::io::Error::other(e),
             }),
             None => Ok(()),
         }
@@ -641,9 +628,9 @@ mod libc_codes {
 
 /// Runs a blocking sync on the blocking pool; its failure is [`Error::NotDurable`].
 async fn blocking_durable(f: impl FnOnce() -> std::io::Result<()> + Send + 'static) -> Result<()> {
-    let not_durable = |reason: String| Error::NotDurable { reason };
+    let not_durable = |source: std::io::Error| Error::NotDurable { source };
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| not_durable(e.to_string()))?
-        .map_err(|e| not_durable(e.to_string()))
+        .map_err(|e| not_durable(std::io::Error::other(e)))?
+        .map_err(not_durable)
 }

@@ -2,8 +2,7 @@
 //! statements, not a few statements per block.
 //!
 //! Every statement is a round trip to sqlx's worker thread, and on a small machine those
-//! hand-offs, not SQLite, were the cost of a commit (three statements per block gave about
-//! 10,000 commits per second). Batches are passed to SQLite as one JSON array of integers
+//! hand-offs, not SQLite, are the cost of a commit. Batches are passed to SQLite as one JSON array of integers
 //! (read with `json_each`) plus, for hashes, one blob of 32-byte digests (read with `substr`),
 //! so every statement text is fixed and stays in sqlx's statement cache.
 
