@@ -43,27 +43,60 @@ pub struct Daemon {
     pub http: reqwest::Client,
 }
 
-/// Runs `blockcache` with `args` to completion: (status, stdout, stderr).
+/// How long a command-line client may run before the test fails.
+const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the daemon may take to print its address.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one HTTP request of a test may take, its body included.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long [`Daemon::wait_for_log`] and [`Daemon::wait_for_entries`] wait.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `blockcache` with `args` to completion: (status, stdout, stderr). Panics if it runs
+/// longer than a minute.
 pub fn run_cli(args: &[&str], stdin: Option<&[u8]>) -> (ExitStatus, Vec<u8>, String) {
+    run_cli_env(args, &[], stdin)
+}
+
+/// [`run_cli`] with environment variables `env` set (every other `BLOCKCACHE_*` variable of
+/// the test's environment is removed).
+pub fn run_cli_env(
+    args: &[&str],
+    env: &[(&str, &str)],
+    stdin: Option<&[u8]>,
+) -> (ExitStatus, Vec<u8>, String) {
     use std::io::Write;
-    let mut child = Command::new(binary())
-        .args(args)
-        .env_remove("BLOCKCACHE_AUTH_TOKEN")
+    let mut cmd = Command::new(binary());
+    cmd.args(args);
+    clean_env(&mut cmd);
+    cmd.envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn blockcache");
-    if let Some(input) = stdin {
-        let mut s = child.stdin.take().expect("stdin");
-        // The command may exit without reading it all (an error): not a test failure.
-        let _ = s.write_all(input);
-    }
-    let out = child.wait_with_output().expect("wait blockcache");
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn blockcache");
+    let pid = child.id();
+    let input = stdin.map(<[u8]>::to_vec);
+    let mut pipe = child.stdin.take();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let (Some(input), Some(s)) = (input, pipe.as_mut()) {
+            // The command may exit without reading it all (an error): not a test failure.
+            let _ = s.write_all(&input);
+        }
+        drop(pipe);
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(CLI_TIMEOUT) {
+        Ok(out) => out.expect("wait blockcache"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("blockcache {args:?} still running after {CLI_TIMEOUT:?}");
+        }
+    };
     (
         out.status,
         out.stdout,
@@ -71,17 +104,65 @@ pub fn run_cli(args: &[&str], stdin: Option<&[u8]>) -> (ExitStatus, Vec<u8>, Str
     )
 }
 
-impl Daemon {
-    /// Starts `blockcache serve` on a free port with data in `data_dir` and `args` on top.
-    /// Panics with the daemon's log if it does not come up.
-    pub fn start(data_dir: &Path, args: &[&str]) -> Self {
-        Self::try_start(data_dir, args).unwrap_or_else(|log| panic!("daemon did not start:\n{log}"))
+/// Removes every `BLOCKCACHE_*` variable of the test's own environment from `cmd`, so that
+/// only what a test sets reaches the binary.
+fn clean_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("BLOCKCACHE_") {
+            cmd.env_remove(key);
+        }
+    }
+}
+
+/// How to start a daemon: [`Daemon::start`] with more control.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    data_dir: PathBuf,
+    listen: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Launch {
+    /// `blockcache serve --listen 127.0.0.1:0 --data-dir DATA_DIR`.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            listen: "127.0.0.1:0".to_owned(),
+            args: Vec::new(),
+            env: vec![("BLOCKCACHE_LOG_LEVEL".to_owned(), "info".to_owned())],
+        }
     }
 
-    /// Like [`Daemon::start`], returning the log if the daemon exits before listening.
-    pub fn try_start(data_dir: &Path, args: &[&str]) -> Result<Self, String> {
-        std::fs::create_dir_all(data_dir).expect("data dir");
-        let log = data_dir.join(format!(
+    /// Listens on `addr` instead of a free loopback port (the harness still talks to the
+    /// daemon on loopback).
+    pub fn listen(mut self, addr: &str) -> Self {
+        addr.clone_into(&mut self.listen);
+        self
+    }
+
+    /// Adds command-line arguments after `--listen` and `--data-dir`.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|&a| a.to_owned()));
+        self
+    }
+
+    /// Sets an environment variable of the daemon.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Starts the daemon; panics with its log if it does not come up.
+    pub fn start(self) -> Daemon {
+        self.try_start()
+            .unwrap_or_else(|log| panic!("daemon did not start:\n{log}"))
+    }
+
+    /// Starts the daemon, returning its log if it exits before listening.
+    pub fn try_start(self) -> Result<Daemon, String> {
+        std::fs::create_dir_all(&self.data_dir).expect("data dir");
+        let log = self.data_dir.join(format!(
             "daemon-{}.log",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -90,12 +171,12 @@ impl Daemon {
         let mut cmd = Command::new(binary());
         cmd.arg("serve")
             .arg("--listen")
-            .arg("127.0.0.1:0")
+            .arg(&self.listen)
             .arg("--data-dir")
-            .arg(data_dir)
-            .args(args)
-            .env_remove("BLOCKCACHE_AUTH_TOKEN")
-            .env("BLOCKCACHE_LOG_LEVEL", "info")
+            .arg(&self.data_dir)
+            .args(&self.args);
+        clean_env(&mut cmd);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"));
@@ -113,18 +194,43 @@ impl Daemon {
                 sink.clear();
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
         let Some(base) = line.trim().strip_prefix("blockcache listening on ") else {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(std::fs::read_to_string(&log).unwrap_or_default());
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(if line.is_empty() && text.is_empty() {
+                format!("no address printed within {START_TIMEOUT:?} and no log")
+            } else {
+                text
+            });
         };
-        Ok(Self {
-            base: base.to_owned(),
+        // A daemon listening on every address is reached on loopback.
+        let base = base
+            .replace("http://0.0.0.0:", "http://127.0.0.1:")
+            .replace("http://[::]:", "http://[::1]:");
+        Ok(Daemon {
+            base,
             child: Some(child),
             log,
-            http: reqwest::Client::new(),
+            http: reqwest::Client::builder()
+                .timeout(REQUEST_TIMEOUT)
+                .build()
+                .expect("HTTP client"),
         })
+    }
+}
+
+impl Daemon {
+    /// Starts `blockcache serve` on a free port with data in `data_dir` and `args` on top.
+    /// Panics with the daemon's log if it does not come up.
+    pub fn start(data_dir: &Path, args: &[&str]) -> Self {
+        Launch::new(data_dir).args(args).start()
+    }
+
+    /// Like [`Daemon::start`], returning the log if the daemon exits before listening.
+    pub fn try_start(data_dir: &Path, args: &[&str]) -> Result<Self, String> {
+        Launch::new(data_dir).args(args).try_start()
     }
 
     /// `ADDR:PORT` of the daemon.
@@ -194,6 +300,44 @@ impl Daemon {
     /// The daemon's log so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the daemon's log contains `text`; panics with the log after a minute.
+    pub async fn wait_for_log(&self, text: &str) {
+        let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+        while !self.log_text().contains(text) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {text:?} in the log after {WAIT_TIMEOUT:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The number of entries in the daemon's cache.
+    pub async fn cache_entries(&self) -> u64 {
+        self.json("/v1/stats").await["cache"]["entries"]
+            .as_u64()
+            .expect("entries")
+    }
+
+    /// Waits until the daemon's cache holds more than `n` entries (a body it is reading has
+    /// reached the cache); panics after a minute.
+    pub async fn wait_for_entries(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + WAIT_TIMEOUT;
+        loop {
+            let entries = self.cache_entries().await;
+            if entries > n {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cache still holds {entries} entries (waiting for more than {n}) after {WAIT_TIMEOUT:?}; log:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// PUT `body` to file `name`.

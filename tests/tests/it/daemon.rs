@@ -582,18 +582,23 @@ async fn sigkill_during_uploads_then_restart_keeps_every_acknowledged_file() {
     let dir = tmp();
     let mut acked = Vec::new();
     {
-        // Slow uploads: a tight dirty budget and background uploads as soon as possible.
+        // Uploads under way at all times: a dirty budget of four blocks (writers wait for
+        // uploads), two upload tasks, and background uploads as soon as possible.
         let d = Daemon::start(
             dir.path(),
             &[
                 "--block-size",
                 "64KiB",
+                "--max-dirty",
+                "256KiB",
                 "--upload-delay",
                 "1ms",
                 "--upload-tasks",
                 "2",
             ],
         );
+        let s = d.json("/v1/stats").await;
+        assert_eq!(s["dirty"]["max_bytes"], 4 * BS as u64, "{s}");
         for i in 0..20u64 {
             let content = data(1000 + i, BS * 3 + i as usize * 100);
             let r = d.put(&format!("k/{i}"), content.clone()).await;
@@ -602,11 +607,11 @@ async fn sigkill_during_uploads_then_restart_keeps_every_acknowledged_file() {
         }
         // A replacement that is under way when the process dies: its first block has
         // reached the cache, the rest never comes.
-        let entries = cache_entries(&d).await;
+        let entries = d.cache_entries().await;
         let (feed, body) = fed_body();
         let pending = tokio::spawn(d.http.put(d.url("/v1/files/k/0")).body(body).send());
         feed.send(vec![9u8; BS]).await.expect("feed");
-        wait_for_entries(&d, entries).await;
+        d.wait_for_entries(entries).await;
         d.kill9();
         drop(feed);
         assert!(pending.await.expect("join").is_err_or_failed());
@@ -840,27 +845,6 @@ fn fed_body() -> (tokio::sync::mpsc::Sender<Vec<u8>>, reqwest::Body) {
     (tx, reqwest::Body::wrap_stream(stream))
 }
 
-async fn cache_entries(d: &Daemon) -> u64 {
-    d.json("/v1/stats").await["cache"]["entries"]
-        .as_u64()
-        .expect("entries")
-}
-
-/// Waits until the daemon's cache holds more than `n` entries: a body it is reading has
-/// reached the cache.
-async fn wait_for_entries(d: &Daemon, n: u64) {
-    while cache_entries(d).await <= n {
-        tokio::task::yield_now().await;
-    }
-}
-
-/// Waits until the daemon's log contains `text`.
-async fn wait_for_log(d: &Daemon, text: &str) {
-    while !d.log_text().contains(text) {
-        tokio::task::yield_now().await;
-    }
-}
-
 /// A response that is an error or not a success.
 trait Failed {
     fn is_err_or_failed(&self) -> bool;
@@ -872,6 +856,78 @@ impl Failed for reqwest::Result<reqwest::Response> {
     }
 }
 
+/// Sends `request` on `conn` and reads what comes back until the daemon closes the
+/// connection or 10 s pass: (the answer, empty if none; whether the connection closed).
+async fn exchange(conn: &mut tokio::net::TcpStream, request: &str) -> (String, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A write to a connection the daemon already closed may fail: then nothing came back.
+    if conn.write_all(request.as_bytes()).await.is_err() {
+        return (String::new(), true);
+    }
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer));
+    let closed = read.await.is_ok();
+    (String::from_utf8_lossy(&answer).into_owned(), closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_new_request_succeeds_while_draining() {
+    let dir = tmp();
+    let mut d = Daemon::start(dir.path(), ARGS);
+    // A kept-alive connection, idle after its first request.
+    let mut idle = tokio::net::TcpStream::connect(d.addr())
+        .await
+        .expect("connect");
+    let stats = "GET /v1/stats HTTP/1.1\r\nHost: blockcache\r\n\r\n";
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        idle.write_all(stats.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = idle.read(&mut buf).await.expect("read");
+        let head = String::from_utf8_lossy(&buf[..n]);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(!head.contains("connection: close"), "{head}");
+    }
+    // A slow request keeps the daemon draining.
+    let (feed, body) = fed_body();
+    let upload = tokio::spawn(d.http.put(d.url("/v1/files/slow")).body(body).send());
+    feed.send(vec![1u8; BS]).await.expect("feed");
+    d.wait_for_entries(0).await;
+    d.signal(15);
+    d.wait_for_log("signal received").await;
+
+    // The idle connection: closed, or a 503 that closes it; never served.
+    let (answer, closed) = exchange(&mut idle, stats).await;
+    assert!(
+        answer.is_empty()
+            || (answer.starts_with("HTTP/1.1 503")
+                && answer.contains("shutting_down")
+                && answer.contains("connection: close")),
+        "a request on a kept-alive connection while draining got: {answer:?}"
+    );
+    assert!(
+        closed,
+        "the kept-alive connection stays open while draining"
+    );
+    // A new connection: refused, closed, or a 503.
+    if let Ok(mut fresh) = tokio::net::TcpStream::connect(d.addr()).await {
+        let (answer, closed) = exchange(&mut fresh, stats).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+            "a request on a new connection while draining got: {answer:?}"
+        );
+        assert!(closed, "a new connection stays open while draining");
+    }
+    // The request in flight completes, on a connection that closes after it.
+    feed.send(vec![2u8; BS]).await.expect("feed");
+    drop(feed);
+    let r = upload.await.expect("join").expect("the upload in flight");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(r.headers()["connection"], "close");
+    let status = d.wait(Duration::from_secs(60));
+    assert!(status.success(), "{status}: {}", d.log_text());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once() {
     let dir = tmp();
@@ -879,9 +935,9 @@ async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once()
     let (feed, body) = fed_body();
     let upload = tokio::spawn(d.http.put(d.url("/v1/files/slow")).body(body).send());
     feed.send(vec![0u8; BS]).await.expect("feed");
-    wait_for_entries(&d, 0).await;
+    d.wait_for_entries(0).await;
     d.signal(15);
-    wait_for_log(&d, "signal received").await;
+    d.wait_for_log("signal received").await;
     // The request in flight goes on after the signal and completes.
     for i in 1..8u8 {
         feed.send(vec![i; BS]).await.expect("feed");
@@ -907,13 +963,13 @@ async fn sigterm_finishes_requests_in_flight_and_a_second_signal_exits_at_once()
         .await
         .expect("PUT");
     assert!(r.status().is_success());
-    let entries = cache_entries(&d).await;
+    let entries = d.cache_entries().await;
     let (feed, body) = fed_body();
     let upload = tokio::spawn(d.http.put(d.url("/v1/files/never")).body(body).send());
     feed.send(vec![1u8; BS]).await.expect("feed");
-    wait_for_entries(&d, entries).await;
+    d.wait_for_entries(entries).await;
     d.signal(15);
-    wait_for_log(&d, "signal received").await;
+    d.wait_for_log("signal received").await;
     d.signal(2);
     let status = d.wait(Duration::from_secs(5));
     assert_eq!(status.code(), Some(130), "{}", d.log_text());

@@ -5,6 +5,8 @@ mod cancel;
 mod concurrency;
 mod crash;
 mod daemon;
+mod daemon_settings;
+mod daemon_store;
 mod faults;
 mod lifecycle;
 mod links;
