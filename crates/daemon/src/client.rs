@@ -2,7 +2,7 @@
 //! show a progress bar when standard error is a terminal.
 
 use std::io::IsTerminal;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
 use futures::{StreamExt, TryStreamExt};
@@ -11,25 +11,15 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use tokio::io::AsyncWriteExt;
 use tokio_util::io::ReaderStream;
 
-use crate::settings::{Secret, Settings};
+use crate::settings::{Endpoint, Secret, SettingsFile};
 
 /// How to reach the daemon: the same settings it runs with.
 #[derive(Debug, clap::Args)]
 pub struct Target {
-    /// Address of the daemon [default: 127.0.0.1:8640]
-    #[arg(long, env = "BLOCKCACHE_LISTEN", value_name = "ADDR:PORT")]
-    listen: Option<SocketAddr>,
-    /// Bearer token of the daemon
-    #[arg(
-        long,
-        env = "BLOCKCACHE_AUTH_TOKEN",
-        value_name = "TOKEN",
-        hide_env_values = true
-    )]
-    auth_token: Option<Secret>,
-    /// TOML settings file of the daemon (for its address and token)
-    #[arg(long, env = "BLOCKCACHE_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    endpoint: Endpoint,
+    #[command(flatten)]
+    file: SettingsFile,
 }
 
 /// Characters of a name that go into a URL path as they are: everything else is
@@ -47,12 +37,8 @@ struct Client {
 }
 
 impl Client {
-    fn new(t: Target) -> Result<Self, String> {
-        let file = match &t.config {
-            Some(p) => Settings::from_file(p)?,
-            None => Settings::default(),
-        };
-        let mut addr = t.listen.unwrap_or_else(|| file.listen_addr());
+    fn new(t: Target) -> Self {
+        let mut addr = t.endpoint.listen;
         // A daemon listening on every address is reached on loopback.
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr.ip() {
@@ -60,11 +46,11 @@ impl Client {
                 IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
             });
         }
-        Ok(Self {
+        Self {
             http: reqwest::Client::new(),
             base: format!("http://{addr}"),
-            token: t.auth_token.or(file.auth_token),
-        })
+            token: t.endpoint.auth_token,
+        }
     }
 
     fn file_url(&self, name: &str) -> String {
@@ -135,7 +121,7 @@ async fn print_json(response: reqwest::Response) -> Result<(), String> {
 
 /// `blockcache stats`
 pub async fn stats(t: Target) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     let r = c
         .send(c.request(reqwest::Method::GET, &format!("{}/v1/stats", c.base)))
         .await?;
@@ -144,7 +130,7 @@ pub async fn stats(t: Target) -> Result<(), String> {
 
 /// `blockcache flush`
 pub async fn flush(t: Target, name: Option<String>) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     let mut r = c.request(reqwest::Method::POST, &format!("{}/v1/flush", c.base));
     if let Some(name) = &name {
         r = r.query(&[("name", name)]);
@@ -154,7 +140,7 @@ pub async fn flush(t: Target, name: Option<String>) -> Result<(), String> {
 
 /// `blockcache drop-cache`
 pub async fn drop_cache(t: Target) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     let r = c
         .send(c.request(reqwest::Method::POST, &format!("{}/v1/cache/drop", c.base)))
         .await?;
@@ -168,7 +154,7 @@ pub async fn put(
     file: Option<PathBuf>,
     durability: Option<String>,
 ) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     let file = file.filter(|p| p.as_os_str() != "-");
     let (reader, len): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) = match &file {
         Some(p) => {
@@ -209,7 +195,7 @@ pub async fn put(
 
 /// `blockcache get NAME [FILE]`
 pub async fn get(t: Target, name: String, file: Option<PathBuf>) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     let response = c
         .send(c.request(reqwest::Method::GET, &c.file_url(&name)))
         .await?;
@@ -240,7 +226,7 @@ pub async fn get(t: Target, name: String, file: Option<PathBuf>) -> Result<(), S
 
 /// `blockcache rm NAME`
 pub async fn rm(t: Target, name: String) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     c.send(c.request(reqwest::Method::DELETE, &c.file_url(&name)))
         .await?;
     Ok(())
@@ -248,7 +234,7 @@ pub async fn rm(t: Target, name: String) -> Result<(), String> {
 
 /// `blockcache ls [PREFIX]`
 pub async fn ls(t: Target, prefix: Option<String>) -> Result<(), String> {
-    let c = Client::new(t)?;
+    let c = Client::new(t);
     let mut after: Option<String> = None;
     loop {
         let mut q = vec![("prefix", prefix.clone().unwrap_or_default())];

@@ -7,22 +7,24 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod client;
+mod error;
 mod server;
 mod settings;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use blockcache::{BlockCache, Config, Namespace};
+use blockcache::{BlockCache, Namespace};
 use blockcache_backend::Backend;
 use blockcache_db::Db;
 use clap::{Parser, Subcommand};
 use metrics_exporter_prometheus::PrometheusBuilder;
 
-use crate::settings::{LogFormat, Settings};
+use crate::error::{ServeError, chain};
+use crate::settings::{LogFormat, Settings, SettingsFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,9 +43,9 @@ enum Command {
     Serve {
         #[command(flatten)]
         settings: Settings,
-        /// TOML settings file (keys as the long flags: block-size = "1MiB")
-        #[arg(long, env = "BLOCKCACHE_CONFIG", value_name = "FILE")]
-        config: Option<PathBuf>,
+        // Read by `settings::parse`, which makes its values the defaults.
+        #[command(flatten)]
+        file: SettingsFile,
     },
     /// Print the usage of a running daemon as JSON.
     Stats(client::Target),
@@ -95,20 +97,25 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli: Cli = match settings::parse() {
+        Ok(cli) => cli,
+        Err(e) => return fail(&e),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("blockcache: cannot start the runtime: {e}");
+            eprintln!("blockcache: cannot start the runtime: {}", chain(&e));
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Serve { settings, config } => serve(settings, config).await,
+        let client = match cli.command {
+            Command::Serve { settings, .. } => {
+                return serve(settings).await.map_err(Failure::Serve);
+            }
             Command::Stats(t) => client::stats(t).await,
             Command::Flush { target, name } => client::flush(target, name).await,
             Command::DropCache(t) => client::drop_cache(t).await,
@@ -121,29 +128,42 @@ fn main() -> ExitCode {
             Command::Get { target, name, file } => client::get(target, name, file).await,
             Command::Rm { target, name } => client::rm(target, name).await,
             Command::Ls { target, prefix } => client::ls(target, prefix).await,
-        }
+        };
+        client.map_err(Failure::Client)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
+        Err(Failure::Serve(e)) => fail(&e),
+        Err(Failure::Client(message)) => {
             eprintln!("blockcache: {message}");
             ExitCode::FAILURE
         }
     }
 }
 
-fn init_logging(settings: &Settings) -> Result<(), String> {
-    let filter = settings.log_level.as_deref().unwrap_or("info");
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .map_err(|e| format!("invalid log-level {filter:?}: {e}; write a level (error, warn, info, debug, trace) or a filter such as blockcache=debug,warn"))?;
+/// How a command failed.
+enum Failure {
+    /// The daemon.
+    Serve(ServeError),
+    /// A client, with its message.
+    Client(String),
+}
+
+/// Prints `error` with its causes; the exit code of a failure.
+fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
+    eprintln!("blockcache: {}", chain(error));
+    ExitCode::FAILURE
+}
+
+fn init_logging(settings: &Settings) -> Result<(), ServeError> {
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_env_filter(settings.log_level.filter())
         .with_writer(std::io::stderr);
-    let result = match settings.log_format.unwrap_or_default() {
+    let result = match settings.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
-    result.map_err(|e| format!("cannot set up logging: {e}"))
+    result.map_err(ServeError::Logging)
 }
 
 /// `url` without the credentials it may carry, for logs and errors.
@@ -155,12 +175,10 @@ fn redact(url: &str) -> String {
             format!("{u} (credentials hidden)")
         }
         Ok(_) => url.to_owned(),
+        // A path rather than a URL, which holds no credentials.
+        Err(_) if !url.contains('@') => url.to_owned(),
         Err(_) => "<unparsable URL>".to_owned(),
     }
-}
-
-fn absolute(p: &Path) -> Result<PathBuf, String> {
-    std::path::absolute(p).map_err(|e| format!("cannot resolve {}: {e}", p.display()))
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -179,92 +197,71 @@ async fn signal() {
     }
 }
 
-async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
-    let file = match &config {
-        Some(path) => Settings::from_file(path)?,
-        None => Settings::default(),
-    };
-    let s = flags.or(file);
+async fn serve(s: Settings) -> Result<(), ServeError> {
     init_logging(&s)?;
-    s.check_exposure()?;
-
-    let data_dir = absolute(&s.data_dir())?;
-    let cache_dir = match &s.cache_dir {
-        Some(d) => d.clone(),
-        None => data_dir.join("cache"),
+    if s.exposed() {
+        return Err(ServeError::Exposed {
+            addr: s.endpoint.listen,
+        });
+    }
+    let data_dir_error = |source| ServeError::DataDir {
+        path: s.data_dir.clone(),
+        source,
     };
-    let needs_data_dir = s.database.is_none() || s.store.is_none();
-    if needs_data_dir {
-        std::fs::create_dir_all(&data_dir)
-            .map_err(|e| format!("cannot create data directory {}: {e}", data_dir.display()))?;
+    let data_dir = std::path::absolute(&s.data_dir).map_err(data_dir_error)?;
+    if s.uses_data_dir() {
+        std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
     }
-    let database = s
-        .database
-        .clone()
-        .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("meta.db").display()));
-    let store = s
-        .store
-        .clone()
-        .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display()));
-
-    let mut config = Config::new(cache_dir);
-    if let Some(v) = s.block_size {
-        config.block_size = v.0;
-    }
-    if let Some(v) = s.max_cache_size {
-        config.max_bytes = v.0;
-    }
-    if let Some(v) = s.max_entries {
-        config.max_entries = v;
-    }
-    if let Some(v) = s.max_dirty {
-        config.max_dirty_bytes = v.0;
-    }
-    if let Some(v) = s.upload_tasks {
-        config.upload_tasks = v;
-    }
-    if let Some(v) = s.upload_delay {
-        config.commit_delay = (!v.0.is_zero()).then_some(v.0);
-    }
+    let database = s.database(&data_dir);
+    let store = s.store(&data_dir);
+    let config = s.engine_config(s.cache_dir(&data_dir));
 
     let metrics = PrometheusBuilder::new()
         .set_buckets(&[
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
             30.0,
         ])
-        .map_err(|e| format!("cannot set up metrics: {e}"))?
+        .map_err(ServeError::Metrics)?
         .install_recorder()
-        .map_err(|e| format!("cannot set up metrics: {e}"))?;
+        .map_err(ServeError::Metrics)?;
 
     let db = Db::open(&database)
         .await
-        .map_err(|e| format!("cannot open database {}: {e}", redact(&database)))?;
-    let backend = Backend::from_url(&store)
-        .map_err(|e| format!("cannot use store {}: {e}", redact(&store)))?;
+        .map_err(|source| ServeError::Database {
+            url: redact(&database),
+            source,
+        })?;
+    let backend = Backend::from_url(&store).map_err(|source| ServeError::Store {
+        url: redact(&store),
+        source: Box::new(source),
+    })?;
     let cache = BlockCache::open(config, db, backend)
         .await
-        .map_err(|e| format!("cannot open the cache: {e}"))?;
+        .map_err(ServeError::Cache)?;
     let recovery = cache.recovery().clone();
     tracing::info!(?recovery, "cache open");
     let block_size = cache.config().block_size;
-    let ns = Namespace::open(cache, s.max_file_size())
+    let ns = Namespace::open(cache, s.max_file_size.0)
         .await
-        .map_err(|e| format!("cannot open the file namespace: {e}"))?;
+        .map_err(ServeError::Namespace)?;
 
-    let listener = tokio::net::TcpListener::bind(s.listen_addr())
+    let listen = s.endpoint.listen;
+    let listener_error = |source| ServeError::Listener {
+        addr: listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", s.listen_addr()))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("cannot read the listening address: {e}"))?;
+        .map_err(listener_error)?;
+    let addr = listener.local_addr().map_err(listener_error)?;
     let state = Arc::new(server::AppState {
         ns,
-        durability: s.durability(),
-        token: s.auth_token.clone(),
+        durability: s.durability,
+        token: s.endpoint.auth_token.clone(),
         draining: Default::default(),
         metrics: metrics.clone(),
         buffers: Arc::new(tokio::sync::Semaphore::new(server::buffer_permits(
-            s.buffer_memory.map_or(64 << 20, |m| m.0),
+            s.buffer_memory.0,
             block_size,
         ))),
     });
@@ -301,13 +298,12 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
-        .map_err(|e| format!("server failed: {e}"))?;
+        .map_err(ServeError::Server)?;
     upkeep.abort();
 
     // Every connection is closed; wait until their tasks have dropped their routers.
     let _ = all_gone.recv().await;
-    let state = Arc::try_unwrap(state)
-        .map_err(|_| "the server state is still shared after every connection closed")?;
+    let state = Arc::try_unwrap(state).map_err(|_| ServeError::StillShared)?;
     let before = state.ns.cache().usage().await.ok();
     let result = state.ns.shutdown().await;
     let (blocks, bytes) = before.map_or((0, 0), |u| (u.dirty_entries, u.dirty_bytes));
@@ -320,8 +316,10 @@ async fn serve(flags: Settings, config: Option<PathBuf>) -> Result<(), String> {
             );
             Ok(())
         }
-        Err(e) => Err(format!(
-            "shut down without flushing everything ({blocks} dirty blocks, {bytes} bytes, stay in the cache directory for the next start): {e}"
-        )),
+        Err(source) => Err(ServeError::Shutdown {
+            blocks,
+            bytes,
+            source,
+        }),
     }
 }

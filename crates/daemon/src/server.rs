@@ -119,14 +119,7 @@ impl From<Error> for ApiError {
             tracing::error!(error = %e, "request failed");
         }
         // The message is the error and its causes, which never hold secrets.
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        Self::new(status, code, message)
+        Self::new(status, code, crate::error::chain(&e))
     }
 }
 

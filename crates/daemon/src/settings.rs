@@ -1,20 +1,28 @@
-//! Settings: a TOML file (`--config`), then `BLOCKCACHE_*` environment variables, then flags;
-//! a later source wins. Every value has an embedded default, so no settings at all run the
-//! daemon on `./blockcache-data`.
+//! Settings: each one is defined once, as a field of [`Settings`] (or [`Endpoint`], which the
+//! clients share): its flag, its `BLOCKCACHE_*` variable, its key in the TOML file, its help
+//! and its default all come from that definition. The defaults that belong to the engine
+//! (block size, cache limits, uploads) are read from [`blockcache::Config::new`].
+//!
+//! Precedence, later wins: built-in default, TOML file (`--config`), environment, flag. Clap
+//! orders the last three itself once the file's values are handed to it as defaults
+//! ([`parse`]); the file's values go through the same parsers as flags.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use blockcache::Durability;
-use serde::Deserialize;
+use blockcache::{Config, Durability};
+use clap::Args;
 
 /// The port the daemon listens on by default (on 127.0.0.1).
 pub const DEFAULT_PORT: u16 = 8640;
 
+/// The engine's own defaults, which the daemon's defaults are.
+static ENGINE: LazyLock<Config> = LazyLock::new(|| Config::new(""));
+
 /// A secret that never shows in logs, errors or `Debug` output.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
@@ -54,113 +62,90 @@ impl std::str::FromStr for Size {
     }
 }
 
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Str(String),
+/// The exact size in the largest binary unit that divides it ("1MiB", "65536"): what help
+/// shows as a default, and parses back to the same size.
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+            if self.0 != 0 && self.0.is_multiple_of(1 << shift) {
+                return write!(f, "{}{unit}", self.0 >> shift);
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Int(n) => Ok(Size(n)),
-            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        write!(f, "{}", self.0)
     }
 }
 
-/// A duration ("10s", "500ms", "2min"); "0" or "off" where a delay can be switched off.
+/// A delay that can be switched off: a duration ("10s", "500ms", "2min"), or "0" or "off".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delay(pub Duration);
+pub struct Delay(pub Option<Duration>);
 
 impl std::str::FromStr for Delay {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let s = s.trim();
         if s == "0" || s == "off" {
-            return Ok(Delay(Duration::ZERO));
+            return Ok(Delay(None));
         }
-        humantime::parse_duration(s).map(Delay).map_err(|e| {
-            format!("invalid duration {s:?} ({e}); write for example 500ms, 10s, 2min, or off")
-        })
+        humantime::parse_duration(s)
+            .map(|d| Delay((!d.is_zero()).then_some(d)))
+            .map_err(|e| {
+                format!("invalid duration {s:?} ({e}); write for example 500ms, 10s, 2min, or off")
+            })
     }
 }
 
-impl<'de> Deserialize<'de> for Delay {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+impl std::fmt::Display for Delay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(d) => humantime::format_duration(d).fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// A log level or filter ("info", "blockcache=debug,warn"), checked when it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogFilter(String);
+
+impl LogFilter {
+    /// The filter for the log subscriber.
+    pub fn filter(&self) -> tracing_subscriber::EnvFilter {
+        tracing_subscriber::EnvFilter::new(&self.0)
+    }
+}
+
+impl std::str::FromStr for LogFilter {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        tracing_subscriber::EnvFilter::try_new(s)
+            .map(|_| Self(s.to_owned()))
+            .map_err(|e| format!("invalid filter {s:?} ({e}); write a level (error, warn, info, debug, trace) or a filter such as blockcache=debug,warn"))
+    }
+}
+
+impl std::fmt::Display for LogFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
 /// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum, Default)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     /// Human-readable lines.
-    #[default]
     Text,
     /// One JSON object per line.
     Json,
 }
 
-fn durability_de<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Durability>, D::Error> {
-    String::deserialize(d)?
-        .parse()
-        .map(Some)
-        .map_err(serde::de::Error::custom)
-}
-
-/// Settings as written in the TOML file and, with the same names, as flags (`--max-cache-size`)
-/// and environment variables (`BLOCKCACHE_MAX_CACHE_SIZE`). Every field is optional.
-#[derive(Debug, Default, Clone, Deserialize, clap::Args)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct Settings {
-    /// Address to listen on (ADDR:PORT; port 0 picks a free one) [default: 127.0.0.1:8640]
-    #[arg(long, env = "BLOCKCACHE_LISTEN", value_name = "ADDR:PORT")]
-    pub listen: Option<SocketAddr>,
-    /// Directory for the defaults of the database, cache and store [default: ./blockcache-data]
-    #[arg(long, env = "BLOCKCACHE_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Cache directory [default: DATA_DIR/cache]
-    #[arg(long, env = "BLOCKCACHE_CACHE_DIR", value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// Metadata database (sqlite://PATH or a path) [default: DATA_DIR/meta.db]
-    #[arg(long, env = "BLOCKCACHE_DATABASE", value_name = "URL")]
-    pub database: Option<String>,
-    /// Object store: file://, memory://, s3://, gs://, az:// [default: file://DATA_DIR/store]
-    #[arg(long, env = "BLOCKCACHE_STORE", value_name = "URL")]
-    pub store: Option<String>,
-    /// Block size, fixed when the volume is created [default: 1MiB]
-    #[arg(long, env = "BLOCKCACHE_BLOCK_SIZE", value_name = "SIZE")]
-    pub block_size: Option<Size>,
-    /// Most bytes the cache directory holds [default: 1GiB]
-    #[arg(long, env = "BLOCKCACHE_MAX_CACHE_SIZE", value_name = "SIZE")]
-    pub max_cache_size: Option<Size>,
-    /// Most files the cache directory holds [default: 65536]
-    #[arg(long, env = "BLOCKCACHE_MAX_ENTRIES", value_name = "N")]
-    pub max_entries: Option<u64>,
-    /// Most dirty bytes before writers wait [default: 256MiB]
-    #[arg(long, env = "BLOCKCACHE_MAX_DIRTY", value_name = "SIZE")]
-    pub max_dirty: Option<Size>,
-    /// Concurrent uploads [default: 8]
-    #[arg(long, env = "BLOCKCACHE_UPLOAD_TASKS", value_name = "N")]
-    pub upload_tasks: Option<usize>,
-    /// Age at which a dirty block is uploaded in the background; "off" disables [default: 10s]
-    #[arg(long, env = "BLOCKCACHE_UPLOAD_DELAY", value_name = "DURATION")]
-    pub upload_delay: Option<Delay>,
-    /// Durability of writes when a request does not say: none, local or store [default: local]
-    #[arg(long, env = "BLOCKCACHE_DURABILITY", value_name = "none|local|store")]
-    #[serde(default, deserialize_with = "durability_de")]
-    pub durability: Option<Durability>,
-    /// Largest file size [default: 1TiB]
-    #[arg(long, env = "BLOCKCACHE_MAX_FILE_SIZE", value_name = "SIZE")]
-    pub max_file_size: Option<Size>,
-    /// Memory for request buffers, all requests together (each PUT or PATCH holds one block,
-    /// each GET up to four while sending); requests wait beyond it [default: 64MiB]
-    #[arg(long, env = "BLOCKCACHE_BUFFER_MEMORY", value_name = "SIZE")]
-    pub buffer_memory: Option<Size>,
+/// Where the daemon listens and the token it asks for: settings of the daemon that its
+/// clients read too, to reach it.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Endpoint {
+    /// Address of the daemon (ADDR:PORT; port 0 picks a free one)
+    #[arg(long, env = "BLOCKCACHE_LISTEN", value_name = "ADDR:PORT",
+          default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    pub listen: SocketAddr,
     /// Bearer token every route but /healthz requires
     #[arg(
         long,
@@ -169,81 +154,404 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub auth_token: Option<Secret>,
+}
+
+/// The settings file, named by `--config` or `BLOCKCACHE_CONFIG`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SettingsFile {
+    /// TOML settings file: keys as the long flags (block-size = "1MiB"); variables and flags
+    /// override it
+    #[arg(long = CONFIG, env = "BLOCKCACHE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// The id and long name of the flag naming the settings file.
+const CONFIG: &str = "config";
+
+/// The daemon's settings. A field `max_cache_size` is the flag `--max-cache-size`, the
+/// variable `BLOCKCACHE_MAX_CACHE_SIZE` and the file key `max-cache-size`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub endpoint: Endpoint,
+    /// Directory for the defaults of the database, cache and store
+    #[arg(
+        long,
+        env = "BLOCKCACHE_DATA_DIR",
+        value_name = "DIR",
+        default_value = "./blockcache-data"
+    )]
+    pub data_dir: PathBuf,
+    /// Cache directory [default: DATA_DIR/cache]
+    #[arg(long, env = "BLOCKCACHE_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Metadata database (sqlite://PATH or a path) [default: sqlite://DATA_DIR/meta.db]
+    #[arg(long, env = "BLOCKCACHE_DATABASE", value_name = "URL")]
+    pub database: Option<String>,
+    /// Object store: file://, memory://, s3://, gs://, az:// [default: file://DATA_DIR/store]
+    #[arg(long, env = "BLOCKCACHE_STORE", value_name = "URL")]
+    pub store: Option<String>,
+    /// Block size, fixed when the volume is created
+    #[arg(long, env = "BLOCKCACHE_BLOCK_SIZE", value_name = "SIZE",
+          default_value_t = Size(ENGINE.block_size))]
+    pub block_size: Size,
+    /// Most bytes the cache directory holds
+    #[arg(long, env = "BLOCKCACHE_MAX_CACHE_SIZE", value_name = "SIZE",
+          default_value_t = Size(ENGINE.max_bytes))]
+    pub max_cache_size: Size,
+    /// Most files the cache directory holds
+    #[arg(long, env = "BLOCKCACHE_MAX_ENTRIES", value_name = "N",
+          default_value_t = ENGINE.max_entries)]
+    pub max_entries: u64,
+    /// Most dirty bytes before writers wait
+    #[arg(long, env = "BLOCKCACHE_MAX_DIRTY", value_name = "SIZE",
+          default_value_t = Size(ENGINE.max_dirty_bytes))]
+    pub max_dirty: Size,
+    /// Concurrent uploads
+    #[arg(long, env = "BLOCKCACHE_UPLOAD_TASKS", value_name = "N",
+          default_value_t = ENGINE.upload_tasks)]
+    pub upload_tasks: usize,
+    /// Age at which a dirty block is uploaded in the background; "off" disables
+    #[arg(long, env = "BLOCKCACHE_UPLOAD_DELAY", value_name = "DURATION",
+          default_value_t = Delay(ENGINE.commit_delay))]
+    pub upload_delay: Delay,
+    /// Durability of writes when a request does not say: none, local or store
+    #[arg(long, env = "BLOCKCACHE_DURABILITY", value_name = "none|local|store",
+          default_value_t = Durability::default())]
+    pub durability: Durability,
+    /// Largest file size
+    #[arg(long, env = "BLOCKCACHE_MAX_FILE_SIZE", value_name = "SIZE",
+          default_value_t = Size(1 << 40))]
+    pub max_file_size: Size,
+    /// Memory for request buffers, all requests together (each PUT or PATCH holds one block,
+    /// each GET up to four while sending); requests wait beyond it
+    #[arg(long, env = "BLOCKCACHE_BUFFER_MEMORY", value_name = "SIZE",
+          default_value_t = Size(64 << 20))]
+    pub buffer_memory: Size,
     /// Allow a non-loopback address without a token
     #[arg(long, env = "BLOCKCACHE_INSECURE")]
-    #[serde(default)]
     pub insecure: bool,
     /// Log format
-    #[arg(long, env = "BLOCKCACHE_LOG_FORMAT", value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Log level or filter ("info", "debug", "blockcache=debug,warn") [default: info]
-    #[arg(long, env = "BLOCKCACHE_LOG_LEVEL", value_name = "FILTER")]
-    pub log_level: Option<String>,
+    #[arg(long, env = "BLOCKCACHE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log level or filter ("info", "debug", "blockcache=debug,warn")
+    #[arg(
+        long,
+        env = "BLOCKCACHE_LOG_LEVEL",
+        value_name = "FILTER",
+        default_value = "info"
+    )]
+    pub log_level: LogFilter,
 }
 
 impl Settings {
-    /// Reads a TOML settings file; unknown keys and bad values are errors naming the key.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read settings file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("settings file {}: {e}", path.display()))
-    }
-
-    /// `self` with the fields it lacks taken from `base`.
-    pub fn or(self, base: Settings) -> Settings {
-        Settings {
-            listen: self.listen.or(base.listen),
-            data_dir: self.data_dir.or(base.data_dir),
-            cache_dir: self.cache_dir.or(base.cache_dir),
-            database: self.database.or(base.database),
-            store: self.store.or(base.store),
-            block_size: self.block_size.or(base.block_size),
-            max_cache_size: self.max_cache_size.or(base.max_cache_size),
-            max_entries: self.max_entries.or(base.max_entries),
-            max_dirty: self.max_dirty.or(base.max_dirty),
-            upload_tasks: self.upload_tasks.or(base.upload_tasks),
-            upload_delay: self.upload_delay.or(base.upload_delay),
-            durability: self.durability.or(base.durability),
-            max_file_size: self.max_file_size.or(base.max_file_size),
-            buffer_memory: self.buffer_memory.or(base.buffer_memory),
-            auth_token: self.auth_token.or(base.auth_token),
-            insecure: self.insecure || base.insecure,
-            log_format: self.log_format.or(base.log_format),
-            log_level: self.log_level.or(base.log_level),
+    /// The engine's settings: its defaults, with what the daemon's settings set.
+    pub fn engine_config(&self, cache_dir: PathBuf) -> Config {
+        Config {
+            block_size: self.block_size.0,
+            max_bytes: self.max_cache_size.0,
+            max_entries: self.max_entries,
+            max_dirty_bytes: self.max_dirty.0,
+            upload_tasks: self.upload_tasks,
+            commit_delay: self.upload_delay.0,
+            ..Config::new(cache_dir)
         }
     }
 
-    /// The address to listen on (or to reach a running daemon at).
-    pub fn listen_addr(&self) -> SocketAddr {
-        self.listen
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))
-    }
-
-    /// The data directory.
-    pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
+    /// The cache directory, by default in the data directory `data_dir`.
+    pub fn cache_dir(&self, data_dir: &Path) -> PathBuf {
+        self.cache_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("blockcache-data"))
+            .unwrap_or_else(|| data_dir.join("cache"))
     }
 
-    /// Refuses a non-loopback address without a token (unless `insecure`).
-    pub fn check_exposure(&self) -> Result<(), String> {
-        let addr = self.listen_addr();
-        if !addr.ip().is_loopback() && self.auth_token.is_none() && !self.insecure {
-            return Err(format!(
-                "refusing to listen on {addr} (not a loopback address) without an auth token; set --auth-token, or pass --insecure to allow it"
-            ));
+    /// The database URL, by default a file in the data directory `data_dir`.
+    pub fn database(&self, data_dir: &Path) -> String {
+        self.database
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("meta.db").display()))
+    }
+
+    /// The store URL, by default a directory in the data directory `data_dir`.
+    pub fn store(&self, data_dir: &Path) -> String {
+        self.store
+            .clone()
+            .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display()))
+    }
+
+    /// Whether the defaults put something in the data directory.
+    pub fn uses_data_dir(&self) -> bool {
+        self.database.is_none() || self.store.is_none()
+    }
+
+    /// Whether the address is one that other machines may reach while no token guards it,
+    /// and `--insecure` does not allow that.
+    pub fn exposed(&self) -> bool {
+        !self.endpoint.listen.ip().is_loopback()
+            && self.endpoint.auth_token.is_none()
+            && !self.insecure
+    }
+
+    /// The long names of the settings: the keys a settings file may hold.
+    fn keys() -> Vec<String> {
+        Self::augment_args(clap::Command::new("settings"))
+            .get_arguments()
+            .filter_map(|a| a.get_long().map(str::to_owned))
+            .collect()
+    }
+}
+
+/// What is wrong with the settings file.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read.
+    #[error("cannot read settings file {}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not TOML.
+    #[error("settings file {} is not valid TOML", path.display())]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// Where and why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A key names no setting.
+    #[error("settings file {}: unknown key {key:?}; the keys are {}", path.display(), known.join(", "))]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// Every key there is.
+        known: Vec<String>,
+    },
+    /// A value is a table, an array, a float or a date.
+    #[error("settings file {}: {key} holds a TOML {found}; write a string, an integer or a boolean", path.display())]
+    Type {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The TOML type found.
+        found: &'static str,
+    },
+    /// The setting's parser refused the value.
+    #[error("settings file {}: bad value for {key}", path.display())]
+    Value {
+        /// The file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// The parser's error.
+        #[source]
+        source: BadValue,
+    },
+}
+
+/// A value refused by a setting's parser: clap's error, told without its usage hints.
+#[derive(Debug)]
+pub struct BadValue(clap::Error);
+
+impl std::fmt::Display for BadValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use clap::error::{ContextKind, ContextValue, ErrorKind};
+        let value = match self.0.get(ContextKind::InvalidValue) {
+            Some(ContextValue::String(v)) => v.as_str(),
+            _ => "",
+        };
+        if let Some(source) = std::error::Error::source(&self.0) {
+            // Our parsers name the value; the standard ones (numbers) do not.
+            let told = source.to_string();
+            return if told.contains(value) {
+                f.write_str(&told)
+            } else {
+                write!(f, "invalid value {value:?}: {told}")
+            };
         }
-        Ok(())
+        match (self.0.kind(), self.0.get(ContextKind::ValidValue)) {
+            (ErrorKind::InvalidValue, Some(ContextValue::Strings(valid))) => write!(
+                f,
+                "invalid value {value:?}; allowed values: {}",
+                valid.join(", ")
+            ),
+            _ => write!(f, "invalid value {value:?} ({:?})", self.0.kind()),
+        }
+    }
+}
+
+// Its message carries the parser's error: no source, so that it is not told twice.
+impl std::error::Error for BadValue {}
+
+/// Parses the command line of `C` with the `BLOCKCACHE_*` variables. When the subcommand has
+/// a settings file, its values become the defaults of a second parse, so that clap takes a
+/// value from the flag, else from the variable, else from the file, else the built-in
+/// default. Usage errors and `--help` exit the process, as clap does.
+pub fn parse<C: clap::Parser>() -> Result<C, SettingsError> {
+    let matches = C::command().get_matches();
+    let file = matches.subcommand().and_then(|(name, m)| {
+        let path = m.try_get_one::<PathBuf>(CONFIG).ok().flatten()?;
+        Some((name.to_owned(), path.clone()))
+    });
+    let matches = match file {
+        None => matches,
+        Some((name, path)) => {
+            let cmd = C::command();
+            let sub = cmd
+                .find_subcommand(&name)
+                .expect("the subcommand that was just parsed");
+            let defaults = file_defaults(sub, &path)?;
+            cmd.mut_subcommand(&name, |sub| {
+                defaults.into_iter().fold(sub, |sub, (id, value)| {
+                    sub.mut_arg(id, |a| a.default_value(value))
+                })
+            })
+            .get_matches()
+        }
+    };
+    Ok(C::from_arg_matches(&matches).unwrap_or_else(|e| e.exit()))
+}
+
+/// The values of the settings file at `path` for the arguments of `cmd`, checked by their
+/// parsers. A key of a setting that `cmd` does not take (`block-size` for a client) is
+/// skipped; a key of no setting is an error.
+fn file_defaults(
+    cmd: &clap::Command,
+    path: &Path,
+) -> Result<Vec<(clap::Id, &'static str)>, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|source| SettingsError::Syntax {
+        path: path.to_owned(),
+        source,
+    })?;
+    let known = Settings::keys();
+    let mut defaults = Vec::new();
+    for (key, value) in table {
+        if !known.contains(&key) {
+            return Err(SettingsError::UnknownKey {
+                path: path.to_owned(),
+                key,
+                known,
+            });
+        }
+        let Some(arg) = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(key.as_str()))
+        else {
+            continue;
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(SettingsError::Type {
+                    path: path.to_owned(),
+                    key,
+                    found: other.type_str(),
+                });
+            }
+        };
+        // The setting's own parser, run by clap on this argument alone, given the value
+        // (a switch such as `--insecure` takes it as `true` or `false`).
+        let check = clap::Command::new("settings file")
+            .no_binary_name(true)
+            .arg(arg.clone().action(clap::ArgAction::Set));
+        if let Err(e) = check.try_get_matches_from([format!("--{key}={text}")]) {
+            return Err(SettingsError::Value {
+                path: path.to_owned(),
+                key,
+                source: BadValue(e),
+            });
+        }
+        // Clap keeps defaults as `&'static str`; a settings file is read once per process.
+        defaults.push((arg.get_id().clone(), &*Box::leak(text.into_boxed_str())));
+    }
+    Ok(defaults)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::FromArgMatches;
+
+    #[test]
+    fn sizes_and_delays_print_what_parses_back() {
+        for n in [
+            0,
+            1,
+            1000,
+            1 << 10,
+            65_536,
+            3 << 20,
+            1 << 30,
+            1 << 40,
+            5 << 41,
+        ] {
+            let shown = Size(n).to_string();
+            assert_eq!(shown.parse::<Size>(), Ok(Size(n)), "{shown}");
+        }
+        assert_eq!(Size(1 << 20).to_string(), "1MiB");
+        for d in [
+            None,
+            Some(Duration::from_millis(1)),
+            Some(Duration::from_secs(10)),
+        ] {
+            let shown = Delay(d).to_string();
+            assert_eq!(shown.parse::<Delay>(), Ok(Delay(d)), "{shown}");
+        }
+        assert_eq!("0".parse::<Delay>(), Ok(Delay(None)));
     }
 
-    /// The default write durability.
-    pub fn durability(&self) -> Durability {
-        self.durability.unwrap_or_default()
+    #[test]
+    fn every_setting_has_one_name_across_flag_variable_and_file() {
+        let cmd = Settings::augment_args(clap::Command::new("settings"));
+        for arg in cmd.get_arguments() {
+            let long = arg.get_long().expect("every setting is a long flag");
+            assert_eq!(arg.get_id().as_str(), long.replace('-', "_"), "{long}");
+            let env = arg.get_env().expect("every setting has a variable");
+            assert_eq!(
+                env.to_str(),
+                Some(format!("BLOCKCACHE_{}", long.replace('-', "_").to_uppercase()).as_str()),
+                "{long}"
+            );
+        }
     }
 
-    /// The largest file size.
-    pub fn max_file_size(&self) -> u64 {
-        self.max_file_size.map_or(1 << 40, |s| s.0)
+    #[test]
+    fn engine_settings_start_from_the_engine_defaults() {
+        let cmd = Settings::augment_args(clap::Command::new("settings")).no_binary_name(true);
+        let settings = Settings::from_arg_matches(&cmd.get_matches_from(Vec::<String>::new()))
+            .expect("defaults parse");
+        let ours = settings.engine_config(PathBuf::from("c"));
+        let engine = Config::new("c");
+        assert_eq!(
+            (
+                ours.block_size,
+                ours.max_bytes,
+                ours.max_entries,
+                ours.max_dirty_bytes,
+                ours.upload_tasks,
+                ours.commit_delay
+            ),
+            (
+                engine.block_size,
+                engine.max_bytes,
+                engine.max_entries,
+                engine.max_dirty_bytes,
+                engine.upload_tasks,
+                engine.commit_delay
+            )
+        );
     }
 }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use blockcache_tests::daemon::{Daemon, Launch};
+use blockcache_tests::daemon::{Daemon, Launch, run_cli, run_cli_env};
 use blockcache_tests::data;
 
 const BS: usize = 64 * 1024;
@@ -62,6 +62,30 @@ async fn settings_come_from_the_file_then_the_environment_then_flags() {
         .env("BLOCKCACHE_MAX_ENTRIES", "200")
         .start();
     assert_eq!(max_entries(&d).await, Some(300));
+    // A client finds the daemon through the same file (the daemon's other keys are no
+    // concern of the client's), and its environment and flags override the file there too.
+    let client_conf = dir.path().join("client.toml");
+    std::fs::write(
+        &client_conf,
+        format!("listen = \"{}\"\nmax-entries = 5\n", d.addr()),
+    )
+    .expect("write");
+    let client_conf = client_conf.to_str().expect("utf-8");
+    let (status, out, err) = run_cli(&["stats", "--config", client_conf], None);
+    assert!(status.success(), "{err}");
+    assert!(String::from_utf8_lossy(&out).contains("max_entries"));
+    let (status, _, err) = run_cli_env(
+        &["stats", "--config", client_conf],
+        &[("BLOCKCACHE_LISTEN", "127.0.0.1:1")],
+        None,
+    );
+    assert!(!status.success() && err.contains("127.0.0.1:1"), "{err}");
+    let (status, _, err) = run_cli_env(
+        &["stats", "--config", client_conf, "--listen", d.addr()],
+        &[("BLOCKCACHE_LISTEN", "127.0.0.1:1")],
+        None,
+    );
+    assert!(status.success(), "{err}");
     d.stop();
     // No source at all: the library's default.
     let d = Launch::new(dir.path())
@@ -285,6 +309,19 @@ async fn a_non_loopback_address_needs_a_token_or_insecure() {
         .start();
     assert_eq!(d.json("/v1/stats").await["cache"]["entries"], 0);
     d.stop();
+    // A switch in the settings file, and the variable over it.
+    let conf = dir.path().join("insecure.toml");
+    std::fs::write(&conf, "insecure = true\n").expect("write");
+    let conf = conf.to_str().expect("utf-8");
+    let d = everywhere()
+        .args(&["--block-size", "64KiB", "--config", conf])
+        .start();
+    d.stop();
+    let refused = everywhere()
+        .args(&["--block-size", "64KiB", "--config", conf])
+        .env("BLOCKCACHE_INSECURE", "false")
+        .try_start();
+    assert!(refused.is_err(), "BLOCKCACHE_INSECURE=false did not win");
     let d = everywhere()
         .args(&["--block-size", "64KiB", "--auth-token", "a-token"])
         .start();
@@ -297,4 +334,84 @@ async fn a_non_loopback_address_needs_a_token_or_insecure() {
         .expect("GET");
     assert!(r.status().is_success());
     d.stop();
+}
+
+/// `--help` of `blockcache serve`: each flag (without dashes) with its default, if it shows
+/// one.
+fn flags_in_help() -> Vec<(String, Option<String>)> {
+    let (status, out, err) = run_cli(&["serve", "--help"], None);
+    assert!(status.success(), "{err}");
+    let help = String::from_utf8(out).expect("utf-8 help");
+    let mut flags: Vec<(String, String)> = Vec::new();
+    for line in help.lines() {
+        let line = line.trim_start();
+        let flag = line
+            .strip_prefix("--")
+            .or_else(|| line.strip_prefix("-h, --"));
+        match flag {
+            Some(flag) => {
+                let name = flag.split([' ', '=']).next().expect("a name");
+                flags.push((name.to_owned(), String::new()));
+            }
+            None => {
+                if let Some((_, text)) = flags.last_mut() {
+                    text.push_str(line);
+                    text.push('\n');
+                }
+            }
+        }
+    }
+    flags
+        .into_iter()
+        .filter(|(name, _)| name != "help")
+        .map(|(name, text)| {
+            let default = text
+                .split_once("[default: ")
+                .and_then(|(_, rest)| rest.split_once(']'))
+                .map(|(d, _)| d.to_owned());
+            (name, default)
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_table_shows_every_flag_of_help_with_its_default() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .expect("README");
+    let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+    let flags = flags_in_help();
+    assert!(flags.len() > 10, "{flags:?}");
+    for (flag, default) in &flags {
+        // The settings file is described in the text above the table.
+        if flag == "config" {
+            assert!(readme.contains("`--config FILE`"));
+            continue;
+        }
+        let row = rows
+            .iter()
+            .find(|r| r.contains(&format!("`--{flag} ")) || r.contains(&format!("`--{flag}`")))
+            .unwrap_or_else(|| panic!("README's table lacks --{flag}"));
+        let cell = row.split(" | ").nth(1).expect("a default column");
+        match default {
+            Some(d) => assert!(
+                cell.contains(&format!("`{d}`")),
+                "--{flag}: help says {d}, README {cell}"
+            ),
+            None => assert!(
+                cell == "none" || cell == "off",
+                "--{flag}: no default in help, README {cell}"
+            ),
+        }
+    }
+    // And no row for a flag that is gone.
+    for row in rows {
+        assert!(
+            flags.iter().any(
+                |(f, _)| row.contains(&format!("`--{f} ")) || row.contains(&format!("`--{f}`"))
+            ),
+            "README's table has a flag that --help lacks: {row}"
+        );
+    }
 }

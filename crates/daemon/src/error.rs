@@ -1,0 +1,123 @@
+//! Why `blockcache serve` could not start or stopped badly, one variant per part that
+//! failed, each keeping the error it got; and how an error is told with its causes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// A failure of `blockcache serve`.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The log subscriber could not be installed.
+    #[error("cannot set up logging")]
+    Logging(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A non-loopback address without a token, and no `--insecure`.
+    #[error(
+        "refusing to listen on {addr} (not a loopback address) without an auth token; set --auth-token, or pass --insecure to allow it"
+    )]
+    Exposed {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The data directory could not be resolved or created.
+    #[error("cannot use data directory {}", path.display())]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The Prometheus recorder could not be installed.
+    #[error("cannot set up metrics")]
+    Metrics(#[source] metrics_exporter_prometheus::BuildError),
+    /// The metadata database could not be opened.
+    #[error("cannot open database {url}")]
+    Database {
+        /// The database URL, credentials hidden.
+        url: String,
+        /// Why.
+        #[source]
+        source: blockcache_db::Error,
+    },
+    /// The object store URL could not be used.
+    #[error("cannot use store {url}")]
+    Store {
+        /// The store URL, credentials hidden.
+        url: String,
+        /// Why (boxed: object_store's errors are large).
+        #[source]
+        source: Box<blockcache_backend::Error>,
+    },
+    /// The engine could not open the cache (directory, recovery, settings).
+    #[error("cannot open the cache")]
+    Cache(#[source] blockcache::Error),
+    /// The file namespace could not be opened over the cache.
+    #[error("cannot open the file namespace")]
+    Namespace(#[source] blockcache::Error),
+    /// The listening socket could not be bound or read.
+    #[error("cannot listen on {addr}")]
+    Listener {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server stopped with an error.
+    #[error("the HTTP server failed")]
+    Server(#[source] std::io::Error),
+    /// A request handler still holds the server state after every connection closed.
+    #[error("the server state is still shared after every connection closed")]
+    StillShared,
+    /// The final flush failed; the dirty data stays in the cache directory.
+    #[error(
+        "shut down without flushing everything ({blocks} dirty blocks, {bytes} bytes, stay in the cache directory for the next start)"
+    )]
+    Shutdown {
+        /// Dirty blocks before the flush.
+        blocks: u64,
+        /// Dirty bytes before the flush.
+        bytes: u64,
+        /// Why the flush failed.
+        #[source]
+        source: blockcache::Error,
+    },
+}
+
+/// `error` and its causes, `: `-separated. A cause whose text its parent already tells (an
+/// error that prints its source and also returns it) is not told twice.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut told = error.to_string();
+    let mut parent = told.clone();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !parent.contains(&text) {
+            told.push_str(": ");
+            told.push_str(&text);
+        }
+        parent = text;
+        next = cause.source();
+    }
+    told
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] Middle);
+
+    /// Prints its source and returns it too.
+    #[derive(Debug, thiserror::Error)]
+    #[error("middle: {0}")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn chain_tells_each_cause_once() {
+        let e = Outer(Middle(std::io::Error::other("inner")));
+        assert_eq!(chain(&e), "outer: middle: inner");
+    }
+}
