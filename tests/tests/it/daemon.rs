@@ -896,13 +896,12 @@ async fn no_new_request_succeeds_while_draining() {
     d.signal(15);
     d.wait_for_log("signal received").await;
 
-    // The idle connection: closed, or a 503 that closes it; never served.
+    // The idle connection: closed, or (a request that slips in before the connections are
+    // told to close) a 503; never served.
     let (answer, closed) = exchange(&mut idle, stats).await;
     assert!(
         answer.is_empty()
-            || (answer.starts_with("HTTP/1.1 503")
-                && answer.contains("shutting_down")
-                && answer.contains("connection: close")),
+            || (answer.starts_with("HTTP/1.1 503") && answer.contains("shutting_down")),
         "a request on a kept-alive connection while draining got: {answer:?}"
     );
     assert!(
