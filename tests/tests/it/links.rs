@@ -508,3 +508,33 @@ async fn a_failed_store_barrier_keeps_large_blocks_dirty_until_a_later_flush() {
     // fsyncs their directories; the first of these barriers fails.
     barrier_failure_round(256 << 10, 4).await;
 }
+
+/// A miss from a linked store whose directory is gone (replaced by a plain file) is the
+/// store's failure (`Error::Download`), not an I/O error of the cache, and changes nothing:
+/// once the store is back, the block reads as written.
+#[tokio::test]
+async fn a_miss_from_a_broken_linked_store_is_a_download_error() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    let bytes = data(11, 1024);
+    cache.write(1, 0, 0, &bytes).await.expect("write");
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    let store = env.store_dir();
+    let moved = store.with_extension("away");
+    std::fs::rename(&store, &moved).expect("move the store away");
+    std::fs::write(&store, b"not a directory").expect("a file in its place");
+    let err = cache
+        .read(1, 0, 0, 1024)
+        .await
+        .expect_err("the store is broken");
+    assert!(
+        matches!(err, blockcache::Error::Download { .. }),
+        "not a store failure: {err:?}"
+    );
+    std::fs::remove_file(&store).expect("remove the file");
+    std::fs::rename(&moved, &store).expect("put the store back");
+    assert_eq!(&block_of(&cache, 1).await[..], &bytes[..]);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}

@@ -209,8 +209,8 @@ impl BlockHandle {
     /// reserved): the clean cache file becomes a hard link to the object's file (no copy, no
     /// new inode), then its length and SHA-256 are checked like any download, and the link
     /// is removed again if they do not match. A change of the block later gets a file of its
-    /// own first (invariant 11). `None` if the store could not link it, or has no such
-    /// object: the fetch says what is wrong.
+    /// own first (invariant 11). `None` if the store could not link it for any reason: the
+    /// fetch says what is wrong.
     async fn link_download(
         &mut self,
         object: &blockcache_db::Object,
@@ -227,11 +227,10 @@ impl BlockHandle {
         let started = std::time::Instant::now();
         let linked = tokio::task::spawn_blocking(move || {
             let path = dir.file(key, Marker::Clean);
-            match backend.link_out(id, &path) {
-                Ok(true) => {}
-                Ok(false) => return None,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-                Err(e) => return Some(Err(e)),
+            // Any failure to link (no such object, a store directory that is gone or
+            // broken) leaves the miss to the fetch, which reports it as the store's error.
+            if !backend.link_out(id, &path).unwrap_or(false) {
+                return None;
             }
             let checked = (|| -> std::io::Result<Fetched> {
                 let file = dir.open(key, Marker::Clean)?;
