@@ -4,7 +4,8 @@
 //! control first. Per operation it can fail the first N calls, fail a fraction of calls, add
 //! latency, hold calls at a gate until released, and (for reads) corrupt the returned bytes.
 //! It also counts calls per operation, which tests use to assert exact upload and delete
-//! counts. The daemon can enable it through a test-only setting.
+//! counts. The daemon can enable it through a test-only setting. Random failures come from a
+//! generator that [`Faults::seed`] makes reproducible.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -22,7 +23,8 @@ use object_store::{
     CopyOptions, GetOptions, GetResult, GetResultPayload, ListResult, MultipartUpload, ObjectMeta,
     ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
-use rand::RngExt;
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
 use tokio::sync::watch;
 
 /// A kind of store operation that faults can target.
@@ -71,6 +73,8 @@ struct FaultsInner {
     injected: [AtomicU64; 5],
     gates: [watch::Sender<bool>; 5],
     waiting: [watch::Sender<u64>; 5],
+    /// Draws the failures of `fail_fraction`.
+    rng: Mutex<StdRng>,
 }
 
 impl fmt::Debug for Faults {
@@ -90,6 +94,7 @@ impl Default for Faults {
                 injected: Default::default(),
                 gates: std::array::from_fn(|_| watch::channel(false).0),
                 waiting: std::array::from_fn(|_| watch::channel(0).0),
+                rng: Mutex::new(StdRng::from_rng(&mut rand::rng())),
             }),
         }
     }
@@ -109,6 +114,13 @@ impl Faults {
     /// Makes each call of `op` fail with probability `fraction` (0.0 to 1.0).
     pub fn fail_fraction(&self, op: Op, fraction: f64) {
         self.update(op, |c| c.fail_fraction = fraction.clamp(0.0, 1.0));
+    }
+
+    /// Restarts the generator behind [`Faults::fail_fraction`] from `seed`, so that a run can
+    /// be replayed: the same sequence of calls then meets the same failures (concurrent calls
+    /// may still reach the store in another order).
+    pub fn seed(&self, seed: u64) {
+        *self.inner.rng.lock().expect("faults rng mutex poisoned") = StdRng::seed_from_u64(seed);
     }
 
     /// Makes injected failures of `op` permanent (permission denied) instead of transient.
@@ -188,7 +200,13 @@ impl Faults {
                 c.fail_first -= 1;
                 true
             } else {
-                c.fail_fraction > 0.0 && rand::rng().random_bool(c.fail_fraction)
+                c.fail_fraction > 0.0
+                    && self
+                        .inner
+                        .rng
+                        .lock()
+                        .expect("faults rng mutex poisoned")
+                        .random_bool(c.fail_fraction)
             };
             (c.latency, fail, c.permanent, c.corrupt)
         };
