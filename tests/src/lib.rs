@@ -1,14 +1,18 @@
 //! Test harness: a temporary volume with a real SQLite file, a real local-directory object
 //! store behind the fault-injecting wrapper, and a cache directory.
+//!
+//! Random choices (injected faults, random workloads) come from [`test_seed`]: set
+//! `BLOCKCACHE_TEST_SEED` to replay a failed run with the seed it printed.
 
 pub mod daemon;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use blockcache::{BlockCache, Config};
-use blockcache_backend::faulty::{Faults, FaultyStore};
+use blockcache_backend::faulty::{Faults, FaultyStore, Op};
 use blockcache_backend::{Backend, RetryPolicy};
 use blockcache_db::Db;
 use object_store::ObjectStore;
@@ -23,6 +27,9 @@ pub struct Env {
     pub store: Arc<dyn ObjectStore>,
     /// Controls faults and counts calls.
     pub faults: Faults,
+    /// The seed of this volume's injected faults, for tests that derive other random
+    /// choices from it.
+    pub seed: u64,
     /// Whether the engine opens the store by its `file://` URL (objects become hard links to
     /// cache files) rather than through the fault-injecting wrapper.
     linked: bool,
@@ -35,18 +42,26 @@ impl Default for Env {
 }
 
 impl Env {
-    /// A new empty volume.
+    /// A new empty volume whose random faults are seeded with [`test_seed`] (which prints
+    /// the seed).
     pub fn new() -> Self {
+        Self::with_seed(test_seed())
+    }
+
+    /// A new empty volume whose random faults are seeded with `seed`.
+    pub fn with_seed(seed: u64) -> Self {
         init_tracing();
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(dir.path().join("store")).expect("store dir");
         let local =
             LocalFileSystem::new_with_prefix(dir.path().join("store")).expect("local store");
         let (store, faults) = FaultyStore::new(Arc::new(local));
+        faults.seed(seed);
         Self {
             dir,
             store,
             faults,
+            seed,
             linked: false,
         }
     }
@@ -55,10 +70,31 @@ impl Env {
     /// does: new objects are hard links to their cache files. Of the faults, only those of
     /// the store's durability barriers (`Op::Barrier`) can be injected.
     pub fn linked() -> Self {
+        Self::linked_with_seed(test_seed())
+    }
+
+    /// [`Env::linked`] with random faults seeded with `seed`.
+    pub fn linked_with_seed(seed: u64) -> Self {
         Self {
             linked: true,
-            ..Self::new()
+            ..Self::with_seed(seed)
         }
+    }
+
+    /// Whether the engine opens the store by its `file://` URL (see [`Env::linked`]).
+    pub fn is_linked(&self) -> bool {
+        self.linked
+    }
+
+    /// Waits (up to 30 s, else fails the test) until at least `n` calls of `op` wait at the
+    /// store's gate (see [`Faults::hold`]).
+    pub async fn wait_held(&self, op: Op, n: u64) {
+        within(
+            &format!("{n} calls of {op:?} held at the store's gate"),
+            WAIT,
+            self.faults.wait_held(op, n),
+        )
+        .await;
     }
 
     /// The directory of the object store.
@@ -111,16 +147,21 @@ impl Env {
     /// Opens the cache with `config`. If an engine that was dropped without shutdown still
     /// holds the cache directory, waits (up to 20 s) until its tasks have ended.
     pub async fn open_with(&self, config: Config) -> BlockCache {
-        tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                match self.try_open(config.clone()).await {
-                    Err(blockcache::Error::InUse { .. }) => tokio::task::yield_now().await,
-                    other => break other.expect("open cache"),
+        within(
+            "the cache directory to be released by an earlier engine",
+            Duration::from_secs(20),
+            async {
+                loop {
+                    match self.try_open(config.clone()).await {
+                        Err(blockcache::Error::InUse { .. }) => {
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
+                        other => break other.expect("open cache"),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
-        .expect("the cache directory was released")
     }
 
     /// Opens the cache with `config`, returning errors.
@@ -148,6 +189,48 @@ impl Env {
             .join(format!("{:02x}", id & 0xff))
             .join(id.to_string())
     }
+}
+
+/// The environment variable that fixes the seed of a test's random choices.
+pub const SEED_VAR: &str = "BLOCKCACHE_TEST_SEED";
+
+/// How long a test waits for something that should happen promptly before it fails.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The seed of a test's random choices: `BLOCKCACHE_TEST_SEED` if set, else a random one.
+/// Prints it to standard error, which the test runner shows when the test fails.
+pub fn test_seed() -> u64 {
+    let seed = match std::env::var(SEED_VAR) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{SEED_VAR}={v:?} is not a u64")),
+        Err(_) => rand::random(),
+    };
+    eprintln!("random choices seeded with {SEED_VAR}={seed}");
+    seed
+}
+
+/// Awaits `fut`, failing the test with a message naming `what` it waited for if that takes
+/// longer than `limit`.
+pub async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("waited {limit:?} for {what}"),
+    }
+}
+
+/// Whether `error` was caused by a fault injected by [`FaultyStore`] or by the faults of a
+/// local store's durability barriers: the injected message is somewhere in its chain.
+pub fn is_injected(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.to_string().contains("injected ") {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// Deterministic block content: `len` bytes derived from `seed`.

@@ -126,7 +126,7 @@ async fn writers_wait_for_the_dirty_budget_and_nothing_is_dropped() {
     let c = cache.clone();
     let third = tokio::spawn(async move { c.write(1, 2, 0, &data(2, 1024)).await });
     // The waiting writer makes the commit task upload the dirty blocks, which are stuck.
-    env.faults.wait_held(Op::Put, 2).await;
+    env.wait_held(Op::Put, 2).await;
     assert!(
         !third.is_finished(),
         "the third writer waits for the dirty budget"
@@ -164,7 +164,7 @@ async fn cached_reads_never_wait_behind_uploads_or_eviction() {
     // recently used one, and that upload is stuck.
     let c = cache.clone();
     let writer = tokio::spawn(async move { c.write(1, 3, 0, &data(3, 1000)).await });
-    env.faults.wait_held(Op::Put, 1).await;
+    env.wait_held(Op::Put, 1).await;
     for b in 0..3 {
         let got = tokio::time::timeout(Duration::from_secs(5), cache.read(1, b, 0, 1000))
             .await

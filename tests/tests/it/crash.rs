@@ -22,7 +22,7 @@ async fn abandoned_mid_upload_then_reopened_uploads_everything() {
     let cache = std::sync::Arc::new(cache);
     let c = cache.clone();
     let committing = tokio::spawn(async move { c.commit().await });
-    env.faults.wait_held(Op::Put, 2).await;
+    env.wait_held(Op::Put, 2).await;
     // Crash: no shutdown, uploads stuck in the store.
     committing.abort();
     drop(cache);

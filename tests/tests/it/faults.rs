@@ -65,7 +65,7 @@ async fn dedup_against_an_upload_that_then_fails() {
     env.faults.fail_first(Op::Put, 2);
     cache.write(1, 0, 0, &d).await.expect("write");
     cache.commit().await.expect("commit");
-    env.faults.wait_held(Op::Put, 1).await;
+    env.wait_held(Op::Put, 1).await;
     // Block (2, 0) has the same content and links to the object still in flight.
     cache.write(2, 0, 0, &d).await.expect("write");
     cache.commit().await.expect("commit links");

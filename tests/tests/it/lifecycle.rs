@@ -81,7 +81,7 @@ async fn usage_reports_dirty_age_uploads_and_removals() {
     env.faults.hold(Op::Put);
     let c = cache.clone();
     let flushing = tokio::spawn(async move { c.flush().await });
-    env.faults.wait_held(Op::Put, 1).await;
+    env.wait_held(Op::Put, 1).await;
     assert_eq!(cache.usage().await.expect("usage").uploads_in_flight, 1);
     env.faults.release(Op::Put);
     flushing.await.expect("join").expect("flush");
@@ -97,7 +97,7 @@ async fn usage_reports_dirty_age_uploads_and_removals() {
     assert_eq!(usage.oldest_dirty_age, None);
     env.faults.hold(Op::Delete);
     cache.remove(1, 0..1).await.expect("remove");
-    env.faults.wait_held(Op::Delete, 1).await;
+    env.wait_held(Op::Delete, 1).await;
     assert_eq!(cache.usage().await.expect("usage").pending_removals, 1);
     env.faults.release(Op::Delete);
     assert!(cache.wait_for_removals(Duration::from_secs(10)).await);

@@ -184,7 +184,7 @@ async fn remove_during_upload_neither_waits_nor_resurrects() {
         .await
         .expect("write");
     cache.commit().await.expect("commit");
-    env.faults.wait_held(Op::Put, 1).await;
+    env.wait_held(Op::Put, 1).await;
     // The upload is stuck at the store; removing the block does not wait for it.
     tokio::time::timeout(Duration::from_secs(10), cache.remove(INODE, 0..u64::MAX))
         .await
