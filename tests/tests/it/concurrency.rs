@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use blockcache::BlockKey;
 use blockcache_backend::faulty::Op;
-use blockcache_tests::{Env, data};
+use blockcache_tests::{Env, WAIT, data, is_injected, within};
 use rand::{RngExt, SeedableRng};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -22,8 +22,10 @@ async fn stress_many_tasks_on_overlapping_blocks_with_linked_objects() {
 }
 
 /// Twelve tasks writing, reading, truncating, syncing and flushing eight blocks of two
-/// inodes in a tight cache, checked against a model. `linked`: through a `file://` store
-/// whose objects are hard links to cache files (no injected faults then).
+/// inodes in a tight cache, checked against a model. Store faults are injected at random:
+/// through the wrapper into uploads and downloads, or, `linked` (a `file://` store whose
+/// objects are hard links to cache files, which the wrapper does not see), into the store's
+/// durability barriers. A call may fail only with an injected fault.
 async fn stress(linked: bool) {
     let env = if linked { Env::linked() } else { Env::new() };
     let mut config = env.config();
@@ -33,36 +35,46 @@ async fn stress(linked: bool) {
     config.max_dirty_bytes = 3 * 1024;
     config.commit_delay = Some(Duration::from_millis(2));
     let cache = Arc::new(env.open_with(config).await);
-    env.faults.fail_fraction(Op::Put, 0.05);
-    env.faults.fail_fraction(Op::Get, 0.05);
+    if linked {
+        env.faults.fail_fraction(Op::Barrier, 0.05);
+    } else {
+        env.faults.fail_fraction(Op::Put, 0.05);
+        env.faults.fail_fraction(Op::Get, 0.05);
+    }
+    // Fails the test on an error that is not an injected fault.
+    fn allow<T>(what: String, result: blockcache::Result<T>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) if is_injected(&e) => None,
+            Err(e) => panic!("{what} failed without an injected fault: {e:?}"),
+        }
+    }
     // The expected content of every block, updated while the block's handle is held, so its
     // order matches the order the cache applied the writes in.
     let model: Arc<Mutex<HashMap<BlockKey, Vec<u8>>>> = Arc::default();
     let mut tasks = Vec::new();
     for t in 0..12u64 {
         let (cache, model) = (cache.clone(), model.clone());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(env.seed ^ t);
         tasks.push(tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(t);
             for step in 0..120u64 {
                 let key = BlockKey::new(rng.random_range(0..2), rng.random_range(0..8));
+                let what = |op: &str| format!("{op} of {key:?} by task {t} at step {step}");
                 match rng.random_range(0..10) {
                     0..=4 => {
                         let offset = rng.random_range(0..1024u64);
                         let len = rng.random_range(1..=(1024 - offset) as usize);
                         let bytes = data(t * 1000 + step, len);
                         let mut h = cache.block(key.inode, key.blockno).await.expect("handle");
-                        match h.write(offset, &bytes).await {
-                            Ok(()) => {
-                                let mut m = model.lock().expect("model");
-                                let block = m.entry(key).or_default();
-                                let end = offset as usize + len;
-                                if block.len() < end {
-                                    block.resize(end, 0);
-                                }
-                                block[offset as usize..end].copy_from_slice(&bytes);
+                        // A miss may fail to download under injected faults; nothing changed.
+                        if allow(what("write"), h.write(offset, &bytes).await).is_some() {
+                            let mut m = model.lock().expect("model");
+                            let block = m.entry(key).or_default();
+                            let end = offset as usize + len;
+                            if block.len() < end {
+                                block.resize(end, 0);
                             }
-                            // A miss may fail to download under injected faults; nothing changed.
-                            Err(e) => assert!(e.is_transient(), "{e}"),
+                            block[offset as usize..end].copy_from_slice(&bytes);
                         }
                     }
                     5..=7 => {
@@ -70,7 +82,7 @@ async fn stress(linked: bool) {
                             .block_for_read(key.inode, key.blockno)
                             .await
                             .expect("handle");
-                        if let Ok(got) = h.read(0, 1024).await {
+                        if let Some(got) = allow(what("read"), h.read(0, 1024).await) {
                             let m = model.lock().expect("model");
                             let want = m.get(&key).cloned().unwrap_or_default();
                             assert_eq!(got, want, "task {t} step {step} {key:?}");
@@ -79,7 +91,7 @@ async fn stress(linked: bool) {
                     8 => {
                         let size = rng.random_range(0..=1024u64);
                         let mut h = cache.block(key.inode, key.blockno).await.expect("handle");
-                        if h.truncate(size).await.is_ok() {
+                        if allow(what("truncate"), h.truncate(size).await).is_some() {
                             model
                                 .lock()
                                 .expect("model")
@@ -88,28 +100,34 @@ async fn stress(linked: bool) {
                                 .resize(size as usize, 0);
                         }
                     }
-                    _ if step % 2 == 0 => {
-                        // Failures here are injected upload errors; the data stays dirty.
-                        let _ = cache.flush().await;
-                    }
+                    // Failures here are injected upload errors; the data stays dirty.
+                    _ if step % 2 == 0 => drop(allow(what("flush"), cache.flush().await)),
                     _ => cache.sync().await.expect("sync"),
                 }
             }
         }));
     }
-    for t in tasks {
-        t.await.expect("task");
+    for (t, task) in tasks.into_iter().enumerate() {
+        within(&format!("stress task {t} to finish"), WAIT * 4, task)
+            .await
+            .expect("task");
     }
     env.faults.reset();
-    cache.flush().await.expect("final flush");
+    within("final flush", WAIT, cache.flush())
+        .await
+        .expect("final flush");
     cache.clear().await.expect("clear");
     let model = model.lock().expect("model").clone();
-    for (key, want) in model {
-        let got = cache
-            .read(key.inode, key.blockno, 0, 1024)
-            .await
-            .expect("read back");
-        assert_eq!(got, want, "{key:?} after re-download");
+    for inode in 0..2 {
+        for blockno in 0..8 {
+            let key = BlockKey::new(inode, blockno);
+            let got = cache
+                .read(key.inode, key.blockno, 0, 1024)
+                .await
+                .expect("read back");
+            let want = model.get(&key).cloned().unwrap_or_default();
+            assert_eq!(got, want, "{key:?} after re-download");
+        }
     }
     cache.check_invariants().await.expect("invariants");
 }
