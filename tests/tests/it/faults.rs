@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use blockcache::Error;
 use blockcache_backend::faulty::Op;
-use blockcache_tests::{Env, data};
+use blockcache_tests::{Env, WAIT, data, is_injected, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_upload_failures_are_retried() {
@@ -89,28 +89,64 @@ async fn dedup_against_an_upload_that_then_fails() {
     cache.shutdown().await.expect("shutdown");
 }
 
+/// Random upload failures: a flush either fails with an injected fault or stores
+/// everything, and an `Ok` flush is checked at once (nothing dirty, every object in the
+/// store), then with the store refusing every upload, so that no later flush can make up
+/// for a flush that lied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_upload_failures_lose_nothing() {
     let env = Env::new();
     let cache = env.open().await;
-    env.faults.fail_fraction(Op::Put, 0.3);
-    for b in 0..40 {
-        cache.write(7, b, 0, &data(b, 1024)).await.expect("write");
-    }
-    let mut attempts = 0;
-    while cache.flush().await.is_err() {
-        attempts += 1;
-        assert!(attempts < 50, "flush never succeeded");
-    }
-    env.faults.reset();
-    cache.clear().await.expect("clear");
-    for b in 0..40 {
+    let mut want = std::collections::HashMap::new();
+    for round in 0..2u64 {
+        env.faults.reset();
+        env.faults.fail_fraction(Op::Put, 0.3);
+        // Round 0 writes 40 blocks, round 1 rewrites every other one.
+        for b in (0..40).step_by(1 + round as usize) {
+            let bytes = data(round * 100 + b, 1024);
+            cache.write(7, b, 0, &bytes).await.expect("write");
+            want.insert(b, bytes);
+        }
+        let mut failed = 0;
+        loop {
+            match within("flush", WAIT, cache.flush()).await {
+                Ok(()) => break,
+                Err(e) => assert!(is_injected(&e), "flush failed on its own: {e:?}"),
+            }
+            failed += 1;
+            assert!(failed < 50, "flush never succeeded");
+        }
+        let usage = cache.usage().await.expect("usage");
         assert_eq!(
-            cache.read(7, b, 0, 1024).await.expect("read"),
-            data(b, 1024),
+            (usage.dirty_entries, usage.uploads_in_flight),
+            (0, 0),
+            "round {round}: the flush returned Ok"
+        );
+        assert_eq!(usage.stored_bytes, usage.unique_bytes, "{usage:?}");
+        assert_eq!(usage.logical_bytes, 40 * 1024, "{usage:?}");
+    }
+    // Nothing may be left to upload: with every upload failing, dropping the cached copies
+    // (which flushes first) still succeeds, and the reads are downloads of what is stored.
+    env.faults.reset();
+    env.faults.permanent(Op::Put, true);
+    env.faults.fail_first(Op::Put, u64::MAX);
+    let puts = env.faults.calls(Op::Put);
+    cache.clear().await.expect("clear without uploads");
+    assert_eq!(
+        env.faults.calls(Op::Put),
+        puts,
+        "nothing was left to upload"
+    );
+    assert!(cache.wait_for_removals(WAIT).await);
+    assert_eq!(env.store_ids().await.len(), 40, "one object per block");
+    for (b, bytes) in &want {
+        assert_eq!(
+            &cache.read(7, *b, 0, 1024).await.expect("read")[..],
+            &bytes[..],
             "block {b}"
         );
     }
+    assert_eq!(cache.usage().await.expect("usage").downloads, 40);
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
