@@ -2,6 +2,7 @@
 //! gaps, truncation, deletion under readers, and cleanup after abandoned or crashed writes.
 
 use blockcache::{Durability, Error, Namespace};
+use blockcache_backend::faulty::Op;
 use blockcache_tests::{Env, data};
 
 const MAX: u64 = 1 << 30;
@@ -328,6 +329,10 @@ async fn hashes_gathered_while_writing_name_exactly_the_stored_bytes() {
 
 /// Writers that send completed blocks to the disk as they go (as the daemon's PUT and PATCH
 /// do for `local` and `store` durability) write exactly what plain writers write.
+/// Writers that sync each completed block behind them store the bytes given. With
+/// `Durability::Store`, `finish` returns once the store holds them: nothing is dirty right
+/// after it, a shutdown with every upload refused has nothing to upload, and a fresh cache
+/// directory over the same database and store reads them back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_that_write_behind_store_the_same_bytes() {
     let env = Env::new();
@@ -340,6 +345,7 @@ async fn writers_that_write_behind_store_the_same_bytes() {
     }
     w.finish(Durability::Local).await.expect("finish");
     assert_eq!(get(&ns, "wb").await, content);
+    assert!(ns.cache().usage().await.expect("usage").dirty_entries > 0);
     let mut w = ns.patch("wb", 5000).await.expect("patch");
     w.write_behind();
     let patch = data(31, 3000);
@@ -347,10 +353,40 @@ async fn writers_that_write_behind_store_the_same_bytes() {
     w.finish(Durability::Store).await.expect("finish");
     let mut want = content.clone();
     want[5000..8000].copy_from_slice(&patch);
-    ns.cache().clear().await.expect("clear");
-    assert_eq!(get(&ns, "wb").await, want);
     assert_eq!(ns.cache().usage().await.expect("usage").dirty_entries, 0);
+    let other = data(32, 4500);
+    let mut w = ns.create("wb2").await.expect("create");
+    w.write_behind();
+    for piece in other.chunks(1000) {
+        w.write(piece).await.expect("write");
+    }
+    w.finish(Durability::Store).await.expect("finish");
+    let usage = ns.cache().usage().await.expect("usage");
+    assert_eq!((usage.dirty_entries, usage.uploads_in_flight), (0, 0));
+    assert_eq!(usage.stored_bytes, usage.unique_bytes, "{usage:?}");
+    // 10 blocks of the first file and 5 of the second, all distinct.
+    assert_eq!(env.store_ids().await.len(), 15);
     ns.cache().check_invariants().await.expect("invariants");
+    env.faults.permanent(Op::Put, true);
+    env.faults.fail_first(Op::Put, u64::MAX);
+    let puts = env.faults.calls(Op::Put);
+    ns.shutdown()
+        .await
+        .expect("shutdown with nothing to upload");
+    assert_eq!(
+        env.faults.calls(Op::Put),
+        puts,
+        "nothing was left to upload"
+    );
+    env.faults.reset();
+    let mut config = env.config();
+    config.cache_dir = env.dir.path().join("fresh-cache");
+    let ns = Namespace::open(env.open_with(config).await, MAX)
+        .await
+        .expect("namespace");
+    assert_eq!(get(&ns, "wb").await, want);
+    assert_eq!(get(&ns, "wb2").await, other);
+    assert_eq!(ns.cache().usage().await.expect("usage").downloads, 15);
     ns.shutdown().await.expect("shutdown");
 }
 
