@@ -4,6 +4,7 @@
 //! Random choices (injected faults, random workloads) come from [`test_seed`]: set
 //! `BLOCKCACHE_TEST_SEED` to replay a failed run with the seed it printed.
 
+pub mod crash;
 pub mod daemon;
 
 use std::future::Future;
