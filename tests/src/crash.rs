@@ -10,8 +10,17 @@ use tokio::process::{Child, Command};
 
 use crate::{Env, WAIT, within};
 
-/// A running `hold-cache` child (see its source): it opened a volume, wrote and synced its
-/// blocks, and waits to be killed. Killed when dropped.
+/// What a `hold-cache` child does with the blocks it wrote before it waits to be killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// `BlockCache::sync`: durable in the cache directory.
+    Sync,
+    /// `BlockCache::flush`: in the store (a `file://` store, by its URL).
+    Flush,
+}
+
+/// A running `hold-cache` child (see its source): it opened a volume, wrote its blocks,
+/// synced or flushed them, and waits to be killed. Killed when dropped.
 pub struct Holder {
     child: Child,
 }
@@ -21,11 +30,27 @@ impl Holder {
     /// test) on `env`'s database and store with `cache_dir`, and waits (up to 30 s) until it
     /// says it synced `blocks` blocks.
     pub async fn start(exe: &str, env: &Env, cache_dir: &Path, blocks: u64) -> Self {
+        Self::start_then(exe, env, cache_dir, blocks, Then::Sync).await
+    }
+
+    /// [`Holder::start`], then `then` instead of a sync.
+    pub async fn start_then(
+        exe: &str,
+        env: &Env,
+        cache_dir: &Path,
+        blocks: u64,
+        then: Then,
+    ) -> Self {
+        let (arg, said) = match then {
+            Then::Sync => ("sync", "synced"),
+            Then::Flush => ("flush", "flushed"),
+        };
         let mut child = Command::new(exe)
             .arg(cache_dir)
             .arg(env.db_path())
             .arg(env.store_dir())
             .arg(blocks.to_string())
+            .arg(arg)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -33,13 +58,14 @@ impl Holder {
             .expect("start hold-cache");
         let stdout = child.stdout.take().expect("piped");
         let line = within(
-            "the child process to open the volume and sync",
+            "the child process to open the volume, write and sync or flush",
             WAIT,
             BufReader::new(stdout).lines().next_line(),
         )
         .await
         .expect("read the child's output");
-        if line.as_deref() != Some(&format!("synced {blocks}")) {
+        let expected = format!("{said} {blocks}");
+        if line.as_deref() != Some(expected.as_str()) {
             let mut stderr = String::new();
             if let Some(mut e) = child.stderr.take() {
                 use tokio::io::AsyncReadExt;
@@ -50,7 +76,7 @@ impl Holder {
                 )
                 .await;
             }
-            panic!("hold-cache said {line:?} instead of `synced {blocks}`: {stderr}");
+            panic!("hold-cache said {line:?} instead of `{expected}`: {stderr}");
         }
         Self { child }
     }

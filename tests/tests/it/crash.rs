@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use blockcache::BlockKey;
 use blockcache_backend::faulty::Op;
+use blockcache_tests::crash::{Holder, Then};
 use blockcache_tests::{Env, data, list_dir};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,5 +296,68 @@ async fn clean_blocks_are_kept_across_restarts_and_marked_dirty_ones_rehashed() 
         "served from the kept cache, nothing re-uploaded"
     );
     cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+/// The child process that holds a volume open until it is killed.
+const HOLD_CACHE: &str = env!("CARGO_BIN_EXE_hold-cache");
+
+/// `flush` returning `Ok` means the store and the database alone hold the data: a child
+/// process flushes 40 blocks and is killed with SIGKILL at once; then the whole cache
+/// directory is deleted, and a fresh one over the same database and store reads every byte
+/// back, each read a verified download.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_flush_the_store_alone_holds_the_data() {
+    let env = Env::new();
+    let holder = Holder::start_then(HOLD_CACHE, &env, &env.cache_dir(), 40, Then::Flush).await;
+    holder.kill().await;
+    std::fs::remove_dir_all(env.cache_dir()).expect("delete the cache directory");
+    let cache = env.open().await;
+    let recovery = cache.recovery().clone();
+    assert_eq!(
+        (
+            recovery.dirty_files + recovery.clean_files,
+            recovery.unconfirmed_objects,
+            recovery.lost_blocks.len()
+        ),
+        (0, 0, 0),
+        "every upload was recorded before the flush returned: {recovery:?}"
+    );
+    for b in 0..40 {
+        assert_eq!(
+            cache.read(4, b, 0, 512).await.expect("read"),
+            data(b, 512),
+            "block {b}"
+        );
+    }
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!((usage.downloads, usage.stored_bytes), (40, 40 * 512));
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+/// One engine per cache directory, across processes: while a child process has the cache
+/// open, opening it here fails with `InUse`; once the child is killed, it opens and finds
+/// the child's synced blocks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_directory_open_in_another_process_is_in_use() {
+    let env = Env::new();
+    let holder = Holder::start(HOLD_CACHE, &env, &env.cache_dir(), 3).await;
+    let err = env
+        .try_open(env.config())
+        .await
+        .expect_err("the child holds the cache directory");
+    assert!(matches!(err, blockcache::Error::InUse { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains(&env.cache_dir().display().to_string()),
+        "{err}"
+    );
+    holder.kill().await;
+    let cache = env.open().await;
+    assert_eq!(cache.recovery().dirty_files, 3);
+    for b in 0..3 {
+        assert_eq!(cache.read(4, b, 0, 512).await.expect("read"), data(b, 512));
+    }
     cache.shutdown().await.expect("shutdown");
 }
