@@ -235,3 +235,74 @@ async fn concurrent_commits_of_equal_content_upload_once() {
     assert_eq!((usage.unique_bytes, usage.logical_bytes), (1024, 16 * 1024));
     cache.check_invariants().await.expect("invariants");
 }
+
+/// A block rewritten while its upload is in flight: the rewrite does not wait for the
+/// upload, the upload's completion does not mark the newer content clean, and a flush
+/// uploads the newer content: the cache and the store hold it, the older object is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewrite_during_an_upload_is_uploaded_after_it() {
+    let env = Env::new();
+    let cache = env.open().await;
+    let old = data(1, 1000);
+    env.faults.hold(Op::Put);
+    cache.write(1, 0, 0, &old).await.expect("write");
+    cache.commit().await.expect("commit");
+    env.wait_held(Op::Put, 1).await;
+    // The upload of `old` is stuck at the store: rewrite the block whole, then in part.
+    let mut new = data(2, 1000);
+    within(
+        "a rewrite during the upload",
+        WAIT,
+        cache.write(1, 0, 0, &new),
+    )
+    .await
+    .expect("rewrite");
+    within(
+        "a write during the upload",
+        WAIT,
+        cache.write(1, 0, 990, b"the end"),
+    )
+    .await
+    .expect("write");
+    new[990..997].copy_from_slice(b"the end");
+    env.faults.release(Op::Put);
+    within("the first upload to be recorded", WAIT, async {
+        loop {
+            let usage = cache.usage().await.expect("usage");
+            if usage.uploads == 1 && usage.uploads_in_flight == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        cache.usage().await.expect("usage").dirty_entries,
+        1,
+        "the rewrite stays dirty after the older upload"
+    );
+    assert!(cache.read(1, 0, 0, 1024).await.expect("read") == new);
+    cache.flush().await.expect("flush");
+    assert_eq!(
+        env.faults.calls(Op::Put),
+        2,
+        "the newer content was uploaded"
+    );
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!((usage.dirty_entries, usage.uploads_in_flight), (0, 0));
+    assert_eq!(cache.read(1, 0, 0, 1024).await.expect("read"), new);
+    cache.clear().await.expect("clear");
+    assert_eq!(
+        cache
+            .read(1, 0, 0, 1024)
+            .await
+            .expect("read from the store"),
+        new
+    );
+    assert!(cache.wait_for_removals(WAIT).await);
+    let ids = env.store_ids().await;
+    assert_eq!(ids.len(), 1, "the older object was deleted");
+    assert!(std::fs::read(env.object_path(ids[0])).expect("object file") == new);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
