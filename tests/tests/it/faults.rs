@@ -267,3 +267,93 @@ async fn delete_failures_are_retried_until_the_store_is_clean() {
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
+
+/// Eviction while every upload fails: the cache is full of dirty blocks, so writers of new
+/// blocks and a shrink of the limits must wait for uploads that keep failing. Nothing dirty
+/// is dropped, the cached blocks stay readable, the accounting stays exact, and once the
+/// store recovers the waiters finish and a flush stores everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_while_uploads_keep_failing_drops_nothing() {
+    let env = Env::new();
+    let mut config = env.config();
+    // Room for four blocks; the dirty budget would allow more.
+    config.max_entries = 4;
+    config.max_bytes = 4 * 1024;
+    config.max_dirty_bytes = 16 * 1024;
+    let cache = std::sync::Arc::new(env.open_with(config.clone()).await);
+    env.faults.fail_first(Op::Put, u64::MAX);
+    for b in 0..4 {
+        cache.write(1, b, 0, &data(b, 1024)).await.expect("write");
+    }
+    // New blocks need room, which only an upload can make.
+    let writers: Vec<_> = (4..7)
+        .map(|b| {
+            let c = cache.clone();
+            tokio::spawn(async move { c.write(1, b, 0, &data(b, 1024)).await })
+        })
+        .collect();
+    let shrink = {
+        let c = cache.clone();
+        let mut limits = config.limits();
+        limits.max_entries = 2;
+        tokio::spawn(async move { c.set_limits(limits).await })
+    };
+    within("eviction to keep trying to upload", WAIT, async {
+        while env.faults.injected(Op::Put) < 12
+            && !writers.iter().any(|w| w.is_finished())
+            && !shrink.is_finished()
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    for w in &writers {
+        assert!(
+            !w.is_finished(),
+            "a writer got room while nothing could be uploaded"
+        );
+    }
+    assert!(
+        !shrink.is_finished(),
+        "the limits shrank while nothing could be uploaded"
+    );
+    let usage = cache.usage().await.expect("usage");
+    assert_eq!(
+        (usage.entries, usage.dirty_entries, usage.dirty_bytes),
+        (4, 4, 4 * 1024),
+        "{usage:?}"
+    );
+    for b in 0..4 {
+        let got = within("a cached read", WAIT, cache.read(1, b, 0, 1024))
+            .await
+            .expect("read");
+        assert!(got == data(b, 1024), "block {b}");
+    }
+    cache.check_invariants().await.expect("invariants");
+    env.faults.reset();
+    for (w, b) in writers.into_iter().zip(4..) {
+        within(&format!("the writer of block {b}"), WAIT, w)
+            .await
+            .expect("join")
+            .expect("write");
+    }
+    within("the limits to shrink", WAIT, shrink)
+        .await
+        .expect("join")
+        .expect("set_limits");
+    let usage = cache.usage().await.expect("usage");
+    assert!(usage.entries <= 2, "{usage:?}");
+    cache.flush().await.expect("flush");
+    cache.check_invariants().await.expect("invariants");
+    cache.clear().await.expect("clear");
+    for b in 0..7 {
+        let got = cache.read(1, b, 0, 1024).await.expect("read");
+        assert!(got == data(b, 1024), "block {b} from the store");
+    }
+    assert_eq!(env.store_ids().await.len(), 7);
+    std::sync::Arc::into_inner(cache)
+        .expect("sole owner")
+        .shutdown()
+        .await
+        .expect("shutdown");
+}
