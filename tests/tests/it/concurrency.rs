@@ -193,7 +193,10 @@ async fn cached_reads_never_wait_behind_uploads_or_eviction() {
     }
     assert!(!writer.is_finished());
     env.faults.release(Op::Put);
-    writer.await.expect("join").expect("write");
+    within("the writer once uploads go on", WAIT, writer)
+        .await
+        .expect("join")
+        .expect("write");
     cache.check_invariants().await.expect("invariants");
 }
 
@@ -210,7 +213,8 @@ async fn concurrent_misses_share_one_download() {
         readers.push(tokio::spawn(async move { c.read(1, 0, 0, 1024).await }));
     }
     for r in readers {
-        assert_eq!(r.await.expect("join").expect("read"), data(7, 1024));
+        let got = within("a reader of the shared download", WAIT, r).await;
+        assert_eq!(got.expect("join").expect("read"), data(7, 1024));
     }
     assert_eq!(env.faults.calls(Op::Get), 1);
 }
@@ -228,7 +232,7 @@ async fn concurrent_commits_of_equal_content_upload_once() {
         }));
     }
     for t in tasks {
-        t.await.expect("join");
+        within("a writer and flusher", WAIT, t).await.expect("join");
     }
     assert_eq!(env.faults.calls(Op::Put), 1);
     let usage = cache.usage().await.expect("usage");

@@ -1,14 +1,15 @@
 //! Crash safety: an engine abandoned mid-upload, a real process killed with SIGKILL
 //! mid-write, lost unsynced data, unconfirmed objects and pending deletions across restarts.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use blockcache::BlockKey;
 use blockcache_backend::faulty::Op;
 use blockcache_tests::crash::{Holder, Then};
-use blockcache_tests::{Env, data, list_dir};
+use blockcache_tests::{Env, WAIT, data, list_dir, within};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_mid_upload_then_reopened_uploads_everything() {
@@ -60,13 +61,16 @@ async fn sigkill_during_writes_and_uploads_loses_nothing_synced() {
             .arg(env.dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
+            .kill_on_drop(true)
             .spawn()
             .expect("start crash-writer");
-        let stdout = child.stdout.take().expect("piped");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
         let mut last = None;
         let target = 40 + round * 25;
-        for line in BufReader::new(stdout).lines() {
-            let line = line.expect("read child output");
+        while let Some(line) = within("a line from crash-writer", WAIT, lines.next_line())
+            .await
+            .expect("read child output")
+        {
             let i: u64 = line
                 .strip_prefix("synced ")
                 .and_then(|n| n.parse().ok())
@@ -77,8 +81,7 @@ async fn sigkill_during_writes_and_uploads_loses_nothing_synced() {
             }
         }
         // SIGKILL: no destructor, no shutdown, uploads in flight.
-        child.kill().expect("kill");
-        child.wait().expect("reap");
+        child.kill().await.expect("kill");
         let last = last.expect("the child synced something");
         synced_last = Some(last);
         let cache = env

@@ -7,7 +7,7 @@ use std::time::Duration;
 use blockcache::Limits;
 use blockcache_backend::faulty::Op;
 use blockcache_tests::crash::{Holder, LoopFs};
-use blockcache_tests::{Env, data, list_dir};
+use blockcache_tests::{Env, WAIT, data, list_dir, within};
 
 /// The child process that holds a volume open until it is killed.
 const HOLD_CACHE: &str = env!("CARGO_BIN_EXE_hold-cache");
@@ -88,7 +88,10 @@ async fn usage_reports_dirty_age_uploads_and_removals() {
     env.wait_held(Op::Put, 1).await;
     assert_eq!(cache.usage().await.expect("usage").uploads_in_flight, 1);
     env.faults.release(Op::Put);
-    flushing.await.expect("join").expect("flush");
+    within("the flush once the upload is released", WAIT, flushing)
+        .await
+        .expect("join")
+        .expect("flush");
     let usage = cache.usage().await.expect("usage");
     assert_eq!(
         (

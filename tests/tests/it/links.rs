@@ -10,7 +10,7 @@ use blockcache::{BlockCache, Config};
 use blockcache_backend::Backend;
 use blockcache_backend::faulty::Op;
 use blockcache_db::Db;
-use blockcache_tests::{Env, data};
+use blockcache_tests::{Env, WAIT, data, within};
 
 /// Block 0 of `inode`, whole (1 KiB blocks).
 async fn block_of(cache: &BlockCache, inode: u64) -> bytes::Bytes {
@@ -215,10 +215,14 @@ async fn writers_racing_commits_never_change_a_stored_object() {
     };
     let mut models = Vec::new();
     for t in tasks {
-        models.push(t.await.expect("writer"));
+        models.push(within("a writer", WAIT * 4, t).await.expect("writer"));
     }
-    flusher.await.expect("flusher");
-    syncer.await.expect("syncer");
+    within("the flusher", WAIT * 4, flusher)
+        .await
+        .expect("flusher");
+    within("the syncer", WAIT * 4, syncer)
+        .await
+        .expect("syncer");
     cache.flush().await.expect("flush");
     cache.clear().await.expect("clear");
     // Every read is a download, verified against the hash the object was recorded with.

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use blockcache::Limits;
 use blockcache_backend::faulty::Op;
-use blockcache_tests::{Env, data};
+use blockcache_tests::{Env, WAIT, data, within};
 
 const INODE: u64 = 42;
 
@@ -270,7 +270,10 @@ async fn parallel_evictions_do_not_over_evict() {
         let e1 = tokio::spawn(async move { a.evict().await });
         let e2 = tokio::spawn(async move { b.evict().await });
         for t in [set, e1, e2] {
-            t.await.expect("join").expect("evict");
+            within("an eviction behind a released entry", WAIT, t)
+                .await
+                .expect("join")
+                .expect("evict");
         }
     }
     drop(handle);
