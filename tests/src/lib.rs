@@ -122,7 +122,7 @@ impl Env {
         c.max_entries = 768;
         c.max_dirty_bytes = 100 * 1024;
         c.upload_tasks = 2;
-        c.commit_delay = None;
+        c.upload_delay = None;
         c.shutdown_grace = Duration::from_secs(10);
         c
     }

@@ -239,7 +239,7 @@ async fn open(dir: &Path, block_size: u64, max_bytes: u64) -> Result<BlockCache,
     // take longer than the commit delay, and the timed phase would then commit only the
     // rest while counting every block).
     config.max_dirty_bytes = config.max_bytes;
-    config.commit_delay = None;
+    config.upload_delay = None;
     let db = Db::open(dir.join("meta.db").to_str().ok_or("path not UTF-8")?).await?;
     std::fs::create_dir_all(dir.join("store"))?;
     let backend = Backend::from_url(&format!(

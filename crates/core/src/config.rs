@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use crate::{Error, Result};
 
-/// Settings of a cache.
+/// Settings of a cache. Each field is a setting of the daemon under the same name, with
+/// the unit in the field's name where the flag has none: `max_bytes` is `--max-cache-size`,
+/// `max_dirty_bytes` is `--max-dirty`.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Directory of the cache files.
@@ -20,9 +22,9 @@ pub struct Config {
     pub max_dirty_bytes: u64,
     /// Concurrent uploads.
     pub upload_tasks: usize,
-    /// Blocks are committed in the background once unmodified for this long; `None` leaves
-    /// uploads to `commit`, `flush`, eviction and dirty-budget pressure.
-    pub commit_delay: Option<Duration>,
+    /// Blocks are committed and uploaded in the background once unmodified for this long;
+    /// `None` leaves uploads to `commit`, `flush`, eviction and dirty-budget pressure.
+    pub upload_delay: Option<Duration>,
     /// How long shutdown waits for background tasks after flushing.
     pub shutdown_grace: Duration,
 }
@@ -38,7 +40,7 @@ impl Config {
             max_entries: 65_536,
             max_dirty_bytes: 256 << 20,
             upload_tasks: 8,
-            commit_delay: Some(Duration::from_secs(10)),
+            upload_delay: Some(Duration::from_secs(10)),
             shutdown_grace: Duration::from_secs(30),
         }
     }

@@ -164,7 +164,7 @@ async fn confirm_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<UploadOutcome
 /// Unlike S3QL's CommitTask it looks at every dirty block rather than stopping at the first
 /// recent one in LRU order, so a dirty block that keeps being read is still uploaded.
 async fn commit_task(inner: Arc<Inner>, intake: CancellationToken) {
-    let delay = inner.config().commit_delay;
+    let delay = inner.config().upload_delay;
     let tick = delay
         .map(|d| (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)))
         .unwrap_or(Duration::from_secs(1));

@@ -214,7 +214,7 @@ pub struct Settings {
     pub upload_tasks: usize,
     /// Age at which a dirty block is uploaded in the background; "off" disables
     #[arg(long, env = "BLOCKCACHE_UPLOAD_DELAY", value_name = "DURATION",
-          default_value_t = Delay(ENGINE.commit_delay))]
+          default_value_t = Delay(ENGINE.upload_delay))]
     pub upload_delay: Delay,
     /// Durability of writes when a request does not say: none, local or store
     #[arg(long, env = "BLOCKCACHE_DURABILITY", value_name = "none|local|store",
@@ -254,7 +254,7 @@ impl Settings {
             max_entries: self.max_entries,
             max_dirty_bytes: self.max_dirty.0,
             upload_tasks: self.upload_tasks,
-            commit_delay: self.upload_delay.0,
+            upload_delay: self.upload_delay.0,
             ..Config::new(cache_dir)
         }
     }
@@ -542,7 +542,7 @@ mod tests {
                 ours.max_entries,
                 ours.max_dirty_bytes,
                 ours.upload_tasks,
-                ours.commit_delay
+                ours.upload_delay
             ),
             (
                 engine.block_size,
@@ -550,7 +550,7 @@ mod tests {
                 engine.max_entries,
                 engine.max_dirty_bytes,
                 engine.upload_tasks,
-                engine.commit_delay
+                engine.upload_delay
             )
         );
     }

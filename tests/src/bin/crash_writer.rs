@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.max_bytes = 100 * 1024;
     config.max_dirty_bytes = 50 * 1024;
     config.upload_tasks = 2;
-    config.commit_delay = Some(Duration::from_millis(5));
+    config.upload_delay = Some(Duration::from_millis(5));
     let db = Db::open(dir.join("meta.db").to_str().ok_or("utf-8 path")?).await?;
     let backend = Backend::from_url(&format!("file://{}", dir.join("store").display()))?;
     let cache = BlockCache::open(config, db, backend).await?;

@@ -26,7 +26,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.block_size = 1024;
     config.max_bytes = 1 << 20;
     config.max_dirty_bytes = 1 << 20;
-    config.commit_delay = None;
+    config.upload_delay = None;
     let db = Db::open(&db).await?;
     let backend = Backend::from_url(&format!("file://{}", store.display()))?;
     let cache = BlockCache::open(config, db, backend).await?;

@@ -5,8 +5,8 @@
 //! dirty bytes, the metadata consistent; a flush still stores everything, and the store alone
 //! gives back what the cache held.
 //!
-//! The RNG is seeded from `BLOCKCACHE_TEST_SEED` if set, else from the clock; the seed is
-//! printed so a failure can be replayed.
+//! The RNG is seeded from `BLOCKCACHE_TEST_SEED` if set, else at random; the seed is printed
+//! so a failure can be replayed.
 
 use std::future::Future;
 use std::task::Poll;
@@ -33,16 +33,7 @@ impl Rng {
 }
 
 fn seed() -> u64 {
-    let seed = std::env::var("BLOCKCACHE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("cancel: BLOCKCACHE_TEST_SEED={seed}");
-    seed | 1
+    blockcache_tests::test_seed() | 1
 }
 
 /// How a call is cut short.

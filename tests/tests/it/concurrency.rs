@@ -33,7 +33,7 @@ async fn stress(linked: bool) {
     config.max_entries = 6;
     config.max_bytes = 6 * 1024;
     config.max_dirty_bytes = 3 * 1024;
-    config.commit_delay = Some(Duration::from_millis(2));
+    config.upload_delay = Some(Duration::from_millis(2));
     let cache = Arc::new(env.open_with(config).await);
     if linked {
         env.faults.fail_fraction(Op::Barrier, 0.05);

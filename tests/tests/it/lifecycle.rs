@@ -16,7 +16,7 @@ const HOLD_CACHE: &str = env!("CARGO_BIN_EXE_hold-cache");
 async fn background_commit_uploads_a_block_that_keeps_being_read() {
     let env = Env::new();
     let mut config = env.config();
-    config.commit_delay = Some(Duration::from_millis(200));
+    config.upload_delay = Some(Duration::from_millis(200));
     let cache = env.open_with(config).await;
     cache.write(1, 0, 0, &data(1, 500)).await.expect("write A");
     // Block A keeps being read and block B keeps being written: S3QL's commit task stopped at
