@@ -221,11 +221,13 @@ impl BlockCache {
         self.inner.check_invariants(false).await
     }
 
-    /// [`BlockCache::check_invariants`], and also that nothing is held: no block locked, no
+    /// Waits until the work that dropped calls left running is done, then checks
+    /// [`BlockCache::check_invariants`] and also that nothing is held: no block locked, no
     /// writer waiting, and the dirty budget holding exactly the dirty bytes. Only true while
     /// no call runs; for tests of cancellation.
     #[doc(hidden)]
     pub async fn check_quiescent(&self) -> std::result::Result<(), String> {
+        self.inner.settled().await;
         self.inner.check_invariants(true).await
     }
 }

@@ -138,30 +138,13 @@ async fn run(env: Env, seed: u64, calls: usize) {
         .unwrap_or_else(|e| panic!("seed {seed}: final flush: {e}"));
     // Calls cut short may have left work that finishes on its own (a commit, hashing ahead);
     // once it has, nothing may be held.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match cache.check_quiescent().await {
-            Ok(()) => break,
-            Err(e) if tokio::time::Instant::now() > deadline => {
-                panic!("seed {seed}: still held after cancellations: {e}")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
+    quiescent(&cache)
+        .await
+        .unwrap_or_else(|e| panic!("seed {seed}: still held after cancellations: {e}"));
     let usage = cache.usage().await.expect("usage");
     assert_eq!(usage.dirty_entries, 0, "seed {seed}: dirty after a flush");
     // The store alone gives back what the cache holds.
-    let mut before = Vec::new();
-    for inode in 1..=INODES {
-        for blockno in 0..BLOCKS {
-            before.push(
-                cache
-                    .read(inode, blockno, 0, BS as usize)
-                    .await
-                    .expect("read"),
-            );
-        }
-    }
+    let before = read_all(&cache).await;
     cache.clear().await.expect("clear");
     cache
         .set_limits(Limits {
@@ -171,23 +154,12 @@ async fn run(env: Env, seed: u64, calls: usize) {
         })
         .await
         .expect("limits");
-    let mut after = Vec::new();
-    for inode in 1..=INODES {
-        for blockno in 0..BLOCKS {
-            after.push(
-                cache
-                    .read(inode, blockno, 0, BS as usize)
-                    .await
-                    .expect("read"),
-            );
-        }
-    }
+    let after = read_all(&cache).await;
     assert!(
         before == after,
         "seed {seed}: the store does not hold what the cache held"
     );
-    cache
-        .check_quiescent()
+    quiescent(&cache)
         .await
         .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     cache.shutdown().await.expect("shutdown");
@@ -230,15 +202,28 @@ async fn drop_when_held<F: Future>(env: &Env, op: Op, fut: F) {
     .expect("the call reached the store");
 }
 
+/// [`BlockCache::check_quiescent`], which first waits for the work dropped calls left
+/// running; a wait that does not end is a failure too.
 async fn quiescent(cache: &BlockCache) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match cache.check_quiescent().await {
-            Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Ok(()) => return Ok(()),
+    tokio::time::timeout(blockcache_tests::WAIT, cache.check_quiescent())
+        .await
+        .map_err(|_| "the work of dropped calls did not end".to_owned())?
+}
+
+/// Every block the random calls may touch, whole.
+async fn read_all(cache: &BlockCache) -> Vec<bytes::Bytes> {
+    let mut all = Vec::new();
+    for inode in 1..=INODES {
+        for blockno in 0..BLOCKS {
+            all.push(
+                cache
+                    .read(inode, blockno, 0, BS as usize)
+                    .await
+                    .expect("read"),
+            );
         }
     }
+    all
 }
 
 /// A writer waiting for the block lock holds one block of the dirty budget; dropped there,

@@ -73,11 +73,7 @@ impl Inner {
         mode: LockMode,
     ) -> Result<Vec<Pending>> {
         let inner = Arc::clone(self);
-        detached(
-            &self.tracker,
-            async move { inner.run_commit(keys, mode).await },
-        )
-        .await
+        detached(self, async move { inner.run_commit(keys, mode).await }).await
     }
 
     async fn run_commit(
@@ -348,7 +344,9 @@ impl Inner {
             // Clean at once, but not before the commit is durable: after a power loss the
             // block's file, renamed clean, would otherwise not match its (older) mapping.
             let inner = Arc::clone(self);
+            let busy = self.busy();
             self.tracker.spawn(async move {
+                let _busy = busy;
                 let synced = inner.db.sync_through(ticket).await.map_err(Error::from);
                 for w in clean {
                     debug_assert!(synced.is_err() || inner.db.is_durable(w.ticket));

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 
 use blockcache_backend::Backend;
 use blockcache_db::Db;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -121,6 +121,8 @@ pub(crate) struct Inner {
     confirm_tx: mpsc::Sender<UploadOutcome>,
     removal_tx: mpsc::Sender<u64>,
     unmarks: Unmarks,
+    /// How many pieces of [`Busy`] work run.
+    busy: watch::Sender<usize>,
     uploads_in_flight: AtomicU64,
     pending_removals: AtomicU64,
     counters: Counters,
@@ -166,6 +168,7 @@ impl Inner {
             confirm_tx,
             removal_tx,
             unmarks: Unmarks::default(),
+            busy: watch::Sender::new(0),
             uploads_in_flight: AtomicU64::new(0),
             pending_removals: AtomicU64::new(0),
             counters: Counters::default(),
@@ -180,6 +183,21 @@ impl Inner {
             removals,
         };
         Ok((inner, queues))
+    }
+
+    /// Counts one piece of work that may outlive its caller, until the guard is dropped.
+    fn busy(&self) -> Busy {
+        self.busy.send_modify(|n| *n += 1);
+        Busy(self.busy.clone())
+    }
+
+    /// Waits until no detached work runs and the unmark task has done what was queued: then
+    /// nothing of a call that was dropped is still changing the state.
+    pub(crate) async fn settled(&self) {
+        let mut busy = self.busy.subscribe();
+        // The sender lives in `self`, so the wait cannot fail.
+        let _ = busy.wait_for(|n| *n == 0).await;
+        self.wait_unmarked().await;
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -380,13 +398,38 @@ fn per_core<T>(mut items: Vec<T>) -> Vec<Vec<T>> {
 
 /// Runs `work` as a task of the engine and waits for it: if the caller's future is dropped,
 /// the work still finishes, so a cancelled call leaves the state as a finished one would.
+///
+/// It counts as [`Busy`] work until it ends.
 async fn detached<T: Send + 'static>(
-    tracker: &TaskTracker,
+    inner: &Inner,
     work: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    match tracker.spawn(work).await {
+    let busy = inner.busy();
+    joined(inner.tracker.spawn(async move {
+        let _busy = busy;
+        work.await
+    }))
+    .await
+}
+
+/// The result of a task that returns a `Result`: a panic goes on unwinding in the caller, a
+/// task that never ran (the runtime is shutting down) is [`Error::ShuttingDown`].
+pub(crate) async fn joined<T>(task: tokio::task::JoinHandle<Result<T>>) -> Result<T> {
+    match task.await {
         Ok(result) => result,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(_) => Err(Error::ShuttingDown),
+    }
+}
+
+/// Work of the engine that runs on after its caller may have gone (detached commits and
+/// removals, hashing ahead, settling blocks that were clean at once): counted while it runs,
+/// so that a test can wait until it is done ([`Inner::settled`]).
+#[derive(Debug)]
+struct Busy(watch::Sender<usize>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
     }
 }

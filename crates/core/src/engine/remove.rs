@@ -19,10 +19,7 @@ impl Inner {
     ) -> Result<()> {
         BlockKey::new(inode, 0).check()?;
         let inner = Arc::clone(self);
-        detached(&self.tracker, async move {
-            inner.run_remove(inode, range).await
-        })
-        .await
+        detached(self, async move { inner.run_remove(inode, range).await }).await
     }
 
     async fn run_remove(self: &Arc<Self>, inode: u64, range: Range<u64>) -> Result<()> {

@@ -95,7 +95,9 @@ impl Inner {
             .into_iter()
             .map(|chunk| {
                 let (inner, stop) = (Arc::clone(self), stop.clone());
+                let busy = self.busy();
                 tokio::task::spawn_blocking(move || {
+                    let _busy = busy;
                     for key in chunk {
                         if stop.load(Ordering::Relaxed) || inner.cancel.is_cancelled() {
                             return;

@@ -229,11 +229,7 @@ impl FileWriter {
         let Some(named) = named else {
             return Err(Error::ShuttingDown);
         };
-        match named.await {
-            Ok(result) => result,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(_) => Err(Error::ShuttingDown),
-        }
+        crate::engine::joined(named).await
     }
 }
 
