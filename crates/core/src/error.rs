@@ -136,6 +136,17 @@ pub enum Error {
         /// Block number.
         blockno: u64,
     },
+    /// A change of a file was committed, but copying it into the file's blocks failed; it is
+    /// retried in the background (and at the next open), and reads of the file fail until
+    /// it is done rather than show a mix of the old and the new.
+    #[error("a committed change of inode {inode} is not applied yet (retrying)")]
+    Unapplied {
+        /// The file's inode.
+        inode: u64,
+        /// Why applying it failed.
+        #[source]
+        source: Arc<Error>,
+    },
     /// The store failed at something that concerns no single block (a durability barrier,
     /// a deletion).
     #[error("could not {action} in the store: {source}")]
@@ -200,6 +211,7 @@ impl Error {
                 | UploadFailure::Unreadable { .. } => false,
             },
             Self::Download { source, .. } | Self::Store { source, .. } => source.is_transient(),
+            Self::Unapplied { .. } => true,
             _ => false,
         }
     }
@@ -240,3 +252,24 @@ impl From<blockcache_db::Error> for Error {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Shows an error with its causes, `: `-separated, for log lines (a cause whose text its
+/// parent already tells is not told twice).
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parent = self.0.to_string();
+        f.write_str(&parent)?;
+        let mut next = self.0.source();
+        while let Some(cause) = next {
+            let text = cause.to_string();
+            if !parent.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            parent = text;
+            next = cause.source();
+        }
+        Ok(())
+    }
+}

@@ -34,6 +34,20 @@ fn file_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
     })
 }
 
+/// A patch or truncation committed but perhaps not yet merged into its file's inode (see
+/// [`Db::commit_merge`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeRow {
+    /// The staging inode holding the changed blocks.
+    pub staging: u64,
+    /// The file's inode, which receives them.
+    pub target: u64,
+    /// The first block of `target` that is removed unless `staging` has it.
+    pub cut_block: u64,
+    /// The file's version that the change made.
+    pub version: u64,
+}
+
 /// The columns of `files` that [`file_from_row`] reads (a macro for `concat!`, as in
 /// `object_columns!`).
 macro_rules! file_columns {
@@ -186,6 +200,105 @@ impl Db {
         row.as_ref().map(file_from_row).transpose()
     }
 
+    /// The commit point of a patch or truncation of `name`: sets its size and mtime and bumps
+    /// its version if it still uses inode `target`, and records that the blocks staged in
+    /// `staging` are to be merged into `target` (its blocks from `cut_block` on removed
+    /// first), in one transaction. Returns the new row, or `None` (and changes nothing) if
+    /// the name is gone or uses another inode. `staging` must be a staging inode.
+    pub async fn commit_merge(
+        &self,
+        name: &str,
+        target: u64,
+        staging: u64,
+        size: u64,
+        mtime_ns: i64,
+        cut_block: u64,
+    ) -> Result<Option<FileRow>> {
+        let mut w = self.write().await?;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let row = sqlx::query(concat!(
+            "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1 \
+             WHERE name = ? AND inode = ? RETURNING ",
+            file_columns!()
+        ))
+        .bind(to_i64(size)?)
+        .bind(mtime_ns)
+        .bind(name)
+        .bind(to_i64(target)?)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(ctx("update a file"))?;
+        let Some(row) = row.as_ref().map(file_from_row).transpose()? else {
+            return Ok(None);
+        };
+        let staged = sqlx::query(
+            "INSERT INTO merges (staging, target, cut_block, version) \
+             SELECT inode, ?, ?, ? FROM inodes WHERE inode = ? AND state = 'staging'",
+        )
+        .bind(to_i64(target)?)
+        .bind(to_i64(cut_block)?)
+        .bind(to_i64(row.version)?)
+        .bind(to_i64(staging)?)
+        .execute(&mut *tx)
+        .await
+        .map_err(ctx("record a merge"))?;
+        if staged.rows_affected() != 1 {
+            return Err(Error::Invalid(format!(
+                "inode {staging} is not being staged"
+            )));
+        }
+        tx.commit().await.map_err(ctx("commit a file change"))?;
+        Ok(Some(row))
+    }
+
+    /// Merges committed by [`Db::commit_merge`] and not yet finished, oldest first.
+    pub async fn pending_merges(&self) -> Result<Vec<MergeRow>> {
+        let rows =
+            sqlx::query("SELECT staging, target, cut_block, version FROM merges ORDER BY staging")
+                .fetch_all(&self.readers)
+                .await
+                .map_err(ctx("list pending merges"))?;
+        rows.iter()
+            .map(|r| {
+                let get = |c: &'static str| -> Result<u64> {
+                    to_u64(r.try_get(c).map_err(ctx("decode a merge row"))?, c)
+                };
+                Ok(MergeRow {
+                    staging: get("staging")?,
+                    target: get("target")?,
+                    cut_block: get("cut_block")?,
+                    version: get("version")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records that the merge of `staging` is done: the staging inode is then an abandoned
+    /// one whose blocks are removed.
+    pub async fn finish_merge(&self, staging: u64) -> Result<()> {
+        let mut w = self.write().await?;
+        sqlx::query("DELETE FROM merges WHERE staging = ?")
+            .bind(to_i64(staging)?)
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("finish a merge"))?;
+        Ok(())
+    }
+
+    /// The file whose content is the blocks of `inode`, if any.
+    pub async fn file_of_inode(&self, inode: u64) -> Result<Option<FileRow>> {
+        let row = sqlx::query(concat!(
+            "SELECT ",
+            file_columns!(),
+            " FROM files WHERE inode = ?"
+        ))
+        .bind(to_i64(inode)?)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(ctx("look up a file by inode"))?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
     /// Deletes file `name` and retires its inode, in one transaction. Returns the row.
     pub async fn delete_file(&self, name: &str) -> Result<Option<FileRow>> {
         let mut w = self.write().await?;
@@ -255,11 +368,12 @@ impl Db {
         Ok(out)
     }
 
-    /// Inodes whose blocks have to be removed: retired ones, and staging ones (only
-    /// meaningful at open, when no replacement is in progress).
+    /// Inodes whose blocks have to be removed: retired ones, and staging ones that no merge
+    /// waits for (only meaningful at open, when no change is in progress).
     pub async fn inodes_to_clean(&self) -> Result<Vec<u64>> {
         let ids: Vec<i64> = sqlx::query_scalar(
-            "SELECT inode FROM inodes WHERE state IN ('staging', 'retired') ORDER BY inode",
+            "SELECT inode FROM inodes WHERE state IN ('staging', 'retired') \
+             AND inode NOT IN (SELECT staging FROM merges) ORDER BY inode",
         )
         .fetch_all(&self.readers)
         .await

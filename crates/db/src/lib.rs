@@ -645,7 +645,7 @@ impl Db {
 
 mod batch;
 mod files;
-pub use files::FileRow;
+pub use files::{FileRow, MergeRow};
 
 #[cfg(test)]
 mod tests;

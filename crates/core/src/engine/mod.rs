@@ -271,6 +271,21 @@ impl Inner {
         self.lock_state().inode_blocks(inode)
     }
 
+    /// The blocks of `inode` that hold content: cached, or mapped to an object. Blocks
+    /// written or removed meanwhile may be missed; the caller keeps the inode still.
+    pub(crate) async fn blocks_of(&self, inode: u64) -> Result<Vec<u64>> {
+        let mut blocks: Vec<u64> = self
+            .lock_state()
+            .keys_in(inode, 0..u64::MAX)
+            .into_iter()
+            .map(|k| k.blockno)
+            .collect();
+        blocks.extend(self.db.mapped_blocks(inode, 0..u64::MAX).await?);
+        blocks.sort_unstable();
+        blocks.dedup();
+        Ok(blocks)
+    }
+
     /// Changes the limits (the caller evicts down to them).
     pub(crate) fn set_limits(&self, limits: Limits) -> Result<()> {
         limits.validate(self.config.block_size)?;

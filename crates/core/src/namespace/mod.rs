@@ -184,6 +184,7 @@ impl Namespace {
     /// retired or left staging. Files may grow to `max_file_size` bytes.
     pub async fn open(cache: BlockCache, max_file_size: u64) -> Result<Self> {
         let shared = Arc::new(Shared::new(cache.engine().clone(), max_file_size));
+        shared.finish_merges().await?;
         let leftover = shared.db.inodes_to_clean().await?;
         if !leftover.is_empty() {
             tracing::info!(
@@ -247,15 +248,22 @@ impl Namespace {
             self.shared.clone(),
             name.to_owned(),
             inode,
-            Mode::Replace { finished: false },
+            Mode::Replace,
             0,
         ))
     }
 
     /// Starts writing into `name` at `offset` (the file grows as needed; a gap past its end
-    /// reads as zeros). Holds the name's lock until the writer finishes or is dropped.
+    /// reads as zeros). Nothing changes until [`FileWriter::finish`] commits the patch as a
+    /// whole: the blocks it touches are written into a staging inode (a partly written block
+    /// first gets the file's bytes around the patch) and merged into the file after one
+    /// metadata transaction, so an error, a dropped writer or a crash leaves the old content
+    /// or the new, never a mix. Holds the name's lock until the writer finishes or is dropped.
     pub async fn patch(&self, name: &str, offset: u64) -> Result<FileWriter> {
         validate_name(name)?;
+        if self.shared.inner.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
         let guard = self.shared.names.lock(name.to_owned()).await;
         let meta = self.stat(name).await?;
         if offset > self.shared.max_file_size {
@@ -265,22 +273,27 @@ impl Namespace {
                 max: self.shared.max_file_size,
             });
         }
-        if offset > meta.size {
-            self.shared.trim_tail(meta.inode, meta.size).await?;
-        }
-        Ok(FileWriter::new(
+        let staging = self.shared.take_inode().await?;
+        // From here, dropping the writer removes the staging inode.
+        let mut writer = FileWriter::new(
             self.shared.clone(),
             name.to_owned(),
-            meta.inode,
+            staging,
             Mode::Patch {
-                _guard: guard,
+                name_lock: guard,
+                target: meta.inode,
                 old_size: meta.size,
+                prefilled: None,
             },
             offset,
-        ))
+        );
+        writer.prefill().await?;
+        Ok(writer)
     }
 
     /// Sets the size of `name`: shrinking drops the bytes past `size`, growing adds zeros.
+    /// All or nothing, like a patch: the block cut at the new end is staged, and the change
+    /// is committed in one metadata transaction before the file's blocks change.
     pub async fn truncate(
         &self,
         name: &str,
@@ -288,7 +301,10 @@ impl Namespace {
         durability: Durability,
     ) -> Result<FileMeta> {
         validate_name(name)?;
-        let _guard = self.shared.names.lock(name.to_owned()).await;
+        if self.shared.inner.is_stopping() {
+            return Err(Error::ShuttingDown);
+        }
+        let guard = self.shared.names.lock(name.to_owned()).await;
         let meta = self.stat(name).await?;
         if size > self.shared.max_file_size {
             return Err(Error::FileTooLarge {
@@ -297,18 +313,30 @@ impl Namespace {
                 max: self.shared.max_file_size,
             });
         }
+        let staging = self.shared.take_inode().await?;
+        let staged = shared::Staged::new(self.shared.clone(), staging);
+        // The file keeps its bytes up to `keep`; the block holding `keep` is staged cut
+        // there, and the file's blocks after it go (growing shows zeros past the old end).
+        let bs = self.shared.block_size();
+        let keep = meta.size.min(size);
+        if keep % bs != 0 {
+            self.shared
+                .copy_range(meta.inode, staging, keep / bs, 0..keep % bs)
+                .await?;
+        }
+        self.shared.make_durable(staging, durability).await?;
+        staged.disarm();
         self.shared
-            .trim_tail(meta.inode, meta.size.min(size))
-            .await?;
-        self.shared.make_durable(meta.inode, durability).await?;
-        self.shared
-            .db
-            .update_file(name, meta.inode, size, now_ns())
-            .await?
-            .map(FileMeta::from_row)
-            .ok_or_else(|| Error::NotFound {
-                name: name.to_owned(),
-            })
+            .commit_change(
+                guard,
+                name.to_owned(),
+                meta.inode,
+                staging,
+                size,
+                keep.div_ceil(bs),
+                durability,
+            )
+            .await
     }
 
     /// Deletes `name`; its blocks are removed once no reader holds them.

@@ -8,10 +8,10 @@ use blockcache_db::Db;
 use bytes::{Bytes, BytesMut};
 use tokio_util::task::TaskTracker;
 
-use super::Durability;
+use super::{Durability, FileMeta, now_ns};
 use crate::engine::{Access, Inner};
-use crate::keylock::KeyedLocks;
-use crate::{BlockKey, Result};
+use crate::keylock::{KeyGuard, KeyedLocks};
+use crate::{BlockKey, Error, Result};
 
 #[derive(Debug, Default)]
 struct Pin {
@@ -37,6 +37,9 @@ pub(super) struct Shared {
     /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
     /// reuses pages already mapped instead of faulting in fresh ones each block.
     spare_buffers: Mutex<Vec<BytesMut>>,
+    /// Inodes of files with a committed change whose merge failed and is being retried, with
+    /// the cause: their reads fail until it is done.
+    unapplied: Mutex<HashMap<u64, Arc<Error>>>,
 }
 
 /// Background tasks of the namespace by start order: the next ticket, and those running.
@@ -79,6 +82,7 @@ impl Shared {
             max_file_size,
             spare_inodes: Mutex::new(Vec::new()),
             spare_buffers: Mutex::new(Vec::new()),
+            unapplied: Mutex::new(HashMap::new()),
         }
     }
 
@@ -222,6 +226,17 @@ impl Shared {
         offset: u64,
         len: usize,
     ) -> Result<Bytes> {
+        if let Some(cause) = self
+            .unapplied
+            .lock()
+            .expect("unapplied poisoned")
+            .get(&inode)
+        {
+            return Err(Error::Unapplied {
+                inode,
+                source: cause.clone(),
+            });
+        }
         let end = size.min(offset.saturating_add(len as u64));
         if offset >= end {
             return Ok(Bytes::new());
@@ -250,24 +265,200 @@ impl Shared {
         Ok(out.freeze())
     }
 
-    /// Cuts the blocks of `inode` at `size`: the block holding `size` is truncated and the
-    /// blocks after it removed, so that growing the file shows zeros past the old end.
-    pub(super) async fn trim_tail(&self, inode: u64, size: u64) -> Result<()> {
+    /// Copies the bytes `range` (offsets within the block) of block `blockno` of `from` to
+    /// the same place in the same block of `to`. Bytes past the end of the source block are
+    /// not copied (they read as zeros in both). One block of memory.
+    pub(super) async fn copy_range(
+        &self,
+        from: u64,
+        to: u64,
+        blockno: u64,
+        range: std::ops::Range<u64>,
+    ) -> Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let bytes = self
+            .inner
+            .handle(BlockKey::new(from, blockno), Access::Read)
+            .await?
+            .read(range.start, (range.end - range.start) as usize)
+            .await?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.inner
+            .handle(BlockKey::new(to, blockno), Access::Write)
+            .await?
+            .write(range.start, &bytes)
+            .await
+    }
+
+    /// Makes the blocks of `target` those of the committed change staged in `staging`: the
+    /// blocks of `target` from `cut` on are removed, then each block of `staging` replaces
+    /// the same block of `target`. Changes nothing in `staging`, so it can be run again, as
+    /// often as needed, until it succeeds.
+    async fn apply_merge(&self, staging: u64, target: u64, cut: u64) -> Result<()> {
+        self.inner.remove_range(target, cut..u64::MAX).await?;
         let bs = self.block_size();
-        let (last, in_block) = (size / bs, size % bs);
-        let first_gone = if in_block == 0 {
-            last
-        } else {
+        for blockno in self.inner.blocks_of(staging).await? {
+            // One block lock at a time: the staged block's, then the file's.
+            let bytes = self
+                .inner
+                .handle(BlockKey::new(staging, blockno), Access::Read)
+                .await?
+                .read(0, bs as usize)
+                .await?;
             let mut h = self
                 .inner
-                .handle(BlockKey::new(inode, last), Access::Write)
+                .handle(BlockKey::new(target, blockno), Access::Write)
                 .await?;
-            if h.size().await? > in_block {
-                h.truncate(in_block).await?;
+            if (bytes.len() as u64) < bs {
+                // The old content goes whole: no download of it.
+                h.truncate(0).await?;
             }
-            last + 1
+            h.write(0, &bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies a committed change (see [`Shared::apply_merge`]), makes the merged blocks as
+    /// durable as the staged ones were, then records the merge done and removes the staging
+    /// inode.
+    async fn merge(
+        &self,
+        staging: u64,
+        target: u64,
+        cut: u64,
+        durability: Durability,
+    ) -> Result<()> {
+        self.apply_merge(staging, target, cut).await?;
+        self.make_durable(target, durability).await?;
+        self.db.finish_merge(staging).await?;
+        self.clean_logged(staging).await;
+        Ok(())
+    }
+
+    /// Redoes the merges that were committed before a crash, before the namespace serves
+    /// anything: each one whose file still has the version it made (a later change of the
+    /// file means it was done); the staging inodes are then removed.
+    pub(super) async fn finish_merges(&self) -> Result<()> {
+        for m in self.db.pending_merges().await? {
+            let current = self
+                .db
+                .file_of_inode(m.target)
+                .await?
+                .is_some_and(|f| f.version == m.version);
+            if current {
+                tracing::info!(
+                    inode = m.target,
+                    "finishing a change of a file that was committed before a crash"
+                );
+                self.apply_merge(m.staging, m.target, m.cut_block).await?;
+                self.make_durable(m.target, Durability::Local).await?;
+            }
+            self.db.finish_merge(m.staging).await?;
+            self.clean(m.staging).await?;
+        }
+        Ok(())
+    }
+
+    /// Commits a patch or truncation of `name` staged in `staging`, then merges it into the
+    /// file's inode `target` (see [`Shared::apply_merge`]). The commit and the merge run as
+    /// one tracked task that finishes even if the caller gives up; `name_lock` is held until
+    /// the merge is done. The staged blocks must already be as durable as asked. If the
+    /// commit fails the file is unchanged and `staging` is removed; if only the merge fails
+    /// the change stands (it is durable), the merge is retried in the background and reads of
+    /// the file fail meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn commit_change(
+        self: &Arc<Self>,
+        name_lock: KeyGuard<String>,
+        name: String,
+        target: u64,
+        staging: u64,
+        size: u64,
+        cut: u64,
+        durability: Durability,
+    ) -> Result<FileMeta> {
+        let shared = self.clone();
+        let task = self.spawn_cleanup(async move {
+            let committed = shared
+                .db
+                .commit_merge(&name, target, staging, size, now_ns(), cut)
+                .await;
+            let row = match committed {
+                Ok(Some(row)) => row,
+                Ok(None) => {
+                    shared.clean_logged(staging).await;
+                    return Err(Error::NotFound { name });
+                }
+                Err(e) => {
+                    shared.clean_logged(staging).await;
+                    return Err(Error::from(e));
+                }
+            };
+            if let Err(error) = shared.merge(staging, target, cut, durability).await {
+                tracing::warn!(
+                    %name, inode = target, error = %crate::error::Chain(&error),
+                    "applying a committed change failed; retrying, and reads of the file fail until it is done"
+                );
+                shared.retry_merge(name_lock, staging, target, cut, durability, error);
+            }
+            Ok(FileMeta::from_row(row))
+        });
+        let Some(task) = task else {
+            return Err(Error::ShuttingDown);
         };
-        self.inner.remove_range(inode, first_gone..u64::MAX).await
+        crate::engine::joined(task).await
+    }
+
+    /// Retries a failed merge with backoff until it succeeds or the engine stops (the next
+    /// open then redoes it), holding the file's name lock; reads of the file fail meanwhile.
+    fn retry_merge(
+        self: &Arc<Self>,
+        name_lock: KeyGuard<String>,
+        staging: u64,
+        target: u64,
+        cut: u64,
+        durability: Durability,
+        error: Error,
+    ) {
+        self.unapplied
+            .lock()
+            .expect("unapplied poisoned")
+            .insert(target, Arc::new(error));
+        let shared = self.clone();
+        let cancel = self.inner.cancel_token().clone();
+        self.inner.tracker().spawn(async move {
+            let _name_lock = name_lock;
+            let mut delay = std::time::Duration::from_millis(100);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = cancel.cancelled() => return,
+                }
+                match shared.merge(staging, target, cut, durability).await {
+                    Ok(()) => {
+                        shared
+                            .unapplied
+                            .lock()
+                            .expect("unapplied poisoned")
+                            .remove(&target);
+                        tracing::info!(inode = target, "a committed change is applied now");
+                        return;
+                    }
+                    Err(error) => {
+                        shared
+                            .unapplied
+                            .lock()
+                            .expect("unapplied poisoned")
+                            .insert(target, Arc::new(error));
+                        delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            }
+        });
     }
 
     pub(super) async fn make_durable(&self, inode: u64, durability: Durability) -> Result<()> {
@@ -275,6 +466,34 @@ impl Shared {
             Durability::None => Ok(()),
             Durability::Local => self.inner.sync_dirty(Some(inode)).await,
             Durability::Store => self.inner.flush(Some(inode)).await,
+        }
+    }
+}
+
+/// A staging inode that is removed (in the background) if dropped before it is disarmed.
+pub(super) struct Staged {
+    shared: Arc<Shared>,
+    inode: Option<u64>,
+}
+
+impl Staged {
+    pub(super) fn new(shared: Arc<Shared>, inode: u64) -> Self {
+        Self {
+            shared,
+            inode: Some(inode),
+        }
+    }
+
+    /// Someone else decides the inode's fate now.
+    pub(super) fn disarm(mut self) {
+        self.inode = None;
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if let Some(inode) = self.inode {
+            self.shared.clean_later(inode);
         }
     }
 }

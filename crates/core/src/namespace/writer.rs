@@ -1,5 +1,5 @@
-//! [`FileWriter`]: a file written sequentially, block by block, as a replacement (a staging
-//! inode swapped in at the end) or a patch of the live inode.
+//! [`FileWriter`]: a file written sequentially, block by block, into a staging inode: a
+//! replacement swaps it in at the end, a patch merges it into the file's inode.
 
 use std::sync::Arc;
 
@@ -15,13 +15,18 @@ use crate::{BlockKey, Error, Result};
 /// What a writer does when it finishes.
 #[derive(Debug)]
 pub(super) enum Mode {
-    Replace {
-        finished: bool,
-    },
+    /// A new version of the file, named at the end.
+    Replace,
+    /// A patch of the file whose inode is `target`, merged into it at the end.
     Patch {
-        _guard: KeyGuard<String>,
+        name_lock: KeyGuard<String>,
+        target: u64,
         old_size: u64,
+        /// The block that [`FileWriter::prefill`] staged whole, if any.
+        prefilled: Option<u64>,
     },
+    /// Finished or given up: the staging inode is someone else's business.
+    Done,
 }
 
 /// Writes a file sequentially, block by block: memory stays at one block whatever the size.
@@ -165,19 +170,81 @@ impl FileWriter {
         result
     }
 
-    /// Gives the writer up. A replacement's staging inode and its blocks are removed before
-    /// this returns, so nothing of it is left for a flush to upload (dropping the writer
-    /// removes them in the background; so does this if it is cancelled). A patch is dropped
-    /// as is: the bytes it wrote stay, as after any partial write.
+    /// For a patch, before its first byte: stages the file's bytes that the patch's first
+    /// block keeps (if the patch starts inside a block with old content), and the block
+    /// holding the old end cut there (if the patch starts past the end, so the gap reads as
+    /// zeros).
+    pub(super) async fn prefill(&mut self) -> Result<()> {
+        let Mode::Patch {
+            target, old_size, ..
+        } = &self.mode
+        else {
+            return Ok(());
+        };
+        let (target, old_size) = (*target, *old_size);
+        let bs = self.shared.block_size();
+        let first = self.start / bs;
+        if old_size % bs != 0 && old_size / bs < first {
+            self.shared
+                .copy_range(target, self.inode, old_size / bs, 0..old_size % bs)
+                .await?;
+        }
+        let first_start = first * bs;
+        if !self.start.is_multiple_of(bs) && first_start < old_size {
+            self.shared
+                .copy_range(
+                    target,
+                    self.inode,
+                    first,
+                    0..(old_size - first_start).min(bs),
+                )
+                .await?;
+            if let Mode::Patch { prefilled, .. } = &mut self.mode {
+                *prefilled = Some(first);
+            }
+        }
+        Ok(())
+    }
+
+    /// For a patch that ends inside a block with old content: stages the file's bytes after
+    /// the patch's end in that block.
+    async fn fill_tail(&mut self) -> Result<()> {
+        let Mode::Patch {
+            target,
+            old_size,
+            prefilled,
+            ..
+        } = &self.mode
+        else {
+            return Ok(());
+        };
+        let bs = self.shared.block_size();
+        let last = self.pos / bs;
+        let in_block = self.pos % bs;
+        if in_block == 0 || self.pos >= *old_size || *prefilled == Some(last) {
+            return Ok(());
+        }
+        let end = (*old_size - last * bs).min(bs);
+        let (target, inode) = (*target, self.inode);
+        self.shared
+            .copy_range(target, inode, last, in_block..end)
+            .await
+    }
+
+    /// Gives the writer up: the file keeps its old content, and the staging inode and its
+    /// blocks are removed before this returns, so nothing of it is left for a flush to
+    /// upload (dropping the writer removes them in the background; so does this if it is
+    /// cancelled).
     pub async fn abandon(mut self) {
-        if let Mode::Replace { finished: false } = self.mode {
+        if !matches!(self.mode, Mode::Done) {
             self.shared.clean_logged(self.inode).await;
-            self.mode = Mode::Replace { finished: true };
+            self.mode = Mode::Done;
         }
     }
 
     /// Writes what is buffered, makes the data as durable as asked, then makes it visible:
-    /// a replacement swaps the new content in, a patch updates the size.
+    /// a replacement swaps the new content in, a patch is committed and merged into the
+    /// file. An error leaves the file as it was.
     pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
         if !self.buf.is_empty() {
             let mut piece = std::mem::take(&mut self.buf);
@@ -186,18 +253,20 @@ impl FileWriter {
             piece.clear();
             self.buf = piece;
         }
+        self.fill_tail().await?;
         self.wait_ahead(self.ahead.len()).await?;
         self.shared.make_durable(self.inode, durability).await?;
         let end = self.pos;
+        let bs = self.shared.block_size();
         // From here the writer's fate is decided by one task that runs to its end even if
         // the caller gives up: a name swapped in but then cleaned as abandoned would lose
         // the file.
-        let mode = std::mem::replace(&mut self.mode, Mode::Replace { finished: true });
+        let mode = std::mem::replace(&mut self.mode, Mode::Done);
         self.start = self.pos;
         let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
-        let named = self.shared.spawn_cleanup(async move {
-            match mode {
-                Mode::Replace { .. } => {
+        match mode {
+            Mode::Replace => {
+                let named = self.shared.spawn_cleanup(async move {
                     let named = {
                         let _guard = shared.names.lock(name.clone()).await;
                         shared.db.replace_file(&name, inode, end, now_ns()).await
@@ -214,48 +283,41 @@ impl FileWriter {
                             Err(Error::from(e))
                         }
                     }
-                }
-                Mode::Patch { _guard, old_size } => {
-                    let _guard = _guard;
-                    shared
-                        .db
-                        .update_file(&name, inode, end.max(old_size), now_ns())
-                        .await?
-                        .map(FileMeta::from_row)
-                        .ok_or(Error::NotFound { name })
-                }
+                });
+                let Some(named) = named else {
+                    return Err(Error::ShuttingDown);
+                };
+                crate::engine::joined(named).await
             }
-        });
-        let Some(named) = named else {
-            return Err(Error::ShuttingDown);
-        };
-        crate::engine::joined(named).await
+            Mode::Patch {
+                name_lock,
+                target,
+                old_size,
+                ..
+            } => {
+                shared
+                    .commit_change(
+                        name_lock,
+                        name,
+                        target,
+                        inode,
+                        end.max(old_size),
+                        old_size.div_ceil(bs),
+                        durability,
+                    )
+                    .await
+            }
+            Mode::Done => Err(Error::ShuttingDown),
+        }
     }
 }
 
 impl Drop for FileWriter {
     fn drop(&mut self) {
         self.shared.recycle_buffer(std::mem::take(&mut self.buf));
-        match std::mem::replace(&mut self.mode, Mode::Replace { finished: true }) {
-            Mode::Replace { finished: false } => self.shared.clean_later(self.inode),
-            Mode::Replace { finished: true } => {}
-            Mode::Patch { _guard, old_size } if self.pos > self.start => {
-                // An abandoned patch may have changed bytes within the old size: bump the
-                // version (under the name's lock) so that clients see a new ETag. Bytes past
-                // the old size stay invisible and are cut before the file grows over them.
-                let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
-                self.shared.spawn_cleanup(async move {
-                    let _guard = _guard;
-                    if let Err(error) = shared
-                        .db
-                        .update_file(&name, inode, old_size, now_ns())
-                        .await
-                    {
-                        tracing::warn!(%name, %error, "recording an abandoned patch failed");
-                    }
-                });
-            }
-            Mode::Patch { .. } => {}
+        if !matches!(std::mem::replace(&mut self.mode, Mode::Done), Mode::Done) {
+            // Given up before the end: the file never saw any of it.
+            self.shared.clean_later(self.inode);
         }
     }
 }
