@@ -1,5 +1,6 @@
 //! The black-box tests of blockcache, one binary with a module per area.
 
+mod atomic;
 mod bad_input;
 mod cancel;
 mod concurrency;

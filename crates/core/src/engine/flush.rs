@@ -25,6 +25,33 @@ impl Inner {
     /// inode) is in the store. Cancel-safe: the commits it started finish on their own.
     pub(crate) async fn flush(self: &Arc<Self>, only: Option<u64>) -> Result<()> {
         let targets = self.lock_state().flush_targets(only);
+        self.flush_targets(targets).await
+    }
+
+    /// [`Inner::flush`] of the blocks of `inodes`, together.
+    pub(crate) async fn flush_inodes(self: &Arc<Self>, inodes: &[u64]) -> Result<()> {
+        let mut targets = std::collections::HashMap::new();
+        {
+            let st = self.lock_state();
+            for &inode in inodes {
+                targets.extend(st.flush_targets(Some(inode)));
+            }
+        }
+        self.flush_targets(targets).await
+    }
+
+    /// [`Inner::flush`] of blocks `blocks` of `inode` only.
+    pub(crate) async fn flush_blocks(self: &Arc<Self>, inode: u64, blocks: &[u64]) -> Result<()> {
+        let mut targets = self.lock_state().flush_targets(Some(inode));
+        let wanted: std::collections::HashSet<u64> = blocks.iter().copied().collect();
+        targets.retain(|k, _| wanted.contains(&k.blockno));
+        self.flush_targets(targets).await
+    }
+
+    async fn flush_targets(
+        self: &Arc<Self>,
+        targets: std::collections::HashMap<BlockKey, Target>,
+    ) -> Result<()> {
         loop {
             let mut to_commit = Vec::new();
             let mut waits = Vec::new();

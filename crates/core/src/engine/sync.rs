@@ -29,6 +29,30 @@ impl Inner {
     /// need not read and hash them again. The hashing stops when the sync is done.
     pub(crate) async fn sync_dirty(self: &Arc<Self>, inode: Option<u64>) -> Result<()> {
         let keys = self.lock_state().dirty_keys(inode);
+        self.sync_keys(keys).await
+    }
+
+    /// [`Inner::sync_dirty`] of the blocks of `inodes`, together.
+    pub(crate) async fn sync_inodes(self: &Arc<Self>, inodes: &[u64]) -> Result<()> {
+        let keys = {
+            let st = self.lock_state();
+            inodes
+                .iter()
+                .flat_map(|&i| st.dirty_keys(Some(i)))
+                .collect()
+        };
+        self.sync_keys(keys).await
+    }
+
+    /// [`Inner::sync_dirty`] of blocks `blocks` of `inode` only.
+    pub(crate) async fn sync_blocks(self: &Arc<Self>, inode: u64, blocks: &[u64]) -> Result<()> {
+        let wanted: std::collections::HashSet<u64> = blocks.iter().copied().collect();
+        let mut keys = self.lock_state().dirty_keys(Some(inode));
+        keys.retain(|k| wanted.contains(&k.blockno));
+        self.sync_keys(keys).await
+    }
+
+    async fn sync_keys(self: &Arc<Self>, keys: Vec<BlockKey>) -> Result<()> {
         let paths: Vec<PathBuf> = keys
             .iter()
             .map(|k| self.dir.file(*k, Marker::Dirty))

@@ -324,7 +324,9 @@ impl Namespace {
                 .copy_range(meta.inode, staging, keep / bs, 0..keep % bs)
                 .await?;
         }
-        self.shared.make_durable(staging, durability).await?;
+        self.shared
+            .make_change_durable(staging, meta.inode, durability)
+            .await?;
         staged.disarm();
         self.shared
             .commit_change(

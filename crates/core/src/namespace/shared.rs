@@ -297,11 +297,12 @@ impl Shared {
     /// Makes the blocks of `target` those of the committed change staged in `staging`: the
     /// blocks of `target` from `cut` on are removed, then each block of `staging` replaces
     /// the same block of `target`. Changes nothing in `staging`, so it can be run again, as
-    /// often as needed, until it succeeds.
-    async fn apply_merge(&self, staging: u64, target: u64, cut: u64) -> Result<()> {
+    /// often as needed, until it succeeds. Returns the blocks it copied.
+    async fn apply_merge(&self, staging: u64, target: u64, cut: u64) -> Result<Vec<u64>> {
         self.inner.remove_range(target, cut..u64::MAX).await?;
         let bs = self.block_size();
-        for blockno in self.inner.blocks_of(staging).await? {
+        let blocks = self.inner.blocks_of(staging).await?;
+        for &blockno in &blocks {
             // One block lock at a time: the staged block's, then the file's.
             let bytes = self
                 .inner
@@ -319,7 +320,21 @@ impl Shared {
             }
             h.write(0, &bytes).await?;
         }
-        Ok(())
+        Ok(blocks)
+    }
+
+    /// Makes blocks `blocks` of `inode` as durable as `durability` says (and no others).
+    async fn make_blocks_durable(
+        &self,
+        inode: u64,
+        blocks: &[u64],
+        durability: Durability,
+    ) -> Result<()> {
+        match durability {
+            Durability::None => Ok(()),
+            Durability::Local => self.inner.sync_blocks(inode, blocks).await,
+            Durability::Store => self.inner.flush_blocks(inode, blocks).await,
+        }
     }
 
     /// Applies a committed change (see [`Shared::apply_merge`]), makes the merged blocks as
@@ -332,8 +347,11 @@ impl Shared {
         cut: u64,
         durability: Durability,
     ) -> Result<()> {
-        self.apply_merge(staging, target, cut).await?;
-        self.make_durable(target, durability).await?;
+        let merged = self.apply_merge(staging, target, cut).await?;
+        // The merged blocks are stored once they are committed: they take a reference on the
+        // objects of the staged ones before those are released.
+        self.make_blocks_durable(target, &merged, durability)
+            .await?;
         self.db.finish_merge(staging).await?;
         self.clean_logged(staging).await;
         Ok(())
@@ -354,8 +372,9 @@ impl Shared {
                     inode = m.target,
                     "finishing a change of a file that was committed before a crash"
                 );
-                self.apply_merge(m.staging, m.target, m.cut_block).await?;
-                self.make_durable(m.target, Durability::Local).await?;
+                let merged = self.apply_merge(m.staging, m.target, m.cut_block).await?;
+                self.make_blocks_durable(m.target, &merged, Durability::Local)
+                    .await?;
             }
             self.db.finish_merge(m.staging).await?;
             self.clean(m.staging).await?;
@@ -459,6 +478,23 @@ impl Shared {
                 }
             }
         });
+    }
+
+    /// Before a change of the file whose inode is `target` is committed: makes what is staged
+    /// for it in `staging`, and the rest of the file, as durable as `durability` says, so
+    /// that the file is, once the change is merged, and nothing after the commit point waits
+    /// for the store but the merged blocks themselves.
+    pub(super) async fn make_change_durable(
+        &self,
+        staging: u64,
+        target: u64,
+        durability: Durability,
+    ) -> Result<()> {
+        match durability {
+            Durability::None => Ok(()),
+            Durability::Local => self.inner.sync_inodes(&[staging, target]).await,
+            Durability::Store => self.inner.flush_inodes(&[staging, target]).await,
+        }
     }
 
     pub(super) async fn make_durable(&self, inode: u64, durability: Durability) -> Result<()> {

@@ -255,7 +255,14 @@ impl FileWriter {
         }
         self.fill_tail().await?;
         self.wait_ahead(self.ahead.len()).await?;
-        self.shared.make_durable(self.inode, durability).await?;
+        match &self.mode {
+            Mode::Patch { target, .. } => {
+                self.shared
+                    .make_change_durable(self.inode, *target, durability)
+                    .await?;
+            }
+            _ => self.shared.make_durable(self.inode, durability).await?,
+        }
         let end = self.pos;
         let bs = self.shared.block_size();
         // From here the writer's fate is decided by one task that runs to its end even if
