@@ -321,3 +321,142 @@ async fn a_patch_whose_body_is_cut_off_changes_nothing() {
     assert!(d.get("cut").await.1 == before, "changed after a restart");
     d.stop();
 }
+
+/// One file of the crash loop, changed by one client at a time.
+#[derive(Debug, Clone, Default)]
+struct Tracked {
+    /// The content acknowledged last (`None`: no such file).
+    acked: Option<Vec<u8>>,
+    /// What the change in flight when the daemon died makes, if one was.
+    in_flight: Option<Option<Vec<u8>>>,
+}
+
+/// Changes files `files` (each owned by this client) at random until a request fails to get
+/// an answer (the daemon died); returns the files' states.
+async fn change_until_killed(
+    http: reqwest::Client,
+    base: String,
+    mut files: Vec<(String, Tracked)>,
+    seed: u64,
+) -> Vec<(String, Tracked)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut step = 0u64;
+    loop {
+        step += 1;
+        let f = rng.random_range(0..files.len());
+        let (name, t) = &mut files[f];
+        let url = format!("{base}/v1/files/{name}");
+        let durability = ["local", "store"][rng.random_range(0..2)];
+        let old = t.acked.clone();
+        let (request, new) = match (&old, rng.random_range(0..10)) {
+            (None, _) | (Some(_), 0..=2) => {
+                let content = data(seed ^ (step << 20), rng.random_range(0..5 * BS));
+                let r = http
+                    .put(format!("{url}?durability={durability}"))
+                    .body(content.clone());
+                (r, Some(content))
+            }
+            (Some(old), 3..=6) => {
+                let offset = rng.random_range(0..old.len() + BS);
+                let bytes = data(seed ^ (step << 20), rng.random_range(1..3 * BS));
+                let new = patched(old, offset, &bytes);
+                let r = http
+                    .patch(format!("{url}?offset={offset}&durability={durability}"))
+                    .body(bytes);
+                (r, Some(new))
+            }
+            (Some(old), 7..=8) => {
+                let size = rng.random_range(0..old.len() + 2 * BS);
+                let r = http.post(format!("{url}?truncate={size}&durability={durability}"));
+                (r, Some(truncated(old, size)))
+            }
+            (Some(_), _) => (http.delete(&url), None),
+        };
+        t.in_flight = Some(new.clone());
+        match request.send().await {
+            Ok(r) if r.status().is_success() => {
+                // The answer may be cut off too; the status line is what acknowledges.
+                t.acked = new;
+                t.in_flight = None;
+            }
+            // Refused (a 5xx while the daemon dies, say): the file must be unchanged.
+            Ok(_) => t.in_flight = None,
+            Err(_) => return files,
+        }
+    }
+}
+
+/// Finding 3 of the hardening issue: a daemon killed with SIGKILL at random moments while
+/// clients PUT, PATCH, truncate and DELETE leaves each file exactly as last acknowledged, or,
+/// for a change in flight, exactly as that change makes it. `BLOCKCACHE_CRASH_ROUNDS` sets
+/// the number of rounds (default 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_leaves_each_file_old_or_new() {
+    let seed = blockcache_tests::test_seed();
+    let rounds: u64 = std::env::var("BLOCKCACHE_CRASH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Background uploads soon, so kills also land in the middle of uploads and merges.
+    let args = ["--block-size", "64KiB", "--upload-delay", "200ms"];
+    let clients = 4;
+    let mut files: Vec<(String, Tracked)> = (0..clients * 3)
+        .map(|i| (format!("dir/f{i}"), Tracked::default()))
+        .collect();
+    for round in 0..rounds {
+        let d = Daemon::start(dir.path(), &args);
+        let mut tasks = Vec::new();
+        for (c, mine) in files.chunks(3).enumerate() {
+            tasks.push(tokio::spawn(change_until_killed(
+                d.http.clone(),
+                d.base.clone(),
+                mine.to_vec(),
+                seed ^ (round << 32) ^ c as u64,
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+        d.kill9();
+        files.clear();
+        for t in tasks {
+            files.extend(
+                within("a client to see the daemon die", Duration::from_secs(60), t)
+                    .await
+                    .expect("client task"),
+            );
+        }
+        let in_flight = files.iter().filter(|(_, t)| t.in_flight.is_some()).count();
+        let d = Daemon::start(dir.path(), &args);
+        let mut changes = 0;
+        let mut took_new = 0;
+        for (name, t) in &mut files {
+            let (status, body) = d.get(name).await;
+            let got = match status {
+                200 => Some(body),
+                404 => None,
+                other => panic!("round {round}: GET {name}: {other}\n{}", d.log_text()),
+            };
+            let old_ok = got == t.acked;
+            let new_ok = t.in_flight.as_ref().is_some_and(|new| got == *new);
+            assert!(
+                old_ok || new_ok,
+                "round {round} (seed {seed}): {name} is neither as last acknowledged ({} bytes) nor as the change in flight made it ({:?} bytes): {:?} bytes",
+                t.acked.as_ref().map_or(0, Vec::len),
+                t.in_flight.as_ref().map(|n| n.as_ref().map_or(0, Vec::len)),
+                got.as_ref().map(Vec::len),
+            );
+            changes += u64::from(t.acked.is_some());
+            took_new += usize::from(new_ok && !old_ok);
+            t.acked = got;
+            t.in_flight = None;
+        }
+        assert!(changes > 0, "round {round}: no file was written");
+        eprintln!(
+            "round {round}: {in_flight} changes in flight at the kill, {took_new} of them found done"
+        );
+        let check = d.json("/v1/stats").await;
+        assert!(check.is_object());
+        d.kill9();
+    }
+}
