@@ -273,15 +273,24 @@ impl Db {
             .collect()
     }
 
-    /// Records that the merge of `staging` is done: the staging inode is then an abandoned
-    /// one whose blocks are removed.
+    /// Records that the merge of `staging` is done and retires the staging inode (its blocks
+    /// are to be removed), in one transaction.
     pub async fn finish_merge(&self, staging: u64) -> Result<()> {
         let mut w = self.write().await?;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         sqlx::query("DELETE FROM merges WHERE staging = ?")
             .bind(to_i64(staging)?)
-            .execute(&mut *w)
+            .execute(&mut *tx)
             .await
             .map_err(ctx("finish a merge"))?;
+        sqlx::query("UPDATE inodes SET state = 'retired' WHERE inode = ? AND state = 'staging'")
+            .bind(to_i64(staging)?)
+            .execute(&mut *tx)
+            .await
+            .map_err(ctx("retire an inode"))?;
+        tx.commit()
+            .await
+            .map_err(ctx("commit the end of a merge"))?;
         Ok(())
     }
 

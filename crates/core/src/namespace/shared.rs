@@ -138,9 +138,13 @@ impl Shared {
     /// Removes the blocks of a retired (or abandoned staging) inode and forgets it.
     pub(super) async fn clean(&self, inode: u64) -> Result<()> {
         self.db.retire_inode(inode).await?;
+        self.remove_retired(inode).await
+    }
+
+    /// Removes the blocks of a retired inode and forgets it.
+    async fn remove_retired(&self, inode: u64) -> Result<()> {
         self.inner.remove_range(inode, 0..u64::MAX).await?;
-        self.db.forget_inode(inode).await?;
-        Ok(())
+        Ok(self.db.forget_inode(inode).await?)
     }
 
     /// Cleans `inode` now if nobody reads it, else when its last reader is done.
@@ -353,7 +357,9 @@ impl Shared {
         self.make_blocks_durable(target, &merged, durability)
             .await?;
         self.db.finish_merge(staging).await?;
-        self.clean_logged(staging).await;
+        if let Err(error) = self.remove_retired(staging).await {
+            tracing::warn!(inode = staging, error = %crate::error::Chain(&error), "removing the blocks of a merged change failed; the next open retries");
+        }
         Ok(())
     }
 
@@ -377,7 +383,7 @@ impl Shared {
                     .await?;
             }
             self.db.finish_merge(m.staging).await?;
-            self.clean(m.staging).await?;
+            self.remove_retired(m.staging).await?;
         }
         Ok(())
     }
