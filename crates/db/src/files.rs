@@ -42,8 +42,9 @@ pub struct MergeRow {
     pub staging: u64,
     /// The file's inode, which receives them.
     pub target: u64,
-    /// The first block of `target` that is removed unless `staging` has it.
-    pub cut_block: u64,
+    /// The byte of `target` from which its content is removed (before the staged blocks are
+    /// copied in).
+    pub cut: u64,
     /// The file's version that the change made.
     pub version: u64,
 }
@@ -202,8 +203,8 @@ impl Db {
 
     /// The commit point of a patch or truncation of `name`: sets its size and mtime and bumps
     /// its version if it still uses inode `target`, and records that the blocks staged in
-    /// `staging` are to be merged into `target` (its blocks from `cut_block` on removed
-    /// first), in one transaction. Returns the new row, or `None` (and changes nothing) if
+    /// `staging` are to be merged into `target` (its bytes from `cut` on removed first), in
+    /// one transaction. Returns the new row, or `None` (and changes nothing) if
     /// the name is gone or uses another inode. `staging` must be a staging inode.
     pub async fn commit_merge(
         &self,
@@ -212,7 +213,7 @@ impl Db {
         staging: u64,
         size: u64,
         mtime_ns: i64,
-        cut_block: u64,
+        cut: u64,
     ) -> Result<Option<FileRow>> {
         let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
@@ -232,11 +233,11 @@ impl Db {
             return Ok(None);
         };
         let staged = sqlx::query(
-            "INSERT INTO merges (staging, target, cut_block, version) \
+            "INSERT INTO merges (staging, target, cut, version) \
              SELECT inode, ?, ?, ? FROM inodes WHERE inode = ? AND state = 'staging'",
         )
         .bind(to_i64(target)?)
-        .bind(to_i64(cut_block)?)
+        .bind(to_i64(cut)?)
         .bind(to_i64(row.version)?)
         .bind(to_i64(staging)?)
         .execute(&mut *tx)
@@ -253,11 +254,10 @@ impl Db {
 
     /// Merges committed by [`Db::commit_merge`] and not yet finished, oldest first.
     pub async fn pending_merges(&self) -> Result<Vec<MergeRow>> {
-        let rows =
-            sqlx::query("SELECT staging, target, cut_block, version FROM merges ORDER BY staging")
-                .fetch_all(&self.readers)
-                .await
-                .map_err(ctx("list pending merges"))?;
+        let rows = sqlx::query("SELECT staging, target, cut, version FROM merges ORDER BY staging")
+            .fetch_all(&self.readers)
+            .await
+            .map_err(ctx("list pending merges"))?;
         rows.iter()
             .map(|r| {
                 let get = |c: &'static str| -> Result<u64> {
@@ -266,7 +266,7 @@ impl Db {
                 Ok(MergeRow {
                     staging: get("staging")?,
                     target: get("target")?,
-                    cut_block: get("cut_block")?,
+                    cut: get("cut")?,
                     version: get("version")?,
                 })
             })

@@ -292,8 +292,8 @@ impl Namespace {
     }
 
     /// Sets the size of `name`: shrinking drops the bytes past `size`, growing adds zeros.
-    /// All or nothing, like a patch: the block cut at the new end is staged, and the change
-    /// is committed in one metadata transaction before the file's blocks change.
+    /// All or nothing, like a patch: the change is committed in one metadata transaction
+    /// before the file's blocks change, and redone after a crash.
     pub async fn truncate(
         &self,
         name: &str,
@@ -315,11 +315,13 @@ impl Namespace {
         }
         let staging = self.shared.take_inode().await?;
         let staged = shared::Staged::new(self.shared.clone(), staging);
-        // The file keeps its bytes up to `keep`; the block holding `keep` is staged cut
-        // there, and the file's blocks after it go (growing shows zeros past the old end).
+        // The file keeps its bytes up to `keep`: the merge cuts the block holding `keep`
+        // there and drops the blocks after it (so growing shows zeros past the old end).
+        // Only if that cut block must be in the store when this returns is it staged, cut,
+        // and uploaded before the commit point.
         let bs = self.shared.block_size();
         let keep = meta.size.min(size);
-        if keep % bs != 0 {
+        if durability == Durability::Store && keep < meta.size && !keep.is_multiple_of(bs) {
             self.shared
                 .copy_range(meta.inode, staging, keep / bs, 0..keep % bs)
                 .await?;
@@ -335,7 +337,7 @@ impl Namespace {
                 meta.inode,
                 staging,
                 size,
-                keep.div_ceil(bs),
+                keep,
                 durability,
             )
             .await

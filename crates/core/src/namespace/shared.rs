@@ -298,15 +298,30 @@ impl Shared {
             .await
     }
 
-    /// Makes the blocks of `target` those of the committed change staged in `staging`: the
-    /// blocks of `target` from `cut` on are removed, then each block of `staging` replaces
-    /// the same block of `target`. Changes nothing in `staging`, so it can be run again, as
-    /// often as needed, until it succeeds. Returns the blocks it copied.
+    /// Makes the content of `target` that of the committed change staged in `staging`: the
+    /// bytes of `target` from byte `cut` on are removed (the block holding `cut` is cut
+    /// there, the blocks after it go), then each block of `staging` replaces the same block
+    /// of `target`. Changes nothing in `staging`, so it can be run again, as often as needed,
+    /// until it succeeds. Returns the blocks of `target` it changed.
     async fn apply_merge(&self, staging: u64, target: u64, cut: u64) -> Result<Vec<u64>> {
-        self.inner.remove_range(target, cut..u64::MAX).await?;
         let bs = self.block_size();
-        let blocks = self.inner.blocks_of(staging).await?;
-        for &blockno in &blocks {
+        let mut changed = Vec::new();
+        if !cut.is_multiple_of(bs) {
+            let mut h = self
+                .inner
+                .handle(BlockKey::new(target, cut / bs), Access::Write)
+                .await?;
+            // The size is known without a download; a longer block is cut in place.
+            if h.size().await? > cut % bs {
+                h.truncate(cut % bs).await?;
+                changed.push(cut / bs);
+            }
+        }
+        self.inner
+            .remove_range(target, cut.div_ceil(bs)..u64::MAX)
+            .await?;
+        let staged = self.inner.blocks_of(staging).await?;
+        for &blockno in &staged {
             // One block lock at a time: the staged block's, then the file's.
             let bytes = self
                 .inner
@@ -324,7 +339,10 @@ impl Shared {
             }
             h.write(0, &bytes).await?;
         }
-        Ok(blocks)
+        changed.extend(staged);
+        changed.sort_unstable();
+        changed.dedup();
+        Ok(changed)
     }
 
     /// Makes blocks `blocks` of `inode` as durable as `durability` says (and no others).
@@ -378,7 +396,7 @@ impl Shared {
                     inode = m.target,
                     "finishing a change of a file that was committed before a crash"
                 );
-                let merged = self.apply_merge(m.staging, m.target, m.cut_block).await?;
+                let merged = self.apply_merge(m.staging, m.target, m.cut).await?;
                 self.make_blocks_durable(m.target, &merged, Durability::Local)
                     .await?;
             }

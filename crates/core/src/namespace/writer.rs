@@ -171,9 +171,8 @@ impl FileWriter {
     }
 
     /// For a patch, before its first byte: stages the file's bytes that the patch's first
-    /// block keeps (if the patch starts inside a block with old content), and the block
-    /// holding the old end cut there (if the patch starts past the end, so the gap reads as
-    /// zeros).
+    /// block keeps, if the patch starts inside a block with old content. (A gap between the
+    /// old end and the patch reads as zeros because the merge cuts the file at its old end.)
     pub(super) async fn prefill(&mut self) -> Result<()> {
         let Mode::Patch {
             target, old_size, ..
@@ -184,11 +183,6 @@ impl FileWriter {
         let (target, old_size) = (*target, *old_size);
         let bs = self.shared.block_size();
         let first = self.start / bs;
-        if old_size % bs != 0 && old_size / bs < first {
-            self.shared
-                .copy_range(target, self.inode, old_size / bs, 0..old_size % bs)
-                .await?;
-        }
         let first_start = first * bs;
         if !self.start.is_multiple_of(bs) && first_start < old_size {
             self.shared
@@ -264,7 +258,6 @@ impl FileWriter {
             _ => self.shared.make_durable(self.inode, durability).await?,
         }
         let end = self.pos;
-        let bs = self.shared.block_size();
         // From here the writer's fate is decided by one task that runs to its end even if
         // the caller gives up: a name swapped in but then cleaned as abandoned would lose
         // the file.
@@ -309,7 +302,7 @@ impl FileWriter {
                         target,
                         inode,
                         end.max(old_size),
-                        old_size.div_ceil(bs),
+                        old_size,
                         durability,
                     )
                     .await
