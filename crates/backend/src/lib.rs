@@ -47,7 +47,7 @@ pub enum Error {
     /// A request to the store failed.
     #[error("{op} of object {key} failed")]
     Store {
-        /// The operation: "upload", "download", "delete" or "list".
+        /// The operation: "upload", "download", "lookup", "delete" or "list".
         op: &'static str,
         /// The object key (or prefix for listings).
         key: String,
@@ -428,6 +428,27 @@ impl Backend {
             })
             .await?;
         self.codec.decode(key.as_ref(), stored)
+    }
+
+    /// The size in the store of object `id`, `None` if the store does not hold it (a HEAD
+    /// request, retrying transient failures).
+    pub async fn head(&self, id: u64) -> Result<Option<u64>> {
+        let key = self.key(id);
+        let what = format!("lookup of object {key}");
+        let found = self
+            .retry
+            .run(&what, &self.cancel, || {
+                let key = &key;
+                async move {
+                    match self.store.head(key).await {
+                        Ok(meta) => Ok(Some(meta.size)),
+                        Err(object_store::Error::NotFound { .. }) => Ok(None),
+                        Err(source) => Err(store_error("lookup", key, source)),
+                    }
+                }
+            })
+            .await?;
+        Ok(found)
     }
 
     /// Deletes many objects with the store's bulk delete. Objects that are already gone

@@ -40,7 +40,7 @@ pub use engine::{BlockHandle, Recovery};
 pub use error::{Error, Result, UploadFailure};
 pub use key::BlockKey;
 pub use namespace::{
-    Durability, FileMeta, FileReader, FileStatus, FileWriter, MAX_NAME_LEN, Namespace,
-    validate_name,
+    Durability, FileMeta, FileReader, FileStatus, FileWriter, MAX_NAME_LEN, MissingObject,
+    Namespace, StoreCheck, validate_name,
 };
 pub use usage::Usage;

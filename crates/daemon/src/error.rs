@@ -7,6 +7,23 @@ use std::path::PathBuf;
 /// A failure of `blockcache serve`.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
+    /// The settings do not fit together.
+    #[error("{0}")]
+    Settings(String),
+    /// The shutdown deadline passed; the dirty data stays in the cache directory.
+    #[error(
+        "shutdown deadline of {timeout} passed while waiting for {waiting_for}: exiting with {blocks} dirty blocks ({bytes} bytes) left in the cache directory for the next start to upload"
+    )]
+    Deadline {
+        /// The deadline (`--shutdown-timeout`).
+        timeout: crate::settings::Timeout,
+        /// What the shutdown was still waiting for.
+        waiting_for: String,
+        /// Dirty blocks left.
+        blocks: u64,
+        /// Dirty bytes left.
+        bytes: u64,
+    },
     /// The log subscriber could not be installed.
     #[error("cannot set up logging")]
     Logging(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -63,9 +80,6 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    /// The HTTP server stopped with an error.
-    #[error("the HTTP server failed")]
-    Server(#[source] std::io::Error),
     /// A request handler still holds the server state after every connection closed.
     #[error("the server state is still shared after every connection closed")]
     StillShared,

@@ -7,6 +7,7 @@
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod client;
+mod connections;
 mod error;
 mod server;
 mod settings;
@@ -131,6 +132,9 @@ fn main() -> ExitCode {
         };
         client.map_err(Failure::Client)
     });
+    // Whatever is still running (a client's connection after the shutdown deadline, a
+    // blocking call) is not waited for.
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Serve(e)) => fail(&e),
@@ -176,7 +180,7 @@ fn redact(url: &str) -> String {
         }
         Ok(_) => url.to_owned(),
         // A path rather than a URL, which holds no credentials.
-        Err(_) if !url.contains('@') => url.to_owned(),
+        Err(_) if !url.contains("://") || !url.contains('@') => url.to_owned(),
         Err(_) => "<unparsable URL>".to_owned(),
     }
 }
@@ -198,6 +202,7 @@ async fn signal() {
 }
 
 async fn serve(s: Settings) -> Result<(), ServeError> {
+    s.check().map_err(ServeError::Settings)?;
     init_logging(&s)?;
     if s.exposed() {
         return Err(ServeError::Exposed {
@@ -254,6 +259,22 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         .await
         .map_err(listener_error)?;
     let addr = listener.local_addr().map_err(listener_error)?;
+    let fd_limit = connections::raise_fd_limit();
+    let max_connections = connections::connection_limit(s.max_connections, fd_limit);
+    if max_connections < s.max_connections {
+        tracing::warn!(
+            fd_limit,
+            max_connections,
+            "serving at most {max_connections} connections, not {}: half the limit of open files ({}) stays for the engine",
+            s.max_connections,
+            fd_limit.unwrap_or(0)
+        );
+    }
+    let bounds = connections::Bounds {
+        header_timeout: s.header_timeout.0,
+        body_timeout: s.body_timeout.0,
+        max_connections,
+    };
     let state = Arc::new(server::AppState {
         ns,
         durability: s.durability,
@@ -264,6 +285,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             s.buffer_memory.0,
             block_size,
         ))),
+        buffer_timeout: s.buffer_timeout.0,
     });
     // Every clone of the router (one per connection) carries a sender of `alive`, and every
     // request a further one: the channel closes once the last of them is gone, and with them
@@ -295,18 +317,39 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             std::process::exit(130);
         });
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(ServeError::Server)?;
+    let open = connections::serve(listener, app, bounds, shutdown).await;
     upkeep.abort();
 
-    // Every connection is closed; wait until their tasks have dropped their routers.
-    let _ = all_gone.recv().await;
+    // From here on, the shutdown has a deadline: clients still connected and the final
+    // flush get what is left of it.
+    let deadline = tokio::time::Instant::now() + s.shutdown_timeout.0;
+    let timeout = s.shutdown_timeout;
+    let connected = open.count();
+    // Every connection is closed once their tasks have dropped their routers.
+    let clients = async {
+        open.shutdown().await;
+        let _ = all_gone.recv().await;
+    };
+    if tokio::time::timeout_at(deadline, clients).await.is_err() {
+        let dirty = state.ns.cache().usage().await.ok();
+        return Err(ServeError::Deadline {
+            timeout,
+            waiting_for: format!("{connected} client connections"),
+            blocks: dirty.as_ref().map_or(0, |u| u.dirty_entries),
+            bytes: dirty.map_or(0, |u| u.dirty_bytes),
+        });
+    }
     let state = Arc::try_unwrap(state).map_err(|_| ServeError::StillShared)?;
     let before = state.ns.cache().usage().await.ok();
-    let result = state.ns.shutdown().await;
     let (blocks, bytes) = before.map_or((0, 0), |u| (u.dirty_entries, u.dirty_bytes));
+    let Ok(result) = tokio::time::timeout_at(deadline, state.ns.shutdown()).await else {
+        return Err(ServeError::Deadline {
+            timeout,
+            waiting_for: "the final flush".to_owned(),
+            blocks,
+            bytes,
+        });
+    };
     match result {
         Ok(()) => {
             tracing::info!(

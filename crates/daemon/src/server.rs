@@ -41,6 +41,8 @@ pub struct AppState {
     /// request, a read piece from its read until it is sent. Bounds the daemon's buffer
     /// memory whatever the number of clients.
     pub buffers: Arc<tokio::sync::Semaphore>,
+    /// Longest wait for a buffer before a request is answered 503.
+    pub buffer_timeout: Duration,
 }
 
 /// Block buffers for all requests together: `memory` worth, and at least one.
@@ -48,14 +50,33 @@ pub fn buffer_permits(memory: u64, block_size: u64) -> usize {
     (memory / block_size.max(1)).max(1) as usize
 }
 
+/// Seconds a client told 503 for want of buffers is asked to wait (`Retry-After`).
+const BUSY_RETRY_AFTER: u64 = 2;
+
+/// A block buffer of `state.buffers`, waited for at most `state.buffer_timeout`: past it, a
+/// 503 with `Retry-After`.
 async fn buffer(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
-    state.buffers.clone().acquire_owned().await.map_err(|_| {
-        ApiError::new(
+    let wait = state.buffers.clone().acquire_owned();
+    match tokio::time::timeout(state.buffer_timeout, wait).await {
+        Ok(Ok(permit)) => Ok(permit),
+        Ok(Err(_)) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "the daemon is shutting down",
-        )
-    })
+        )),
+        Err(_) => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "busy",
+                format!(
+                    "no request buffer came free within {} (--buffer-timeout): other requests hold all of --buffer-memory; retry later",
+                    humantime::format_duration(state.buffer_timeout)
+                ),
+            );
+            e.retry_after = Some(BUSY_RETRY_AFTER);
+            Err(e)
+        }
+    }
 }
 
 type Shared = Arc<AppState>;
@@ -66,6 +87,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -74,6 +97,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 
@@ -93,13 +117,43 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if let Some(seconds) = self.retry_after {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         r
     }
+}
+
+/// Whether an I/O error somewhere in the causes of `e` says that a disk is full (or a
+/// quota exhausted).
+fn disk_full(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(cause) = next {
+        // The engine keeps its I/O errors in an `Arc`, which is an error of its own.
+        let io = cause.downcast_ref::<std::io::Error>().or_else(|| {
+            cause
+                .downcast_ref::<Arc<std::io::Error>>()
+                .map(|a| a.as_ref())
+        });
+        if let Some(io) = io
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            )
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
 }
 
 impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = match &e {
+            // A full cache or store disk, whatever the operation that found it.
+            _ if disk_full(&e) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
             Error::InvalidName { .. } => (StatusCode::BAD_REQUEST, "bad_name"),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
@@ -115,11 +169,12 @@ impl From<Error> for ApiError {
             }
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        if status.is_server_error() {
-            tracing::error!(error = %e, "request failed");
-        }
         // The message is the error and its causes, which never hold secrets.
-        Self::new(status, code, crate::error::chain(&e))
+        let message = crate::error::chain(&e);
+        if status.is_server_error() {
+            tracing::error!(error = %message, "request failed");
+        }
+        Self::new(status, code, message)
     }
 }
 
@@ -303,21 +358,38 @@ async fn file_route(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    let (name, status) = file_target(&uri)?;
+    let mut body = RequestBody::new(body, &headers);
+    let result = file_request(&state, &method, &uri, &headers, &mut body).await;
+    if result.is_err() {
+        // The client may still be sending: read on (bounded) so that it gets the answer
+        // rather than a reset connection.
+        body.drain().await;
+    }
+    result
+}
+
+async fn file_request(
+    state: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &mut RequestBody,
+) -> ApiResult {
+    let (name, status) = file_target(uri)?;
     if status {
-        return match method {
-            Method::GET | Method::HEAD => file_status(&state, &name, &uri).await,
+        return match *method {
+            Method::GET | Method::HEAD => file_status(state, &name, uri).await,
             _ => Err(method_not_allowed()),
         };
     }
-    match method {
+    match *method {
         Method::GET | Method::HEAD => {
-            get_file(&state, &name, &uri, &headers, method == Method::HEAD).await
+            get_file(state, &name, uri, headers, method == Method::HEAD).await
         }
-        Method::PUT => put_file(&state, &name, &uri, &headers, body).await,
-        Method::PATCH => patch_file(&state, &name, &uri, &headers, body).await,
-        Method::POST => truncate_file(&state, &name, &uri).await,
-        Method::DELETE => delete_file(&state, &name, &uri).await,
+        Method::PUT => put_file(state, &name, uri, headers, body).await,
+        Method::PATCH => patch_file(state, &name, uri, headers, body).await,
+        Method::POST => truncate_file(state, &name, uri).await,
+        Method::DELETE => delete_file(state, &name, uri).await,
         _ => Err(method_not_allowed()),
     }
 }
@@ -355,35 +427,74 @@ fn too_large(name: &str, size: u64, max: u64) -> ApiError {
 
 /// Bytes of a refused request body read and dropped before answering, so that a client
 /// still sending gets the answer instead of a reset connection.
-const DRAIN_LIMIT: usize = 8 * 1024 * 1024;
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+/// Longest time spent reading a refused request body before answering.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// Reads and drops up to [`DRAIN_LIMIT`] bytes of what is left of a body.
-async fn drain<S>(mut stream: S)
-where
-    S: futures::Stream<Item = Result<bytes::Bytes, axum::Error>> + Unpin,
-{
-    let mut left = DRAIN_LIMIT;
-    while let Some(Ok(chunk)) = stream.next().await {
-        left = left.saturating_sub(chunk.len());
-        if left == 0 {
+/// The body of a request, read chunk by chunk.
+struct RequestBody {
+    stream: axum::body::BodyDataStream,
+    /// Whether anything was asked of it (which, for a client that waits for
+    /// `100 Continue`, made hyper send it).
+    touched: bool,
+    /// Whether the client waits for `100 Continue` before it sends the body.
+    expects_continue: bool,
+}
+
+impl RequestBody {
+    fn new(body: Body, headers: &HeaderMap) -> Self {
+        Self {
+            stream: body.into_data_stream(),
+            touched: false,
+            expects_continue: headers
+                .get(header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue")),
+        }
+    }
+
+    /// The next chunk: `None` at the end; a body that stalled for `--body-timeout` is a
+    /// 408, one that broke off a 400.
+    async fn next(&mut self) -> Option<ApiResult<bytes::Bytes>> {
+        self.touched = true;
+        let chunk = self.stream.next().await?;
+        Some(chunk.map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<tower_http::timeout::TimeoutError>() {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    "the request body sent nothing for --body-timeout",
+                )
+            } else {
+                ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
+            }
+        }))
+    }
+
+    /// Reads and drops what is left of the body, up to [`DRAIN_LIMIT`] bytes and
+    /// [`DRAIN_TIME`]. A client that waits for `100 Continue` and was not told to send
+    /// has nothing to drain.
+    async fn drain(&mut self) {
+        if self.expects_continue && !self.touched {
             return;
         }
+        let drain = async {
+            let mut left = DRAIN_LIMIT;
+            while let Some(Ok(chunk)) = self.stream.next().await {
+                left = left.saturating_sub(chunk.len());
+                if left == 0 {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
     }
 }
 
 /// Copies the request body into `w`, block by block as it arrives.
-async fn pour(w: &mut blockcache::FileWriter, body: Body) -> ApiResult<()> {
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::bad_request("bad_body", format!("reading the request body failed: {e}"))
-        })?;
-        if let Err(e) = w.write(&chunk).await {
-            if matches!(e, Error::FileTooLarge { .. }) {
-                drain(stream).await;
-            }
-            return Err(e.into());
-        }
+async fn pour(w: &mut blockcache::FileWriter, body: &mut RequestBody) -> ApiResult<()> {
+    while let Some(chunk) = body.next().await {
+        w.write(&chunk?).await?;
     }
     Ok(())
 }
@@ -393,7 +504,7 @@ async fn put_file(
     name: &str,
     uri: &Uri,
     headers: &HeaderMap,
-    body: Body,
+    body: &mut RequestBody,
 ) -> ApiResult {
     let params = Params::parse(uri, &["durability"])?;
     let durability = params.durability(state.durability)?;
@@ -401,7 +512,6 @@ async fn put_file(
     if let Some(len) = content_length(headers)?
         && len > max
     {
-        drain(body.into_data_stream()).await;
         return Err(too_large(name, len, max));
     }
     let _buffer = buffer(state).await?;
@@ -431,7 +541,7 @@ async fn patch_file(
     name: &str,
     uri: &Uri,
     headers: &HeaderMap,
-    body: Body,
+    body: &mut RequestBody,
 ) -> ApiResult {
     let params = Params::parse(uri, &["offset", "durability"])?;
     let durability = params.durability(state.durability)?;
@@ -442,7 +552,6 @@ async fn patch_file(
     if let Some(len) = content_length(headers)?
         && offset.saturating_add(len) > max
     {
-        drain(body.into_data_stream()).await;
         return Err(too_large(name, offset.saturating_add(len), max));
     }
     let _buffer = buffer(state).await?;
@@ -477,10 +586,23 @@ async fn delete_file(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// Most missing objects listed in a verified status.
+const MAX_MISSING_LISTED: usize = 100;
+
 async fn file_status(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
-    Params::parse(uri, &[])?;
+    let params = Params::parse(uri, &["verify"])?;
+    let verify = match params.get("verify") {
+        None | Some("0" | "false") => false,
+        Some("1" | "true") => true,
+        Some(v) => {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("verify must be 1, true, 0 or false, not {v:?}"),
+            ));
+        }
+    };
     let s = state.ns.status(name).await?;
-    Ok(axum::Json(json!({
+    let mut answer = json!({
         "file": meta_json(&s.meta),
         "blocks": s.blocks,
         "cached": s.cached,
@@ -489,8 +611,23 @@ async fn file_status(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
         "mapped": s.mapped,
         "uploaded": s.uploaded,
         "in_store": s.in_store,
-    }))
-    .into_response())
+    });
+    if verify {
+        // What the store really holds: the metadata's word is not taken for it.
+        let check = state.ns.verify_store(name).await?;
+        answer["in_store"] = json!(s.in_store && check.missing.is_empty());
+        answer["verified"] = json!({
+            "checked": check.checked,
+            "missing": check.missing.len(),
+            "missing_objects": check.missing.iter().take(MAX_MISSING_LISTED).map(|m| json!({
+                "block": m.blockno,
+                "object": m.object,
+                "key": m.key,
+                "found_size": m.found_size,
+            })).collect::<Vec<_>>(),
+        });
+    }
+    Ok(axum::Json(answer).into_response())
 }
 
 /// A single byte range of a file of `size` bytes: `Ok(None)` for no `Range` header.
@@ -589,10 +726,17 @@ async fn get_file(
     } else {
         StatusCode::OK
     };
-    let body = if head {
+    let body = if head || start == end {
         Body::empty()
     } else {
-        stream_body(reader, start, end, state.buffers.clone())
+        // The first piece is read before the status line is sent, so that a block that
+        // cannot be read (a missing or corrupted object, a store that is down) is an error
+        // status with its JSON body, not a 200 whose connection is cut.
+        let first = piece_len(reader.block_size(), start, end);
+        let permit = buffer(state).await?;
+        let bytes = reader.read(start, first).await?;
+        let reader = (start + (first as u64) < end).then_some(reader);
+        stream_body(reader, (bytes, permit), start, end, state.buffers.clone())
     };
     let mut r = Response::builder()
         .status(status)
@@ -611,27 +755,43 @@ async fn get_file(
     Ok(with_meta_headers(r, &meta))
 }
 
-/// Streams bytes `start..end` of a file, one block-aligned piece at a time, reading a few
-/// blocks ahead (memory: at most `READ_AHEAD` blocks per request, each holding a permit of
-/// `buffers` from its read until it is handed to the connection).
+/// The length of the piece of a response that starts at `pos`: up to the end of its block,
+/// at most up to `end`.
+fn piece_len(block_size: u64, pos: u64, end: u64) -> usize {
+    (block_size - pos % block_size).min(end - pos) as usize
+}
+
+/// Streams bytes `start..end` of a file: `first`, the piece at `start` already read with its
+/// permit, then one block-aligned piece at a time, reading a few blocks ahead (memory: at
+/// most `READ_AHEAD` blocks per request, each holding a permit of `buffers` from its read
+/// until it is handed to the connection). `reader` is `None` when `first` is all of it.
 fn stream_body(
-    reader: FileReader,
+    reader: Option<FileReader>,
+    first: (bytes::Bytes, tokio::sync::OwnedSemaphorePermit),
     start: u64,
     end: u64,
     buffers: Arc<tokio::sync::Semaphore>,
 ) -> Body {
+    let head = futures::stream::once(async move { Ok(first) });
+    let Some(reader) = reader else {
+        return Body::from_stream(
+            head.map_ok(|(bytes, _permit)| bytes)
+                .map_err(|e: blockcache::Error| std::io::Error::other(e)),
+        );
+    };
     let bs = reader.block_size();
+    let second = start + piece_len(bs, start, end) as u64;
     // The last piece takes the reader: once it is read, the file is unpinned, before the
     // client has its last bytes (a replaced version's removal then starts no later).
     let mut reader = Some(Arc::new(reader));
     // Block-aligned pieces, generated as they are needed (no list proportional to the file).
-    let pieces = std::iter::successors(Some(start), move |&p| Some(p + (bs - p % bs)))
+    let pieces = std::iter::successors(Some(second), move |&p| Some(p + (bs - p % bs)))
         .take_while(move |&p| p < end)
-        .map(move |p| (p, (bs - p % bs).min(end - p) as usize));
+        .map(move |p| (p, piece_len(bs, p, end)));
     // Permits are taken in piece order (`then` runs one at a time), so a request's held
     // permits are always for its next pieces and its first one can be read: requests waiting
     // for permits cannot deadlock each other.
-    let stream = futures::stream::iter(pieces)
+    let rest = futures::stream::iter(pieces)
         .then(move |(pos, n)| {
             let buffers = buffers.clone();
             async move { (pos, n, buffers.acquire_owned().await) }
@@ -650,7 +810,9 @@ fn stream_body(
                 read.map(|b| (b, permit))
             }
         })
-        .buffered(READ_AHEAD)
+        .buffered(READ_AHEAD);
+    let stream = head
+        .chain(rest)
         .map_ok(|(bytes, _permit)| bytes)
         .map_err(|e| {
             tracing::error!(error = %e, "reading a file for a response failed");

@@ -41,8 +41,12 @@ impl std::fmt::Debug for Secret {
 impl std::str::FromStr for Secret {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s.is_empty() {
-            return Err("the auth token must not be empty".into());
+        // What a client can send after `Bearer ` in a header, and what cannot be a blank or
+        // a typo's leftover: visible ASCII only.
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "the auth token must be 1 or more visible ASCII characters (no spaces, no control characters); leave the setting out for no token".into(),
+            );
         }
         Ok(Self(s.to_owned()))
     }
@@ -55,18 +59,96 @@ pub struct Size(pub u64);
 impl std::str::FromStr for Size {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let hint = "write a number of bytes with an optional unit such as 64KiB, 1MiB, 4GiB";
+        if s.trim().starts_with('-') {
+            return Err(format!(
+                "invalid size {s:?}: a size cannot be negative; {hint}"
+            ));
+        }
         s.trim()
             .parse::<bytesize::ByteSize>()
             .map(|b| Size(b.as_u64()))
-            .map_err(|e| format!("invalid size {s:?} ({e}); write a number of bytes with an optional unit such as 64KiB, 1MiB, 4GiB"))
+            .map_err(|e| format!("invalid size {s:?} ({e}); {hint}"))
     }
 }
+
+impl Size {
+    /// A parser of sizes from `min` to `max` bytes, whose error names the range.
+    fn between(min: u64, max: u64) -> impl Fn(&str) -> Result<Size, String> + Clone {
+        move |s| {
+            let size: Size = s.parse()?;
+            if (min..=max).contains(&size.0) {
+                Ok(size)
+            } else {
+                Err(format!(
+                    "{s:?} is out of range: allowed from {} to {}",
+                    Size(min),
+                    Size(max)
+                ))
+            }
+        }
+    }
+}
+
+/// A parser of integers from `min` to `max`, whose error names the range.
+fn integer_between<T>(min: T, max: T) -> impl Fn(&str) -> Result<T, String> + Clone
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display + Copy,
+{
+    move |s| match s.trim().parse::<T>() {
+        Ok(n) if n >= min && n <= max => Ok(n),
+        Ok(_) => Err(format!(
+            "{s:?} is out of range: allowed from {min} to {max}"
+        )),
+        Err(_) => Err(format!(
+            "invalid number {s:?}: write a whole number from {min} to {max}"
+        )),
+    }
+}
+
+/// A timeout: a duration from 1 ms to a day ("500ms", "30s", "2min").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout(pub Duration);
+
+impl std::str::FromStr for Timeout {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("invalid duration {s:?} ({e}); write for example 500ms, 30s, 2min")
+        })?;
+        if d < Duration::from_millis(1) || d > Duration::from_secs(24 * 3600) {
+            return Err(format!("{s:?} is out of range: allowed from 1ms to 24h"));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl std::fmt::Display for Timeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
+/// The largest block size the engine takes.
+pub const MAX_BLOCK_SIZE: u64 = 1 << 30;
+/// The largest file: offsets and sizes are 64-bit signed numbers in the metadata, and a
+/// limit well below `i64::MAX` leaves room for a block past any offset.
+pub const MAX_FILE_SIZE: u64 = 1 << 62;
+/// The most concurrent uploads the engine takes.
+const MAX_UPLOAD_TASKS: usize = 1024;
 
 /// The exact size in the largest binary unit that divides it ("1MiB", "65536"): what help
 /// shows as a default, and parses back to the same size.
 impl std::fmt::Display for Size {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        for (unit, shift) in [
+            ("EiB", 60),
+            ("PiB", 50),
+            ("TiB", 40),
+            ("GiB", 30),
+            ("MiB", 20),
+            ("KiB", 10),
+        ] {
             if self.0 != 0 && self.0.is_multiple_of(1 << shift) {
                 return write!(f, "{}{unit}", self.0 >> shift);
             }
@@ -194,23 +276,23 @@ pub struct Settings {
     pub store: Option<String>,
     /// Block size, fixed when the volume is created
     #[arg(long, env = "BLOCKCACHE_BLOCK_SIZE", value_name = "SIZE",
-          default_value_t = Size(ENGINE.block_size))]
+          default_value_t = Size(ENGINE.block_size), value_parser = Size::between(1, MAX_BLOCK_SIZE))]
     pub block_size: Size,
     /// Most bytes the cache directory holds
     #[arg(long, env = "BLOCKCACHE_MAX_CACHE_SIZE", value_name = "SIZE",
-          default_value_t = Size(ENGINE.max_bytes))]
+          default_value_t = Size(ENGINE.max_bytes), value_parser = Size::between(1, u64::MAX))]
     pub max_cache_size: Size,
     /// Most files the cache directory holds
     #[arg(long, env = "BLOCKCACHE_MAX_ENTRIES", value_name = "N",
-          default_value_t = ENGINE.max_entries)]
+          default_value_t = ENGINE.max_entries, value_parser = integer_between::<u64>(1, u64::MAX))]
     pub max_entries: u64,
     /// Most dirty bytes before writers wait
     #[arg(long, env = "BLOCKCACHE_MAX_DIRTY", value_name = "SIZE",
-          default_value_t = Size(ENGINE.max_dirty_bytes))]
+          default_value_t = Size(ENGINE.max_dirty_bytes), value_parser = Size::between(1, u64::MAX))]
     pub max_dirty: Size,
     /// Concurrent uploads
     #[arg(long, env = "BLOCKCACHE_UPLOAD_TASKS", value_name = "N",
-          default_value_t = ENGINE.upload_tasks)]
+          default_value_t = ENGINE.upload_tasks, value_parser = integer_between::<usize>(1, MAX_UPLOAD_TASKS))]
     pub upload_tasks: usize,
     /// Age at which a dirty block is uploaded in the background; "off" disables
     #[arg(long, env = "BLOCKCACHE_UPLOAD_DELAY", value_name = "DURATION",
@@ -222,13 +304,37 @@ pub struct Settings {
     pub durability: Durability,
     /// Largest file size
     #[arg(long, env = "BLOCKCACHE_MAX_FILE_SIZE", value_name = "SIZE",
-          default_value_t = Size(1 << 40))]
+          default_value_t = Size(1 << 40), value_parser = Size::between(1, MAX_FILE_SIZE))]
     pub max_file_size: Size,
     /// Memory for request buffers, all requests together (each PUT or PATCH holds one block,
     /// each GET up to four while sending); requests wait beyond it
     #[arg(long, env = "BLOCKCACHE_BUFFER_MEMORY", value_name = "SIZE",
-          default_value_t = Size(64 << 20))]
+          default_value_t = Size(64 << 20), value_parser = Size::between(1, u64::MAX))]
     pub buffer_memory: Size,
+    /// Longest a request waits for buffer memory before it is answered 503 with Retry-After
+    #[arg(long, env = "BLOCKCACHE_BUFFER_TIMEOUT", value_name = "DURATION",
+          default_value_t = Timeout(Duration::from_secs(30)))]
+    pub buffer_timeout: Timeout,
+    /// Closes a connection that has not sent a whole request header this long after it
+    /// opened or after its last response (slow headers and idle keep-alive connections)
+    #[arg(long, env = "BLOCKCACHE_HEADER_TIMEOUT", value_name = "DURATION",
+          default_value_t = Timeout(Duration::from_secs(30)))]
+    pub header_timeout: Timeout,
+    /// Fails a request whose body sends no bytes for this long, and a response the client
+    /// reads nothing of for this long; what the request held is released
+    #[arg(long, env = "BLOCKCACHE_BODY_TIMEOUT", value_name = "DURATION",
+          default_value_t = Timeout(Duration::from_secs(60)))]
+    pub body_timeout: Timeout,
+    /// Most client connections at once (at most half the file descriptors the daemon may
+    /// open); more wait to be accepted
+    #[arg(long, env = "BLOCKCACHE_MAX_CONNECTIONS", value_name = "N",
+          default_value_t = 1024, value_parser = integer_between::<usize>(1, 1 << 20))]
+    pub max_connections: usize,
+    /// After SIGINT or SIGTERM, how long to wait for clients and the final flush before
+    /// exiting non-zero with the dirty data left for the next start
+    #[arg(long, env = "BLOCKCACHE_SHUTDOWN_TIMEOUT", value_name = "DURATION",
+          default_value_t = Timeout(Duration::from_secs(30)))]
+    pub shutdown_timeout: Timeout,
     /// Allow a non-loopback address without a token
     #[arg(long, env = "BLOCKCACHE_INSECURE")]
     pub insecure: bool,
@@ -257,6 +363,22 @@ impl Settings {
             upload_delay: self.upload_delay.0,
             ..Config::new(cache_dir)
         }
+    }
+
+    /// Checks what no single setting's parser can: the sizes that must hold a block.
+    pub fn check(&self) -> Result<(), String> {
+        let block = self.block_size;
+        for (key, size) in [
+            ("max-cache-size", self.max_cache_size),
+            ("max-dirty", self.max_dirty),
+        ] {
+            if size.0 < block.0 {
+                return Err(format!(
+                    "{key} {size} is out of range: it must be at least block-size ({block})"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The cache directory, by default in the data directory `data_dir`.

@@ -453,6 +453,27 @@ impl Db {
             .collect()
     }
 
+    /// The mapped blocks of `inode` with their objects, in block order.
+    pub async fn inode_objects(&self, inode: u64) -> Result<Vec<(u64, Object)>> {
+        let rows = sqlx::query(concat!(
+            "SELECT b.blockno AS blockno, ",
+            object_columns!(),
+            " FROM blocks b JOIN objects o ON o.id = b.obj_id WHERE b.inode = ? ORDER BY b.blockno"
+        ))
+        .bind(to_i64(inode)?)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(ctx("list the objects of an inode"))?;
+        rows.iter()
+            .map(|row| {
+                let blockno: i64 = row
+                    .try_get("blockno")
+                    .map_err(ctx("decode a block number"))?;
+                Ok((to_u64(blockno, "block number")?, object_from_row(row)?))
+            })
+            .collect()
+    }
+
     /// Commits the content of many blocks in one transaction: for each block, link it to an
     /// existing object with the same hash, or register a new object (state `uploading`), and
     /// release the object it pointed to before. Every new reference of the batch is taken

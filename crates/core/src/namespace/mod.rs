@@ -19,6 +19,7 @@
 
 mod reader;
 mod shared;
+mod verify;
 mod writer;
 
 use std::str::FromStr;
@@ -30,6 +31,7 @@ use blockcache_db::FileRow;
 use crate::{BlockCache, Error, Result};
 
 pub use reader::FileReader;
+pub use verify::{MissingObject, StoreCheck};
 pub use writer::FileWriter;
 
 use shared::Shared;
