@@ -121,6 +121,7 @@ pub struct Launch {
     listen: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
+    wrapper: Vec<String>,
 }
 
 impl Launch {
@@ -131,7 +132,15 @@ impl Launch {
             listen: "127.0.0.1:0".to_owned(),
             args: Vec::new(),
             env: vec![("BLOCKCACHE_LOG_LEVEL".to_owned(), "info".to_owned())],
+            wrapper: Vec::new(),
         }
+    }
+
+    /// Runs the daemon through `command` (a program and its arguments, such as
+    /// `prlimit --nofile=256:256`), which must exec the binary in its own process.
+    pub fn wrapped_in(mut self, command: &[&str]) -> Self {
+        self.wrapper = command.iter().map(|&a| a.to_owned()).collect();
+        self
     }
 
     /// Listens on `addr` instead of a free loopback port (the harness still talks to the
@@ -168,7 +177,14 @@ impl Launch {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos())
         ));
-        let mut cmd = Command::new(binary());
+        let mut cmd = match self.wrapper.split_first() {
+            None => Command::new(binary()),
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(binary());
+                cmd
+            }
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg(&self.listen)

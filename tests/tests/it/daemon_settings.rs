@@ -415,3 +415,90 @@ fn the_readme_table_shows_every_flag_of_help_with_its_default() {
         );
     }
 }
+
+/// Runs `blockcache serve` with `args` (and a data directory), expecting a refusal before it
+/// listens; returns what it printed.
+fn refused(args: &[&str]) -> String {
+    let dir = tmp();
+    let data_dir = dir.path().to_str().expect("utf-8").to_owned();
+    let mut all = vec!["serve", "--listen", "127.0.0.1:0", "--data-dir", &data_dir];
+    all.extend_from_slice(args);
+    let (status, out, err) = run_cli(&all, None);
+    assert!(
+        !status.success() && out.is_empty(),
+        "{args:?} was accepted: {err}"
+    );
+    err
+}
+
+/// Like [`refused`], with `text` as the settings file.
+fn refused_in_file(text: &str) -> String {
+    let dir = tmp();
+    let conf = dir.path().join("settings.toml");
+    std::fs::write(&conf, text).expect("write");
+    refused(&["--config", conf.to_str().expect("utf-8")])
+}
+
+#[test]
+fn settings_are_refused_with_their_key_and_allowed_range() {
+    // Each value, by flag or in the file: the key and what is allowed.
+    for (args, says) in [
+        (
+            &["--max-entries", "0"][..],
+            &["--max-entries", "allowed from 1"][..],
+        ),
+        (
+            &["--upload-tasks", "0"],
+            &["--upload-tasks", "allowed from 1 to 1024"],
+        ),
+        (&["--block-size", "2GiB"], &["--block-size", "to 1GiB"]),
+        (
+            &["--max-file-size", "8EiB"],
+            &["--max-file-size", "to 4EiB"],
+        ),
+        (&["--max-file-size", "0"], &["--max-file-size", "from 1"]),
+        (
+            &["--header-timeout", "0s"],
+            &["--header-timeout", "from 1ms to 24h"],
+        ),
+        (&["--body-timeout", "forever"], &["--body-timeout", "500ms"]),
+        (
+            &["--max-connections", "0"],
+            &["--max-connections", "allowed from 1"],
+        ),
+        (&["--auth-token", " "], &["--auth-token", "visible ASCII"]),
+        (&["--auth-token", ""], &["--auth-token", "visible ASCII"]),
+        (
+            &["--block-size", "64KiB", "--max-dirty", "4KiB"],
+            &["max-dirty", "at least block-size"],
+        ),
+    ] {
+        let err = refused(args);
+        for s in says {
+            assert!(err.contains(s), "{args:?}: no {s:?} in {err}");
+        }
+    }
+    for (text, says) in [
+        ("max-entries = 0\n", &["max-entries", "allowed from 1"][..]),
+        ("auth-token = \"\"\n", &["auth-token", "visible ASCII"]),
+        (
+            "auth-token = \" \"\nlisten = \"0.0.0.0:0\"\n",
+            &["auth-token", "visible ASCII"],
+        ),
+        ("block-size = -1\n", &["block-size", "cannot be negative"]),
+        ("block-size = 1.5\n", &["block-size", "float"]),
+        ("max-entries = \"many\"\n", &["max-entries", "whole number"]),
+    ] {
+        let err = refused_in_file(text);
+        for s in says {
+            assert!(err.contains(s), "{text:?}: no {s:?} in {err}");
+        }
+        assert!(!err.contains("untagged"), "{text:?}: {err}");
+    }
+    // A database that cannot be opened is named, even with an `@` in its path.
+    let dir = tmp();
+    let db = dir.path().join("no-such@dir/meta.db");
+    let db = db.to_str().expect("utf-8");
+    let err = refused(&["--block-size", "64KiB", "--database", db]);
+    assert!(err.contains(db), "{err}");
+}

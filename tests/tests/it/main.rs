@@ -6,6 +6,8 @@ mod cancel;
 mod concurrency;
 mod crash;
 mod daemon;
+mod daemon_answers;
+mod daemon_hostile;
 mod daemon_settings;
 mod daemon_store;
 mod faults;
