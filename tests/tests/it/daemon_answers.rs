@@ -168,7 +168,7 @@ async fn a_full_cache_disk_is_a_507() {
     let _fs = match Tmpfs::mount(&cache, "1m") {
         Ok(fs) => fs,
         Err(why) => {
-            println!("skipped: needs a 1 MiB tmpfs for the cache directory (root): {why}");
+            eprintln!("skipped: needs a 1 MiB tmpfs for the cache directory (root): {why}");
             return;
         }
     };

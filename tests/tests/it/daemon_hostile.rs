@@ -276,7 +276,7 @@ async fn connections_beyond_the_fd_limit_wait_and_uploads_go_on() {
         .output()
         .is_err()
     {
-        println!("skipped: no prlimit command to start the daemon with 256 file descriptors");
+        eprintln!("skipped: no prlimit command to start the daemon with 256 file descriptors");
         return;
     }
     let dir = tmp();
