@@ -275,16 +275,15 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         body_timeout: s.body_timeout.0,
         max_connections,
     };
+    let buffer_count = server::buffer_permits(s.buffer_memory.0, block_size);
     let state = Arc::new(server::AppState {
         ns,
         durability: s.durability,
         token: s.endpoint.auth_token.clone(),
         draining: Default::default(),
         metrics: metrics.clone(),
-        buffers: Arc::new(tokio::sync::Semaphore::new(server::buffer_permits(
-            s.buffer_memory.0,
-            block_size,
-        ))),
+        buffers: Arc::new(tokio::sync::Semaphore::new(buffer_count)),
+        buffer_count,
         buffer_timeout: s.buffer_timeout.0,
     });
     // Every clone of the router (one per connection) carries a sender of `alive`, and every

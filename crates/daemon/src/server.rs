@@ -41,6 +41,8 @@ pub struct AppState {
     /// request, a read piece from its read until it is sent. Bounds the daemon's buffer
     /// memory whatever the number of clients.
     pub buffers: Arc<tokio::sync::Semaphore>,
+    /// The number of block buffers of `buffers`.
+    pub buffer_count: usize,
     /// Longest wait for a buffer before a request is answered 503.
     pub buffer_timeout: Duration,
 }
@@ -888,6 +890,7 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
         "dirty": {"bytes": u.dirty_bytes, "entries": u.dirty_entries, "max_bytes": limits.max_dirty_bytes, "oldest_age_seconds": secs(u.oldest_dirty_age)},
         "uploads_in_flight": u.uploads_in_flight,
         "pending_removals": u.pending_removals,
+        "requests": {"buffers": state.buffer_count, "buffers_free": state.buffers.available_permits()},
         "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings": u.dedup_savings, "dedup_ratio": ratio},
         "counters": {
             "hits": u.hits, "misses": u.misses,
@@ -917,6 +920,11 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
         ),
         ("blockcache_uploads_in_flight", u.uploads_in_flight as f64),
         ("blockcache_pending_removals", u.pending_removals as f64),
+        ("blockcache_http_buffers", state.buffer_count as f64),
+        (
+            "blockcache_http_buffers_free",
+            state.buffers.available_permits() as f64,
+        ),
         ("blockcache_logical_bytes", u.logical_bytes as f64),
         ("blockcache_unique_bytes", u.unique_bytes as f64),
         ("blockcache_stored_bytes", u.stored_bytes as f64),

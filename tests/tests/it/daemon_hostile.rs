@@ -341,3 +341,71 @@ async fn connections_beyond_the_fd_limit_wait_and_uploads_go_on() {
     );
     d.stop();
 }
+
+/// Waits until no request buffer of the daemon is free.
+async fn wait_for_no_free_buffer(d: &Daemon) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = d.json("/v1/stats").await;
+        if s["requests"]["buffers_free"] == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "buffers still free after {WAIT:?}: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_loses_its_buffers() {
+    let dir = tmp();
+    // Three request buffers (fewer than a GET reads ahead), waited for as long as it
+    // takes: only the write timeout of the stalled reader's connection gives them back.
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--block-size",
+            "64KiB",
+            "--upload-delay",
+            "off",
+            "--buffer-memory",
+            "192KiB",
+            "--buffer-timeout",
+            "10min",
+            "--body-timeout",
+            "1s",
+        ],
+    );
+    // More than the socket buffers of both ends hold: the reader's is made small.
+    let big = data(5, 8 << 20);
+    assert!(d.put("big", big.clone()).await.status().is_success());
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let addr = d.addr().parse().expect("an address");
+    let mut stalled = tokio::time::timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("connect within a minute")
+        .expect("connect");
+    stalled
+        .write_all(b"GET /v1/files/big HTTP/1.1\r\nHost: blockcache\r\n\r\n")
+        .await
+        .expect("send a request");
+    // It reads nothing; its response holds every buffer once the socket is full.
+    wait_for_no_free_buffer(&d).await;
+    let r = client()
+        .get(d.url("/v1/files/big"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.bytes().await.expect("body") == big, "other bytes");
+    // The stalled reader's connection was cut: less than the whole response reached it.
+    let got = until_closed(&mut stalled, "the stalled reader").await;
+    assert!(
+        got.len() < big.len(),
+        "the whole file reached the stalled reader"
+    );
+    d.stop();
+}
