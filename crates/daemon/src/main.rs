@@ -340,21 +340,47 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     }
     let state = Arc::try_unwrap(state).map_err(|_| ServeError::StillShared)?;
     let before = state.ns.cache().usage().await.ok();
-    let (blocks, bytes) = before.map_or((0, 0), |u| (u.dirty_entries, u.dirty_bytes));
-    let Ok(result) = tokio::time::timeout_at(deadline, state.ns.shutdown()).await else {
-        return Err(ServeError::Deadline {
-            timeout,
-            waiting_for: "the final flush".to_owned(),
+    let (blocks, bytes) = before
+        .as_ref()
+        .map_or((0, 0), |u| (u.dirty_entries, u.dirty_bytes));
+    let past_deadline = || ServeError::Deadline {
+        timeout,
+        waiting_for: "the final flush".to_owned(),
+        blocks,
+        bytes,
+    };
+    // The flush first, on its own, so that the line can tell what it uploaded (dirty
+    // blocks whose content the store already holds upload nothing). A failed flush leaves
+    // the dirty data where the next start finds it; the shutdown would only try again.
+    let Ok(flushed) = tokio::time::timeout_at(deadline, state.ns.flush()).await else {
+        return Err(past_deadline());
+    };
+    if let Err(source) = flushed {
+        return Err(ServeError::Shutdown {
             blocks,
             bytes,
+            source,
         });
+    }
+    let after = state.ns.cache().usage().await.ok();
+    let (uploads, upload_bytes) = match (&before, &after) {
+        (Some(b), Some(a)) => (
+            a.uploads.saturating_sub(b.uploads),
+            a.upload_bytes.saturating_sub(b.upload_bytes),
+        ),
+        _ => (0, 0),
+    };
+    let Ok(result) = tokio::time::timeout_at(deadline, state.ns.shutdown()).await else {
+        return Err(past_deadline());
     };
     match result {
         Ok(()) => {
             tracing::info!(
                 dirty_blocks = blocks,
                 dirty_bytes = bytes,
-                "shut down: flushed {blocks} dirty blocks ({bytes} bytes) to the store"
+                uploads,
+                upload_bytes,
+                "shut down: flushed {blocks} dirty blocks ({bytes} bytes) to the store: {uploads} objects ({upload_bytes} bytes) uploaded, the rest was there already"
             );
             Ok(())
         }

@@ -195,3 +195,31 @@ async fn a_full_cache_disk_is_a_507() {
     assert_eq!(d.get("big").await.0, 404);
     d.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_line_tells_dirty_bytes_from_uploaded_bytes() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), ARGS);
+    // Four files of the same two blocks: eight dirty blocks, two objects to upload.
+    let content = data(24, 2 * BS);
+    for i in 0..4 {
+        let r = d
+            .http
+            .put(d.url(&format!("/v1/files/same{i}?durability=none")))
+            .body(content.clone())
+            .send()
+            .await
+            .expect("PUT");
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let log = d.stop();
+    let line = log
+        .lines()
+        .find(|l| l.contains("shut down:"))
+        .unwrap_or_else(|| panic!("no shutdown line in {log}"));
+    assert!(
+        line.contains(&format!("flushed 8 dirty blocks ({} bytes)", 8 * BS))
+            && line.contains(&format!("2 objects ({} bytes) uploaded", 2 * BS)),
+        "{line}"
+    );
+}
