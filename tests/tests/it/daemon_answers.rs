@@ -223,3 +223,52 @@ async fn the_shutdown_line_tells_dirty_bytes_from_uploaded_bytes() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_file_the_settings_allow_works_and_beyond_is_413() {
+    let dir = tmp();
+    let mut args = ARGS.to_vec();
+    args.extend(["--max-file-size", "4EiB"]);
+    let d = Daemon::start(dir.path(), &args);
+    let max: u64 = 1 << 62;
+    assert!(d.put("huge", b"abc".to_vec()).await.status().is_success());
+    let r = d
+        .http
+        .post(d.url(&format!("/v1/files/huge?truncate={max}")))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = d
+        .http
+        .patch(d.url(&format!("/v1/files/huge?offset={}", max - 10)))
+        .body(b"0123456789".to_vec())
+        .send()
+        .await
+        .expect("PATCH");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = d
+        .http
+        .get(d.url("/v1/files/huge"))
+        .header("Range", "bytes=-12")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(&r.bytes().await.expect("body")[..], b"\0\x000123456789");
+    // Past the maximum, whatever the offset: 413, never a 500.
+    for offset in [max - 5, 1 << 63, u64::MAX] {
+        let r = d
+            .http
+            .patch(d.url(&format!("/v1/files/huge?offset={offset}")))
+            .body(b"0123456789".to_vec())
+            .send()
+            .await
+            .expect("PATCH");
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "offset {offset}");
+    }
+    d.post("/v1/flush").await;
+    let s = d.json("/v1/files/huge/status?verify=1").await;
+    assert_eq!(s["in_store"], true, "{s}");
+    d.stop();
+}
