@@ -292,7 +292,14 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
     let app = server::router(state.clone()).layer(axum::Extension(alive));
     println!("blockcache listening on http://{addr}");
-    tracing::info!(%addr, store = %redact(&store), database = %redact(&database), "listening");
+    tracing::info!(
+        %addr,
+        store = %redact(&store),
+        database = %redact(&database),
+        max_connections,
+        fd_limit,
+        "listening"
+    );
 
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
