@@ -142,6 +142,9 @@ impl Env {
             initial_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(10),
             warn_after: 1,
+            deadline: Duration::from_secs(30),
+            // Every operation tries the store: tests of failures count the calls.
+            probe_interval: Duration::ZERO,
         })
     }
 

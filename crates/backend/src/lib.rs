@@ -15,7 +15,9 @@
 //! turns a block into the stored representation and back, and the size it reports becomes the
 //! object's stored size in the metadata.
 
+mod check;
 pub mod faulty;
+mod health;
 mod retry;
 
 use std::sync::Arc;
@@ -25,6 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, path::Path};
 use tokio_util::sync::CancellationToken;
 
+pub use check::Unusable;
 pub use retry::RetryPolicy;
 
 /// Errors of the object store layer.
@@ -38,6 +41,10 @@ pub enum Error {
         /// What was wrong with it.
         reason: String,
     },
+    /// The store cannot be used as it is configured (found when it is opened or by
+    /// [`Backend::check`]); the message says what to change.
+    #[error(transparent)]
+    Unusable(Box<Unusable>),
     /// The object does not exist in the store.
     #[error("object {key} not found in the store")]
     NotFound {
@@ -55,6 +62,32 @@ pub enum Error {
         #[source]
         source: object_store::Error,
     },
+    /// An operation and its retries did not succeed within the deadline
+    /// ([`RetryPolicy::deadline`]).
+    #[error("{what} did not succeed within {after:.1?} ({attempts} attempts)")]
+    TimedOut {
+        /// The operation, as a noun phrase ("upload of object data/01/1").
+        what: String,
+        /// How long it ran.
+        after: std::time::Duration,
+        /// Attempts made, the abandoned one included.
+        attempts: u32,
+        /// The failure of the attempt before the abandoned one, if any.
+        #[source]
+        source: Option<Box<Error>>,
+    },
+    /// The store is down (an earlier operation ran out of retries) and this operation was
+    /// not tried: operations fail at once until the next retry is due
+    /// ([`RetryPolicy::probe_interval`]).
+    #[error(
+        "the object store has been unreachable for {down_for:.0?} (not tried again yet): {cause}"
+    )]
+    Unavailable {
+        /// How long the store has been down.
+        down_for: std::time::Duration,
+        /// The failure that made it count as down, with its causes.
+        cause: String,
+    },
     /// Objects written to a local-directory store could not be made durable (fsync or
     /// syncfs).
     #[error("making the objects in the store directory durable failed")]
@@ -71,23 +104,10 @@ pub enum Error {
 impl Error {
     /// Whether retrying the same operation later may succeed.
     pub fn is_transient(&self) -> bool {
-        use object_store::Error as E;
         match self {
-            Self::Store { source, .. } => !matches!(
-                source,
-                E::NotFound { .. }
-                    | E::InvalidPath { .. }
-                    | E::NotSupported { .. }
-                    | E::AlreadyExists { .. }
-                    | E::Precondition { .. }
-                    | E::NotModified { .. }
-                    | E::NotImplemented { .. }
-                    | E::PermissionDenied { .. }
-                    | E::Unauthenticated { .. }
-                    | E::UnknownConfigurationKey { .. }
-            ),
-            Self::InvalidUrl { .. } | Self::NotFound { .. } => false,
-            Self::NotDurable { .. } => true,
+            Self::Store { source, .. } => transient_store_error(source),
+            Self::TimedOut { .. } | Self::Unavailable { .. } | Self::NotDurable { .. } => true,
+            Self::InvalidUrl { .. } | Self::Unusable(_) | Self::NotFound { .. } => false,
             Self::Cancelled => false,
         }
     }
@@ -96,6 +116,82 @@ impl Error {
     pub fn is_cancelled(&self) -> bool {
         matches!(self, Self::Cancelled)
     }
+
+    /// Whether the store answered (refused, or had no such object): it is reachable.
+    fn is_answer(&self) -> bool {
+        use object_store::Error as E;
+        match self {
+            Self::NotFound { .. } => true,
+            Self::Store { source, .. } => matches!(
+                source,
+                E::NotFound { .. }
+                    | E::AlreadyExists { .. }
+                    | E::Precondition { .. }
+                    | E::NotModified { .. }
+                    | E::PermissionDenied { .. }
+                    | E::Unauthenticated { .. }
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a failed request may succeed if tried again: not when the store answered with a
+/// refusal (a typed status: not found, denied, ...), nor when the request could not even be
+/// made (object_store's HTTP error kinds `Decode` and `Unknown`, such as a URL scheme the
+/// client refuses); connection failures, timeouts, interrupted requests and other errors
+/// (server errors, throttling) may.
+fn transient_store_error(source: &object_store::Error) -> bool {
+    use object_store::Error as E;
+    use object_store::client::HttpErrorKind as K;
+    match source {
+        E::NotFound { .. }
+        | E::InvalidPath { .. }
+        | E::NotSupported { .. }
+        | E::AlreadyExists { .. }
+        | E::Precondition { .. }
+        | E::NotModified { .. }
+        | E::NotImplemented { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::UnknownConfigurationKey { .. } => false,
+        other => match http_error_kind(other) {
+            Some(K::Connect | K::Request | K::Timeout | K::Interrupted) | None => true,
+            Some(_) => false,
+        },
+    }
+}
+
+/// The kind of the HTTP failure under `error`, if a request failed without an answer.
+fn http_error_kind(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<object_store::client::HttpErrorKind> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(http) = e.downcast_ref::<object_store::client::HttpError>() {
+            return Some(http.kind());
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// `error` and its causes, `: `-separated; a cause whose text its parent already shows is
+/// not repeated. For logs and messages.
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut told = error.to_string();
+    let mut parent = told.clone();
+    let mut next = error.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !parent.contains(&text) {
+            told.push_str(": ");
+            told.push_str(&text);
+        }
+        parent = text;
+        next = cause.source();
+    }
+    told
 }
 
 /// Result alias of this crate.
@@ -146,6 +242,10 @@ pub struct Backend {
     codec: Arc<dyn Codec>,
     retry: RetryPolicy,
     cancel: CancellationToken,
+    /// Whether the store answers, shared by every clone.
+    health: health::Health,
+    /// What the start-up check needs to know of a cloud store.
+    setup: Arc<check::Setup>,
     /// Faults injected into the durability barriers of a local-directory store (tests).
     faults: Option<faulty::Faults>,
 }
@@ -157,10 +257,182 @@ impl Backend {
     /// `s3://bucket/prefix`, `gs://bucket/prefix`, `az://container/prefix`. Cloud credentials
     /// come from the usual environment variables (`AWS_*`, `GOOGLE_*`, `AZURE_*`).
     pub fn from_url(url: &str) -> Result<Self> {
-        let (store, prefix, local_root) = open_store(url)?;
+        Self::open(url, RetryPolicy::default().deadline)
+    }
+
+    /// [`Backend::from_url`] with `timeout` as the deadline of each operation, its retries
+    /// included ([`RetryPolicy::deadline`]): the HTTP clients of cloud stores make one
+    /// request per attempt (object_store's own retries are off, so that this backend's
+    /// policy is the only retry layer), each within `timeout`, and connect within 5 s at
+    /// most. A setting that cannot work is refused here ([`Error::Unusable`]): an
+    /// `http://` S3 endpoint without `AWS_ALLOW_HTTP=true`, or no S3 credentials while the
+    /// instance metadata service is disabled.
+    pub fn open(url: &str, timeout: std::time::Duration) -> Result<Self> {
+        let (store, prefix, local_root, setup) = open_store(url, timeout)?;
         let mut backend = Self::new(store, prefix);
         backend.local_root = local_root;
+        backend.setup = Arc::new(setup);
+        backend.retry.deadline = timeout;
+        backend.retry.probe_interval = backend.retry.probe_interval.min(timeout);
         Ok(backend)
+    }
+
+    /// Whether the store answered the last operation that reached it (it counts as down
+    /// once an operation ran out of retries on transient errors, until one succeeds).
+    pub fn is_up(&self) -> bool {
+        self.health.is_up()
+    }
+
+    /// While the store is down: the failure that made it count as down, with its causes.
+    pub fn down_cause(&self) -> Option<String> {
+        self.health.cause()
+    }
+
+    /// Whether an operation would try the store now: it is up, or it is down and a retry
+    /// is due. Background work waits while this is false.
+    pub fn is_available(&self) -> bool {
+        self.health.is_available()
+    }
+
+    /// Lets the next operations try a store that is down at once, instead of failing until
+    /// the next retry is due (for work a user asked for).
+    pub fn retry_now(&self) {
+        self.health.retry_now();
+    }
+
+    /// The delay between retries of a store that is down ([`RetryPolicy::probe_interval`]).
+    pub fn probe_interval(&self) -> std::time::Duration {
+        self.retry.probe_interval
+    }
+
+    /// The deadline of one operation ([`RetryPolicy::deadline`]).
+    pub fn timeout(&self) -> std::time::Duration {
+        self.retry.deadline
+    }
+
+    /// The key of the marker object that [`Backend::check`] writes and [`Backend::probe`]
+    /// reads: outside the objects' prefix, so listings of objects never see it.
+    fn marker(&self) -> Path {
+        self.prefix.clone().join("blockcache-probe")
+    }
+
+    /// Asks the store whether it answers (a HEAD of the marker object; "not found" is an
+    /// answer), with retries within the deadline; updates [`Backend::is_up`].
+    pub async fn probe(&self) -> Result<()> {
+        let key = self.marker();
+        let what = format!("probe of {key}");
+        let result = self
+            .retry
+            .run(&what, &self.cancel, &self.health, || {
+                let key = &key;
+                async move {
+                    self.store
+                        .head(key)
+                        .await
+                        .map(drop)
+                        .map_err(|source| store_error("probe", key, source))
+                }
+            })
+            .await;
+        match result {
+            Err(Error::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    /// The start-up check: a cloud store's credentials (asked for first when they come from
+    /// the instance metadata), then a write of the marker object under the prefix, within
+    /// the deadline. A failure is told as what to change ([`Unusable`]): no credentials,
+    /// no bucket, access denied, an `https://` endpoint that speaks plain HTTP, or no
+    /// answer. Local stores need no check (opening created their directory).
+    pub async fn check(&self) -> Result<()> {
+        let setup = &self.setup;
+        if !setup.cloud {
+            return Ok(());
+        }
+        let url = || setup.url.clone();
+        if let Some(credentials) = &setup.instance_credentials {
+            let got = tokio::time::timeout(self.retry.deadline, credentials.get_credential()).await;
+            let source = match got {
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some(Some(e)),
+                Err(_) => Some(None),
+            };
+            if let Some(source) = source {
+                return Err(Unusable::NoCredentials {
+                    url: url(),
+                    tried: "the environment, and the instance metadata service, which gave none",
+                    source,
+                }
+                .into());
+            }
+        }
+        let key = self.marker();
+        let put = || async {
+            self.store
+                .put(&key, PutPayload::from_static(b"blockcache"))
+                .await
+                .map(drop)
+                .map_err(|source| store_error("write", &key, source))
+        };
+        // One attempt first: a TLS handshake with a plain-HTTP server fails at once and
+        // for good, which retries would only hide.
+        let first = put().await;
+        let result = match first {
+            Ok(()) => Ok(()),
+            Err(e) if e.is_transient() => {
+                if let Some(endpoint) = &setup.endpoint
+                    && check::is_connect_failure(&e)
+                    && let Some(authority) = check::answers_plain_http(endpoint).await
+                {
+                    return Err(Unusable::TlsMismatch {
+                        url: url(),
+                        endpoint: endpoint.clone(),
+                        authority,
+                        source: Box::new(e),
+                    }
+                    .into());
+                }
+                let what = format!("write of {key}");
+                self.retry.run(&what, &self.cancel, &self.health, put).await
+            }
+            Err(e) => Err(e),
+        };
+        let Err(e) = result else {
+            self.health.answered();
+            return Ok(());
+        };
+        use object_store::Error as E;
+        let denied = matches!(
+            &e,
+            Error::Store {
+                source: E::PermissionDenied { .. } | E::Unauthenticated { .. },
+                ..
+            }
+        );
+        let unusable = if matches!(e, Error::NotFound { .. }) {
+            // A write cannot miss its object: only the bucket can be missing.
+            Unusable::NoBucket {
+                url: url(),
+                bucket: setup.bucket.clone().unwrap_or_default(),
+                endpoint: setup.endpoint.clone(),
+                source: Box::new(e),
+            }
+        } else if denied {
+            Unusable::AccessDenied {
+                url: url(),
+                source: Box::new(e),
+            }
+        } else if e.is_transient() {
+            Unusable::Unreachable {
+                url: url(),
+                timeout: self.retry.deadline,
+                source: Box::new(e),
+            }
+        } else {
+            return Err(e);
+        };
+        Err(unusable.into())
     }
 
     /// Makes every object written so far durable. A local-directory store writes through the
@@ -328,6 +600,8 @@ impl Backend {
             codec: Arc::new(Plain),
             retry: RetryPolicy::default(),
             cancel: CancellationToken::new(),
+            health: health::Health::default(),
+            setup: Arc::default(),
             faults: None,
         }
     }
@@ -389,7 +663,7 @@ impl Backend {
         let payload = PutPayload::from_bytes(stored);
         let what = format!("upload of object {key}");
         self.retry
-            .run(&what, &self.cancel, || {
+            .run(&what, &self.cancel, &self.health, || {
                 let payload = payload.clone();
                 let key = &key;
                 async move {
@@ -412,7 +686,7 @@ impl Backend {
         let what = format!("download of object {key}");
         let stored = self
             .retry
-            .run(&what, &self.cancel, || {
+            .run(&what, &self.cancel, &self.health, || {
                 let key = &key;
                 async move {
                     let result = self
@@ -437,7 +711,7 @@ impl Backend {
         let what = format!("lookup of object {key}");
         let found = self
             .retry
-            .run(&what, &self.cancel, || {
+            .run(&what, &self.cancel, &self.health, || {
                 let key = &key;
                 async move {
                     match self.store.head(key).await {
@@ -462,7 +736,7 @@ impl Backend {
         let remaining_cell =
             std::sync::Mutex::new(ids.iter().map(|&id| self.key(id)).collect::<Vec<_>>());
         self.retry
-            .run(&what, &self.cancel, || {
+            .run(&what, &self.cancel, &self.health, || {
                 let batch: Vec<Path> = remaining_cell.lock().expect("not poisoned").clone();
                 let cell = &remaining_cell;
                 async move {
@@ -519,9 +793,12 @@ impl Backend {
     }
 }
 
+/// A failed request as an [`Error`]. "Not found" is [`Error::NotFound`], but for an upload,
+/// where it can only mean that the bucket is missing: that stays a (permanent) store error
+/// with the store's answer.
 fn store_error(op: &'static str, key: &Path, source: object_store::Error) -> Error {
     match source {
-        object_store::Error::NotFound { .. } => Error::NotFound {
+        object_store::Error::NotFound { .. } if op != "upload" => Error::NotFound {
             key: key.to_string(),
         },
         source => Error::Store {
@@ -539,14 +816,55 @@ fn invalid(url: &str, reason: impl std::fmt::Display) -> Error {
     }
 }
 
-fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::path::PathBuf>)> {
+/// What opening a URL gives: the store, the key prefix, a local store's directory, and
+/// what the start-up check needs.
+type Opened = (
+    Arc<dyn ObjectStore>,
+    Path,
+    Option<std::path::PathBuf>,
+    check::Setup,
+);
+
+/// object_store's retries are off: [`RetryPolicy`] is the only retry layer.
+fn client_retry(timeout: std::time::Duration) -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        max_retries: 0,
+        retry_timeout: timeout,
+        backoff: object_store::BackoffConfig::default(),
+    }
+}
+
+/// The request timeout (`timeout`) and the connect timeout (5 s at most) of a cloud store's
+/// HTTP client, as its configuration strings.
+fn client_timeouts(timeout: std::time::Duration) -> [(object_store::ClientConfigKey, String); 2] {
+    use object_store::ClientConfigKey as K;
+    let connect = timeout.min(std::time::Duration::from_secs(5));
+    [
+        (K::Timeout, format!("{}ms", timeout.as_millis().max(1))),
+        (
+            K::ConnectTimeout,
+            format!("{}ms", connect.as_millis().max(1)),
+        ),
+    ]
+}
+
+fn open_store(url_str: &str, timeout: std::time::Duration) -> Result<Opened> {
     use object_store::{
-        aws::AmazonS3Builder, azure::MicrosoftAzureBuilder, gcp::GoogleCloudStorageBuilder,
-        local::LocalFileSystem, memory::InMemory,
+        aws::{AmazonS3Builder, AmazonS3ConfigKey},
+        azure::{AzureConfigKey, MicrosoftAzureBuilder},
+        gcp::{GoogleCloudStorageBuilder, GoogleConfigKey},
+        local::LocalFileSystem,
+        memory::InMemory,
     };
     let url = url::Url::parse(url_str).map_err(|e| invalid(url_str, e))?;
     let prefix = || -> Result<Path> {
         Path::parse(url.path().trim_start_matches('/')).map_err(|e| invalid(url_str, e))
+    };
+    let mut setup = check::Setup {
+        url: url_str.to_owned(),
+        cloud: true,
+        bucket: url.host_str().map(str::to_owned),
+        ..check::Setup::default()
     };
     let store: Arc<dyn ObjectStore> = match url.scheme() {
         "file" => {
@@ -558,24 +876,53 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::
             let store = LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| invalid(url_str, e))?
                 .with_automatic_cleanup(true);
-            return Ok((Arc::new(store), Path::default(), Some(dir)));
+            let setup = check::Setup::default();
+            return Ok((Arc::new(store), Path::default(), Some(dir), setup));
         }
-        "memory" => return Ok((Arc::new(InMemory::new()), Path::default(), None)),
-        "s3" | "s3a" => Arc::new(
-            AmazonS3Builder::from_env()
-                .with_url(url_str)
-                .build()
-                .map_err(|e| invalid(url_str, e))?,
-        ),
+        "memory" => {
+            let setup = check::Setup::default();
+            return Ok((Arc::new(InMemory::new()), Path::default(), None, setup));
+        }
+        "s3" | "s3a" => {
+            let builder = client_timeouts(timeout).into_iter().fold(
+                AmazonS3Builder::from_env()
+                    .with_url(url_str)
+                    .with_retry(client_retry(timeout)),
+                |b, (k, v)| b.with_config(AmazonS3ConfigKey::Client(k), v),
+            );
+            let (endpoint, credentials) = check::check_s3_settings(
+                url_str,
+                &builder,
+                check::env_truthy("AWS_EC2_METADATA_DISABLED"),
+            )?;
+            setup.endpoint = endpoint;
+            let s3 = builder.build().map_err(|e| invalid(url_str, e))?;
+            if credentials == check::S3Credentials::InstanceMetadata {
+                setup.instance_credentials = Some(Arc::clone(s3.credentials()));
+            }
+            Arc::new(s3)
+        }
         "gs" => Arc::new(
-            GoogleCloudStorageBuilder::from_env()
-                .with_url(url_str)
+            client_timeouts(timeout)
+                .into_iter()
+                .fold(
+                    GoogleCloudStorageBuilder::from_env()
+                        .with_url(url_str)
+                        .with_retry(client_retry(timeout)),
+                    |b, (k, v)| b.with_config(GoogleConfigKey::Client(k), v),
+                )
                 .build()
                 .map_err(|e| invalid(url_str, e))?,
         ),
         "az" | "abfs" | "abfss" | "azure" => Arc::new(
-            MicrosoftAzureBuilder::from_env()
-                .with_url(url_str)
+            client_timeouts(timeout)
+                .into_iter()
+                .fold(
+                    MicrosoftAzureBuilder::from_env()
+                        .with_url(url_str)
+                        .with_retry(client_retry(timeout)),
+                    |b, (k, v)| b.with_config(AzureConfigKey::Client(k), v),
+                )
                 .build()
                 .map_err(|e| invalid(url_str, e))?,
         ),
@@ -586,7 +933,7 @@ fn open_store(url_str: &str) -> Result<(Arc<dyn ObjectStore>, Path, Option<std::
             ));
         }
     };
-    Ok((store, prefix()?, None))
+    Ok((store, prefix()?, None, setup))
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ fn fast_retry(attempts: u32) -> RetryPolicy {
         initial_delay: Duration::from_millis(1),
         max_delay: Duration::from_millis(5),
         warn_after: 1,
+        deadline: Duration::from_secs(30),
+        probe_interval: Duration::ZERO,
     }
 }
 
@@ -204,6 +206,8 @@ async fn cancellation_stops_retries() {
             initial_delay: Duration::from_millis(20),
             max_delay: Duration::from_millis(20),
             warn_after: 1,
+            deadline: Duration::from_secs(3600),
+            probe_interval: Duration::ZERO,
         })
         .with_cancel(cancel.clone());
     faults.fail_first(Op::Put, u64::MAX);
@@ -320,4 +324,193 @@ async fn a_store_on_another_file_system_stops_linking() {
     assert_eq!(backend.link_object(1, &block), None, "EXDEV");
     assert!(!backend.can_link(), "no further attempts");
     assert!(std::fs::read_dir(store.path().join("data/01")).is_ok_and(|mut d| d.next().is_none()));
+}
+
+/// A backend over a faulty in-memory store with `policy`.
+fn faulty_with(policy: RetryPolicy) -> (Backend, crate::faulty::Faults) {
+    let (store, faults) = FaultyStore::new(Arc::new(InMemory::new()));
+    (
+        Backend::new(store, Path::from("vol")).with_retry(policy),
+        faults,
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_that_never_answers_fails_at_the_deadline() {
+    let (backend, faults) = faulty_with(RetryPolicy {
+        deadline: Duration::from_secs(2),
+        ..fast_retry(100)
+    });
+    faults.hold(Op::Put);
+    let started = tokio::time::Instant::now();
+    let err = backend
+        .put(1, Bytes::from_static(b"x"))
+        .await
+        .expect_err("no answer");
+    assert!(matches!(err, Error::TimedOut { attempts: 1, .. }), "{err}");
+    assert!(err.is_transient());
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert!(!backend.is_up());
+    assert!(
+        backend
+            .down_cause()
+            .is_some_and(|c| c.contains("did not succeed within 2.0s")),
+        "{:?}",
+        backend.down_cause()
+    );
+    // Retries of a failing store stop at the deadline too, with the last failure as cause.
+    faults.release(Op::Put);
+    faults.latency(Op::Put, Duration::from_millis(700));
+    faults.fail_first(Op::Put, u64::MAX);
+    let started = tokio::time::Instant::now();
+    let err = backend
+        .put(2, Bytes::from_static(b"x"))
+        .await
+        .expect_err("keeps failing");
+    assert!(started.elapsed() <= Duration::from_secs(2), "{err}");
+    assert!(
+        crate::chain(&err).contains("injected Put failure"),
+        "{}",
+        crate::chain(&err)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_down_store_fails_fast_until_a_retry_is_due() {
+    let (backend, faults) = faulty_with(RetryPolicy {
+        probe_interval: Duration::from_secs(10),
+        ..fast_retry(2)
+    });
+    assert!(backend.is_up() && backend.is_available());
+    faults.fail_first(Op::Put, u64::MAX);
+    backend
+        .put(1, Bytes::from_static(b"x"))
+        .await
+        .expect_err("down");
+    assert_eq!(faults.calls(Op::Put), 2);
+    assert!(!backend.is_up() && !backend.is_available());
+    // Not tried: the error says since when and why.
+    let err = backend
+        .put(1, Bytes::from_static(b"x"))
+        .await
+        .expect_err("fails fast");
+    assert!(matches!(err, Error::Unavailable { .. }), "{err}");
+    assert!(err.is_transient());
+    assert!(err.to_string().contains("injected Put failure"), "{err}");
+    assert_eq!(faults.calls(Op::Put), 2);
+    // Reads fail fast as well.
+    assert!(matches!(
+        backend.get(1).await,
+        Err(Error::Unavailable { .. })
+    ));
+    // Once the retry is due, operations try the store again.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert!(backend.is_available());
+    faults.reset();
+    backend
+        .put(1, Bytes::from_static(b"x"))
+        .await
+        .expect("the store is back");
+    assert!(backend.is_up() && backend.down_cause().is_none());
+    // A refusal is an answer: the store is up again after it.
+    faults.fail_first(Op::Put, 2);
+    backend
+        .put(2, Bytes::from_static(b"x"))
+        .await
+        .expect_err("down again");
+    assert!(!backend.is_up());
+    backend.retry_now();
+    assert!(backend.is_available());
+    assert!(matches!(backend.get(5).await, Err(Error::NotFound { .. })));
+    assert!(backend.is_up());
+}
+
+#[tokio::test]
+async fn the_probe_takes_not_found_as_an_answer() {
+    let (backend, faults) = faulty_with(fast_retry(2));
+    backend.probe().await.expect("no marker, but an answer");
+    faults.fail_first(Op::Get, 2);
+    backend.probe().await.expect_err("no answer");
+    assert!(!backend.is_up());
+    backend.probe().await.expect("an answer again");
+    assert!(backend.is_up());
+    // Local stores need no start-up check.
+    backend.check().await.expect("nothing to check");
+}
+
+#[test]
+fn http_failures_are_transient_unless_the_request_could_not_be_made() {
+    use object_store::client::{HttpError, HttpErrorKind};
+    let with_kind = |kind| Error::Store {
+        op: "upload",
+        key: "k".into(),
+        source: object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(HttpError::new(kind, std::io::Error::other("cause"))),
+        },
+    };
+    for kind in [
+        HttpErrorKind::Connect,
+        HttpErrorKind::Request,
+        HttpErrorKind::Timeout,
+        HttpErrorKind::Interrupted,
+    ] {
+        assert!(with_kind(kind).is_transient(), "{kind:?}");
+    }
+    for kind in [HttpErrorKind::Decode, HttpErrorKind::Unknown] {
+        assert!(!with_kind(kind).is_transient(), "{kind:?}");
+    }
+    assert!(crate::check::is_connect_failure(&with_kind(
+        HttpErrorKind::Connect
+    )));
+    assert!(!crate::check::is_connect_failure(&with_kind(
+        HttpErrorKind::Timeout
+    )));
+    // Errors without a transport failure (server errors, throttling) are retried.
+    let generic = Error::Store {
+        op: "upload",
+        key: "k".into(),
+        source: object_store::Error::Generic {
+            store: "S3",
+            source: "503 Slow Down".into(),
+        },
+    };
+    assert!(generic.is_transient());
+}
+
+#[test]
+fn s3_settings_that_cannot_work_are_refused_before_any_request() {
+    use object_store::aws::AmazonS3Builder;
+    let url = "s3://bucket/prefix";
+    let keys = |b: AmazonS3Builder| {
+        b.with_access_key_id("id")
+            .with_secret_access_key("secret")
+            .with_bucket_name("bucket")
+    };
+    let http = keys(AmazonS3Builder::new()).with_endpoint("http://127.0.0.1:9");
+    let err = crate::check::check_s3_settings(url, &http, false).expect_err("plain http");
+    assert!(
+        matches!(err, crate::Unusable::HttpNotAllowed { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("AWS_ALLOW_HTTP=true"), "{err}");
+    let allowed = http.with_allow_http(true);
+    assert!(crate::check::check_s3_settings(url, &allowed, false).is_ok());
+    // No credentials: the instance metadata is the last resort, unless disabled.
+    let none = AmazonS3Builder::new().with_bucket_name("bucket");
+    assert_eq!(
+        crate::check::check_s3_settings(url, &none, false)
+            .expect("metadata")
+            .1,
+        crate::check::S3Credentials::InstanceMetadata
+    );
+    let err = crate::check::check_s3_settings(url, &none, true).expect_err("no credentials");
+    assert!(err.to_string().contains("AWS_ACCESS_KEY_ID"), "{err}");
+    let unsigned = none.with_skip_signature(true);
+    assert_eq!(
+        crate::check::check_s3_settings(url, &unsigned, true)
+            .expect("unsigned")
+            .1,
+        crate::check::S3Credentials::Configured
+    );
 }
