@@ -5,6 +5,7 @@
 //! std mutex (never held across an await) and a `Notify` for waiters.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -80,10 +81,18 @@ impl Budget {
 
     /// Takes `n` bytes, waiting while that would exceed the limit. `pressure` is notified
     /// while waiting so that the commit task uploads dirty data. A request larger than the
-    /// limit is granted once nothing else is in use, so it cannot wait forever.
+    /// limit is granted once nothing else is in use, so it cannot wait forever. With
+    /// `patience`, gives up (`Err` with how long it waited) once nothing was released for
+    /// that long: dirty data is not leaving (the store is down).
     ///
     /// Cancel-safe: a dropped wait takes nothing and no longer counts as a waiter.
-    pub(crate) async fn acquire(self: &Arc<Self>, n: u64, pressure: &Notify) -> Credit {
+    pub(crate) async fn acquire(
+        self: &Arc<Self>,
+        n: u64,
+        pressure: &Notify,
+        patience: Option<Duration>,
+    ) -> Result<Credit, Duration> {
+        let started = tokio::time::Instant::now();
         let mut waiting = Waiting {
             budget: self,
             registered: false,
@@ -100,10 +109,10 @@ impl Budget {
                         c.waiters -= 1;
                         waiting.registered = false;
                     }
-                    return Credit {
+                    return Ok(Credit {
                         budget: Arc::clone(self),
                         bytes: n,
-                    };
+                    });
                 }
                 if !waiting.registered {
                     c.waiters += 1;
@@ -111,7 +120,14 @@ impl Budget {
                 }
             }
             pressure.notify_one();
-            freed.await;
+            match patience {
+                None => freed.await,
+                Some(p) => {
+                    if tokio::time::timeout(p, freed).await.is_err() {
+                        return Err(started.elapsed());
+                    }
+                }
+            }
         }
     }
 
@@ -164,7 +180,6 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::time::Duration;
 
     use super::*;
 
@@ -172,9 +187,11 @@ mod tests {
     async fn waits_until_released_and_signals_pressure() {
         let budget = Arc::new(Budget::new(10));
         let pressure = Arc::new(Notify::new());
-        let first = budget.acquire(8, &pressure).await;
+        let first = budget.acquire(8, &pressure, None).await.expect("free");
         let (b, p) = (budget.clone(), pressure.clone());
-        let waiter = tokio::spawn(async move { std::mem::forget(b.acquire(5, &p).await) });
+        let waiter = tokio::spawn(async move {
+            std::mem::forget(b.acquire(5, &p, None).await.expect("no patience"))
+        });
         pressure.notified().await;
         assert!(budget.under_pressure());
         assert!(!waiter.is_finished());
@@ -191,12 +208,12 @@ mod tests {
     async fn oversized_request_is_granted_when_idle_and_limit_can_grow() {
         let budget = Arc::new(Budget::new(4));
         let pressure = Notify::new();
-        let big = budget.acquire(100, &pressure).await;
+        let big = budget.acquire(100, &pressure, None).await.expect("idle");
         assert_eq!(budget.used(), 100);
         drop(big);
         budget.set_limit(1000);
-        let a = budget.acquire(600, &pressure).await;
-        let b = budget.acquire(400, &pressure).await;
+        let a = budget.acquire(600, &pressure, None).await.expect("fits");
+        let b = budget.acquire(400, &pressure, None).await.expect("fits");
         assert_eq!(budget.used(), 1000);
         drop((a, b));
         assert_eq!(budget.used(), 0);
@@ -206,9 +223,9 @@ mod tests {
     async fn a_dropped_wait_leaves_no_waiter_and_takes_nothing() {
         let budget = Arc::new(Budget::new(10));
         let pressure = Notify::new();
-        let held = budget.acquire(10, &pressure).await;
+        let held = budget.acquire(10, &pressure, None).await.expect("free");
         {
-            let wait = budget.acquire(5, &pressure);
+            let wait = budget.acquire(5, &pressure, None);
             tokio::pin!(wait);
             // Polled once: registered as a waiter, then dropped.
             assert!(futures::poll!(wait.as_mut()).is_pending());
@@ -220,5 +237,44 @@ mod tests {
         credit.spend(4);
         drop(credit);
         assert_eq!(budget.used(), 4, "spent bytes stay taken until released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_writer_gives_up_only_when_nothing_is_released_for_its_patience() {
+        let budget = Arc::new(Budget::new(10));
+        let pressure = Arc::new(Notify::new());
+        let held = budget.acquire(10, &pressure, None).await.expect("free");
+        let patience = Some(Duration::from_millis(200));
+        let waited = budget
+            .acquire(5, &pressure, patience)
+            .await
+            .expect_err("nothing released");
+        assert_eq!(waited, Duration::from_millis(200));
+        assert_eq!(
+            budget.used_and_waiters(),
+            (10, 0),
+            "gave up without a trace"
+        );
+        // Each release starts its patience again: a writer waits as long as dirty data
+        // leaves, and gets its bytes once they fit.
+        let (b, p) = (budget.clone(), pressure.clone());
+        let waiter = tokio::spawn(async move { b.acquire(5, &p, patience).await.map(drop) });
+        budget.force(10);
+        drop(held);
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            budget.release(1);
+            budget.force(1);
+        }
+        assert!(
+            !waiter.is_finished(),
+            "still waiting after twice its patience"
+        );
+        budget.release(5);
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("granted")
+            .expect("join")
+            .expect("granted within its patience");
     }
 }

@@ -27,11 +27,16 @@ pub struct Config {
     pub upload_delay: Option<Duration>,
     /// How long shutdown waits for background tasks after flushing.
     pub shutdown_grace: Duration,
+    /// How long a writer waits for the dirty budget while no dirty data leaves (nothing is
+    /// uploaded or removed, as when the store is down) before it fails with
+    /// [`Error::DirtyBudgetFull`]; `None` waits for ever. The daemon sets it to its store
+    /// timeout.
+    pub dirty_wait: Option<Duration>,
 }
 
 impl Config {
     /// Defaults: 1 MiB blocks, 1 GiB cache, 65,536 entries, 256 MiB dirty, 8 upload tasks,
-    /// a 10 s commit delay.
+    /// a 10 s commit delay, writers waiting for the dirty budget up to 30 s without progress.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
@@ -42,6 +47,7 @@ impl Config {
             upload_tasks: 8,
             upload_delay: Some(Duration::from_secs(10)),
             shutdown_grace: Duration::from_secs(30),
+            dirty_wait: Some(Duration::from_secs(30)),
         }
     }
 

@@ -157,6 +157,21 @@ pub enum Error {
         #[source]
         source: Arc<blockcache_backend::Error>,
     },
+    /// A writer waited for the dirty budget while no dirty data left the cache for
+    /// [`crate::Config::dirty_wait`]: uploads are not getting through (the store is down,
+    /// `store` says why). Nothing was written; the same call may succeed later.
+    #[error(
+        "{limit} bytes of dirty data wait for the store and none left in {waited:.1?}; try again later{}",
+        store.as_ref().map_or_else(String::new, |s| format!(" (the store is unreachable: {s})"))
+    )]
+    DirtyBudgetFull {
+        /// The dirty budget (`max_dirty_bytes`).
+        limit: u64,
+        /// How long the writer waited.
+        waited: std::time::Duration,
+        /// Why the store counts as down, if it does.
+        store: Option<String>,
+    },
     /// Another engine has the cache directory open.
     #[error("cache directory {} is in use by another blockcache engine", path.display())]
     InUse {
@@ -212,6 +227,7 @@ impl Error {
             },
             Self::Download { source, .. } | Self::Store { source, .. } => source.is_transient(),
             Self::Unapplied { .. } => true,
+            Self::DirtyBudgetFull { .. } => true,
             _ => false,
         }
     }

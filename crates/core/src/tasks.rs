@@ -1,5 +1,5 @@
 //! The background loops of an open cache: upload workers, the confirmer, the removal task,
-//! the commit task and the unmark task. Each runs until the engine's cancellation token
+//! the commit task, the unmark task and the store watch. Each runs until the engine's cancellation token
 //! fires; the work itself is done by the engine's methods.
 
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use tokio::sync::{Mutex, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::{
-    Inner, LockMode, UploadJob, UploadOutcome, UploadSource, outcome_label, syncs_each_object,
+    Inner, LockMode, Removal, UploadJob, UploadOutcome, UploadSource, outcome_label,
+    syncs_each_object,
 };
 use crate::error::UploadFailure;
 
@@ -21,7 +22,8 @@ const REMOVAL_BATCH: usize = 1000;
 const CONFIRM_BATCH: usize = 1024;
 
 /// Starts every loop of `inner` on its tracker: `upload_tasks` workers over the shared job
-/// queue, the confirmer, the removal task, the unmark task and the commit task. The commit
+/// queue, the confirmer, the removal task, the unmark task, the commit task and the store
+/// watch. The commit
 /// task stops with `intake` (shutdown stops new background commits before it flushes).
 pub(crate) fn start(inner: &Arc<Inner>, queues: crate::engine::Queues, intake: CancellationToken) {
     let tracker = inner.tracker();
@@ -37,6 +39,26 @@ pub(crate) fn start(inner: &Arc<Inner>, queues: crate::engine::Queues, intake: C
     tracker.spawn(confirm_task(inner.clone(), queues.confirmations));
     tracker.spawn(unmark_task(inner.clone()));
     tracker.spawn(commit_task(inner.clone(), intake));
+    tracker.spawn(store_watch(inner.clone()));
+}
+
+/// While the store counts as down, asks it whether it answers again each time a retry is
+/// due, so that its return is noticed (and logged, and `store_up` set) even when no other
+/// work reaches the store.
+async fn store_watch(inner: Arc<Inner>) {
+    let cancel = inner.cancel_token().clone();
+    let backend = inner.backend().clone();
+    let tick = backend.probe_interval().max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        if !backend.is_up() && backend.is_available() {
+            // The outcome is recorded by the backend; its failure is the outage, logged.
+            let _ = backend.probe().await;
+        }
+    }
 }
 
 /// One upload worker: takes jobs from the shared bounded queue and replies through each
@@ -84,9 +106,9 @@ async fn upload_worker(
 
 /// The removal task: drains its queue into batches and has the engine delete them. Failed
 /// batches are retried with backoff; their pending deletions stay in the database meanwhile.
-async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<u64>) {
+async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
     let cancel = inner.cancel_token().clone();
-    let mut retry: Vec<u64> = Vec::new();
+    let mut retry: Vec<Removal> = Vec::new();
     let mut failures = 0u32;
     loop {
         let mut batch = std::mem::take(&mut retry);
@@ -106,18 +128,30 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<u64>) {
                 Err(_) => break,
             }
         }
-        batch.sort_unstable();
-        batch.dedup();
         match inner.delete_objects(&batch).await {
             Ok(()) => failures = 0,
             Err(error) => {
                 failures = failures.saturating_add(1);
-                tracing::warn!(objects = batch.len(), %error, "failed to delete objects from the store; will retry");
+                inner.log_store_failure(
+                    &error,
+                    &format!(
+                        "failed to delete {} objects from the store; will retry",
+                        batch.len()
+                    ),
+                );
                 retry = batch;
-                let delay = Duration::from_millis(100u64 << failures.min(8));
+                // No longer than the store's retry interval: its deletions follow soon after
+                // it is back. A flush wakes this task at once.
+                let delay = Duration::from_millis(100u64 << failures.min(8)).min(
+                    inner
+                        .backend()
+                        .probe_interval()
+                        .max(Duration::from_millis(100)),
+                );
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
+                    () = inner.removal_retry().notified() => {}
                 }
             }
         }
@@ -175,6 +209,11 @@ async fn commit_task(inner: Arc<Inner>, intake: CancellationToken) {
             () = tokio::time::sleep(tick) => {}
             () = inner.pressure().notified() => {}
         }
+        // While the store is down, dirty blocks wait for the next retry rather than being
+        // hashed and committed again only to fail at once.
+        if !inner.backend().is_available() {
+            continue;
+        }
         let keys = inner.commit_candidates(delay);
         if keys.is_empty() {
             continue;
@@ -183,7 +222,7 @@ async fn commit_task(inner: Arc<Inner>, intake: CancellationToken) {
             Ok(_) => failures = 0,
             Err(error) => {
                 failures = failures.saturating_add(1);
-                tracing::warn!(%error, "background commit failed; will retry");
+                inner.log_store_failure(&error, "background commit failed; will retry");
                 tokio::select! {
                     () = intake.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}

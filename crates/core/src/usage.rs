@@ -53,4 +53,7 @@ pub struct Usage {
     pub deletes: u64,
     /// Bulk deletions that failed (and were retried).
     pub delete_errors: u64,
+    /// Whether the store answered the last operation that reached it
+    /// ([`blockcache_backend::Backend::is_up`]).
+    pub store_up: bool,
 }

@@ -22,10 +22,20 @@ struct Wait {
 
 impl Inner {
     /// Commit + wait: returns once every block dirty at the call (all, or those of one
-    /// inode) is in the store. Cancel-safe: the commits it started finish on their own.
+    /// inode) is in the store, and, for a flush of all blocks, once the store deletions
+    /// queued before the call are done. Cancel-safe: the commits it started finish on their
+    /// own.
     pub(crate) async fn flush(self: &Arc<Self>, only: Option<u64>) -> Result<()> {
+        let removals = only.is_none().then(|| {
+            self.removals.retry_now();
+            self.removals.mark()
+        });
         let targets = self.lock_state().flush_targets(only);
-        self.flush_targets(targets).await
+        self.flush_targets(targets).await?;
+        match removals {
+            Some(mark) => self.removals.wait(mark).await,
+            None => Ok(()),
+        }
     }
 
     /// [`Inner::flush`] of the blocks of `inodes`, together.
@@ -52,6 +62,8 @@ impl Inner {
         self: &Arc<Self>,
         targets: std::collections::HashMap<BlockKey, Target>,
     ) -> Result<()> {
+        // A flush is work a user asked for: a store that is down is tried again at once.
+        self.backend.retry_now();
         loop {
             let mut to_commit = Vec::new();
             let mut waits = Vec::new();

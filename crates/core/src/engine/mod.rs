@@ -51,6 +51,7 @@ use crate::{BlockKey, Config, Error, Limits, Result, Usage};
 pub(crate) use commit::LockMode;
 pub use handle::BlockHandle;
 pub use recovery::Recovery;
+pub(crate) use remove::Removal;
 pub(crate) use state::InodeBlocks;
 pub(crate) use upload::{UploadJob, UploadOutcome, UploadSource, outcome_label, syncs_each_object};
 
@@ -94,7 +95,7 @@ pub(crate) enum Access {
 pub(crate) struct Queues {
     pub(crate) uploads: mpsc::Receiver<UploadJob>,
     pub(crate) confirmations: mpsc::Receiver<UploadOutcome>,
-    pub(crate) removals: mpsc::Receiver<u64>,
+    pub(crate) removals: mpsc::Receiver<Removal>,
 }
 
 /// Shared state of one open cache.
@@ -119,12 +120,13 @@ pub(crate) struct Inner {
     upload_tx: mpsc::Sender<UploadJob>,
     /// Upload outcomes waiting to be recorded by the confirmer.
     confirm_tx: mpsc::Sender<UploadOutcome>,
-    removal_tx: mpsc::Sender<u64>,
+    removal_tx: mpsc::Sender<Removal>,
     unmarks: Unmarks,
     /// How many pieces of [`Busy`] work run.
     busy: watch::Sender<usize>,
     uploads_in_flight: AtomicU64,
-    pending_removals: AtomicU64,
+    /// Store deletions queued and not yet done, by ticket.
+    removals: remove::Removals,
     counters: Counters,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -170,7 +172,7 @@ impl Inner {
             unmarks: Unmarks::default(),
             busy: watch::Sender::new(0),
             uploads_in_flight: AtomicU64::new(0),
-            pending_removals: AtomicU64::new(0),
+            removals: remove::Removals::default(),
             counters: Counters::default(),
             cancel,
             tracker: TaskTracker::new(),
@@ -241,12 +243,29 @@ impl Inner {
 
     /// Store deletions queued and not yet done.
     pub(crate) fn pending_removals(&self) -> u64 {
-        self.pending_removals.load(Ordering::SeqCst)
+        self.removals.pending()
+    }
+
+    /// Notified when a flush wants the removal task to retry a failed batch at once.
+    pub(crate) fn removal_retry(&self) -> &Notify {
+        self.removals.retry_requested()
     }
 
     /// Notified whenever an upload or a deletion finishes or an entry goes away.
     pub(crate) fn progress(&self) -> &Notify {
         &self.progress
+    }
+
+    /// Logs a failure of store work with its causes: at WARN, or at DEBUG when it is
+    /// transient and the store counts as down (the backend logged the outage once, with its
+    /// cause), so that an outage does not log a line per block.
+    pub(crate) fn log_store_failure(&self, error: &Error, what: &str) {
+        let error = blockcache_backend::chain(error);
+        if self.backend.is_up() {
+            tracing::warn!(%error, "{what}");
+        } else {
+            tracing::debug!(%error, "{what}");
+        }
     }
 
     /// Dirty blocks now.
@@ -331,6 +350,7 @@ impl Inner {
             dedup_hits: get(&c.dedup_hits),
             deletes: get(&c.deletes),
             delete_errors: get(&c.delete_errors),
+            store_up: self.backend.is_up(),
         })
     }
 
@@ -350,7 +370,16 @@ impl Inner {
                     return Err(Error::ShuttingDown);
                 }
                 let bytes = self.config.block_size;
-                Some(self.budget.acquire(bytes, &self.pressure).await)
+                let credit = self
+                    .budget
+                    .acquire(bytes, &self.pressure, self.config.dirty_wait)
+                    .await
+                    .map_err(|waited| Error::DirtyBudgetFull {
+                        limit: self.budget.limit(),
+                        waited,
+                        store: self.backend.down_cause(),
+                    })?;
+                Some(credit)
             }
         };
         let guard = self.locks.lock(key).await;

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use sha2::{Digest, Sha256};
 
@@ -130,18 +129,12 @@ impl Inner {
         };
         let pending = inner.db.pending_deletions().await?;
         report.pending_deletions = pending.len() as u64;
-        inner
-            .pending_removals
-            .store(pending.len() as u64, Ordering::SeqCst);
         if !pending.is_empty() {
-            let tx = inner.removal_tx.clone();
-            inner.tracker.spawn(async move {
-                for id in pending {
-                    if tx.send(id).await.is_err() {
-                        return;
-                    }
-                }
-            });
+            let removals = inner.take_removal_tickets(pending);
+            let queuing = Arc::clone(inner);
+            inner
+                .tracker
+                .spawn(async move { queuing.send_removals(removals).await });
         }
         let dirty: HashSet<BlockKey> = loaded.dirty.iter().copied().collect();
         let mut store_synced = false;

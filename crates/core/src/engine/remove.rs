@@ -1,12 +1,126 @@
 //! Removing blocks, and deleting released objects from the store.
+//!
+//! Each object queued for deletion takes a ticket, in queueing order; the removal task
+//! deletes them in batches, oldest first, and a flush waits until the tickets taken before
+//! it are done (or a batch holding them fails: the flush reports that).
 
+use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+
+use tokio::sync::{Notify, watch};
 
 use super::upload::wait_done;
 use super::{Counters, Inner, detached};
 use crate::{BlockKey, Error, Result};
+
+/// One object queued for deletion, with its ticket.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Removal {
+    ticket: u64,
+    pub(crate) id: u64,
+}
+
+/// The store deletions queued and not yet done.
+#[derive(Debug)]
+pub(crate) struct Removals {
+    tickets: watch::Sender<Tickets>,
+    /// Wakes the removal task from its backoff (a flush wants its deletions now).
+    retry: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Tickets {
+    next: u64,
+    pending: BTreeSet<u64>,
+    /// Failed batches so far, and the last failure.
+    failures: u64,
+    last_error: Option<Error>,
+}
+
+/// Where a flush starts: the tickets taken before it, and the failures seen so far.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RemovalMark {
+    end: u64,
+    failures: u64,
+}
+
+impl Default for Removals {
+    fn default() -> Self {
+        Self {
+            tickets: watch::Sender::new(Tickets::default()),
+            retry: Notify::new(),
+        }
+    }
+}
+
+impl Removals {
+    /// Deletions queued and not yet done.
+    pub(crate) fn pending(&self) -> u64 {
+        self.tickets.borrow().pending.len() as u64
+    }
+
+    fn take(&self, id: u64) -> Removal {
+        let mut ticket = 0;
+        self.tickets.send_modify(|t| {
+            ticket = t.next;
+            t.next += 1;
+            t.pending.insert(ticket);
+        });
+        Removal { ticket, id }
+    }
+
+    /// Forgets tickets: their deletions are done, or left to the next start.
+    fn done(&self, batch: &[Removal]) {
+        self.tickets.send_modify(|t| {
+            for r in batch {
+                t.pending.remove(&r.ticket);
+            }
+        });
+    }
+
+    fn failed(&self, error: &Error) {
+        self.tickets.send_modify(|t| {
+            t.failures += 1;
+            t.last_error = Some(error.clone());
+        });
+    }
+
+    /// The mark of a flush starting now.
+    pub(crate) fn mark(&self) -> RemovalMark {
+        let t = self.tickets.borrow();
+        RemovalMark {
+            end: t.next,
+            failures: t.failures,
+        }
+    }
+
+    /// Wakes the removal task if it waits to retry a failed batch.
+    pub(crate) fn retry_now(&self) {
+        self.retry.notify_one();
+    }
+
+    /// Notified when the removal task should retry at once.
+    pub(crate) fn retry_requested(&self) -> &Notify {
+        &self.retry
+    }
+
+    /// Waits until the deletions queued before `mark` are done; fails with the store's
+    /// error if a batch fails while some of them are pending. Cancel-safe.
+    pub(crate) async fn wait(&self, mark: RemovalMark) -> Result<()> {
+        let mut rx = self.tickets.subscribe();
+        let before = |t: &Tickets| t.pending.first().is_some_and(|&f| f < mark.end);
+        // The sender lives in `self`, so the wait cannot fail.
+        let t = rx
+            .wait_for(|t| !before(t) || t.failures > mark.failures)
+            .await
+            .expect("the sender outlives its receivers");
+        match &t.last_error {
+            Some(error) if before(&t) => Err(error.clone()),
+            _ => Ok(()),
+        }
+    }
+}
 
 impl Inner {
     /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
@@ -83,11 +197,24 @@ impl Inner {
 
     /// Queues store deletions of released objects (their pending deletions are durable).
     pub(crate) async fn queue_removals(&self, ids: Vec<u64>) {
-        for id in ids {
-            self.pending_removals.fetch_add(1, Ordering::SeqCst);
-            if self.removal_tx.send(id).await.is_err() {
+        let removals = self.take_removal_tickets(ids);
+        self.send_removals(removals).await;
+    }
+
+    /// Takes the tickets of deletions about to be queued: a flush that starts after this
+    /// waits for them.
+    pub(crate) fn take_removal_tickets(&self, ids: Vec<u64>) -> Vec<Removal> {
+        ids.into_iter().map(|id| self.removals.take(id)).collect()
+    }
+
+    /// Hands deletions to the removal task.
+    pub(crate) async fn send_removals(&self, removals: Vec<Removal>) {
+        for removal in removals {
+            let id = removal.id;
+            if self.removal_tx.send(removal).await.is_err() {
                 // The removal task is gone (shutdown); the pending deletion stays in the
                 // database and the next start finishes it.
+                self.removals.done(&[removal]);
                 tracing::debug!(
                     obj_id = id,
                     "removal queue closed; deletion left for the next start"
@@ -99,7 +226,11 @@ impl Inner {
     /// For the removal task: deletes a batch of released objects from the store, then
     /// forgets their pending deletions. On error nothing is forgotten and the batch is tried
     /// again later.
-    pub(crate) async fn delete_objects(&self, batch: &[u64]) -> Result<()> {
+    pub(crate) async fn delete_objects(&self, removals: &[Removal]) -> Result<()> {
+        let mut ids: Vec<u64> = removals.iter().map(|r| r.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let batch = &ids[..];
         // An object released while its upload runs must not be deleted before the upload
         // ends, or the upload would recreate it.
         for &id in batch {
@@ -127,11 +258,13 @@ impl Inner {
         match &deleted {
             Ok(()) => {
                 Counters::add(&self.counters.deletes, batch.len() as u64);
-                self.pending_removals
-                    .fetch_sub(batch.len() as u64, Ordering::SeqCst);
+                self.removals.done(removals);
                 self.progress.notify_waiters();
             }
-            Err(_) => Counters::add(&self.counters.delete_errors, 1),
+            Err(error) => {
+                Counters::add(&self.counters.delete_errors, 1);
+                self.removals.failed(error);
+            }
         }
         deleted
     }

@@ -259,7 +259,7 @@ impl Inner {
         // one barrier for the whole batch.
         if let Err(e) = self.store_barrier(&outcomes).await {
             let e = Arc::new(e);
-            tracing::warn!(error = %e, "store not durable; the blocks stay dirty and are uploaded again");
+            tracing::warn!(error = %blockcache_backend::chain(&*e), "store not durable; the blocks stay dirty and are uploaded again");
             for o in &mut outcomes {
                 if o.result.is_ok() {
                     o.result = Err(UploadFailure::NotDurable(Arc::clone(&e)));
@@ -312,7 +312,10 @@ impl Inner {
                         source: Arc::new(failure),
                     };
                     if !error.is_cancelled() {
-                        tracing::warn!(%error, "upload failed; the data stays dirty in the cache");
+                        self.log_store_failure(
+                            &error,
+                            "upload failed; the data stays dirty in the cache",
+                        );
                     }
                     Err(error)
                 }
