@@ -122,6 +122,8 @@ pub struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
     wrapper: Vec<String>,
+    /// Prefixes of the test's variables that the daemon does not inherit.
+    unset: Vec<String>,
 }
 
 impl Launch {
@@ -133,6 +135,7 @@ impl Launch {
             args: Vec::new(),
             env: vec![("BLOCKCACHE_LOG_LEVEL".to_owned(), "info".to_owned())],
             wrapper: Vec::new(),
+            unset: Vec::new(),
         }
     }
 
@@ -159,6 +162,13 @@ impl Launch {
     /// Sets an environment variable of the daemon.
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Keeps every variable of the test's environment whose name starts with `prefix` from
+    /// the daemon (variables set with [`Launch::env`] still reach it).
+    pub fn unset_env(mut self, prefix: &str) -> Self {
+        self.unset.push(prefix.to_owned());
         self
     }
 
@@ -192,6 +202,12 @@ impl Launch {
             .arg(&self.data_dir)
             .args(&self.args);
         clean_env(&mut cmd);
+        for (key, _) in std::env::vars_os() {
+            let name = key.to_string_lossy();
+            if self.unset.iter().any(|p| name.starts_with(p.as_str())) {
+                cmd.env_remove(&key);
+            }
+        }
         cmd.envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

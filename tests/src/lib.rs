@@ -6,6 +6,7 @@
 
 pub mod crash;
 pub mod daemon;
+pub mod moto;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

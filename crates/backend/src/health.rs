@@ -2,8 +2,9 @@
 //! clones) shares, the one place that logs an outage and its end, and the fail-fast rule
 //! while the store is down.
 //!
-//! An operation whose retries ran out on transient errors marks the store down; any answer
-//! from the store (a success, or a refusal such as "not found") marks it up. The first
+//! An operation whose retries ran out on transient errors, or that the store refused as a
+//! whole (no bucket, access denied), marks the store down; any other answer from the store
+//! (a success, or "no such object") marks it up. The first
 //! transition to down is logged once with its cause, at most once a minute, and the return
 //! once. While the store is down, operations fail at once with
 //! [`crate::Error::Unavailable`] (naming the cause) until `probe_interval` has passed since
@@ -132,7 +133,6 @@ impl Health {
         };
         if report {
             tracing::error!(
-                cause = %cause,
                 "object store unreachable: {cause}; writes stay dirty in the cache and are uploaded once it answers"
             );
         }

@@ -117,6 +117,23 @@ impl Error {
         matches!(self, Self::Cancelled)
     }
 
+    /// Whether the store refuses every request, not one object: an upload finds no bucket,
+    /// or access is denied.
+    fn refuses_everything(&self) -> bool {
+        use object_store::Error as E;
+        matches!(
+            self,
+            Self::Store {
+                op: "upload",
+                source: E::NotFound { .. },
+                ..
+            } | Self::Store {
+                source: E::PermissionDenied { .. } | E::Unauthenticated { .. },
+                ..
+            }
+        )
+    }
+
     /// Whether the store answered (refused, or had no such object): it is reachable.
     fn is_answer(&self) -> bool {
         use object_store::Error as E;

@@ -116,7 +116,11 @@ impl RetryPolicy {
                 }
             };
             if !error.is_transient() {
-                if error.is_answer() {
+                if error.refuses_everything() {
+                    // No bucket, or no access: nothing will get through until that changes,
+                    // which is an outage too (logged once, not once per object).
+                    health.failed(&error, self.probe_interval);
+                } else if error.is_answer() {
                     health.answered();
                 }
                 return Err(error);

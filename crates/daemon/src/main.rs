@@ -38,6 +38,8 @@ struct Cli {
     command: Command,
 }
 
+// The command line is parsed once: the size of `Serve`'s settings costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon.
@@ -236,10 +238,13 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             url: redact(&database),
             source,
         })?;
-    let backend = Backend::from_url(&store).map_err(|source| ServeError::Store {
+    let store_error = |source| ServeError::Store {
         url: redact(&store),
         source: Box::new(source),
-    })?;
+    };
+    let backend = Backend::open(&store, s.store_timeout.0).map_err(store_error)?;
+    // A store that cannot work is found now, with what to change, not at the first upload.
+    backend.check().await.map_err(store_error)?;
     let cache = BlockCache::open(config, db, backend)
         .await
         .map_err(ServeError::Cache)?;

@@ -160,6 +160,16 @@ impl From<Error> for ApiError {
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            Error::DirtyBudgetFull { waited, .. } => {
+                // Expected while the store is down: the client retries; nothing to log.
+                let mut answer = Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    crate::error::chain(&e),
+                );
+                answer.retry_after = Some(waited.as_secs().max(1));
+                return answer;
+            }
             Error::InvalidKey { .. } | Error::OutOfRange { .. } => {
                 (StatusCode::BAD_REQUEST, "out_of_range")
             }
@@ -891,6 +901,7 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
         "uploads_in_flight": u.uploads_in_flight,
         "pending_removals": u.pending_removals,
         "requests": {"buffers": state.buffer_count, "buffers_free": state.buffers.available_permits()},
+        "store_up": u.store_up,
         "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings": u.dedup_savings, "dedup_ratio": ratio},
         "counters": {
             "hits": u.hits, "misses": u.misses,
@@ -928,6 +939,7 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
         ("blockcache_logical_bytes", u.logical_bytes as f64),
         ("blockcache_unique_bytes", u.unique_bytes as f64),
         ("blockcache_stored_bytes", u.stored_bytes as f64),
+        ("blockcache_store_up", if u.store_up { 1.0 } else { 0.0 }),
     ];
     for (name, v) in gauges {
         metrics::gauge!(name).set(v);

@@ -298,6 +298,11 @@ pub struct Settings {
     #[arg(long, env = "BLOCKCACHE_UPLOAD_DELAY", value_name = "DURATION",
           default_value_t = Delay(ENGINE.upload_delay))]
     pub upload_delay: Delay,
+    /// Longest a store operation takes, retries included; writers waiting for the dirty
+    /// budget while nothing reaches the store get 503 after it
+    #[arg(long, env = "BLOCKCACHE_STORE_TIMEOUT", value_name = "DURATION",
+          default_value_t = Timeout(Duration::from_secs(30)))]
+    pub store_timeout: Timeout,
     /// Durability of writes when a request does not say: none, local or store
     #[arg(long, env = "BLOCKCACHE_DURABILITY", value_name = "none|local|store",
           default_value_t = Durability::default())]
@@ -361,6 +366,7 @@ impl Settings {
             max_dirty_bytes: self.max_dirty.0,
             upload_tasks: self.upload_tasks,
             upload_delay: self.upload_delay.0,
+            dirty_wait: Some(self.store_timeout.0),
             ..Config::new(cache_dir)
         }
     }

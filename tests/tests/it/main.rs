@@ -8,6 +8,7 @@ mod crash;
 mod daemon;
 mod daemon_answers;
 mod daemon_hostile;
+mod daemon_outage;
 mod daemon_settings;
 mod daemon_store;
 mod faults;

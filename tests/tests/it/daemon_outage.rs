@@ -1,0 +1,306 @@
+//! The daemon against a real S3 server (moto's): files round-trip through a bucket, a flush
+//! after deletions leaves their objects gone from it, a store that dies mid-run gives fast
+//! answers that name the cause (502 for a flush, 503 with `Retry-After` for writers beyond
+//! the dirty budget), one log line for the outage and one for its end, and `store_up`
+//! follows it; a misconfigured store stops the daemon at start with what to change.
+//!
+//! Timings are only bounded from above, generously for a loaded machine.
+
+use std::time::{Duration, Instant};
+
+use blockcache_tests::daemon::{Daemon, Launch};
+use blockcache_tests::data;
+use blockcache_tests::moto::{self, Moto};
+use reqwest::StatusCode;
+
+const BS: usize = 64 * 1024;
+const BUCKET: &str = "bkt";
+
+/// The longest a flush or a writer may take to fail with `--store-timeout 2s`: the
+/// deadline plus a lot of slack, far below the minutes it took before.
+const FAST: Duration = Duration::from_secs(20);
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// Whether moto is here; prints why the test skips if not.
+fn moto_or_skip(test: &str) -> bool {
+    match moto::unavailable() {
+        None => true,
+        Some(reason) => {
+            eprintln!("{test}: skipped: {reason}");
+            false
+        }
+    }
+}
+
+/// A daemon on `moto`'s bucket under prefix `vol`, with `args`.
+fn launch(dir: &std::path::Path, moto: &Moto, args: &[&str]) -> Launch {
+    let mut launch = Launch::new(dir)
+        .unset_env("AWS_")
+        .args(&["--store", &format!("s3://{BUCKET}/vol")])
+        .args(args);
+    for (k, v) in moto.env() {
+        launch = launch.env(k, &v);
+    }
+    launch
+}
+
+/// `blockcache_store_up` in the daemon's metrics.
+async fn store_up_gauge(d: &Daemon) -> String {
+    let text = d
+        .http
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics");
+    text.lines()
+        .find(|l| l.starts_with("blockcache_store_up "))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn put_status(d: &Daemon, name: &str, body: Vec<u8>) -> StatusCode {
+    d.put(name, body).await.status()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_round_trip_through_a_bucket_and_a_flush_waits_for_deletions() {
+    if !moto_or_skip("files_round_trip_through_a_bucket_and_a_flush_waits_for_deletions") {
+        return;
+    }
+    let dir = tmp();
+    let moto = Moto::start(dir.path());
+    moto.create_bucket(BUCKET).await;
+    let d = launch(
+        dir.path(),
+        &moto,
+        &["--upload-delay", "off", "--block-size", "4KiB"],
+    )
+    .start();
+    let kept = data(1, 3 * BS + 17);
+    // Many small blocks: deleting their objects takes the store a while.
+    let gone = data(2, 1 << 20);
+    let also_gone = data(3, 512 << 10);
+    for (name, body) in [("kept", &kept), ("gone", &gone), ("also_gone", &also_gone)] {
+        assert_eq!(
+            put_status(&d, name, body.clone()).await,
+            StatusCode::CREATED
+        );
+    }
+    d.post("/v1/flush").await;
+    let stored = moto.keys(BUCKET, "vol/data/").await.len();
+    assert!(stored > 400, "{stored} objects in the bucket");
+    // The cache goes; every byte comes back from the bucket.
+    d.post("/v1/cache/drop").await;
+    assert_eq!(d.get("kept").await, (200, kept.clone()));
+    assert_eq!(d.get("gone").await.1.len(), gone.len());
+
+    for name in ["gone", "also_gone"] {
+        let r = d
+            .http
+            .delete(d.url(&format!("/v1/files/{name}")))
+            .send()
+            .await
+            .expect("DELETE");
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+    d.post("/v1/flush").await;
+    // Answered: the deleted files' objects are gone from the bucket, not merely queued.
+    let left = moto.keys(BUCKET, "vol/data/").await;
+    let stats = d.json("/v1/stats").await;
+    assert_eq!(stats["pending_removals"], 0, "{stats}");
+    assert_eq!(
+        left.len(),
+        kept.len().div_ceil(4096),
+        "objects of deleted files still in the bucket after the flush"
+    );
+    assert_eq!(d.get("kept").await, (200, kept));
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_dies_gives_fast_answers_and_one_log_line_each_way() {
+    if !moto_or_skip("a_store_that_dies_gives_fast_answers_and_one_log_line_each_way") {
+        return;
+    }
+    let dir = tmp();
+    let mut moto = Moto::start(dir.path());
+    moto.create_bucket(BUCKET).await;
+    let d = launch(
+        dir.path(),
+        &moto,
+        &[
+            "--block-size",
+            "64KiB",
+            "--store-timeout",
+            "2s",
+            "--upload-delay",
+            "off",
+            "--max-dirty",
+            "256KiB",
+        ],
+    )
+    .start();
+    let before = data(10, 2 * BS);
+    assert_eq!(
+        put_status(&d, "before", before.clone()).await,
+        StatusCode::CREATED
+    );
+    d.post("/v1/flush").await;
+    assert_eq!(store_up_gauge(&d).await, "blockcache_store_up 1");
+    assert_eq!(d.json("/v1/stats").await["store_up"], true);
+
+    moto.kill();
+    let during = data(11, 2 * BS + 5);
+    assert_eq!(
+        put_status(&d, "during", during.clone()).await,
+        StatusCode::CREATED,
+        "a local write needs no store"
+    );
+    // A flush fails within about the store timeout, and says why.
+    let started = Instant::now();
+    let r = d.http.post(d.url("/v1/flush")).send().await.expect("POST");
+    let took = started.elapsed();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = r.json().await.expect("json");
+    let message = v["message"].as_str().unwrap_or_default();
+    assert!(took < FAST, "the flush took {took:?}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{}", moto.port)) && message.contains("onnect"),
+        "the message names the store and the failure: {message}"
+    );
+    assert_eq!(store_up_gauge(&d).await, "blockcache_store_up 0");
+    assert_eq!(d.json("/v1/stats").await["store_up"], false);
+
+    // The dirty budget (4 blocks) is full: a writer gets 503 with Retry-After, not a hang.
+    let started = Instant::now();
+    let r = d
+        .http
+        .put(d.url("/v1/files/over"))
+        .body(data(12, 4 * BS))
+        .send()
+        .await
+        .expect("PUT");
+    let took = started.elapsed();
+    assert_eq!(
+        r.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        d.log_text()
+    );
+    assert!(r.headers().contains_key("retry-after"), "{:?}", r.headers());
+    let v: serde_json::Value = r.json().await.expect("json");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unreachable")),
+        "{v}"
+    );
+    assert!(took < FAST, "the writer waited {took:?}");
+
+    let log = d.log_text();
+    assert_eq!(log.matches("object store unreachable").count(), 1, "{log}");
+    assert!(
+        log.lines().count() < 40,
+        "the outage floods the log:\n{log}"
+    );
+
+    // The store comes back on the same port: one line says so, the gauge follows, and
+    // everything acknowledged reaches it.
+    let moto = Moto::start_on(moto.port, dir.path());
+    moto.create_bucket(BUCKET).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.json("/v1/stats").await["store_up"] != true {
+        assert!(
+            Instant::now() < deadline,
+            "store_up still false:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store_up_gauge(&d).await, "blockcache_store_up 1");
+    d.post("/v1/flush").await;
+    assert_eq!(d.json("/v1/stats").await["dirty"]["bytes"], 0);
+    d.post("/v1/cache/drop").await;
+    assert_eq!(d.get("during").await, (200, during));
+    assert_eq!(d.get("over").await.0, 404, "the refused write left nothing");
+    let log = d.log_text();
+    assert_eq!(log.matches("object store unreachable").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("object store reachable again").count(),
+        1,
+        "{log}"
+    );
+    d.stop();
+}
+
+/// Starts a daemon that must refuse to start; returns its log and how long it took.
+fn refused(launch: Launch) -> (String, Duration) {
+    let started = Instant::now();
+    match launch.try_start() {
+        Ok(d) => panic!("the daemon started:\n{}", d.log_text()),
+        Err(log) => (log, started.elapsed()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misconfigured_store_stops_the_start_with_what_to_change() {
+    if !moto_or_skip("a_misconfigured_store_stops_the_start_with_what_to_change") {
+        return;
+    }
+    let dir = tmp();
+    let moto = Moto::start(dir.path());
+    let home = dir.path().join("empty-home");
+    std::fs::create_dir_all(&home).expect("home");
+
+    // No such bucket.
+    let (log, _) = refused(launch(&dir.path().join("a"), &moto, &[]));
+    assert!(
+        log.contains("bucket \"bkt\"") && log.contains("does not exist"),
+        "{log}"
+    );
+
+    // No credentials anywhere, and no instance metadata to ask.
+    let (log, took) = refused(
+        Launch::new(&dir.path().join("b"))
+            .unset_env("AWS_")
+            .args(&["--store", "s3://bkt/vol"])
+            .env("HOME", &home.display().to_string())
+            .env("AWS_ENDPOINT", &moto.endpoint())
+            .env("AWS_ALLOW_HTTP", "true")
+            .env("AWS_EC2_METADATA_DISABLED", "true"),
+    );
+    assert!(
+        log.contains("no credentials found")
+            && log.contains("AWS_ACCESS_KEY_ID")
+            && log.contains("AWS_SECRET_ACCESS_KEY"),
+        "{log}"
+    );
+    assert!(took < FAST, "{took:?}");
+
+    // A plain-HTTP endpoint without AWS_ALLOW_HTTP.
+    let (log, _) =
+        refused(launch(&dir.path().join("c"), &moto, &[]).env("AWS_ALLOW_HTTP", "false"));
+    assert!(log.contains("AWS_ALLOW_HTTP=true"), "{log}");
+
+    // https:// to the plain-HTTP port: told at once, not retried for the store timeout.
+    let https = format!("https://127.0.0.1:{}", moto.port);
+    let (log, took) =
+        refused(launch(&dir.path().join("d"), &moto, &[]).env("AWS_ENDPOINT", &https));
+    assert!(
+        log.contains("answers plain HTTP")
+            && log.contains(&format!("http://127.0.0.1:{}", moto.port)),
+        "{log}"
+    );
+    assert!(took < FAST, "{took:?}");
+
+    // With the bucket there, the same settings start.
+    moto.create_bucket(BUCKET).await;
+    let d = launch(&dir.path().join("e"), &moto, &[]).start();
+    d.stop();
+}
