@@ -153,9 +153,35 @@ impl Moto {
             .collect()
     }
 
+    /// SIGSTOP: the server keeps its objects, and connections are accepted (by the kernel)
+    /// but never answered, as with a store that hangs.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`Moto::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("moto is running").id();
+        let status = Command::new("kill")
+            .arg(signal)
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} {pid} failed");
+    }
+
     /// SIGKILL: the store is gone at once, as in a crash or a network cut.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            // A paused server dies too, but continue it anyway so its port closes at once.
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .arg(child.id().to_string())
+                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
