@@ -184,7 +184,10 @@ impl BlockCache {
         self.intake.cancel();
         let flushed = self.flush().await;
         let grace = self.inner.config().shutdown_grace;
-        if !self.wait_for_removals(grace).await {
+        // With the store down, deletions cannot finish: they stay pending in the database
+        // for the next start rather than hold the shutdown for the grace period.
+        let store_up = self.inner.backend().is_up();
+        if !(store_up && self.wait_for_removals(grace).await) && self.inner.pending_removals() > 0 {
             tracing::warn!(
                 pending = self.inner.pending_removals(),
                 "store deletions still pending at shutdown; the next open finishes them"
