@@ -105,10 +105,21 @@ impl From<Unusable> for Error {
     }
 }
 
+/// `url` without the user name and password it may carry, for messages.
+pub(crate) fn without_credentials(url: &url::Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() || !shown.username().is_empty() {
+        // Both fail only for URLs that cannot have credentials.
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+    }
+    shown.to_string()
+}
+
 /// What the start-up check needs to know of a cloud store beyond its `ObjectStore`.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Setup {
-    /// The store URL as given.
+    /// The store URL, without credentials.
     pub(crate) url: String,
     /// Whether the store is reached over the network (S3, GCS, Azure).
     pub(crate) cloud: bool,

@@ -828,7 +828,8 @@ fn store_error(op: &'static str, key: &Path, source: object_store::Error) -> Err
 
 fn invalid(url: &str, reason: impl std::fmt::Display) -> Error {
     Error::InvalidUrl {
-        url: url.to_owned(),
+        url: url::Url::parse(url)
+            .map_or_else(|_| url.to_owned(), |u| check::without_credentials(&u)),
         reason: reason.to_string(),
     }
 }
@@ -877,8 +878,9 @@ fn open_store(url_str: &str, timeout: std::time::Duration) -> Result<Opened> {
     let prefix = || -> Result<Path> {
         Path::parse(url.path().trim_start_matches('/')).map_err(|e| invalid(url_str, e))
     };
+    let shown = check::without_credentials(&url);
     let mut setup = check::Setup {
-        url: url_str.to_owned(),
+        url: shown.clone(),
         cloud: true,
         bucket: url.host_str().map(str::to_owned),
         ..check::Setup::default()
@@ -908,7 +910,7 @@ fn open_store(url_str: &str, timeout: std::time::Duration) -> Result<Opened> {
                 |b, (k, v)| b.with_config(AmazonS3ConfigKey::Client(k), v),
             );
             let (endpoint, credentials) = check::check_s3_settings(
-                url_str,
+                &shown,
                 &builder,
                 check::env_truthy("AWS_EC2_METADATA_DISABLED"),
             )?;

@@ -479,6 +479,13 @@ fn http_failures_are_transient_unless_the_request_could_not_be_made() {
 }
 
 #[test]
+fn messages_about_a_store_never_show_credentials_of_its_url() {
+    let url = url::Url::parse("s3://keyid:supersecret@bucket/prefix").expect("url");
+    let shown = crate::check::without_credentials(&url);
+    assert_eq!(shown, "s3://bucket/prefix");
+}
+
+#[test]
 fn s3_settings_that_cannot_work_are_refused_before_any_request() {
     use object_store::aws::AmazonS3Builder;
     let url = "s3://bucket/prefix";
