@@ -16,6 +16,8 @@ struct Bar {
     colour: RGBColor,
 }
 
+const PATCH: RGBColor = RGBColor(0x93, 0x78, 0x60);
+
 const COLOURS: [RGBColor; 4] = [
     RGBColor(0x4c, 0x72, 0xb0),
     RGBColor(0xdd, 0x84, 0x52),
@@ -67,6 +69,17 @@ fn bars(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) -> Vec<Ba
             );
         }
     }
+    // The patch workload's ratios are taken in each run (figure and reference measured
+    // side by side), so their whiskers are the min and max of those.
+    for (name, s) in crate::patch::bars(args, stats) {
+        out.push(Bar {
+            name,
+            median: s.median,
+            min: s.min,
+            max: s.max,
+            colour: PATCH,
+        });
+    }
     out
 }
 
@@ -105,7 +118,7 @@ pub fn draw(
             SegmentValue::CenterOf(i) => names.get(*i).cloned().unwrap_or_default(),
             _ => String::new(),
         })
-        .x_desc("ratio to the reference (write, flush, cold read: copy+fsync; hot read: read back)")
+        .x_desc("ratio to the reference (copy+fsync; hot read: read back; patch, truncate: pwrite, ftruncate)")
         .draw()?;
     for (i, b) in bars.iter().enumerate() {
         chart.draw_series(std::iter::once(Rectangle::new(

@@ -12,9 +12,28 @@ use futures::StreamExt;
 
 use crate::{Args, Error, FILE_BYTES, MIB, Sample, Spares, cpu_of, fill, peak_rss_of, seed_of};
 
-struct Daemon {
+/// A running daemon, killed if dropped before [`Daemon::stop`].
+pub struct Daemon {
     child: Child,
-    base: String,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl Daemon {
+    /// Stops the daemon with SIGTERM (it flushes, then exits) and checks that it exited 0.
+    pub fn stop(mut self) -> Result<(), Error> {
+        let stop = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()?;
+        if !stop.success() {
+            return Err("could not stop the daemon".into());
+        }
+        let status = self.child.wait()?;
+        if !status.success() {
+            return Err(format!("the daemon exited with {status}").into());
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Daemon {
@@ -37,7 +56,9 @@ fn binary() -> Result<PathBuf, Error> {
     Ok(bin)
 }
 
-fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Daemon, Error> {
+/// Starts the release daemon on a free port with its data under `dir` and no background
+/// uploads (`--upload-delay off`).
+pub fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Daemon, Error> {
     use std::io::BufRead;
     let mut child = Command::new(binary()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--upload-delay", "off"])
@@ -60,7 +81,8 @@ fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Dae
     Ok(Daemon { child, base })
 }
 
-async fn check(r: reqwest::Response, what: &str) -> Result<reqwest::Response, Error> {
+/// `r` if it is a success, else an error with its status and body.
+pub async fn check(r: reqwest::Response, what: &str) -> Result<reqwest::Response, Error> {
     if r.status().is_success() {
         Ok(r)
     } else {
@@ -223,17 +245,7 @@ pub async fn daemon(args: &Args, clients: usize) -> Result<Sample, Error> {
     }
     s.values
         .insert("peak_rss_bytes".into(), peak_rss_of(d.child.id()) as f64);
-    let stop = Command::new("kill")
-        .args(["-TERM", &d.child.id().to_string()])
-        .status()?;
-    if !stop.success() {
-        return Err("could not stop the daemon".into());
-    }
-    let mut d = d;
-    let status = d.child.wait()?;
-    if !status.success() {
-        return Err(format!("the daemon exited with {status}").into());
-    }
+    d.stop()?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(s)
 }

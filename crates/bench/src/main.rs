@@ -12,6 +12,11 @@
 //! - metadata: many 4 KiB blocks: commits per second (flush) and removes per second;
 //! - daemon: the same files through the HTTP API of the release `blockcache` binary with 1
 //!   and 8 concurrent clients (write + flush, cold read, hot read);
+//! - patch (`patch.rs`): files of 8 MiB written, stored and cached, changed in place by one
+//!   writer through the `Namespace` and through the daemon at the daemon's block size: 4 KiB
+//!   patches (`local`, then `none`), block-sized patches, truncations, each against
+//!   `pwrite`/`ftruncate` (+ `fdatasync`) on plain files in the same child; `--only patch`
+//!   runs this workload alone;
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
 //!
@@ -21,6 +26,7 @@
 
 mod chart;
 mod daemon;
+mod patch;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -56,7 +62,12 @@ struct Args {
     /// 8 files of [`FILE_BYTES`], so that each of the 8 clients has files to send.
     daemon_data_mib: u64,
     rss_factor: u64,
+    /// Runs only this workload (`--only patch`); the run's files get its name as a suffix.
+    only: Option<String>,
 }
+
+/// The workloads `--only` accepts.
+const ONLY: [&str; 1] = ["patch"];
 
 fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -87,6 +98,7 @@ fn parse_args() -> Result<Args, Error> {
         daemon_block_size: 1 << 20,
         daemon_data_mib: 128,
         rss_factor: 4,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -110,9 +122,18 @@ fn parse_args() -> Result<Args, Error> {
             "--daemon-block-size" => a.daemon_block_size = parse_size(&value()?)?,
             "--rss-factor" => a.rss_factor = value()?.parse()?,
             "--daemon-data-mib" => a.daemon_data_mib = value()?.parse()?,
+            "--only" => {
+                let only = value()?;
+                if !ONLY.contains(&only.as_str()) {
+                    return Err(
+                        format!("--only {only:?}: allowed values: {}", ONLY.join(", ")).into(),
+                    );
+                }
+                a.only = Some(only);
+            }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--only patch] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
@@ -678,6 +699,8 @@ fn main() -> Result<(), Error> {
             "reference" => reference(&args)?,
             "daemon1" => runtime.block_on(daemon::daemon(&args, 1))?,
             "daemon8" => runtime.block_on(daemon::daemon(&args, 8))?,
+            "patch" => runtime.block_on(patch::library(&args))?,
+            "daemon-patch" => runtime.block_on(patch::daemon(&args))?,
             other => return Err(format!("unknown child {other:?}").into()),
         };
         println!("{}", serde_json::to_string(&sample)?);
@@ -686,6 +709,7 @@ fn main() -> Result<(), Error> {
     std::fs::create_dir_all(&args.dir)?;
     let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
     let started = Instant::now();
+    let all = args.only.is_none();
     let mut child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
         let t = Instant::now();
         let sample = run_child(&args, kind, bs, mib)?;
@@ -700,82 +724,100 @@ fn main() -> Result<(), Error> {
             args.runs,
             started.elapsed().as_secs_f64()
         );
-        for &bs in &args.block_sizes {
+        if all {
+            for &bs in &args.block_sizes {
+                child(
+                    format!("reference/{}", label(bs)),
+                    "reference",
+                    bs,
+                    args.data_mib,
+                )?;
+                child(
+                    format!("library/{}", label(bs)),
+                    "library",
+                    bs,
+                    args.data_mib,
+                )?;
+            }
+            let dbs = args.daemon_block_size;
+            if !args.block_sizes.contains(&dbs) {
+                child(
+                    format!("reference/{}", label(dbs)),
+                    "reference",
+                    dbs,
+                    args.data_mib,
+                )?;
+                child(
+                    format!("library/{}", label(dbs)),
+                    "library",
+                    dbs,
+                    args.data_mib,
+                )?;
+            }
             child(
-                format!("reference/{}", label(bs)),
-                "reference",
-                bs,
-                args.data_mib,
-            )?;
-            child(
-                format!("library/{}", label(bs)),
-                "library",
-                bs,
-                args.data_mib,
-            )?;
-        }
-        let dbs = args.daemon_block_size;
-        if !args.block_sizes.contains(&dbs) {
-            child(
-                format!("reference/{}", label(dbs)),
-                "reference",
-                dbs,
-                args.data_mib,
-            )?;
-            child(
-                format!("library/{}", label(dbs)),
-                "library",
-                dbs,
-                args.data_mib,
-            )?;
-        }
-        child(
-            format!("daemon1/{}", label(dbs)),
-            "daemon1",
-            dbs,
-            args.daemon_data_mib,
-        )?;
-        child(
-            format!("daemon8/{}", label(dbs)),
-            "daemon8",
-            dbs,
-            args.daemon_data_mib,
-        )?;
-        // Peak RSS must not grow with the data: the same workload on more data.
-        child(
-            format!("library-x{}/{}", args.rss_factor, label(dbs)),
-            "library",
-            dbs,
-            args.data_mib * args.rss_factor,
-        )?;
-        // The library on the daemon's data, unless the run above was just that.
-        if args.daemon_data_mib != args.data_mib * args.rss_factor {
-            child(
-                daemon_library_group(&args),
-                "library",
+                format!("daemon1/{}", label(dbs)),
+                "daemon1",
                 dbs,
                 args.daemon_data_mib,
             )?;
+            child(
+                format!("daemon8/{}", label(dbs)),
+                "daemon8",
+                dbs,
+                args.daemon_data_mib,
+            )?;
+            // Peak RSS must not grow with the data: the same workload on more data.
+            child(
+                format!("library-x{}/{}", args.rss_factor, label(dbs)),
+                "library",
+                dbs,
+                args.data_mib * args.rss_factor,
+            )?;
+            // The library on the daemon's data, unless the run above was just that.
+            if args.daemon_data_mib != args.data_mib * args.rss_factor {
+                child(
+                    daemon_library_group(&args),
+                    "library",
+                    dbs,
+                    args.daemon_data_mib,
+                )?;
+            }
         }
+        let dbs = args.daemon_block_size;
+        child(format!("patch/{}", label(dbs)), "patch", dbs, args.data_mib)?;
+        child(
+            format!("patch-daemon/{}", label(dbs)),
+            "daemon-patch",
+            dbs,
+            args.data_mib,
+        )?;
     }
     // The metadata workload deletes hundreds of thousands of files; on this kind of disk
     // (ext4 mounted with online discard) creating files stays slow for a while after that,
     // which would land on whichever configuration came next (the small blocks, one file
     // each, but not their reference, a few large files). So its runs come after all others.
-    for run in 0..args.runs {
+    let metadata_runs = if all { args.runs } else { 0 };
+    for run in 0..metadata_runs {
         eprintln!("metadata run {}/{}", run + 1, args.runs);
         child("metadata".into(), "metadata", 4096, args.data_mib)?;
     }
     eprintln!("benchmark took {:.0} s", started.elapsed().as_secs_f64());
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =
         results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
-    print_table(&args, &stats);
+    if all {
+        print_table(&args, &stats);
+    }
+    patch::print(&args, &stats);
     std::fs::create_dir_all(&args.out)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let path = args.out.join(format!("run-{stamp}.json"));
+    let path = match &args.only {
+        None => args.out.join(format!("run-{stamp}.json")),
+        Some(only) => args.out.join(format!("run-{stamp}-{only}.json")),
+    };
     let report = serde_json::json!({
+        "only": args.only,
         "data_mib": args.data_mib,
         "daemon_data_mib": args.daemon_data_mib,
         "runs": args.runs,
@@ -786,7 +828,10 @@ fn main() -> Result<(), Error> {
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     let svg = path.with_extension("svg");
     chart::draw(&args, &stats, &svg)?;
-    std::fs::copy(&svg, args.out.join("latest.svg"))?;
+    // The chart of a whole run only: README shows it.
+    if all {
+        std::fs::copy(&svg, args.out.join("latest.svg"))?;
+    }
     println!(
         "\nresults written to {} and {}",
         path.display(),
