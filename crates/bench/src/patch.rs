@@ -1,13 +1,14 @@
 //! The patch workload: changes in place of files that are already written, stored and
 //! cached, through [`blockcache::Namespace`] (the library, as the daemon uses it) or through
 //! the daemon's HTTP API (`PATCH`, `POST ?truncate=`). Each phase is measured against a
-//! reference on plain files of the same disk, run in the same child process just before it.
+//! reference on plain files of the same disk, in the same child process.
 //!
-//! The files: 8 MiB each (`--data-mib` of them in all, 4 by default), written with `local`
+//! The files: 8 MiB each, `--data-mib` in all (4 files by default), written with `local`
 //! durability, then flushed to the store before each phase, so that each phase starts from
-//! clean cached blocks whose objects are in the store. One writer; each side of a phase runs
-//! for about [`PHASE`], its operations drawn from a fixed seed (the same sequence for
-//! blockcache and for its reference). Phases:
+//! clean cached blocks whose objects are in the store. One writer. A phase alternates
+//! [`SLICES`] slices of [`SLICE`] of blockcache with as many of its reference, so that both
+//! meet the same load of a shared disk; its operations are drawn from a fixed seed (the same
+//! sequence for blockcache and for its reference). Phases:
 //! - 4 KiB patches at random unaligned offsets, `local` durability, per second; reference:
 //!   `pwrite` of 4 KiB + `fdatasync`;
 //! - block-sized patches at random block-aligned offsets, `local`, MiB/s; reference: `pwrite`
@@ -31,9 +32,11 @@ use blockcache::{Durability, Namespace};
 use crate::daemon::{self, check};
 use crate::{Args, Error, FILE_BYTES, MIB, Sample, Stat, fill, label, open};
 
-/// How long each side of a phase runs (and at least [`MIN_OPS`] operations).
-const PHASE: Duration = Duration::from_secs(2);
-const MIN_OPS: u64 = 16;
+/// Each side of a phase runs [`SLICES`] slices of [`SLICE`] (each of at least
+/// [`MIN_SLICE_OPS`] operations), alternating with the other side.
+const SLICE: Duration = Duration::from_millis(250);
+const SLICES: u32 = 8;
+const MIN_SLICE_OPS: u64 = 2;
 /// The seed of every phase's sequence of operations.
 const SEED: u64 = 0x0b10_c0ca_c4e0_0012;
 /// The size of the small patches.
@@ -297,53 +300,79 @@ impl Side<'_> {
     }
 }
 
-/// Runs `phase` on `side` for about [`PHASE`], applying its changes to `model` too; returns
-/// the operations done and the time they took (without the untimed restores).
-async fn run(
-    side: &Side<'_>,
-    phase: Phase,
-    model: &mut [Vec<u8>],
-    bs: u64,
-) -> Result<(u64, Duration), Error> {
-    let d = phase.durability();
-    let mut buf = Vec::new();
-    let (mut done, mut busy) = (0u64, Duration::ZERO);
-    let start = Instant::now();
-    for op in ops(phase, model.len(), bs) {
-        if done >= MIN_OPS && start.elapsed() >= PHASE {
-            break;
-        }
-        match op {
-            Op::Patch {
-                file,
-                offset,
-                len,
-                seed,
-            } => {
-                buf.resize(len as usize, 0);
-                fill(&mut buf, seed);
-                let t = Instant::now();
-                side.patch(file, offset, &buf, d).await?;
-                busy += t.elapsed();
-                done += 1;
-                model[file][offset as usize..][..len as usize].copy_from_slice(&buf);
-            }
-            Op::Truncate { file, size } => {
-                let t = Instant::now();
-                side.truncate(file, size, d).await?;
-                side.truncate(file, FILE_BYTES, d).await?;
-                busy += t.elapsed();
-                done += 2;
-                // The cut bytes back (untimed), so that the next shrink cuts data again.
-                side.patch(file, size, &model[file][size as usize..], d)
-                    .await?;
-            }
-        }
-    }
-    Ok((done, busy))
+/// One side of a phase under way: its next operations and what it did so far.
+struct Run {
+    ops: Box<dyn Iterator<Item = Op>>,
+    done: u64,
+    /// The time the operations took (without the untimed restores).
+    busy: Duration,
 }
 
-/// Runs every phase on the reference, then on `side`; returns their figures.
+impl Run {
+    fn new(phase: Phase, files: usize, bs: u64) -> Self {
+        Self {
+            ops: Box::new(ops(phase, files, bs)),
+            done: 0,
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Runs the next operations of `phase` on `side` for a [`SLICE`] (and at least
+    /// [`MIN_SLICE_OPS`]), applying them to `model` too.
+    async fn slice(
+        &mut self,
+        side: &Side<'_>,
+        phase: Phase,
+        model: &mut [Vec<u8>],
+    ) -> Result<(), Error> {
+        let d = phase.durability();
+        let mut buf = Vec::new();
+        let start = Instant::now();
+        let mut n = 0;
+        while n < MIN_SLICE_OPS || start.elapsed() < SLICE {
+            match self.ops.next().expect("the operations never end") {
+                Op::Patch {
+                    file,
+                    offset,
+                    len,
+                    seed,
+                } => {
+                    buf.resize(len as usize, 0);
+                    fill(&mut buf, seed);
+                    let t = Instant::now();
+                    side.patch(file, offset, &buf, d).await?;
+                    self.busy += t.elapsed();
+                    n += 1;
+                    model[file][offset as usize..][..len as usize].copy_from_slice(&buf);
+                }
+                Op::Truncate { file, size } => {
+                    let t = Instant::now();
+                    side.truncate(file, size, d).await?;
+                    side.truncate(file, FILE_BYTES, d).await?;
+                    self.busy += t.elapsed();
+                    n += 2;
+                    // The cut bytes back (untimed), so that the next shrink cuts data again.
+                    side.patch(file, size, &model[file][size as usize..], d)
+                        .await?;
+                }
+            }
+        }
+        self.done += n;
+        Ok(())
+    }
+
+    /// Operations per second, or MiB/s for the block-sized patches.
+    fn rate(&self, phase: Phase, bs: u64) -> f64 {
+        let per_s = self.done as f64 / self.busy.as_secs_f64();
+        match phase {
+            Phase::BlockLocal => per_s * bs as f64 / MIB,
+            _ => per_s,
+        }
+    }
+}
+
+/// Runs every phase on `side` and on the reference, in alternating slices; returns their
+/// figures.
 async fn phases(
     side: &Side<'_>,
     reference: &[File],
@@ -355,19 +384,17 @@ async fn phases(
     let mut ref_model = model.clone();
     let mut model = model;
     for phase in PHASES {
-        let rate = |(done, busy): (u64, Duration)| {
-            let per_s = done as f64 / busy.as_secs_f64();
-            match phase {
-                Phase::BlockLocal => per_s * bs as f64 / MIB,
-                _ => per_s,
-            }
-        };
         refside.settle().await?;
-        let reference = rate(run(&refside, phase, &mut ref_model, bs).await?);
-        refside.verify(&ref_model, bs, phase).await?;
         side.settle().await?;
-        let figure = rate(run(side, phase, &mut model, bs).await?);
+        let mut reference = Run::new(phase, model.len(), bs);
+        let mut run = Run::new(phase, model.len(), bs);
+        for _ in 0..SLICES {
+            reference.slice(&refside, phase, &mut ref_model).await?;
+            run.slice(side, phase, &mut model).await?;
+        }
+        refside.verify(&ref_model, bs, phase).await?;
         side.verify(&model, bs, phase).await?;
+        let (figure, reference) = (run.rate(phase, bs), reference.rate(phase, bs));
         s.values.insert(phase.key().into(), figure);
         s.values.insert(format!("ref_{}", phase.key()), reference);
         s.values.insert(phase.ratio_key(), figure / reference);
@@ -475,6 +502,9 @@ pub fn print(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
     let get = |group: &str, key: &str| stats.get(group).and_then(|g| g.get(key));
     let fmt = |s: Option<&Stat>, places: usize| {
         s.map_or("-".to_owned(), |s| {
+            // Small ratios (patches without sync against page-cache writes) keep two
+            // significant digits.
+            let places = if s.median < 0.1 { places + 2 } else { places };
             format!(
                 "{:.places$} ({:.places$}-{:.places$})",
                 s.median, s.min, s.max
@@ -482,9 +512,10 @@ pub fn print(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
         })
     };
     println!(
-        "\npatch workload: {} files of 8 MiB at {l} blocks, written, stored and cached; one writer; about {} s a phase; median of {} runs (min-max); ratios to the reference are per run",
+        "\npatch workload: {} files of 8 MiB at {l} blocks, written, stored and cached; one writer; {} slices of {} ms a phase, alternating with the reference; median of {} runs (min-max); ratios to the reference are per run",
         file_count(args),
-        PHASE.as_secs(),
+        SLICES,
+        SLICE.as_millis(),
         args.runs
     );
     println!(
