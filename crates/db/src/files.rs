@@ -401,6 +401,26 @@ impl Db {
         Ok(())
     }
 
+    /// Forgets retired inodes whose blocks are gone, in one transaction.
+    pub async fn forget_inodes(&self, inodes: &[u64]) -> Result<()> {
+        let list = crate::batch::json_ints(
+            inodes
+                .iter()
+                .map(|&i| to_i64(i))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        let mut w = self.write().await?;
+        sqlx::query(
+            "DELETE FROM inodes WHERE state = 'retired' \
+             AND inode IN (SELECT value FROM json_each(?))",
+        )
+        .bind(list)
+        .execute(&mut *w)
+        .await
+        .map_err(ctx("forget inodes"))?;
+        Ok(())
+    }
+
     /// Forgets a retired inode whose blocks are gone.
     pub async fn forget_inode(&self, inode: u64) -> Result<()> {
         let mut w = self.write().await?;

@@ -183,10 +183,29 @@ impl Inner {
             })
             .await
             .expect("unlink task panicked")?;
-            let pairs: Vec<(u64, u64)> = guards.iter().map(|(k, _)| (k.inode, k.blockno)).collect();
             let released = {
                 let _commit = self.commit_lock.lock().await;
-                self.db.remove_blocks(&pairs).await?
+                // Mappings change only under `commit_lock`: those read now are those to
+                // remove. Blocks only in the cache (dirty, never committed) need no
+                // transaction, and so no sync.
+                let lo = guards.iter().map(|(k, _)| k.blockno).min().unwrap_or(0);
+                let hi = guards.iter().map(|(k, _)| k.blockno).max().unwrap_or(0);
+                let mapped: std::collections::HashSet<u64> = self
+                    .db
+                    .mapped_blocks(inode, lo..hi.saturating_add(1))
+                    .await?
+                    .into_iter()
+                    .collect();
+                let pairs: Vec<(u64, u64)> = guards
+                    .iter()
+                    .filter(|(k, _)| mapped.contains(&k.blockno))
+                    .map(|(k, _)| (k.inode, k.blockno))
+                    .collect();
+                if pairs.is_empty() {
+                    Vec::new()
+                } else {
+                    self.db.remove_blocks(&pairs).await?
+                }
             };
             drop(guards);
             self.queue_removals(released).await;

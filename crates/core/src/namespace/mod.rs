@@ -440,6 +440,7 @@ impl Namespace {
         {
             tracing::warn!("removals of retired files still running; the next open finishes them");
         }
+        self.shared.forget_held().await;
         self.cache.shutdown().await
     }
 }

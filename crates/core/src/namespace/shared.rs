@@ -37,6 +37,9 @@ pub(super) struct Shared {
     /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
     /// reuses pages already mapped instead of faulting in fresh ones each block.
     spare_buffers: Mutex<Vec<BytesMut>>,
+    /// Retired staging inodes of merged changes whose blocks are gone, forgotten
+    /// [`FORGET_BATCH`] at a time (one transaction); the next open forgets those left.
+    forgettable: Mutex<Vec<u64>>,
     /// Inodes of files with a committed change whose merge failed and is being retried, with
     /// the cause: their reads fail until it is done.
     unapplied: Mutex<HashMap<u64, Arc<Error>>>,
@@ -63,6 +66,9 @@ impl Drop for Ticket {
     }
 }
 
+/// Retired inodes forgotten by one transaction (see [`Shared::forgettable`]).
+const FORGET_BATCH: usize = 64;
+
 /// The most memory that [`Shared::spare_buffers`] keeps.
 const SPARE_BUFFER_BYTES: u64 = 16 << 20;
 
@@ -83,6 +89,7 @@ impl Shared {
             spare_inodes: Mutex::new(Vec::new()),
             spare_buffers: Mutex::new(Vec::new()),
             unapplied: Mutex::new(HashMap::new()),
+            forgettable: Mutex::new(Vec::new()),
         }
     }
 
@@ -375,10 +382,39 @@ impl Shared {
         self.make_blocks_durable(target, &merged, durability)
             .await?;
         self.db.finish_merge(staging).await?;
-        if let Err(error) = self.remove_retired(staging).await {
+        if let Err(error) = self.inner.remove_range(staging, 0..u64::MAX).await {
             tracing::warn!(inode = staging, error = %crate::error::Chain(&error), "removing the blocks of a merged change failed; the next open retries");
+            return Ok(());
         }
+        self.forget_later(staging).await;
         Ok(())
+    }
+
+    /// Forgets retired inode `inode`, whose blocks are gone, with the next batch.
+    async fn forget_later(&self, inode: u64) {
+        let batch = {
+            let mut f = self.forgettable.lock().expect("forgettable poisoned");
+            f.push(inode);
+            if f.len() < FORGET_BATCH {
+                return;
+            }
+            std::mem::take(&mut *f)
+        };
+        self.forget_now(batch).await;
+    }
+
+    /// Forgets the retired inodes that [`Shared::forget_later`] holds (at shutdown).
+    pub(super) async fn forget_held(&self) {
+        let batch = std::mem::take(&mut *self.forgettable.lock().expect("forgettable poisoned"));
+        if !batch.is_empty() {
+            self.forget_now(batch).await;
+        }
+    }
+
+    async fn forget_now(&self, batch: Vec<u64>) {
+        if let Err(error) = self.db.forget_inodes(&batch).await {
+            tracing::warn!(inodes = batch.len(), error = %crate::error::Chain(&error), "forgetting merged inodes failed; the next open does");
+        }
     }
 
     /// Redoes the merges that were committed before a crash, before the namespace serves
