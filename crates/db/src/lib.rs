@@ -74,6 +74,26 @@ pub enum Error {
     /// The database holds a value that cannot be right.
     #[error("database holds invalid data: {0}")]
     Invalid(String),
+    /// Another process uses the volume (it holds the lock next to the database).
+    #[error(
+        "the volume is in use: {} is locked by {holder}; one process at a time may use a volume's database and cache",
+        lock.display()
+    )]
+    VolumeLocked {
+        /// The lock file.
+        lock: std::path::PathBuf,
+        /// Who holds it, as its holder wrote it (pid, host, since when).
+        holder: String,
+    },
+    /// The volume's lock file could not be opened or written.
+    #[error("could not use the volume's lock file {}: {source}", path.display())]
+    LockFile {
+        /// The lock file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Error {
@@ -212,6 +232,11 @@ pub struct SyncTicket(u64);
 #[derive(Debug)]
 pub struct Db {
     writer: Mutex<SqliteConnection>,
+    /// How the writer connects, to replace a connection a failure left in a transaction.
+    writer_options: SqliteConnectOptions,
+    /// The volume's lock (see `volume.rs`), held until [`Db::close`] or drop; `None` for
+    /// an in-memory database.
+    lock: std::sync::Mutex<Option<std::fs::File>>,
     readers: SqlitePool,
     /// Unsynced commits made so far (the last ticket handed out).
     unsynced: AtomicU64,
@@ -306,10 +331,22 @@ impl Db {
             // otherwise create (and unlink) a temporary file each time it runs.
             .pragma("temp_store", "memory")
             .busy_timeout(Duration::from_secs(30));
-        let mut writer =
-            SqliteConnection::connect_with(&options.clone().synchronous(SqliteSynchronous::Full))
-                .await
-                .map_err(ctx("open the database"))?;
+        // The lock first: nothing of the volume is read or written by a second process.
+        let file = options.get_filename();
+        let lock = if file.as_os_str().is_empty() || file == std::path::Path::new(":memory:") {
+            None
+        } else {
+            let file = file.to_owned();
+            Some(
+                tokio::task::spawn_blocking(move || volume::lock(&file))
+                    .await
+                    .expect("lock task panicked")?,
+            )
+        };
+        let writer_options = options.clone().synchronous(SqliteSynchronous::Full);
+        let mut writer = SqliteConnection::connect_with(&writer_options)
+            .await
+            .map_err(ctx("open the database"))?;
         sqlx::migrate!("../../migrations").run(&mut writer).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
@@ -318,6 +355,8 @@ impl Db {
             .map_err(ctx("open the database for reading"))?;
         Ok(Self {
             writer: Mutex::new(writer),
+            writer_options,
+            lock: std::sync::Mutex::new(lock),
             readers,
             unsynced: AtomicU64::new(0),
             durable: AtomicU64::new(0),
@@ -325,9 +364,10 @@ impl Db {
         })
     }
 
-    /// Takes the writer connection, in `synchronous=FULL`.
+    /// Takes the writer connection, in `synchronous=FULL` and outside any transaction.
     async fn write(&self) -> Result<MutexGuard<'_, SqliteConnection>> {
         let mut w = self.writer.lock().await;
+        self.repair_writer(&mut w).await?;
         if self.relaxed.load(Ordering::Acquire) {
             set_synchronous(&mut w, Synchronous::Full).await?;
             self.relaxed.store(false, Ordering::Release);
@@ -372,8 +412,9 @@ impl Db {
             .await
     }
 
-    /// Checkpoints the write-ahead log and closes the reader connections. The writer
-    /// connection closes when the `Db` is dropped.
+    /// Checkpoints the write-ahead log, closes the reader connections and gives up the
+    /// volume's lock. The writer connection closes when the `Db` is dropped; nothing may
+    /// write after this.
     pub async fn close(&self) {
         let checkpointed = async {
             let mut w = self.write().await?;
@@ -387,6 +428,7 @@ impl Db {
             tracing::warn!(%error, "checkpointing the database failed");
         }
         self.readers.close().await;
+        drop(self.lock.lock().expect("lock mutex poisoned").take());
     }
 
     /// Records `block_size` for a new volume, or checks that it matches the recorded one.
@@ -666,7 +708,9 @@ impl Db {
 
 mod batch;
 mod files;
+mod volume;
 pub use files::{FileRow, MergeRow};
+pub use volume::VolumeId;
 
 #[cfg(test)]
 mod tests;

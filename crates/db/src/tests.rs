@@ -587,3 +587,118 @@ async fn staging_inodes_are_allocated_in_batches_and_unused_ones_forgotten() {
         .expect("nothing to forget");
     db.check_consistency().await.expect("consistent");
 }
+
+#[tokio::test]
+async fn a_second_open_of_one_database_is_refused_and_names_the_holder() {
+    let (dir, db) = open().await;
+    let path = dir.path().join("meta.db");
+    let err = Db::open(path.to_str().expect("utf-8"))
+        .await
+        .expect_err("second open of a locked volume");
+    let message = err.to_string();
+    assert!(matches!(err, Error::VolumeLocked { .. }), "{message}");
+    assert!(
+        message.contains("meta.db.lock")
+            && message.contains(&format!("pid {}", std::process::id())),
+        "the message names the lock and its holder: {message}"
+    );
+    db.close().await;
+    drop(db);
+    let db = Db::open(path.to_str().expect("utf-8"))
+        .await
+        .expect("open once the holder is gone");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn the_volume_id_is_chosen_once() {
+    let (dir, db) = open().await;
+    let first = db.volume_id().await.expect("id");
+    assert!(first.created && first.id.len() == 32, "{first:?}");
+    let again = db.volume_id().await.expect("id again");
+    assert_eq!(
+        (again.id.as_str(), again.created),
+        (first.id.as_str(), false)
+    );
+    db.close().await;
+    drop(db);
+    let db = Db::open(dir.path().join("meta.db").to_str().expect("utf-8"))
+        .await
+        .expect("reopen");
+    assert_eq!(db.volume_id().await.expect("id").id, first.id);
+    let (_other_dir, other) = open().await;
+    assert_ne!(other.volume_id().await.expect("id").id, first.id);
+}
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop; `None` (with the
+/// reason printed) where this process may not mount.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Self> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        match mounted {
+            Ok(status) if status.success() => Some(Self(dir)),
+            other => {
+                eprintln!("skipped: cannot mount a tmpfs here (needs root): {other:?}");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// SQLITE_FULL at `COMMIT` makes SQLite roll the transaction back by itself; sqlx's own
+/// `ROLLBACK` then fails and sqlx believes a transaction is still open, so that a later
+/// rolled-back transaction left the connection inside one for good ("Safety level may not
+/// be changed inside a transaction" on every write after). The writer is repaired instead.
+#[tokio::test]
+async fn a_full_disk_leaves_the_writer_usable_once_space_is_back() {
+    let Some(fs) = Tmpfs::mount("1m") else {
+        return;
+    };
+    let db = Db::open(fs.0.path().join("meta.db").to_str().expect("utf-8"))
+        .await
+        .expect("open");
+    let ballast = fs.0.path().join("ballast");
+    // Fills the file system (the write stops at ENOSPC).
+    let _ = std::fs::write(&ballast, vec![0u8; 4 << 20]);
+    let requests: Vec<_> = (0..200)
+        .map(|i| {
+            let mut r = req(1, i, 0, 10);
+            r.hash[..8].copy_from_slice(&i.to_le_bytes());
+            r
+        })
+        .collect();
+    let err = commit(&db, &requests).await.expect_err("a full disk");
+    assert!(err.to_string().contains("full"), "{err}");
+    assert!(
+        db.probe_write().await.is_err(),
+        "the probe sees the full disk"
+    );
+    std::fs::remove_file(&ballast).expect("free the space");
+    // A transaction rolled back on purpose (a batch naming one block twice).
+    commit(&db, &[req(5, 5, 1, 10), req(5, 5, 1, 10)])
+        .await
+        .expect_err("duplicate block");
+    commit(&db, &requests)
+        .await
+        .expect("commit once space is back");
+    db.sync_all().await.expect("sync");
+    db.create_staging_inodes(2).await.expect("allocate inodes");
+    db.probe_write().await.expect("probe");
+    db.check_consistency().await.expect("consistent");
+    db.close().await;
+}

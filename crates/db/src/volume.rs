@@ -1,0 +1,142 @@
+//! The volume as a whole: the lock that makes one process its only user, its identity, and
+//! the health of the writer connection.
+//!
+//! The lock is an exclusive `flock` on `<database file>.lock`, taken by [`Db::open`] before
+//! anything is read and held as long as the [`Db`] lives; the operating system drops it when
+//! the process dies. It covers the metadata and, through the engine that owns the `Db`, the
+//! cache directory too, whatever directories are configured: two engines on one database
+//! would each take the other's dirty blocks for its own. The lock file holds a line naming
+//! the holder (pid, host, since when) for the message a refused opener prints.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+use sqlx::Connection;
+
+use crate::{Db, Error, Result, ctx};
+
+/// The lock file of the database at `db_file`.
+pub(crate) fn lock_path(db_file: &Path) -> PathBuf {
+    let mut name = db_file.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
+}
+
+/// Takes the volume lock of the database at `db_file`, or says who holds it.
+pub(crate) fn lock(db_file: &Path) -> Result<File> {
+    let path = lock_path(db_file);
+    let io = |source| Error::LockFile {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            // The holder's line is a courtesy: an unreadable one still refuses.
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(Error::VolumeLocked {
+                lock: path.clone(),
+                holder: if holder.is_empty() {
+                    "another process".to_owned()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "an unknown host".to_owned());
+    let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let line = format!("pid {} on {host} since {since}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(line.as_bytes()))
+        .map_err(io)?;
+    Ok(file)
+}
+
+/// The identity of a volume, kept in its `volume` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeId {
+    /// 32 hexadecimal digits, random, chosen when the volume first needed one.
+    pub id: String,
+    /// Whether this call chose it (the volume had none: it is new, or older than identities).
+    pub created: bool,
+}
+
+impl Db {
+    /// The volume's identity, chosen (and recorded) on first use. The cache directory keeps
+    /// a copy, so that a cache directory is never used with another volume's metadata.
+    pub async fn volume_id(&self) -> Result<VolumeId> {
+        let mut w = self.write().await?;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let stored: Option<String> =
+            sqlx::query_scalar("SELECT value FROM volume WHERE key = 'id'")
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(ctx("read the volume id"))?;
+        if let Some(id) = stored {
+            return Ok(VolumeId { id, created: false });
+        }
+        let id: String = sqlx::query_scalar(
+            "INSERT INTO volume (key, value) VALUES ('id', lower(hex(randomblob(16)))) RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(ctx("record the volume id"))?;
+        tx.commit().await.map_err(ctx("commit the volume id"))?;
+        Ok(VolumeId { id, created: true })
+    }
+
+    /// Whether the writer can write: repairs the writer connection if an earlier failure
+    /// left it inside a transaction, then makes one synchronized write.
+    pub async fn probe_write(&self) -> Result<()> {
+        let mut w = self.write().await?;
+        sqlx::query("UPDATE sync_point SET n = n + 1 WHERE id = 0")
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("write to the database"))?;
+        self.synced();
+        Ok(())
+    }
+
+    /// Replaces the writer connection if it is left inside a transaction. sqlx counts the
+    /// transactions it opened; when SQLite rolls one back on its own (`SQLITE_FULL` at
+    /// `COMMIT`), sqlx's `ROLLBACK` fails and its count stays up, so its next `begin` opens a
+    /// savepoint and a rollback to it leaves a transaction open for good (every later
+    /// `PRAGMA synchronous` then fails). A fresh connection starts clean; the old one rolls
+    /// back whatever it held when it closes.
+    pub(crate) async fn repair_writer(&self, w: &mut sqlx::SqliteConnection) -> Result<()> {
+        if !w.is_in_transaction() {
+            return Ok(());
+        }
+        // A dropped transaction queues its rollback; one round trip lets it run first.
+        let _ = w.ping().await;
+        if !w.is_in_transaction() {
+            return Ok(());
+        }
+        tracing::warn!(
+            "the database writer connection was left inside a transaction by an earlier failure; opening a new one"
+        );
+        let fresh = sqlx::SqliteConnection::connect_with(&self.writer_options)
+            .await
+            .map_err(ctx("reopen the database writer connection"))?;
+        let old = std::mem::replace(w, fresh);
+        if let Err(error) = old.close().await {
+            tracing::warn!(%error, "closing the old database writer connection failed");
+        }
+        Ok(())
+    }
+}
