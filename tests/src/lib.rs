@@ -150,7 +150,7 @@ impl Env {
     }
 
     /// Opens the cache with `config`. If an engine that was dropped without shutdown still
-    /// holds the cache directory, waits (up to 20 s) until its tasks have ended.
+    /// holds the volume or the cache directory, waits (up to 20 s) until its tasks have ended.
     pub async fn open_with(&self, config: Config) -> BlockCache {
         within(
             "the cache directory to be released by an earlier engine",
@@ -158,7 +158,7 @@ impl Env {
             async {
                 loop {
                     match self.try_open(config.clone()).await {
-                        Err(blockcache::Error::InUse { .. }) => {
+                        Err(e) if is_in_use(&e) => {
                             tokio::time::sleep(Duration::from_millis(2)).await;
                         }
                         other => break other.expect("open cache"),
@@ -201,6 +201,16 @@ pub const SEED_VAR: &str = "BLOCKCACHE_TEST_SEED";
 
 /// How long a test waits for something that should happen promptly before it fails.
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Whether `error` says that another engine uses the volume (its database's lock) or the
+/// cache directory (its directory lock).
+pub fn is_in_use(error: &blockcache::Error) -> bool {
+    match error {
+        blockcache::Error::InUse { .. } => true,
+        blockcache::Error::Db(e) => matches!(**e, blockcache_db::Error::VolumeLocked { .. }),
+        _ => false,
+    }
+}
 
 /// The seed of a test's random choices: `BLOCKCACHE_TEST_SEED` if set, else a random one.
 /// Prints it to standard error, which the test runner shows when the test fails.

@@ -1,7 +1,8 @@
 //! The main job on embedded defaults: a SQLite file and a local directory as the object
-//! store, under `./blockcache-data`. Writes files' worth of blocks (half of them duplicates),
-//! flushes them to the store, drops the cache, reads everything back and checks it, and says
-//! what it did at each step.
+//! store, under `./blockcache-demo` (a volume of its own: the daemon's default is
+//! `./blockcache-data`, whose inodes belong to its files). Writes files' worth of blocks
+//! (half of them duplicates), flushes them to the store, drops the cache, reads everything
+//! back and checks it, and says what it did at each step.
 #![allow(clippy::print_stdout)]
 
 use std::path::PathBuf;
@@ -43,7 +44,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let data_dir = PathBuf::from(
         std::env::args()
             .nth(1)
-            .unwrap_or_else(|| "blockcache-data".into()),
+            .unwrap_or_else(|| "blockcache-demo".into()),
     );
     std::fs::create_dir_all(&data_dir)?;
     let data_dir = data_dir.canonicalize()?;

@@ -10,7 +10,7 @@ use blockcache_db::Db;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::cache_dir::CacheDir;
+use crate::cache_dir::{CacheDir, Marker};
 use crate::engine::{Access, BlockHandle, Inner, LockMode, Recovery};
 use crate::{BlockKey, Config, Error, Limits, Result, Usage};
 
@@ -44,7 +44,9 @@ impl BlockCache {
             .ok_or_else(|| Error::InUse {
                 path: dir.path().to_owned(),
             })?;
+        claim(&dir, &db).await?;
         let (inner, queues) = Inner::open(config, dir, dir_lock, db, backend).await?;
+        inner.load_namespace_floor().await?;
         let found = inner.load().await?;
         let intake = inner.cancel_token().child_token();
         crate::tasks::start(&inner, queues, intake.clone());
@@ -73,17 +75,28 @@ impl BlockCache {
 
     /// Exclusive read-write access to block `(inode, blockno)`. Waits for the dirty budget
     /// (one block's worth) before taking the block's lock.
+    ///
+    /// Refused ([`Error::NamespaceInode`]) for an inode that the volume's file namespace
+    /// owns: once a [`crate::Namespace`] was opened on the volume, raw users keep to the
+    /// inodes below its first one.
     pub async fn block(&self, inode: u64, blockno: u64) -> Result<BlockHandle> {
-        self.inner
+        let handle = self
+            .inner
             .handle(BlockKey::new(inode, blockno), Access::Write)
-            .await
+            .await?;
+        self.inner.check_raw(inode)?;
+        Ok(handle)
     }
 
     /// Exclusive read-only access to block `(inode, blockno)`. Never waits for uploads.
+    /// Refused for an inode the namespace owns, like [`BlockCache::block`].
     pub async fn block_for_read(&self, inode: u64, blockno: u64) -> Result<BlockHandle> {
-        self.inner
+        let handle = self
+            .inner
             .handle(BlockKey::new(inode, blockno), Access::Read)
-            .await
+            .await?;
+        self.inner.check_raw(inode)?;
+        Ok(handle)
     }
 
     /// Reads up to `len` bytes at `offset` of a block (fewer at its end; none for a hole).
@@ -131,9 +144,11 @@ impl BlockCache {
 
     /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
     /// and releases their objects; objects no longer referenced are deleted from the store
-    /// by the removal task. Does not wait for uploads of these blocks.
+    /// by the removal task. Does not wait for uploads of these blocks. Refused for an inode
+    /// the namespace owns, like [`BlockCache::block`].
     #[tracing::instrument(level = "debug", skip(self))]
     pub async fn remove(&self, inode: u64, range: Range<u64>) -> Result<()> {
+        self.inner.check_raw(inode)?;
         self.inner.remove_range(inode, range).await
     }
 
@@ -233,6 +248,59 @@ impl BlockCache {
         self.inner.settled().await;
         self.inner.check_invariants(true).await
     }
+}
+
+/// Makes sure the cache directory belongs to the database's volume before any file in it is
+/// trusted: it names its volume (`.volume`). A directory of another volume (another
+/// database, or one that was wiped) is emptied if it holds only clean blocks (copies of that
+/// volume's store objects, useless here) and refused if it holds dirty ones (the only copy
+/// of that volume's data). A directory that names no volume is taken over when the volume is
+/// older than volume ids (the database had no id and has objects) or the directory is empty.
+async fn claim(dir: &CacheDir, db: &Db) -> Result<()> {
+    let volume = db.volume_id().await.map_err(|e| Error::Db(Arc::new(e)))?;
+    let legacy = volume.created
+        && db
+            .totals()
+            .await
+            .map_err(|e| Error::Db(Arc::new(e)))?
+            .objects
+            > 0;
+    let d = dir.clone();
+    let id = volume.id.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let io = |action| Error::io(action, d.path());
+        let owner = d.volume().map_err(io("read the volume of cache directory"))?;
+        if owner.as_deref() == Some(id.as_str()) {
+            return Ok(());
+        }
+        let (found, _) = d.scan().map_err(io("list cache directory"))?;
+        let adopt = found.is_empty() || (owner.is_none() && legacy);
+        if !adopt {
+            let dirty = found.iter().filter(|f| f.marker == Marker::Dirty).count() as u64;
+            let cache_volume = owner.map_or_else(
+                || "no volume it names".to_owned(),
+                |o| format!("volume {o}"),
+            );
+            if dirty > 0 {
+                return Err(Error::ForeignCache {
+                    path: d.path().to_owned(),
+                    cache_volume,
+                    volume: id,
+                    dirty,
+                });
+            }
+            tracing::warn!(
+                path = %d.path().display(),
+                files = found.len(),
+                "cache directory belongs to {cache_volume}, not to this volume {id}; deleting its clean blocks"
+            );
+            d.purge().map_err(io("empty cache directory"))?;
+        }
+        d.set_volume(&id)
+            .map_err(io("record the volume of cache directory"))
+    })
+    .await
+    .expect("claim task panicked")
 }
 
 impl Drop for BlockCache {

@@ -18,12 +18,37 @@ use std::time::SystemTime;
 
 use crate::BlockKey;
 
+/// The file naming the volume a cache directory belongs to.
+const VOLUME_FILE: &str = ".volume";
+
 /// The name a block's file has: clean (`<inode>-<blockno>`, identical to its object) or
 /// with the dirty marker (`<inode>-<blockno>.dirty`, may differ from the store).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Marker {
     Clean,
     Dirty,
+}
+
+/// What identifies a cache file's content without reading it: its inode, length and
+/// modification time. Any write through the file system changes the time (and a replaced
+/// file the inode), so a clean file whose stamp moved since it was checked is checked again
+/// before it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+}
+
+impl Stamp {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            ino: meta.ino(),
+            len: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+        }
+    }
 }
 
 /// A file found by [`CacheDir::scan`].
@@ -86,6 +111,36 @@ impl CacheDir {
         }
     }
 
+    /// The id of the volume the directory belongs to (`.volume`), if it says.
+    pub(crate) fn volume(&self) -> io::Result<Option<String>> {
+        match std::fs::read_to_string(self.path.join(VOLUME_FILE)) {
+            Ok(id) => Ok(Some(id.trim().to_owned())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records that the directory belongs to volume `id` (durably: a temporary file,
+    /// fsynced, renamed, and the directory fsynced).
+    pub(crate) fn set_volume(&self, id: &str) -> io::Result<()> {
+        let staged = self.path.join(".volume.tmp");
+        let file = create_fresh(&staged)?;
+        file.write_all_at(format!("{id}\n").as_bytes(), 0)?;
+        file.sync_all()?;
+        std::fs::rename(&staged, self.path.join(VOLUME_FILE))?;
+        self.sync_dir()
+    }
+
+    /// Deletes every block file (clean and dirty): the directory is about to be used for
+    /// another volume.
+    pub(crate) fn purge(&self) -> io::Result<()> {
+        let (found, _) = self.scan()?;
+        for f in found {
+            self.remove(f.key, f.marker)?;
+        }
+        self.sync_dir()
+    }
+
     /// Lists the cache files, deleting temporary files. Unknown names are returned apart.
     pub(crate) fn scan(&self) -> io::Result<(Vec<Found>, Vec<PathBuf>)> {
         let mut found = Vec::new();
@@ -97,7 +152,7 @@ impl CacheDir {
                 unknown.push(item.path());
                 continue;
             };
-            if name == ".lock" {
+            if name == ".lock" || name == VOLUME_FILE {
                 continue;
             }
             if name.ends_with(".tmp") {
@@ -189,6 +244,14 @@ impl CacheDir {
             let _ = std::fs::remove_file(&path);
         }
         result
+    }
+
+    /// The stamp of the file of `key`, under whichever name it has (`None` if it has none).
+    pub(crate) fn stamp(&self, key: BlockKey) -> Option<Stamp> {
+        [Marker::Dirty, Marker::Clean]
+            .into_iter()
+            .find_map(|m| std::fs::metadata(self.file(key, m)).ok())
+            .map(|meta| Stamp::of(&meta))
     }
 
     /// Renames the file of `key` to the name `to` from the other one.

@@ -178,6 +178,34 @@ pub enum Error {
         /// The cache directory.
         path: PathBuf,
     },
+    /// The cache directory belongs to another volume (another database, or a database that
+    /// was replaced) and holds dirty blocks of it, which this volume must not take for its own
+    /// nor delete.
+    #[error(
+        "cache directory {} belongs to {cache_volume}, not to this database's volume {volume}, and holds {dirty} blocks not yet uploaded; use another cache directory, or empty this one if that data is not needed",
+        path.display()
+    )]
+    ForeignCache {
+        /// The cache directory.
+        path: PathBuf,
+        /// The volume it belongs to, as far as it says.
+        cache_volume: String,
+        /// The volume of the database.
+        volume: String,
+        /// Its dirty blocks.
+        dirty: u64,
+    },
+    /// Raw block access to an inode that the namespace owns: the block API and the file
+    /// namespace never share an inode.
+    #[error(
+        "inode {inode} belongs to the file namespace of this volume (its inodes start at {first}); raw block access to it is refused"
+    )]
+    NamespaceInode {
+        /// The inode asked for.
+        inode: u64,
+        /// The first inode the namespace may allocate; raw access is allowed below it.
+        first: u64,
+    },
     /// The cache is shutting down.
     #[error("the block cache is shutting down")]
     ShuttingDown,

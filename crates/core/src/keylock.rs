@@ -52,6 +52,11 @@ impl<K: Eq + Hash + Clone> KeyedLocks<K> {
         })
     }
 
+    /// The keys held or waited for now.
+    pub(crate) fn keys(&self) -> Vec<K> {
+        self.map.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// How many keys are held or waited for.
     pub(crate) fn held(&self) -> usize {
         self.map.len()

@@ -140,3 +140,64 @@ impl Db {
         Ok(())
     }
 }
+
+/// Where the namespace's inodes start, and how a volume from before it was recorded is read.
+impl Db {
+    /// The first inode the file namespace may allocate, once a namespace was opened on the
+    /// volume: the namespace owns every inode from there on, and raw block access keeps
+    /// below it. `None`: no namespace ever ran, every inode is the raw users'. A volume whose
+    /// namespace ran before this was recorded allocated from 1.
+    pub async fn namespace_floor(&self) -> Result<Option<u64>> {
+        let (recorded, used): (Option<String>, bool) = sqlx::query_as(
+            "SELECT (SELECT value FROM volume WHERE key = 'namespace_floor'), \
+                    EXISTS (SELECT 1 FROM inodes) \
+                    OR EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'inodes')",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("read where the namespace's inodes start"))?;
+        match recorded {
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| Error::Invalid(format!("namespace floor {v:?}"))),
+            None => Ok(used.then_some(1)),
+        }
+    }
+
+    /// Makes the namespace's inodes start above every inode in use: records the floor, at
+    /// least `at_least` and above every inode with a mapping, and moves the inode allocator
+    /// there, in one transaction. Returns the floor (the recorded one if there is one).
+    pub async fn claim_namespace_inodes(&self, at_least: u64) -> Result<u64> {
+        if let Some(floor) = self.namespace_floor().await? {
+            return Ok(floor);
+        }
+        let mut w = self.write().await?;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let mapped: i64 = sqlx::query_scalar("SELECT coalesce(max(inode), 0) FROM blocks")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(ctx("find the largest inode in use"))?;
+        let floor = at_least.max(crate::to_u64(mapped, "inode")? + 1).max(1);
+        let floor_i64 = crate::to_i64(floor)?;
+        sqlx::query("INSERT INTO volume (key, value) VALUES ('namespace_floor', ?)")
+            .bind(floor.to_string())
+            .execute(&mut *tx)
+            .await
+            .map_err(ctx("record where the namespace's inodes start"))?;
+        // AUTOINCREMENT allocates above the largest of `sqlite_sequence` and the table.
+        sqlx::query("DELETE FROM sqlite_sequence WHERE name = 'inodes'")
+            .execute(&mut *tx)
+            .await
+            .map_err(ctx("move the inode allocator"))?;
+        sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES ('inodes', ?)")
+            .bind(floor_i64 - 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(ctx("move the inode allocator"))?;
+        tx.commit()
+            .await
+            .map_err(ctx("commit where the namespace's inodes start"))?;
+        Ok(floor)
+    }
+}

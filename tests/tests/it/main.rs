@@ -17,3 +17,4 @@ mod links;
 mod model;
 mod namespace;
 mod s3ql;
+mod volume;

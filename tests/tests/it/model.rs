@@ -115,7 +115,7 @@ impl Case<'_> {
             loop {
                 match self.env.try_open(self.config.clone()).await {
                     Ok(cache) => break cache,
-                    Err(blockcache::Error::InUse { .. }) => {}
+                    Err(e) if blockcache_tests::is_in_use(&e) => {}
                     result => {
                         self.allow("open", result);
                     }

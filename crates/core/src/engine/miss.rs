@@ -10,13 +10,14 @@ use super::Counters;
 use super::handle::{BlockHandle, Intent};
 use super::state::Origin;
 use super::upload::wait_done;
-use crate::cache_dir::{self, Marker};
+use crate::cache_dir::{self, Marker, Stamp};
 use crate::{Error, Result};
 
 /// A download, checked against the metadata and written into the cache.
 enum Fetched {
-    /// Installed under the clean name; the file stays open for the handle.
-    Installed(File),
+    /// Installed under the clean name, with the file's stamp; the file stays open for the
+    /// handle.
+    Installed(File, Stamp),
     /// The bytes do not match the metadata: what differs.
     Mismatch(String),
 }
@@ -37,7 +38,7 @@ impl BlockHandle {
         let key = self.key;
         let found = inner.lock_state().touch(key);
         match found {
-            Some(c) if c.verified => {
+            Some(c) if c.verified && (c.dirty || self.unchanged(c)?) => {
                 self.hit();
                 return Ok(true);
             }
@@ -133,12 +134,13 @@ impl BlockHandle {
             // The reservation becomes the entry in one critical section.
             let mut st = inner.lock_state();
             room.settle(&mut st);
-            if let Ok(Fetched::Installed(_)) = fetched {
+            if let Ok(Fetched::Installed(_, stamp)) = fetched {
                 st.insert(key, object.length, Origin::Downloaded);
+                st.mark_verified(key, stamp);
             }
         }
         let file = match fetched {
-            Ok(Fetched::Installed(file)) => file,
+            Ok(Fetched::Installed(file, _)) => file,
             Ok(Fetched::Mismatch(reason)) => {
                 Counters::add(&inner.counters.download_errors, 1);
                 return Err(Error::Corrupted {
@@ -198,7 +200,9 @@ impl BlockHandle {
             if actual != hash {
                 return Ok(Fetched::Mismatch(mismatch(&actual, &hash)));
             }
-            dir.install_clean(key, &data).map(Fetched::Installed)
+            let file = dir.install_clean(key, &data)?;
+            let stamp = Stamp::of(&file.metadata()?);
+            Ok(Fetched::Installed(file, stamp))
         })
         .await
         .expect("download task panicked");
@@ -234,7 +238,8 @@ impl BlockHandle {
             }
             let checked = (|| -> std::io::Result<Fetched> {
                 let file = dir.open(key, Marker::Clean)?;
-                let actual = file.metadata()?.len();
+                let meta = file.metadata()?;
+                let actual = meta.len();
                 if actual != len {
                     return Ok(Fetched::Mismatch(format!(
                         "{actual} bytes instead of {len}"
@@ -244,9 +249,9 @@ impl BlockHandle {
                 if digest != hash {
                     return Ok(Fetched::Mismatch(mismatch(&digest, &hash)));
                 }
-                Ok(Fetched::Installed(file))
+                Ok(Fetched::Installed(file, Stamp::of(&meta)))
             })();
-            if !matches!(checked, Ok(Fetched::Installed(_))) {
+            if !matches!(checked, Ok(Fetched::Installed(..))) {
                 let _ = std::fs::remove_file(&path);
             }
             Some(checked)
@@ -255,44 +260,72 @@ impl BlockHandle {
         .expect("download task panicked");
         metrics::histogram!(
             "blockcache_download_duration_seconds",
-            "outcome" => if matches!(linked, Some(Ok(Fetched::Installed(_)))) { "ok" } else { "error" }
+            "outcome" => if matches!(linked, Some(Ok(Fetched::Installed(..)))) { "ok" } else { "error" }
         )
         .record(started.elapsed().as_secs_f64());
         Ok(linked)
     }
 
-    /// Checks a clean file found at start-up against its mapping (length and SHA-256).
-    /// A stale or damaged file is deleted and the block treated as a miss. Returns whether the
-    /// file was kept.
+    /// Whether the file of the clean entry `c` still has the stamp it had when its content
+    /// was last known right (one `fstat` of the file the read uses). False also when it has
+    /// no stamp yet or cannot be opened: the caller checks its content.
+    fn unchanged(&mut self, c: super::state::Cached) -> Result<bool> {
+        let Some(stamp) = c.stamp else {
+            return Ok(false);
+        };
+        let Ok(file) = self.file() else {
+            return Ok(false);
+        };
+        Ok(file.metadata().is_ok_and(|m| Stamp::of(&m) == stamp))
+    }
+
+    /// Checks a clean file against its mapping (length and SHA-256): a file found at
+    /// start-up, or one whose stamp moved since it was last checked (changed on disk while
+    /// the engine runs). A stale or damaged file is deleted and the block treated as a miss,
+    /// so it is fetched again. Returns whether the file was kept.
     #[tracing::instrument(level = "debug", skip_all, fields(inode = self.key.inode, blockno = self.key.blockno))]
     async fn verify(&mut self) -> Result<bool> {
         let inner = Arc::clone(&self.inner);
         let key = self.key;
-        let size = inner.lock_state().get(key).expect("cached").size;
+        let (size, marker) = {
+            let st = inner.lock_state();
+            let c = st.get(key).expect("cached");
+            (c.size, c.marker)
+        };
+        self.file = None;
         let mapping = inner.db.mapping(key.inode, key.blockno).await?;
-        let path = inner.dir.file(key, Marker::Clean);
-        let ok = match mapping {
+        let path = inner.dir.file(key, marker);
+        let checked = match mapping {
             Some(o) if o.length == size && o.hash.is_some() => {
                 let expected = o.hash.expect("checked");
-                let p = path.clone();
+                let dir = inner.dir.clone();
                 tokio::task::spawn_blocking(move || {
-                    cache_dir::hash_file(&p, size).map(|digest| digest == expected)
+                    // The stamp before the bytes: a change while hashing moves the stamp
+                    // again, so the next read checks once more.
+                    let file = dir.open(key, marker).ok()?;
+                    let meta = file.metadata().ok()?;
+                    if meta.len() != size {
+                        return None;
+                    }
+                    let digest = cache_dir::hash_open(&file, size).ok()?;
+                    (digest == expected).then(|| (file, Stamp::of(&meta)))
                 })
                 .await
                 .expect("verify task panicked")
-                .unwrap_or(false)
             }
-            _ => false,
+            _ => None,
         };
-        if ok {
-            inner.lock_state().mark_verified(key);
+        if let Some((file, stamp)) = checked {
+            inner.lock_state().mark_verified(key, stamp);
+            self.file = Some(file);
             return Ok(true);
         }
-        tracing::warn!(inode = key.inode, blockno = key.blockno, path = %path.display(), "cached block does not match its metadata; discarding it");
+        tracing::warn!(inode = key.inode, blockno = key.blockno, path = %path.display(), "cached block does not match its metadata; discarding it and fetching it again");
+        Counters::add(&inner.counters.corrupt_cache_files, 1);
         inner.lock_state().remove(key);
         inner
             .dir
-            .remove(key, Marker::Clean)
+            .remove(key, marker)
             .map_err(Error::io("delete stale cache file", path))?;
         Ok(false)
     }

@@ -25,6 +25,7 @@ mod evict;
 mod flush;
 mod handle;
 mod miss;
+mod owner;
 mod recovery;
 mod remove;
 mod settle;
@@ -70,6 +71,8 @@ struct Counters {
     downloads: AtomicU64,
     download_bytes: AtomicU64,
     download_errors: AtomicU64,
+    /// Clean cache files that no longer matched their object and were discarded.
+    corrupt_cache_files: AtomicU64,
     dedup_hits: AtomicU64,
     deletes: AtomicU64,
     delete_errors: AtomicU64,
@@ -130,6 +133,8 @@ pub(crate) struct Inner {
     counters: Counters,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    /// The first inode the file namespace owns (`owner.rs`); raw block access stays below.
+    namespace_floor: AtomicU64,
     /// The exclusive lock of the cache directory, held as long as anything of this engine
     /// runs.
     _dir_lock: File,
@@ -176,6 +181,7 @@ impl Inner {
             counters: Counters::default(),
             cancel,
             tracker: TaskTracker::new(),
+            namespace_floor: AtomicU64::new(owner::NO_NAMESPACE),
             _dir_lock: dir_lock,
             config,
         });

@@ -33,10 +33,14 @@ impl Inner {
             generation,
             ref done,
         } = *attempt;
+        // The file's stamp as it is made clean: from here, a change of it through the file
+        // system makes the next read check the block again (one `stat`, before the state's
+        // lock: a change between the two leaves a stamp that does not match, so a check).
+        let stamp = result.as_ref().ok().and_then(|()| self.dir.stamp(key));
         let became_clean = {
             let mut st = self.lock_state();
             match &result {
-                Ok(()) => st.confirm(key, entry_id, generation),
+                Ok(()) => st.confirm(key, entry_id, generation, stamp),
                 Err(_) => {
                     st.fail(key, entry_id, generation);
                     None

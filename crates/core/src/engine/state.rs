@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::cache_dir::Marker;
+use crate::cache_dir::{Marker, Stamp};
 use crate::{BlockKey, Error};
 
 /// Completion of the commit of one generation of a block: `None` while pending.
@@ -53,6 +53,10 @@ struct Entry {
     dirty_acc: u64,
     /// False for clean files found at start-up until their content has been checked.
     verified: bool,
+    /// While clean: the stamp of the file when its content was last known to be the
+    /// object's (downloaded, checked, or made clean by its upload). A clean entry is served
+    /// only while its file still has this stamp; `None` means check it first.
+    stamp: Option<Stamp>,
     /// The SHA-256 of the file's content at a generation, computed ahead of the commit;
     /// valid only while `generation` is still that one.
     prehash: Option<(u64, [u8; 32])>,
@@ -148,6 +152,7 @@ impl State {
             tick,
             dirty_acc: if dirty { size } else { 0 },
             verified: origin != Origin::FoundClean,
+            stamp: None,
             prehash: None,
         };
         self.bytes += size;
@@ -168,6 +173,8 @@ impl State {
             size: e.size,
             verified: e.verified,
             marker: e.marker,
+            dirty: e.is_dirty(),
+            stamp: e.stamp,
         })
     }
 
@@ -182,10 +189,13 @@ impl State {
         self.get(key)
     }
 
-    /// Records that a clean file found at start-up matches its mapping.
-    pub(crate) fn mark_verified(&mut self, key: BlockKey) {
+    /// Records that the file of the clean entry `key`, with `stamp`, matches its mapping.
+    pub(crate) fn mark_verified(&mut self, key: BlockKey, stamp: Stamp) {
         if let Some(e) = self.entries.get_mut(&key) {
             e.verified = true;
+            if !e.is_dirty() {
+                e.stamp = Some(stamp);
+            }
         }
     }
 
@@ -242,6 +252,7 @@ impl State {
             self.dirty.insert((now, key));
         }
         e.generation += 1;
+        e.stamp = None;
         e.last_write = now;
         e.prehash = hash.map(|h| (e.generation, h));
         self.bytes = self.bytes - e.size + new_size;
@@ -290,7 +301,14 @@ impl State {
 
     /// Records that generation `generation` of entry `id` is in the store. Returns the bytes
     /// to give back to the dirty budget if the entry became clean.
-    pub(crate) fn confirm(&mut self, key: BlockKey, id: u64, generation: u64) -> Option<u64> {
+    /// `stamp` is the file's, taken before this call: it is kept if the entry became clean.
+    pub(crate) fn confirm(
+        &mut self,
+        key: BlockKey,
+        id: u64,
+        generation: u64,
+        stamp: Option<Stamp>,
+    ) -> Option<u64> {
         let e = self.entries.get_mut(&key).filter(|e| e.id == id)?;
         if e.inflight.as_ref().is_some_and(|(g, _)| *g == generation) {
             e.inflight = None;
@@ -301,6 +319,7 @@ impl State {
         if e.is_dirty() {
             return None;
         }
+        e.stamp = stamp;
         let freed = std::mem::take(&mut e.dirty_acc);
         if let Some(since) = e.dirty_since.take() {
             self.dirty.remove(&(since, key));

@@ -184,7 +184,11 @@ pub struct Namespace {
 impl Namespace {
     /// Puts a namespace over `cache`, first removing the blocks of inodes that an earlier run
     /// retired or left staging. Files may grow to `max_file_size` bytes.
+    ///
+    /// The first namespace on a volume takes its inodes above every inode in use by raw
+    /// block access; from then on those are refused raw access (see [`BlockCache::block`]).
     pub async fn open(cache: BlockCache, max_file_size: u64) -> Result<Self> {
+        cache.engine().claim_namespace_inodes().await?;
         let shared = Arc::new(Shared::new(cache.engine().clone(), max_file_size));
         shared.finish_merges().await?;
         let leftover = shared.db.inodes_to_clean().await?;

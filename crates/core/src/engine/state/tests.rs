@@ -130,7 +130,7 @@ proptest! {
                     let k = key(k);
                     let Some(m) = model.get_mut(&k) else { continue };
                     let Some(g) = m.started else { continue };
-                    let freed = st.confirm(k, m.id, g);
+                    let freed = st.confirm(k, m.id, g, None);
                     if m.inflight == Some(g) {
                         m.inflight = None;
                     }

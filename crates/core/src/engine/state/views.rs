@@ -35,6 +35,10 @@ pub(crate) struct Cached {
     pub(crate) size: u64,
     pub(crate) verified: bool,
     pub(crate) marker: Marker,
+    /// Whether it differs from the store.
+    pub(crate) dirty: bool,
+    /// The stamp its file had when last known right (clean entries).
+    pub(crate) stamp: Option<crate::cache_dir::Stamp>,
 }
 
 /// An entry taken out of the state.

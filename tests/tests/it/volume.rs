@@ -1,0 +1,168 @@
+//! One volume, one user: the volume lock over the database, the cache directory's volume
+//! identity, and the split of inodes between the block API and the file namespace.
+
+use blockcache::{BlockCache, Durability, Error, Namespace};
+use blockcache_db::Db;
+use std::time::Duration;
+
+use blockcache_tests::{Env, data, within};
+
+const MAX: u64 = 1 << 30;
+
+async fn open_in(env: &Env, cache_dir: std::path::PathBuf) -> blockcache::Result<BlockCache> {
+    let mut config = env.config();
+    config.cache_dir = cache_dir;
+    let db = Db::open(env.db_path().to_str().expect("utf-8")).await?;
+    BlockCache::open(config, db, env.backend()).await
+}
+
+/// A second engine on the same database with a cache directory of its own would take the
+/// first one's dirty blocks for holes and its staging inodes for its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_engine_on_one_database_is_refused_whatever_its_cache_directory() {
+    let env = Env::new();
+    let first = env.open().await;
+    first.write(1, 0, 0, &data(1, 1000)).await.expect("write");
+    let err = open_in(&env, env.dir.path().join("other-cache"))
+        .await
+        .expect_err("a second engine on the same database");
+    let message = err.to_string();
+    assert!(
+        message.contains("meta.db.lock") && message.contains("pid "),
+        "the refusal names the lock and its holder: {message}"
+    );
+    first.shutdown().await.expect("shutdown");
+    // Once the first is gone, the volume opens (here with the other directory).
+    let second = open_in(&env, env.dir.path().join("other-cache"))
+        .await
+        .expect("open after the first shut down");
+    assert_eq!(
+        &second.read(1, 0, 0, 1000).await.expect("read")[..],
+        &data(1, 1000)[..]
+    );
+    second.shutdown().await.expect("shutdown");
+}
+
+/// A cache directory of another volume: its dirty blocks are that volume's only copy, so it
+/// is refused; once it holds only clean blocks it is emptied, never trusted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cache_directory_of_another_volume_is_refused_or_emptied() {
+    let env = Env::new();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(1, 1000)).await.expect("write");
+    cache.sync().await.expect("sync");
+    drop(cache);
+    // Another volume (a wiped database) on the same cache directory: refused, the dirty
+    // block is left alone.
+    let other = Env::new();
+    let mut config = other.config();
+    config.cache_dir = env.cache_dir();
+    let refused = || async {
+        let db = Db::open(other.db_path().to_str().expect("utf-8")).await?;
+        BlockCache::open(config.clone(), db, other.backend()).await
+    };
+    // The first engine was dropped without shutdown: wait until its tasks let go of the
+    // cache directory.
+    let err = within(
+        "the cache directory to be released",
+        Duration::from_secs(20),
+        async {
+            loop {
+                match refused().await {
+                    Err(Error::InUse { .. }) => tokio::time::sleep(Duration::from_millis(2)).await,
+                    other => break other.expect_err("refused"),
+                }
+            }
+        },
+    )
+    .await;
+    assert!(
+        matches!(err, Error::ForeignCache { dirty: 1, .. }),
+        "a cache directory with another volume's dirty block is refused: {err}"
+    );
+    assert!(env.cache_dir().join("1-0.dirty").exists());
+    // The first volume uploads it and shuts down: only clean blocks are left.
+    let cache = env.open().await;
+    cache.flush().await.expect("flush");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1000).await.expect("read")[..],
+        &data(1, 1000)[..]
+    );
+    cache.shutdown().await.expect("shutdown");
+    // The other volume writes a different block 1/0 and reads its own bytes, not the first
+    // volume's clean file.
+    let db = Db::open(other.db_path().to_str().expect("utf-8"))
+        .await
+        .expect("db");
+    let cache = BlockCache::open(config, db, other.backend())
+        .await
+        .expect("a cache directory holding only another volume's clean blocks is emptied");
+    assert_eq!(cache.read(1, 0, 0, 1000).await.expect("read").len(), 0);
+    cache.write(1, 0, 10, b"mine").await.expect("write");
+    let mut expected = vec![0; 10];
+    expected.extend_from_slice(b"mine");
+    assert_eq!(
+        &cache.read(1, 0, 0, 1000).await.expect("read")[..],
+        &expected[..]
+    );
+    cache.shutdown().await.expect("shutdown");
+}
+
+/// The block API and the namespace never share an inode, whichever comes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_blocks_and_named_files_never_share_an_inode() {
+    let env = Env::new();
+    let cache = env.open().await;
+    let raw = data(1, 1000);
+    cache
+        .write(1, 0, 0, &raw)
+        .await
+        .expect("raw write before any namespace");
+    let files = Namespace::open(cache, MAX).await.expect("namespace");
+    let mut w = files.create("x").await.expect("create");
+    let named = data(2, 3000);
+    w.write(&named).await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    let inode = files.stat("x").await.expect("stat").inode;
+    assert!(
+        inode > 1,
+        "the file took inode {inode}, which raw access already used"
+    );
+    // Raw access to the file's inode is refused, naming it; the raw inode keeps working.
+    let cache = files.cache();
+    let err = cache
+        .write(inode, 0, 0, b"overwrite")
+        .await
+        .expect_err("raw write to a namespace inode");
+    assert!(
+        matches!(err, Error::NamespaceInode { inode: i, .. } if i == inode)
+            && err.to_string().contains(&format!("inode {inode}")),
+        "{err}"
+    );
+    assert!(matches!(
+        cache.read(inode, 0, 0, 10).await,
+        Err(Error::NamespaceInode { .. })
+    ));
+    assert!(matches!(
+        cache.remove(inode, 0..u64::MAX).await,
+        Err(Error::NamespaceInode { .. })
+    ));
+    assert!(matches!(
+        cache.write(inode + 1000, 0, 0, b"x").await,
+        Err(Error::NamespaceInode { .. })
+    ));
+    assert_eq!(&cache.read(1, 0, 0, 1000).await.expect("raw")[..], &raw[..]);
+    let r = files.open_read("x").await.expect("open");
+    assert_eq!(&r.read(0, 3000).await.expect("read")[..], &named[..]);
+    drop(r);
+    files.shutdown().await.expect("shutdown");
+    // The split is recorded: after a restart without a namespace, raw access to the file's
+    // inode is still refused.
+    let cache = env.open().await;
+    assert!(matches!(
+        cache.read(inode, 0, 0, 10).await,
+        Err(Error::NamespaceInode { .. })
+    ));
+    assert_eq!(&cache.read(1, 0, 0, 1000).await.expect("raw")[..], &raw[..]);
+    cache.shutdown().await.expect("shutdown");
+}
