@@ -166,3 +166,57 @@ async fn raw_blocks_and_named_files_never_share_an_inode() {
     assert_eq!(&cache.read(1, 0, 0, 1000).await.expect("raw")[..], &raw[..]);
     cache.shutdown().await.expect("shutdown");
 }
+
+/// Changes `path` to `content` (same length) through the file system, as another program
+/// would, making sure its modification time moves even on a coarse clock.
+pub(crate) fn alter_on_disk(path: &std::path::Path, content: &[u8]) {
+    let before = std::fs::metadata(path).expect("stat").modified().expect("mtime");
+    std::fs::write(path, content).expect("alter the cache file");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open");
+    if file.metadata().expect("stat").modified().expect("mtime") == before {
+        // Within one tick of the clock: a later time, as the next tick would give.
+        file.set_modified(before + Duration::from_secs(1))
+            .expect("set mtime");
+    }
+}
+
+/// A clean cache file changed on disk while the engine runs is never served: its stamp
+/// moved, so it is checked against its object and fetched again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_cache_file_changed_on_disk_is_fetched_again() {
+    let env = Env::new();
+    let cache = env.open().await;
+    let content = data(7, 1000);
+    cache.write(3, 0, 0, &content).await.expect("write");
+    cache.write(3, 1, 0, &data(8, 1000)).await.expect("write");
+    cache.flush().await.expect("flush");
+    // Hot: both blocks read from their cache files.
+    assert_eq!(&cache.read(3, 0, 0, 1000).await.expect("read")[..], &content[..]);
+    let downloads = cache.usage().await.expect("usage").downloads;
+    let file = ["3-0", "3-0.dirty"]
+        .into_iter()
+        .map(|n| env.cache_dir().join(n))
+        .find(|p| p.exists())
+        .expect("the block's cache file");
+    alter_on_disk(&file, &vec![0x55; 1000]);
+    assert_eq!(
+        &cache.read(3, 0, 0, 1000).await.expect("read")[..],
+        &content[..],
+        "the altered cache file was served"
+    );
+    assert_eq!(
+        cache.usage().await.expect("usage").downloads,
+        downloads + 1,
+        "the block was fetched again"
+    );
+    // A downloaded block too.
+    cache.clear().await.expect("drop the cache");
+    assert_eq!(&cache.read(3, 1, 0, 1000).await.expect("read")[..], &data(8, 1000)[..]);
+    alter_on_disk(&env.cache_dir().join("3-1"), &vec![0xaa; 1000]);
+    assert_eq!(&cache.read(3, 1, 0, 1000).await.expect("read")[..], &data(8, 1000)[..]);
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
