@@ -7,6 +7,7 @@
 pub mod crash;
 pub mod daemon;
 pub mod moto;
+pub mod tmpfs;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -170,6 +170,26 @@ impl BlockCache {
         self.inner.drop_clean().await
     }
 
+    /// Whether the cache can write now: one synchronized write to the database (which also
+    /// repairs a writer connection an earlier failure left in a transaction) and a small file
+    /// written, synced and deleted in the cache directory (after evicting clean blocks if its
+    /// file system is full). For health checks.
+    pub async fn check_health(&self) -> Result<()> {
+        self.inner.db().probe_write().await?;
+        let probe = || {
+            let dir = self.inner.cache_dir().clone();
+            tokio::task::spawn_blocking(move || dir.probe_write())
+        };
+        let mut probed = probe().await.expect("probe task panicked");
+        if crate::engine::is_full(&probed) && self.inner.free_space(0) {
+            probed = probe().await.expect("probe task panicked");
+        }
+        probed.map_err(Error::io(
+            "write in cache directory",
+            self.inner.cache_dir().path(),
+        ))
+    }
+
     /// Usage and counters (O(1)).
     pub async fn usage(&self) -> Result<Usage> {
         self.inner.usage().await

@@ -95,6 +95,18 @@ impl CacheDir {
         std::fs::remove_file(&probe)
     }
 
+    /// Writes, syncs and deletes a small file: whether blocks can be written now.
+    pub(crate) fn probe_write(&self) -> io::Result<()> {
+        let probe = self.path.join(".probe.tmp");
+        let written = (|| {
+            let file = create_fresh(&probe)?;
+            file.write_all_at(&[0; 4096], 0)?;
+            file.sync_all()
+        })();
+        let removed = std::fs::remove_file(&probe);
+        written.and(removed)
+    }
+
     /// Takes the exclusive lock of the directory (`.lock`), so that two engines never share
     /// it. The operating system drops the lock when the process dies. Returns `Ok(None)` if
     /// someone else holds it.

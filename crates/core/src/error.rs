@@ -260,6 +260,21 @@ impl Error {
         }
     }
 
+    /// Whether the call failed because a file system is full (`ENOSPC`: the cache's, after
+    /// clean blocks were evicted to make room, or the database's): the daemon's 507. The
+    /// `std::io::Error` (kind `StorageFull`) is in the source chain.
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Self::Io { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            Self::Db(e) => e.is_storage_full(),
+            Self::Upload { source, .. } => match &**source {
+                UploadFailure::Db(e) => e.is_storage_full(),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Whether the call failed because the engine is stopping (its work was cancelled), not
     /// because of the data, the disk or the store.
     pub fn is_cancelled(&self) -> bool {

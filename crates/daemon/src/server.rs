@@ -202,7 +202,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/cache/drop", post(drop_cache))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(prometheus))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -884,6 +884,20 @@ async fn drop_cache(State(state): State<Shared>, uri: Uri) -> ApiResult {
 
 fn secs(d: Option<Duration>) -> f64 {
     d.map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// 200 `ok` while the daemon can write (its database and its cache directory), else 503
+/// with what fails: a full or read-only disk, a database it cannot write.
+async fn healthz(State(state): State<Shared>) -> Response {
+    match state.ns.cache().check_health().await {
+        Ok(()) => "ok\n".into_response(),
+        Err(e) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unhealthy",
+            crate::error::chain(&e),
+        )
+        .into_response(),
+    }
 }
 
 async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {

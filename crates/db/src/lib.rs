@@ -114,6 +114,24 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether the database's file system is full (`SQLITE_FULL`, or `ENOSPC` from an I/O).
+    pub fn is_storage_full(&self) -> bool {
+        match self {
+            Self::Sqlx { source, .. } => match source {
+                sqlx::Error::Database(e) => {
+                    // SQLITE_FULL (13), with extended codes.
+                    matches!(e.code().as_deref().and_then(|c| c.parse::<i32>().ok()), Some(c) if c & 0xff == 13)
+                }
+                sqlx::Error::Io(e) => e.kind() == std::io::ErrorKind::StorageFull,
+                _ => false,
+            },
+            Self::LockFile { source, .. } => source.kind() == std::io::ErrorKind::StorageFull,
+            _ => false,
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -11,6 +11,7 @@ mod daemon_hostile;
 mod daemon_outage;
 mod daemon_settings;
 mod daemon_store;
+mod daemon_volume;
 mod faults;
 mod lifecycle;
 mod links;

@@ -170,7 +170,10 @@ async fn raw_blocks_and_named_files_never_share_an_inode() {
 /// Changes `path` to `content` (same length) through the file system, as another program
 /// would, making sure its modification time moves even on a coarse clock.
 pub(crate) fn alter_on_disk(path: &std::path::Path, content: &[u8]) {
-    let before = std::fs::metadata(path).expect("stat").modified().expect("mtime");
+    let before = std::fs::metadata(path)
+        .expect("stat")
+        .modified()
+        .expect("mtime");
     std::fs::write(path, content).expect("alter the cache file");
     let file = std::fs::OpenOptions::new()
         .write(true)
@@ -194,7 +197,10 @@ async fn a_clean_cache_file_changed_on_disk_is_fetched_again() {
     cache.write(3, 1, 0, &data(8, 1000)).await.expect("write");
     cache.flush().await.expect("flush");
     // Hot: both blocks read from their cache files.
-    assert_eq!(&cache.read(3, 0, 0, 1000).await.expect("read")[..], &content[..]);
+    assert_eq!(
+        &cache.read(3, 0, 0, 1000).await.expect("read")[..],
+        &content[..]
+    );
     let downloads = cache.usage().await.expect("usage").downloads;
     let file = ["3-0", "3-0.dirty"]
         .into_iter()
@@ -214,9 +220,15 @@ async fn a_clean_cache_file_changed_on_disk_is_fetched_again() {
     );
     // A downloaded block too.
     cache.clear().await.expect("drop the cache");
-    assert_eq!(&cache.read(3, 1, 0, 1000).await.expect("read")[..], &data(8, 1000)[..]);
+    assert_eq!(
+        &cache.read(3, 1, 0, 1000).await.expect("read")[..],
+        &data(8, 1000)[..]
+    );
     alter_on_disk(&env.cache_dir().join("3-1"), &vec![0xaa; 1000]);
-    assert_eq!(&cache.read(3, 1, 0, 1000).await.expect("read")[..], &data(8, 1000)[..]);
+    assert_eq!(
+        &cache.read(3, 1, 0, 1000).await.expect("read")[..],
+        &data(8, 1000)[..]
+    );
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }

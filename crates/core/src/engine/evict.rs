@@ -39,7 +39,40 @@ impl Drop for Reservation {
     }
 }
 
+/// Whether `result` failed because a file system is full.
+pub(crate) fn is_full<T>(result: &std::io::Result<T>) -> bool {
+    matches!(result, Err(e) if e.kind() == std::io::ErrorKind::StorageFull)
+}
+
 impl Inner {
+    /// The cache's file system is full (`ENOSPC`) though the cache is within its limits
+    /// (the disk is shared, or smaller than the limits): evicts clean, idle blocks, oldest
+    /// first, until `bytes` (at least one block) are freed, so the caller can try once more.
+    /// Returns whether anything was evicted. Dirty blocks are never dropped; a clean file
+    /// that is also a store object (a hard link) frees nothing.
+    pub(crate) fn free_space(self: &Arc<Self>, bytes: u64) -> bool {
+        let bytes = bytes.max(self.config.block_size);
+        let taken = self
+            .lock_state()
+            .take_clean(bytes, |key| self.locks.try_lock(key));
+        if taken.is_empty() {
+            return false;
+        }
+        tracing::warn!(
+            blocks = taken.len(),
+            path = %self.dir.path().display(),
+            "the cache's file system is full; evicting clean blocks to make room"
+        );
+        for (key, marker, guard) in taken {
+            if let Err(error) = self.dir.remove(key, marker) {
+                tracing::warn!(%error, inode = key.inode, blockno = key.blockno, "failed to delete an evicted cache file");
+            }
+            drop(guard);
+        }
+        self.progress.notify_waiters();
+        true
+    }
+
     /// Waits until `bytes` and `slots` fit within the limits and reserves them, evicting
     /// clean least-recently-used entries and uploading dirty ones as needed. Reads of cached
     /// blocks never come here.

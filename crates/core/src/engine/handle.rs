@@ -234,7 +234,7 @@ impl BlockHandle {
         &mut self,
         new_size: u64,
         hash: Option<[u8; 32]>,
-        op: impl FnOnce(&File) -> std::io::Result<()>,
+        op: impl Fn(&File) -> std::io::Result<()>,
     ) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let key = self.key;
@@ -245,7 +245,14 @@ impl BlockHandle {
         } else {
             None
         };
-        let applied = self.apply(op);
+        let mut applied = self.apply(&op);
+        if applied.as_ref().is_err_and(Error::is_storage_full)
+            && inner.free_space(growth.max(new_size))
+        {
+            // The file system was full: clean blocks were evicted; once more (`op` writes
+            // the same bytes at the same place, or sets the same length).
+            applied = self.apply(&op);
+        }
         // The reservation turns into the entry's size in the same critical section as the
         // size change, so no other task can take the room in between.
         let mut st = inner.lock_state();

@@ -50,6 +50,7 @@ use crate::keylock::KeyedLocks;
 use crate::{BlockKey, Config, Error, Limits, Result, Usage};
 
 pub(crate) use commit::LockMode;
+pub(crate) use evict::is_full;
 pub use handle::BlockHandle;
 pub use recovery::Recovery;
 pub(crate) use remove::Removal;
@@ -220,6 +221,11 @@ impl Inner {
     /// The metadata store (the namespace keeps its file tables there).
     pub(crate) fn db(&self) -> &Arc<Db> {
         &self.db
+    }
+
+    /// The cache directory.
+    pub(crate) fn cache_dir(&self) -> &CacheDir {
+        &self.dir
     }
 
     /// The object store.

@@ -461,6 +461,35 @@ impl State {
         self.entries.keys().copied().collect()
     }
 
+    /// Takes clean, idle entries whose lock `try_lock` gets out of the state, oldest first,
+    /// until their sizes add up to `bytes` (at least one entry), whatever the limits: the
+    /// cache's file system is full. Their files are deleted next.
+    pub(crate) fn take_clean<G>(
+        &mut self,
+        bytes: u64,
+        mut try_lock: impl FnMut(BlockKey) -> Option<G>,
+    ) -> Vec<(BlockKey, Marker, G)> {
+        let mut taken = Vec::new();
+        let mut freed = 0u64;
+        let order: Vec<BlockKey> = self.lru.values().copied().collect();
+        for key in order {
+            if freed >= bytes && !taken.is_empty() {
+                break;
+            }
+            let e = &self.entries[&key];
+            if e.is_dirty() || e.inflight.is_some() {
+                continue;
+            }
+            let Some(guard) = try_lock(key) else {
+                continue;
+            };
+            freed += e.size;
+            let removed = self.remove(key).expect("entry present");
+            taken.push((key, removed.marker, guard));
+        }
+        taken
+    }
+
     /// Walks the LRU order from the oldest entry and decides what to evict now (clean
     /// entries whose lock `try_lock` gets) and what to commit or wait for first. The budget
     /// of entries and bytes to free is spent on all of them, as in S3QL, so a pass uploads no
