@@ -84,7 +84,11 @@ impl BlockHandle {
     async fn create_empty(&mut self) -> Result<()> {
         let inner = Arc::clone(&self.inner);
         let room = inner.make_room(0, 1).await?;
-        let created = inner.dir.create_dirty(self.key);
+        let mut created = inner.dir.create_dirty(self.key);
+        if super::evict::is_full(&created) && inner.free_space(0) {
+            // The cache's file system was full: clean blocks were evicted; once more.
+            created = inner.dir.create_dirty(self.key);
+        }
         // The reserved slot becomes the entry in one critical section.
         let mut st = inner.lock_state();
         room.settle(&mut st);
@@ -188,24 +192,37 @@ impl BlockHandle {
                 source: Arc::new(e),
             }
         })?;
-        let (dir, len) = (inner.dir.clone(), object.length);
-        let installed = tokio::task::spawn_blocking(move || {
-            if data.len() as u64 != len {
-                return Ok(Fetched::Mismatch(format!(
-                    "{} bytes instead of {len}",
-                    data.len()
-                )));
-            }
-            let actual: [u8; 32] = Sha256::digest(&data).into();
-            if actual != hash {
-                return Ok(Fetched::Mismatch(mismatch(&actual, &hash)));
-            }
-            let file = dir.install_clean(key, &data)?;
-            let stamp = Stamp::of(&file.metadata()?);
-            Ok(Fetched::Installed(file, stamp))
-        })
-        .await
-        .expect("download task panicked");
+        let len = object.length;
+        let install = |data: bytes::Bytes, check: bool| {
+            let dir = inner.dir.clone();
+            tokio::task::spawn_blocking(move || {
+                if check {
+                    if data.len() as u64 != len {
+                        return Ok(Fetched::Mismatch(format!(
+                            "{} bytes instead of {len}",
+                            data.len()
+                        )));
+                    }
+                    let actual: [u8; 32] = Sha256::digest(&data).into();
+                    if actual != hash {
+                        return Ok(Fetched::Mismatch(mismatch(&actual, &hash)));
+                    }
+                }
+                let file = dir.install_clean(key, &data)?;
+                let stamp = Stamp::of(&file.metadata()?);
+                Ok(Fetched::Installed(file, stamp))
+            })
+        };
+        let mut installed = install(data.clone(), true)
+            .await
+            .expect("download task panicked");
+        if super::evict::is_full(&installed) && inner.free_space(len) {
+            // The cache's file system was full: clean blocks were evicted; once more (the
+            // bytes were checked the first time).
+            installed = install(data, false)
+                .await
+                .expect("download task panicked");
+        }
         Ok(installed)
     }
 
