@@ -232,3 +232,72 @@ async fn a_clean_cache_file_changed_on_disk_is_fetched_again() {
     cache.check_invariants().await.expect("invariants");
     cache.shutdown().await.expect("shutdown");
 }
+
+/// Writes on a full cache disk evict clean blocks and go through; the error stays only when
+/// nothing clean can go, and then says the disk is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_on_a_full_cache_disk_evict_clean_blocks() {
+    let fs = match blockcache_tests::tmpfs::Tmpfs::mount("2m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let env = Env::new();
+    let mut config = env.config();
+    config.cache_dir = fs.path().join("cache");
+    config.block_size = 64 << 10;
+    config.max_bytes = 1 << 30;
+    config.max_dirty_bytes = 1 << 30;
+    let cache = env.open_with(config).await;
+    let block = |seed| data(seed, 64 << 10);
+    for b in 0..16 {
+        cache.write(1, b, 0, &block(b)).await.expect("write");
+    }
+    cache
+        .flush()
+        .await
+        .expect("flush: the blocks are clean now");
+    fs.fill("ballast");
+    for b in 0..4 {
+        cache
+            .write(2, b, 0, &block(100 + b))
+            .await
+            .expect("a write on a full disk with clean blocks to evict");
+    }
+    for b in 0..4 {
+        assert_eq!(
+            &cache.read(2, b, 0, 64 << 10).await.expect("read")[..],
+            &block(100 + b)[..]
+        );
+    }
+    // Evicted blocks are fetched again (room for them comes from other clean blocks).
+    assert_eq!(
+        &cache.read(1, 0, 0, 64 << 10).await.expect("read")[..],
+        &block(0)[..]
+    );
+    // Nothing clean left to evict: the disk is full, and the error says so.
+    cache.clear().await.expect("drop the cache");
+    let err = loop {
+        // Dirty blocks only, until the disk is full.
+        let b = rand_free_block(&cache).await;
+        if let Err(e) = cache.write(3, b, 0, &block(200 + b)).await {
+            break e;
+        }
+    };
+    assert!(err.is_storage_full(), "{err}");
+    std::fs::remove_file(fs.path().join("ballast")).expect("free the space");
+    cache.flush().await.expect("flush once there is room");
+    cache.check_invariants().await.expect("invariants");
+    cache.shutdown().await.expect("shutdown");
+}
+
+/// The next block number of inode 3 not written yet.
+async fn rand_free_block(cache: &blockcache::BlockCache) -> u64 {
+    let mut b = 0;
+    while !cache.read(3, b, 0, 1).await.expect("read").is_empty() {
+        b += 1;
+    }
+    b
+}

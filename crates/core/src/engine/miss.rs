@@ -219,9 +219,7 @@ impl BlockHandle {
         if super::evict::is_full(&installed) && inner.free_space(len) {
             // The cache's file system was full: clean blocks were evicted; once more (the
             // bytes were checked the first time).
-            installed = install(data, false)
-                .await
-                .expect("download task panicked");
+            installed = install(data, false).await.expect("download task panicked");
         }
         Ok(installed)
     }
