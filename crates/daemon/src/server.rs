@@ -155,7 +155,10 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = match &e {
             // A full cache or store disk, whatever the operation that found it.
-            _ if disk_full(&e) => (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage"),
+            // (`is_storage_full` also knows the database's SQLITE_FULL.)
+            _ if disk_full(&e) || e.is_storage_full() => {
+                (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
+            }
             Error::InvalidName { .. } => (StatusCode::BAD_REQUEST, "bad_name"),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
