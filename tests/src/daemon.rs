@@ -404,7 +404,11 @@ impl Daemon {
     /// POST to `path`, expecting success.
     pub async fn post(&self, path: &str) -> serde_json::Value {
         let r = self.http.post(self.url(path)).send().await.expect("POST");
-        assert!(r.status().is_success(), "POST {path}: {}", r.status());
+        let status = r.status();
+        if !status.is_success() {
+            let body = r.text().await.unwrap_or_default();
+            panic!("POST {path}: {status} {body}\n{}", self.log_text());
+        }
         r.json().await.expect("json")
     }
 }
