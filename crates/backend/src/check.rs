@@ -130,6 +130,8 @@ pub(crate) struct Setup {
     /// S3 credentials that come from the instance metadata service: the check asks for
     /// them first, so that their absence is told as such.
     pub(crate) instance_credentials: Option<AwsCredentialProvider>,
+    /// A `file://` store whose directory did not exist and was created by opening it.
+    pub(crate) root_created: bool,
 }
 
 /// A setting of `builder` as a boolean, parsed as object_store parses it.

@@ -18,7 +18,9 @@
 mod check;
 pub mod faulty;
 mod health;
+pub mod lease;
 mod retry;
+pub mod volume;
 
 use std::sync::Arc;
 
@@ -99,6 +101,48 @@ pub enum Error {
     /// The operation was abandoned because the engine is shutting down.
     #[error("cancelled by shutdown")]
     Cancelled,
+    /// This process may not write to the store: its lease lapsed or a newer writer took it.
+    #[error("not writing to the store (lease epoch {epoch}): {reason}")]
+    Fenced {
+        /// The epoch this process holds (or held).
+        epoch: u64,
+        /// Why, and what happens next.
+        reason: String,
+        /// A newer writer holds the lease: writes never resume in this process.
+        permanent: bool,
+    },
+    /// Another process holds the volume's lease.
+    #[error("{0}")]
+    LeaseHeld(Box<lease::HeldBy>),
+    /// Other processes kept taking the lease's next epoch first.
+    #[error("the volume's lease changed hands repeatedly while this process tried to take it; try again")]
+    LeaseContended,
+    /// A record of the volume (its identity, its lease) could not be read.
+    #[error("{key} in the store is not a valid blockcache record: {reason}")]
+    BadRecord {
+        /// The object key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A create-only upload found its key taken by other content: another writer used this
+    /// volume's object key.
+    #[error(
+        "object {key} already exists in the store with other content: another writer used this key; nothing was overwritten"
+    )]
+    Collision {
+        /// The object key.
+        key: String,
+    },
+    /// The directory of a `file://` store is gone or was replaced since it was opened (an
+    /// unmounted file system, a renamed directory): nothing is written under its path.
+    #[error("the store directory {path} {what}; is its file system mounted? Nothing was written there")]
+    StoreDirChanged {
+        /// The store directory.
+        path: std::path::PathBuf,
+        /// What was found.
+        what: String,
+    },
 }
 
 impl Error {
@@ -107,7 +151,10 @@ impl Error {
         match self {
             Self::Store { source, .. } => transient_store_error(source),
             Self::TimedOut { .. } | Self::Unavailable { .. } | Self::NotDurable { .. } => true,
+            Self::Fenced { permanent, .. } => !permanent,
             Self::InvalidUrl { .. } | Self::Unusable(_) | Self::NotFound { .. } => false,
+            Self::LeaseHeld(_) | Self::LeaseContended | Self::BadRecord { .. } => false,
+            Self::Collision { .. } | Self::StoreDirChanged { .. } => false,
             Self::Cancelled => false,
         }
     }
@@ -265,6 +312,16 @@ pub struct Backend {
     setup: Arc<check::Setup>,
     /// Faults injected into the durability barriers of a local-directory store (tests).
     faults: Option<faulty::Faults>,
+    /// The writer lease: every write to the store checks it first.
+    lease: Option<lease::Lease>,
+    /// Set once the store refused a conditional (create-only) PUT as not implemented: later
+    /// creates check for the key first (logged once).
+    no_conditional_put: Arc<std::sync::atomic::AtomicBool>,
+    /// The identity (device, inode) of a `file://` store's directory when it was opened;
+    /// writes check it is still the same directory.
+    root_identity: Option<(u64, u64)>,
+    /// Whether opening created the `file://` store's directory (it did not exist).
+    root_created: bool,
 }
 
 impl Backend {
@@ -287,6 +344,12 @@ impl Backend {
     pub fn open(url: &str, timeout: std::time::Duration) -> Result<Self> {
         let (store, prefix, local_root, setup) = open_store(url, timeout)?;
         let mut backend = Self::new(store, prefix);
+        if let Some(root) = &local_root {
+            backend.root_created = setup.root_created;
+            backend.root_identity = Some(dir_identity(root).map_err(|e| {
+                invalid(url, format!("cannot open {}: {e}", root.display()))
+            })?);
+        }
         backend.local_root = local_root;
         backend.setup = Arc::new(setup);
         backend.retry.deadline = timeout;
@@ -496,7 +559,9 @@ impl Backend {
 
     /// Stores object `id` as a hard link to `file`, whose whole content is the block: no
     /// bytes are copied. The link appears at once under the object's name (its content is
-    /// complete before it has a name in the store); an object already there is replaced. Only for a `file://` store on the file system of `file`, with the
+    /// complete before it has a name in the store); an object already there is never replaced
+    /// (then `None`: the caller's create-only upload compares the bytes). Only for a
+    /// `file://` store on the file system of `file`, with the
     /// identity codec ([`Backend::can_link`]); returns the stored size, or `None` when the
     /// object could not be linked (the caller then uploads the bytes with [`Backend::put`]).
     ///
@@ -506,7 +571,7 @@ impl Backend {
     /// [`Backend::sync_object_dirs`] (or [`Backend::make_durable`]). Blocking: call it on the
     /// blocking pool.
     pub fn link_object(&self, id: u64, file: &std::path::Path) -> Option<u64> {
-        if !self.can_link() {
+        if !self.can_link() || self.may_write().is_err() {
             return None;
         }
         let path = self.local_path(id)?;
@@ -620,6 +685,10 @@ impl Backend {
             health: health::Health::default(),
             setup: Arc::default(),
             faults: None,
+            lease: None,
+            no_conditional_put: Arc::default(),
+            root_identity: None,
+            root_created: false,
         }
     }
 
@@ -659,6 +728,96 @@ impl Backend {
         self
     }
 
+    /// Makes every later write check `lease` first ([`Error::Fenced`] when it lapsed).
+    pub fn with_lease(mut self, lease: lease::Lease) -> Self {
+        self.lease = Some(lease);
+        self
+    }
+
+    /// The writer lease, if one was taken.
+    pub fn lease(&self) -> Option<&lease::Lease> {
+        self.lease.as_ref()
+    }
+
+    /// Whether opening created the directory of this `file://` store (it did not exist).
+    pub fn created_store_dir(&self) -> bool {
+        self.root_created
+    }
+
+    /// Removes the directory of a `file://` store that opening created, if it is still
+    /// empty: a store whose directory vanished is never recreated for a volume that had one.
+    pub fn forget_created_store_dir(&self) {
+        if let (true, Some(root)) = (self.root_created, &self.local_root) {
+            let _ = std::fs::remove_dir(root);
+        }
+    }
+
+    /// `Ok` if this process may write to the store now: its lease (if any) is valid, and a
+    /// `file://` store's directory is the one that was opened.
+    fn may_write(&self) -> Result<()> {
+        if let Some(lease) = &self.lease {
+            lease.check()?;
+        }
+        if let (Some(root), Some(expected)) = (&self.local_root, self.root_identity) {
+            match dir_identity(root) {
+                Ok(found) if found == expected => {}
+                Ok(_) => {
+                    return Err(Error::StoreDirChanged {
+                        path: root.clone(),
+                        what: "is another directory than the one opened (replaced, or a file system mounted or unmounted over it)".to_owned(),
+                    });
+                }
+                Err(e) => {
+                    return Err(Error::StoreDirChanged {
+                        path: root.clone(),
+                        what: format!("cannot be found ({e})"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A create-only PUT of `key`: `object_store::Error::AlreadyExists` (inside
+    /// [`Error::Store`]) if the key exists. A store that does not implement conditional PUT
+    /// gets a lookup before the PUT instead, which does not guard against a writer racing
+    /// for the same key (the lease and the epochs in the keys do); that is logged once.
+    pub(crate) async fn put_create(&self, key: &Path, payload: PutPayload) -> Result<()> {
+        use std::sync::atomic::Ordering;
+        if !self.no_conditional_put.load(Ordering::Relaxed) {
+            let opts = object_store::PutOptions::from(object_store::PutMode::Create);
+            match self.store.put_opts(key, payload.clone(), opts).await {
+                Ok(_) => return Ok(()),
+                Err(e) if refuses_conditional_put(&e) => {
+                    if !self.no_conditional_put.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            error = %chain(&e),
+                            "the object store does not support create-only (conditional) PUTs; checking that each key is free before writing it instead, which the lease makes safe against other writers of this volume but not against foreign writers racing for the same key"
+                        );
+                    }
+                }
+                Err(source) => return Err(store_error("upload", key, source)),
+            }
+        }
+        match self.store.head(key).await {
+            Ok(_) => Err(Error::Store {
+                op: "upload",
+                key: key.to_string(),
+                source: object_store::Error::AlreadyExists {
+                    path: key.to_string(),
+                    source: "the key exists (checked before writing)".into(),
+                },
+            }),
+            Err(object_store::Error::NotFound { .. }) => self
+                .store
+                .put(key, payload)
+                .await
+                .map(drop)
+                .map_err(|source| store_error("upload", key, source)),
+            Err(source) => Err(store_error("lookup", key, source)),
+        }
+    }
+
     /// The key of object `id`: `<prefix>/data/<id mod 256, two hex digits>/<id>`. The shard
     /// level spreads objects over 256 directories of a local store (a directory serializes
     /// the creations and renames in it) and over 256 key prefixes of a cloud store.
@@ -674,24 +833,39 @@ impl Backend {
 
     /// Stores object `id`, retrying transient failures. Returns the stored size in bytes.
     pub async fn put(&self, id: u64, block: Bytes) -> Result<u64> {
+        self.may_write()?;
         let key = self.key(id);
-        let stored = self.codec.encode(block)?;
+        let stored = self.codec.encode(block.clone())?;
         let size = stored.len() as u64;
         let payload = PutPayload::from_bytes(stored);
         let what = format!("upload of object {key}");
-        self.retry
+        let put = self
+            .retry
             .run(&what, &self.cancel, &self.health, || {
                 let payload = payload.clone();
                 let key = &key;
                 async move {
-                    self.store
-                        .put(key, payload)
-                        .await
-                        .map_err(|source| store_error("upload", key, source))
+                    self.may_write()?;
+                    self.put_create(key, payload).await
                 }
             })
-            .await?;
-        Ok(size)
+            .await;
+        match put {
+            Ok(()) => Ok(size),
+            // The key is taken: by this very object (an attempt whose answer was lost, or an
+            // upload again after a crash), or by other content, which is never overwritten.
+            Err(Error::Store {
+                source: object_store::Error::AlreadyExists { .. },
+                ..
+            }) => match self.get(id).await {
+                Ok(found) if found == block => Ok(size),
+                Ok(_) => Err(Error::Collision {
+                    key: key.to_string(),
+                }),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// Fetches object `id` and decodes it, retrying transient failures.
@@ -748,6 +922,7 @@ impl Backend {
         if ids.is_empty() {
             return Ok(());
         }
+        self.may_write()?;
         let what = format!("bulk delete of {} objects", ids.len());
         // The keys still to delete; each attempt retries only the ones that failed.
         let remaining_cell =
@@ -757,6 +932,7 @@ impl Backend {
                 let batch: Vec<Path> = remaining_cell.lock().expect("not poisoned").clone();
                 let cell = &remaining_cell;
                 async move {
+                    self.may_write()?;
                     let input = futures::stream::iter(batch.clone().into_iter().map(Ok)).boxed();
                     let results: Vec<_> = self.store.delete_stream(input).collect().await;
                     let mut failed = Vec::new();
@@ -890,12 +1066,16 @@ fn open_store(url_str: &str, timeout: std::time::Duration) -> Result<Opened> {
             let dir = url
                 .to_file_path()
                 .map_err(|()| invalid(url_str, "expected file:///absolute/path"))?;
+            let root_created = !dir.exists();
             std::fs::create_dir_all(&dir)
                 .map_err(|e| invalid(url_str, format!("cannot create {}: {e}", dir.display())))?;
             let store = LocalFileSystem::new_with_prefix(&dir)
                 .map_err(|e| invalid(url_str, e))?
                 .with_automatic_cleanup(true);
-            let setup = check::Setup::default();
+            let setup = check::Setup {
+                root_created,
+                ..check::Setup::default()
+            };
             return Ok((Arc::new(store), Path::default(), Some(dir), setup));
         }
         "memory" => {
@@ -965,45 +1145,37 @@ mod tests;
 fn link_into_place(file: &std::path::Path, path: &std::path::Path) -> std::io::Result<u64> {
     use std::io::ErrorKind;
     // Creates the shard directory on the first object in it (if `file` is what is missing,
-    // the second attempt says so).
-    let with_dir = |link: &dyn Fn() -> std::io::Result<()>| {
-        link().or_else(|e| {
+    // the second attempt says so). An object already at `path` is never replaced: the link
+    // fails with `AlreadyExists` and the caller uploads with a create-only PUT, which
+    // accepts the object only if it holds these very bytes.
+    std::fs::hard_link(file, path)
+        .or_else(|e| {
             if e.kind() != ErrorKind::NotFound {
                 return Err(e);
             }
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)?;
             }
-            link()
-        })
-    };
-    match with_dir(&|| std::fs::hard_link(file, path)) {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
-            static STAGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-            let n = STAGED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let mut staged = path.to_owned().into_os_string();
-            staged.push(format!("#9{}{n}", std::process::id()));
-            let staged = std::path::PathBuf::from(staged);
-            let replaced = std::fs::hard_link(file, &staged)
-                .and_then(|()| std::fs::rename(&staged, path))
-                .and_then(|()| {
-                    // When the object already is a link to `file` (a block committed again
-                    // after a crash), a rename between two links of one inode does nothing
-                    // and leaves the staging name behind.
-                    match std::fs::remove_file(&staged) {
-                        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-                        other => other,
-                    }
-                });
-            if replaced.is_err() {
-                let _ = std::fs::remove_file(&staged);
-            }
-            replaced?;
-        }
-        Err(e) => return Err(e),
-    }
+            std::fs::hard_link(file, path)
+        })?;
     Ok(std::fs::metadata(path)?.len())
+}
+
+/// The (device, inode) of a directory.
+fn dir_identity(dir: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::other("not a directory"));
+    }
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Whether a store answered a create-only PUT with "not implemented" (the client, or a
+/// server that answers 501).
+fn refuses_conditional_put(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotImplemented { .. })
+        || chain(e).contains("501 Not Implemented")
 }
 
 /// The error numbers after which hard links into the store are not tried again.

@@ -115,6 +115,10 @@ impl RetryPolicy {
                     };
                 }
             };
+            if matches!(error, Error::Fenced { .. }) {
+                // Not this request's failure: the lease decides when writes resume.
+                return Err(error);
+            }
             if !error.is_transient() {
                 if error.refuses_everything() {
                     // No bucket, or no access: nothing will get through until that changes,

@@ -201,3 +201,75 @@ impl Db {
         Ok(floor)
     }
 }
+
+/// How the volume's metadata relates to its store.
+impl Db {
+    /// The id of the volume whose store record this database was checked against (and so
+    /// belongs to), `None` if it never was: a new database, or one older than store records.
+    pub async fn store_binding(&self) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM volume WHERE key = 'store_volume'")
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(ctx("read the store binding"))
+    }
+
+    /// Records that the store holds the record of volume `id`, this database's volume: from
+    /// now on a store without that record is refused, never recreated.
+    pub async fn bind_store(&self, id: &str) -> Result<()> {
+        let mut w = self.write().await?;
+        sqlx::query("INSERT OR REPLACE INTO volume (key, value) VALUES ('store_volume', ?)")
+            .bind(id)
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("record the store binding"))?;
+        self.synced();
+        Ok(())
+    }
+
+    /// Whether the volume has never held anything: no object was ever registered, and no
+    /// file or block exists.
+    pub async fn is_fresh(&self) -> Result<bool> {
+        let used: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM objects) \
+                 OR EXISTS (SELECT 1 FROM pending_deletions) \
+                 OR EXISTS (SELECT 1 FROM blocks) \
+                 OR EXISTS (SELECT 1 FROM files) \
+                 OR EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'objects' AND seq > 0)",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("find whether the volume was ever used"))?;
+        Ok(!used)
+    }
+
+    /// Makes new object ids at least `floor` (object ids carry the writer lease's epoch, so
+    /// two writers of one volume never name the same store key). Ids already above it stay.
+    pub async fn claim_object_ids(&self, floor: u64) -> Result<()> {
+        let floor = crate::to_i64(floor)?;
+        let mut w = self.write().await?;
+        let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
+        let current: i64 = sqlx::query_scalar(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'objects'), 0), \
+                        coalesce((SELECT max(id) FROM objects), 0))",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(ctx("read the object id allocator"))?;
+        if current < floor - 1 {
+            sqlx::query("DELETE FROM sqlite_sequence WHERE name = 'objects'")
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("move the object id allocator"))?;
+            sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES ('objects', ?)")
+                .bind(floor - 1)
+                .execute(&mut *tx)
+                .await
+                .map_err(ctx("move the object id allocator"))?;
+        }
+        tx.commit()
+            .await
+            .map_err(ctx("commit the object id allocator"))?;
+        self.synced();
+        Ok(())
+    }
+}
