@@ -17,6 +17,7 @@
 
 mod check;
 pub mod faulty;
+pub mod format;
 mod health;
 pub mod lease;
 mod retry;
