@@ -35,6 +35,8 @@ use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use chacha20poly1305::aead::{AeadInOut, KeyInit};
 use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
 use rand::TryRng;
@@ -329,6 +331,11 @@ impl Key {
             ))
         })?;
         Ok(Key::from_bytes(bytes))
+    }
+
+    /// The key of the passphrase in file `path` ([`read_passphrase_file`]) under `kdf`.
+    pub fn from_passphrase_file(path: &Path, kdf: &Kdf) -> Result<Self, FormatError> {
+        kdf.derive(&read_passphrase_file(path)?)
     }
 
     fn cipher(&self) -> XChaCha20Poly1305 {
@@ -706,35 +713,9 @@ impl ObjectCodec {
         stored: &[u8],
         max_plain: u64,
     ) -> Result<Vec<u8>, FormatError> {
-        let header = Header::parse(stored)?;
-        if header.volume != self.volume {
-            return Err(FormatError::WrongVolume {
-                found: header.volume,
-                expected: self.volume,
-            });
-        }
-        if header.object_id != object_id {
-            return Err(FormatError::WrongObjectId {
-                found: header.object_id,
-                expected: object_id,
-            });
-        }
-        if header.plain_len > max_plain || usize::try_from(header.plain_len).is_err() {
-            return Err(FormatError::TooLarge {
-                len: header.plain_len,
-                max: max_plain,
-            });
-        }
+        let header = self.check_header(object_id, stored, max_plain)?;
         let plain_len = header.plain_len as usize;
-
-        let encrypted = header.encryption == ENCRYPTION_XCHACHA;
-        let key = match (&self.key, encrypted) {
-            (None, true) => return Err(FormatError::NoKey),
-            (Some(_), false) => return Err(FormatError::Unencrypted),
-            (key, _) => key,
-        };
-
-        let Some(key) = key else {
+        let Some(key) = &self.key else {
             let payload = &stored[HEADER_LEN..];
             return decompress(header.compression, payload, plain_len);
         };
@@ -765,6 +746,62 @@ impl ObjectCodec {
         let plain = decompress(header.compression, &payload, plain_len);
         payload.zeroize();
         plain
+    }
+
+    /// The header of `stored` if it is one this codec may decode as object `object_id`.
+    fn check_header(
+        &self,
+        object_id: u64,
+        stored: &[u8],
+        max_plain: u64,
+    ) -> Result<Header, FormatError> {
+        let header = Header::parse(stored)?;
+        if header.volume != self.volume {
+            return Err(FormatError::WrongVolume {
+                found: header.volume,
+                expected: self.volume,
+            });
+        }
+        if header.object_id != object_id {
+            return Err(FormatError::WrongObjectId {
+                found: header.object_id,
+                expected: object_id,
+            });
+        }
+        if header.plain_len > max_plain || usize::try_from(header.plain_len).is_err() {
+            return Err(FormatError::TooLarge {
+                len: header.plain_len,
+                max: max_plain,
+            });
+        }
+        let encrypted = header.encryption == ENCRYPTION_XCHACHA;
+        match (&self.key, encrypted) {
+            (None, true) => Err(FormatError::NoKey),
+            (Some(_), false) => Err(FormatError::Unencrypted),
+            _ => Ok(header),
+        }
+    }
+
+    /// Like [`ObjectCodec::decode`], but an object that is neither compressed nor encrypted
+    /// comes back as a slice of `stored`, without a copy.
+    pub fn decode_bytes(
+        &self,
+        object_id: u64,
+        stored: Bytes,
+        max_plain: u64,
+    ) -> Result<Bytes, FormatError> {
+        let header = self.check_header(object_id, &stored, max_plain)?;
+        if self.key.is_none() && header.compression == COMPRESSION_NONE {
+            let found = stored.len() - HEADER_LEN;
+            if found as u64 != header.plain_len {
+                return Err(FormatError::PayloadLength {
+                    found,
+                    expected: header.plain_len,
+                });
+            }
+            return Ok(stored.slice(HEADER_LEN..));
+        }
+        self.decode(object_id, &stored, max_plain).map(Bytes::from)
     }
 }
 

@@ -10,6 +10,8 @@ use super::*;
 const VOLUME: [u8; 16] = *b"volume-id-012345";
 const OTHER_VOLUME: [u8; 16] = *b"another-volume-0";
 const MAX: u64 = 4 << 20;
+/// Larger than a zstd block (128 KiB) and small enough for the unoptimised AEAD of debug builds.
+const BIG: usize = 300_000;
 
 /// Text-like data that zstd compresses about 3:1: words from a small vocabulary with numbers.
 fn text(len: usize, seed: u64) -> Vec<u8> {
@@ -74,8 +76,8 @@ fn round_trips_every_compression_and_encryption() {
     let blocks = [
         Vec::new(),
         vec![42u8],
-        text(1 << 20, 1),
-        random(1 << 20, 2),
+        text(BIG, 1),
+        random(BIG, 2),
         text(4096, 3),
         random(4096, 4),
     ];
@@ -96,6 +98,12 @@ fn round_trips_every_compression_and_encryption() {
             );
             let back = codec.decode(i as u64, &stored, MAX).unwrap();
             assert!(back == *block, "{codec:?} block {i}");
+            let stored = bytes::Bytes::from(stored);
+            let back = codec.decode_bytes(i as u64, stored.clone(), MAX).unwrap();
+            assert!(back == *block, "{codec:?} block {i}");
+            if codec.is_identity() {
+                assert_eq!(back.as_ptr(), stored[HEADER_LEN..].as_ptr(), "not copied");
+            }
         }
     }
 }
@@ -104,7 +112,7 @@ fn round_trips_every_compression_and_encryption() {
 fn compressible_data_is_compressed_and_incompressible_stored_as_is() {
     for codec in codecs() {
         let tag = if codec.is_encrypted() { TAG_LEN } else { 0 };
-        let block = text(1 << 20, 5);
+        let block = text(BIG, 5);
         let stored = codec.encode(1, &block).unwrap();
         match codec.compression() {
             Compression::None => {
@@ -128,7 +136,7 @@ fn compressible_data_is_compressed_and_incompressible_stored_as_is() {
                 );
             }
         }
-        for block in [random(1 << 20, 6), Vec::new(), vec![1u8]] {
+        for block in [random(BIG, 6), Vec::new(), vec![1u8]] {
             let stored = codec.encode(1, &block).unwrap();
             assert_eq!(
                 stored[5], 0,
@@ -262,11 +270,20 @@ fn truncated_or_extended_objects_are_errors() {
                     "{codec:?} cut at {cut} of {}",
                     stored.len()
                 );
+                let cut_bytes = bytes::Bytes::copy_from_slice(&stored[..cut]);
+                assert!(
+                    codec.decode_bytes(4, cut_bytes, MAX).is_err(),
+                    "{codec:?} cut at {cut}"
+                );
             }
             let mut longer = stored.clone();
             longer.push(0);
             assert!(
                 codec.decode(4, &longer, MAX).is_err(),
+                "{codec:?} one byte appended"
+            );
+            assert!(
+                codec.decode_bytes(4, longer.into(), MAX).is_err(),
                 "{codec:?} one byte appended"
             );
         }
@@ -594,6 +611,12 @@ fn passphrase_file_loses_its_trailing_newline_and_must_not_be_empty() {
         read_passphrase_file(&dir.path().join("missing")),
         Err(FormatError::PassphraseFile { .. })
     ));
+    std::fs::write(&path, b"secret\n").unwrap();
+    let kdf = cheap_kdf(3);
+    assert_eq!(
+        *Key::from_passphrase_file(&path, &kdf).unwrap().bytes,
+        *kdf.derive(b"secret").unwrap().bytes
+    );
 }
 
 #[test]
