@@ -295,7 +295,8 @@ impl FromStr for Compression {
 
 /// A 256-bit encryption key. It is wiped from memory when dropped and never printed.
 pub struct Key {
-    bytes: Zeroizing<[u8; KEY_LEN]>,
+    /// Holds the key; wiped on drop (the `zeroize` feature of chacha20poly1305).
+    cipher: XChaCha20Poly1305,
 }
 
 impl fmt::Debug for Key {
@@ -307,16 +308,19 @@ impl fmt::Debug for Key {
 impl Key {
     /// The key of these bytes.
     pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
-        Key {
-            bytes: Zeroizing::new(bytes),
-        }
+        Key::from_zeroizing(Zeroizing::new(bytes))
+    }
+
+    fn from_zeroizing(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        let cipher = XChaCha20Poly1305::new_from_slice(&bytes[..]).expect("a 32-byte key");
+        Key { cipher }
     }
 
     /// A random key from the operating system's generator.
     pub fn generate() -> Self {
         let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
         fill_random(&mut bytes[..]);
-        Key { bytes }
+        Key::from_zeroizing(bytes)
     }
 
     /// Reads a key file: exactly 32 raw bytes.
@@ -326,13 +330,15 @@ impl Key {
             reason,
         };
         let contents = Zeroizing::new(std::fs::read(path).map_err(|e| key_file(e.to_string()))?);
-        let bytes: [u8; KEY_LEN] = contents.as_slice().try_into().map_err(|_| {
-            key_file(format!(
+        if contents.len() != KEY_LEN {
+            return Err(key_file(format!(
                 "is {} bytes, a key file holds exactly {KEY_LEN} raw bytes",
                 contents.len()
-            ))
-        })?;
-        Ok(Key::from_bytes(bytes))
+            )));
+        }
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        bytes.copy_from_slice(&contents);
+        Ok(Key::from_zeroizing(bytes))
     }
 
     /// The key of the passphrase in file `path` ([`read_passphrase_file`]) under `kdf`.
@@ -340,8 +346,8 @@ impl Key {
         kdf.derive(&read_passphrase_file(path)?)
     }
 
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        XChaCha20Poly1305::new(&chacha20poly1305::Key::from(*self.bytes))
+    fn cipher(&self) -> &XChaCha20Poly1305 {
+        &self.cipher
     }
 
     /// A value to keep with the volume that tells whether a key is the volume's
@@ -479,7 +485,7 @@ impl Kdf {
                 params: self.to_string(),
                 reason: e.to_string(),
             })?;
-        Ok(Key { bytes })
+        Ok(Key::from_zeroizing(bytes))
     }
 }
 

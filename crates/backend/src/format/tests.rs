@@ -503,7 +503,7 @@ fn key_file_is_exactly_32_raw_bytes() {
     let path = dir.path().join("key");
     std::fs::write(&path, [5u8; 32]).unwrap();
     let key = Key::from_key_file(&path).unwrap();
-    assert_eq!(*key.bytes, [5u8; 32]);
+    assert!(same(&key, &Key::from_bytes([5u8; 32])));
     for len in [0, 31, 33, 65] {
         std::fs::write(&path, vec![5u8; len]).unwrap();
         let err = Key::from_key_file(&path).unwrap_err();
@@ -515,6 +515,11 @@ fn key_file_is_exactly_32_raw_bytes() {
     }
     let err = Key::from_key_file(&dir.path().join("missing")).unwrap_err();
     assert!(matches!(err, FormatError::KeyFile { .. }), "{err}");
+}
+
+/// Whether two keys are the same: one verifies the other's check value.
+fn same(a: &Key, b: &Key) -> bool {
+    b.verify(&VOLUME, &a.check_value(&VOLUME)).is_ok()
 }
 
 /// Cheap parameters for tests: the defaults take a good fraction of a second in debug builds.
@@ -532,27 +537,19 @@ fn passphrase_kdf_is_deterministic_per_salt_and_params() {
     let kdf = cheap_kdf(1);
     let a = kdf.derive(b"correct horse").unwrap();
     let b = kdf.derive(b"correct horse").unwrap();
-    assert_eq!(*a.bytes, *b.bytes);
-    assert_ne!(*a.bytes, *kdf.derive(b"correct horse!").unwrap().bytes);
-    assert_ne!(
-        *a.bytes,
-        *cheap_kdf(2).derive(b"correct horse").unwrap().bytes
-    );
-    assert_ne!(
-        *a.bytes,
-        *Kdf {
-            t_cost: 2,
-            ..cheap_kdf(1)
-        }
-        .derive(b"correct horse")
-        .unwrap()
-        .bytes
-    );
+    assert!(same(&a, &b));
+    assert!(!same(&a, &kdf.derive(b"correct horse!").unwrap()));
+    assert!(!same(&a, &cheap_kdf(2).derive(b"correct horse").unwrap()));
+    let slower = Kdf {
+        t_cost: 2,
+        ..cheap_kdf(1)
+    };
+    assert!(!same(&a, &slower.derive(b"correct horse").unwrap()));
     assert!(matches!(kdf.derive(b""), Err(FormatError::EmptyPassphrase)));
     // Through the string kept with the volume.
     let again: Kdf = kdf.to_string().parse().unwrap();
     assert_eq!(again, kdf);
-    assert_eq!(*again.derive(b"correct horse").unwrap().bytes, *a.bytes);
+    assert!(same(&again.derive(b"correct horse").unwrap(), &a));
 }
 
 #[test]
@@ -613,10 +610,8 @@ fn passphrase_file_loses_its_trailing_newline_and_must_not_be_empty() {
     ));
     std::fs::write(&path, b"secret\n").unwrap();
     let kdf = cheap_kdf(3);
-    assert_eq!(
-        *Key::from_passphrase_file(&path, &kdf).unwrap().bytes,
-        *kdf.derive(b"secret").unwrap().bytes
-    );
+    let from_file = Key::from_passphrase_file(&path, &kdf).unwrap();
+    assert!(same(&from_file, &kdf.derive(b"secret").unwrap()));
 }
 
 #[test]
