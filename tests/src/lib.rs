@@ -126,6 +126,9 @@ impl Env {
         c.upload_tasks = 2;
         c.upload_delay = None;
         c.shutdown_grace = Duration::from_secs(10);
+        // Plain objects: the store holds exactly the blocks, so tests can count bytes and
+        // link files (the framed formats have tests of their own).
+        c.compression = blockcache_backend::format::Compression::None;
         c
     }
 
@@ -186,6 +189,12 @@ impl Env {
         let mut ids = self.backend().list_ids().await.expect("list store");
         ids.sort_unstable();
         ids
+    }
+
+    /// The id of the `n`th object (from 1) that the first open of a volume creates: ids
+    /// start at the lease epoch's range (epoch 1).
+    pub fn nth_object(n: u64) -> u64 {
+        blockcache_backend::lease::first_object_id(1) + n - 1
     }
 
     /// The path of the store file of object `id`.

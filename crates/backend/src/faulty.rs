@@ -6,6 +6,11 @@
 //! It also counts calls per operation, which tests use to assert exact upload and delete
 //! counts. The daemon can enable it through a test-only setting. Random failures come from a
 //! generator that [`Faults::seed`] makes reproducible.
+//!
+//! Faults and counts concern the data objects (keys with a `data` component) and the
+//! barriers only: the volume record, the lease and the clock objects pass through untouched
+//! unless [`Faults::every_key`] is set. [`Faults::refuse_conditional_puts`] makes the store
+//! answer create-only PUTs as not implemented, as some S3-compatible servers do.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -75,6 +80,10 @@ struct FaultsInner {
     waiting: [watch::Sender<u64>; 5],
     /// Draws the failures of `fail_fraction`.
     rng: Mutex<StdRng>,
+    /// Faults and counts apply to every key, not only data objects.
+    every_key: std::sync::atomic::AtomicBool,
+    /// Create-only PUTs fail as not implemented.
+    no_conditional_puts: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Faults {
@@ -95,12 +104,26 @@ impl Default for Faults {
                 gates: std::array::from_fn(|_| watch::channel(false).0),
                 waiting: std::array::from_fn(|_| watch::channel(0).0),
                 rng: Mutex::new(StdRng::from_rng(&mut rand::rng())),
+                every_key: Default::default(),
+                no_conditional_puts: Default::default(),
             }),
         }
     }
 }
 
 impl Faults {
+    /// Makes faults and counts apply to every key (the volume record, the lease), not only
+    /// to data objects.
+    pub fn every_key(&self, on: bool) {
+        self.inner.every_key.store(on, Ordering::SeqCst);
+    }
+
+    /// Makes the store answer create-only PUTs ([`object_store::PutMode::Create`]) with
+    /// "not implemented".
+    pub fn refuse_conditional_puts(&self, on: bool) {
+        self.inner.no_conditional_puts.store(on, Ordering::SeqCst);
+    }
+
     fn update(&self, op: Op, f: impl FnOnce(&mut OpFaults)) {
         let mut config = self.inner.config.lock().expect("faults mutex poisoned");
         f(config.entry(op).or_default());
@@ -185,6 +208,10 @@ impl Faults {
     /// Runs the faults of one call: counts it, waits at the gate, sleeps, maybe fails.
     /// Returns whether the result of a read must be corrupted.
     async fn before(&self, op: Op, key: &str) -> object_store::Result<bool> {
+        let data = key.split('/').any(|part| part == "data");
+        if op != Op::Barrier && !data && !self.inner.every_key.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
         let i = op.index();
         self.inner.calls[i].fetch_add(1, Ordering::SeqCst);
         let mut gate = self.inner.gates[i].subscribe();
@@ -268,6 +295,14 @@ impl ObjectStore for FaultyStore {
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
         self.faults.before(Op::Put, location.as_ref()).await?;
+        if matches!(opts.mode, object_store::PutMode::Create)
+            && self.faults.inner.no_conditional_puts.load(Ordering::SeqCst)
+        {
+            return Err(object_store::Error::NotImplemented {
+                operation: "`put_opts` with mode `PutMode::Create`".into(),
+                implementer: self.to_string(),
+            });
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 

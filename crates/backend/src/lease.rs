@@ -53,7 +53,7 @@ pub struct Holder {
     pub host: String,
     /// Process id.
     pub pid: u32,
-    /// The holder's data directory (or database), absolute.
+    /// The holder's metadata database (or data directory), absolute.
     pub data_dir: String,
 }
 
@@ -77,7 +77,13 @@ impl Holder {
         let host: String = self
             .host
             .chars()
-            .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
             .collect();
         format!("{host}-{}", self.pid)
     }
@@ -85,7 +91,11 @@ impl Holder {
 
 impl std::fmt::Display for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "pid {} on {} (data directory {})", self.pid, self.host, self.data_dir)
+        write!(
+            f,
+            "pid {} on {} (metadata {})",
+            self.pid, self.host, self.data_dir
+        )
     }
 }
 
@@ -100,6 +110,9 @@ pub struct LeaseRecord {
     pub since: String,
     /// The holder's time to live, in milliseconds.
     pub ttl_ms: u64,
+    /// Set by a holder that shut down cleanly: the next writer may take the lease at once.
+    #[serde(default)]
+    pub released: bool,
 }
 
 /// Why the lease was refused at start.
@@ -178,7 +191,9 @@ impl Lease {
                 .unwrap_or_default();
             return Err(Error::Fenced {
                 epoch: self.epoch(),
-                reason: format!("a newer writer took the volume's lease: {by}; restart this daemon only once that one has stopped"),
+                reason: format!(
+                    "a newer writer took the volume's lease: {by}; restart this daemon only once that one has stopped"
+                ),
                 permanent: true,
             });
         }
@@ -194,6 +209,28 @@ impl Lease {
             });
         }
         Ok(())
+    }
+
+    /// Gives the lease up at shutdown, once everything is written: this process stops
+    /// writing, and the lease object says it was released, so the next writer takes it at
+    /// once. Best effort: a lease not released expires.
+    pub async fn release(&self, backend: &Backend) {
+        let valid = self.check().is_ok();
+        *self.0.superseded_by.lock().expect("lease mutex poisoned") =
+            Some("none: this process released the lease at shutdown".to_owned());
+        self.0.superseded.store(true, Ordering::Release);
+        if !valid {
+            return;
+        }
+        let mut record = self.record(self.epoch());
+        record.released = true;
+        match backend.write_lease(&record, PutMode::Overwrite).await {
+            Ok(()) => tracing::debug!(epoch = record.epoch, "released the volume's lease"),
+            Err(e) => tracing::warn!(
+                error = %crate::chain(&e),
+                "could not release the volume's lease; the next writer can take it once it expires"
+            ),
+        }
     }
 
     /// Whether a newer writer took over: this process must not write again.
@@ -212,6 +249,7 @@ impl Lease {
             holder: self.0.holder.clone(),
             since: self.0.since.clone(),
             ttl_ms: u64::try_from(self.0.ttl.as_millis()).unwrap_or(u64::MAX),
+            released: false,
         }
     }
 
@@ -259,7 +297,10 @@ impl Lease {
         }
         // Lapsed: a contender may be taking the lease now; only a create decides.
         let next = epoch + 1;
-        match backend.write_lease(&self.record(next), PutMode::Create).await {
+        match backend
+            .write_lease(&self.record(next), PutMode::Create)
+            .await
+        {
             Ok(()) => {
                 self.0.epoch.store(next, Ordering::Release);
                 self.extend_from(start);
@@ -335,7 +376,13 @@ impl Backend {
                 Some((record, stamped)) => {
                     let mine = record.holder.host == request.holder.host
                         && record.holder.data_dir == request.holder.data_dir;
-                    if !mine && !request.force {
+                    if record.released {
+                        tracing::debug!(
+                            epoch = record.epoch,
+                            "the volume's lease was released by {}",
+                            record.holder
+                        );
+                    } else if !mine && !request.force {
                         let now = self.store_now(&request.holder).await?;
                         let renewed_ago = (now - *stamped).to_std().unwrap_or_default();
                         let their_ttl = Duration::from_millis(record.ttl_ms).max(ttl);
@@ -437,11 +484,10 @@ impl Backend {
                 }
             })
             .await?;
-        let record: LeaseRecord =
-            serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
-                key: key.to_string(),
-                reason: e.to_string(),
-            })?;
+        let record: LeaseRecord = serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
         Ok(Some((record, stamped)))
     }
 
@@ -474,33 +520,33 @@ impl Backend {
     async fn store_now(&self, holder: &Holder) -> Result<chrono_time::DateTime> {
         let key = self.prefix.clone().join("clock").join(holder.token());
         self.retry
-            .run("read of the store's clock", &self.cancel, &self.health, || {
-                let key = &key;
-                async move {
-                    self.store
-                        .put(key, PutPayload::from_static(b"clock"))
-                        .await
-                        .map_err(|source| store_error("upload", key, source))?;
-                    let meta = self
-                        .store
-                        .head(key)
-                        .await
-                        .map_err(|source| store_error("lookup", key, source))?;
-                    Ok(meta.last_modified)
-                }
-            })
+            .run(
+                "read of the store's clock",
+                &self.cancel,
+                &self.health,
+                || {
+                    let key = &key;
+                    async move {
+                        self.store
+                            .put(key, PutPayload::from_static(b"clock"))
+                            .await
+                            .map_err(|source| store_error("upload", key, source))?;
+                        let meta = self
+                            .store
+                            .head(key)
+                            .await
+                            .map_err(|source| store_error("lookup", key, source))?;
+                        Ok(meta.last_modified)
+                    }
+                },
+            )
             .await
     }
 
     /// Deletes lease objects two or more epochs older than `epoch` (best effort).
     async fn forget_old_leases(&self, epoch: u64) {
         let dir = lease_dir(self);
-        let Ok(metas) = self
-            .store
-            .list(Some(&dir))
-            .try_collect::<Vec<_>>()
-            .await
-        else {
+        let Ok(metas) = self.store.list(Some(&dir)).try_collect::<Vec<_>>().await else {
             return;
         };
         for m in metas {

@@ -5,15 +5,18 @@
 //! fault-injecting wrapper used by tests ([`faulty::FaultyStore`]).
 //!
 //! Objects are immutable and their keys are never reused: object `id` lives at
-//! `<prefix>/data/<id mod 256 in hex>/<id>` and is written once. An overwrite-PUT of the same key is therefore
-//! idempotent, which is what makes retrying a PUT after a timeout safe.
+//! `<prefix>/data/<id mod 256 in hex>/<id>` and is written once, create-only where the
+//! store supports it ([`object_store::PutMode::Create`]); an upload that finds its key taken
+//! succeeds only if the object there holds the same block. Object ids carry the epoch of
+//! the writer lease ([`lease`]), so two writers of one volume never use the same key.
 //!
-//! # Object format
-//! Every block goes through [`Backend::put`] and comes back through [`Backend::get`]; these are
-//! the only two places where stored bytes are produced or consumed. Today the stored bytes are
-//! the plaintext block. A compression or encryption layer slots in here as a [`Codec`]: it
-//! turns a block into the stored representation and back, and the size it reports becomes the
-//! object's stored size in the metadata.
+//! # The store's layout
+//! - `<prefix>/volume`: the volume record ([`volume`]), written once.
+//! - `<prefix>/lease/<epoch>`: the writer lease ([`lease`]).
+//! - `<prefix>/clock/<holder>`: scratch objects that tell the store's clock.
+//! - `<prefix>/data/..`: the objects, each one block: plain, or framed ([`format`]: a
+//!   header, compression, authenticated encryption). [`Backend::put`] and
+//!   [`Backend::get`] are the only places where stored bytes are produced or consumed.
 
 mod check;
 pub mod faulty;
@@ -102,6 +105,16 @@ pub enum Error {
     /// The operation was abandoned because the engine is shutting down.
     #[error("cancelled by shutdown")]
     Cancelled,
+    /// A stored object could not be decoded: not an object of this volume, altered,
+    /// truncated, or a wrong key.
+    #[error("object {key} in the store cannot be read: {source}")]
+    Format {
+        /// The object key.
+        key: String,
+        /// What is wrong with it.
+        #[source]
+        source: format::FormatError,
+    },
     /// This process may not write to the store: its lease lapsed or a newer writer took it.
     #[error("not writing to the store (lease epoch {epoch}): {reason}")]
     Fenced {
@@ -116,7 +129,9 @@ pub enum Error {
     #[error("{0}")]
     LeaseHeld(Box<lease::HeldBy>),
     /// Other processes kept taking the lease's next epoch first.
-    #[error("the volume's lease changed hands repeatedly while this process tried to take it; try again")]
+    #[error(
+        "the volume's lease changed hands repeatedly while this process tried to take it; try again"
+    )]
     LeaseContended,
     /// A record of the volume (its identity, its lease) could not be read.
     #[error("{key} in the store is not a valid blockcache record: {reason}")]
@@ -137,7 +152,9 @@ pub enum Error {
     },
     /// The directory of a `file://` store is gone or was replaced since it was opened (an
     /// unmounted file system, a renamed directory): nothing is written under its path.
-    #[error("the store directory {path} {what}; is its file system mounted? Nothing was written there")]
+    #[error(
+        "the store directory {path} {what}; is its file system mounted? Nothing was written there"
+    )]
     StoreDirChanged {
         /// The store directory.
         path: std::path::PathBuf,
@@ -155,7 +172,7 @@ impl Error {
             Self::Fenced { permanent, .. } => !permanent,
             Self::InvalidUrl { .. } | Self::Unusable(_) | Self::NotFound { .. } => false,
             Self::LeaseHeld(_) | Self::LeaseContended | Self::BadRecord { .. } => false,
-            Self::Collision { .. } | Self::StoreDirChanged { .. } => false,
+            Self::Collision { .. } | Self::StoreDirChanged { .. } | Self::Format { .. } => false,
             Self::Cancelled => false,
         }
     }
@@ -262,34 +279,37 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Transforms a block into its stored representation and back.
-///
-/// This is the seam for compression and encryption. [`Plain`] stores blocks as they are.
-pub trait Codec: Send + Sync + std::fmt::Debug + 'static {
-    /// Encodes a plaintext block for storage.
-    fn encode(&self, block: Bytes) -> Result<Bytes>;
-    /// Decodes stored bytes back into the plaintext block; `key` names the object in errors.
-    fn decode(&self, key: &str, stored: Bytes) -> Result<Bytes>;
-    /// Whether stored bytes are the plaintext block itself, so that a local-directory store
-    /// may hold a block as a hard link to a file of that content ([`Backend::link_object`]).
-    fn is_identity(&self) -> bool {
-        false
-    }
+/// How the objects of a volume are written and read: plain (the block itself) or framed
+/// (a header, compression, encryption; see [`format`]).
+#[derive(Debug, Clone)]
+pub struct StoreFormat {
+    /// Encodes and decodes framed objects.
+    pub codec: format::ObjectCodec,
+    /// Whether new objects are plain (no header): the volume's format is
+    /// [`volume::ObjectFormat::Plain`].
+    pub plain: bool,
+    /// Objects with an id below this are plain whatever the volume's format (adopted from
+    /// before the volume had a record).
+    pub plain_below: u64,
+    /// The largest plaintext an object may hold (the block size): a header that claims
+    /// more is refused before anything is allocated.
+    pub max_block: u64,
 }
 
-/// The identity codec: stored bytes are the plaintext block.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Plain;
+impl StoreFormat {
+    /// Plain objects only, as a store without a volume record holds them.
+    pub fn plain() -> Self {
+        Self {
+            codec: format::ObjectCodec::new([0; 16], format::Compression::None, None),
+            plain: true,
+            plain_below: 0,
+            max_block: 1 << 30,
+        }
+    }
 
-impl Codec for Plain {
-    fn encode(&self, block: Bytes) -> Result<Bytes> {
-        Ok(block)
-    }
-    fn decode(&self, _key: &str, stored: Bytes) -> Result<Bytes> {
-        Ok(stored)
-    }
-    fn is_identity(&self) -> bool {
-        true
+    /// Whether object `id` is stored plain.
+    pub fn is_plain(&self, id: u64) -> bool {
+        self.plain || id < self.plain_below
     }
 }
 
@@ -304,7 +324,7 @@ pub struct Backend {
     /// (another file system, links not supported): later objects are copied.
     links_refused: Arc<std::sync::atomic::AtomicBool>,
     prefix: Path,
-    codec: Arc<dyn Codec>,
+    format: Arc<StoreFormat>,
     retry: RetryPolicy,
     cancel: CancellationToken,
     /// Whether the store answers, shared by every clone.
@@ -347,9 +367,10 @@ impl Backend {
         let mut backend = Self::new(store, prefix);
         if let Some(root) = &local_root {
             backend.root_created = setup.root_created;
-            backend.root_identity = Some(dir_identity(root).map_err(|e| {
-                invalid(url, format!("cannot open {}: {e}", root.display()))
-            })?);
+            backend.root_identity = Some(
+                dir_identity(root)
+                    .map_err(|e| invalid(url, format!("cannot open {}: {e}", root.display())))?,
+            );
         }
         backend.local_root = local_root;
         backend.setup = Arc::new(setup);
@@ -552,7 +573,7 @@ impl Backend {
     /// store, blocks stored as they are, and no link refused so far.
     pub fn can_link(&self) -> bool {
         self.local_root.is_some()
-            && self.codec.is_identity()
+            && self.format.plain
             && !self
                 .links_refused
                 .load(std::sync::atomic::Ordering::Relaxed)
@@ -680,7 +701,7 @@ impl Backend {
             local_root: None,
             links_refused: Arc::default(),
             prefix,
-            codec: Arc::new(Plain),
+            format: Arc::new(StoreFormat::plain()),
             retry: RetryPolicy::default(),
             cancel: CancellationToken::new(),
             health: health::Health::default(),
@@ -717,9 +738,9 @@ impl Backend {
         self
     }
 
-    /// Replaces the codec (compression, encryption).
-    pub fn with_codec(mut self, codec: Arc<dyn Codec>) -> Self {
-        self.codec = codec;
+    /// Sets how objects are written and read (compression, encryption).
+    pub fn with_format(mut self, format: StoreFormat) -> Self {
+        self.format = Arc::new(format);
         self
     }
 
@@ -836,7 +857,7 @@ impl Backend {
     pub async fn put(&self, id: u64, block: Bytes) -> Result<u64> {
         self.may_write()?;
         let key = self.key(id);
-        let stored = self.codec.encode(block.clone())?;
+        let stored = self.encode(id, &key, block.clone()).await?;
         let size = stored.len() as u64;
         let payload = PutPayload::from_bytes(stored);
         let what = format!("upload of object {key}");
@@ -860,13 +881,46 @@ impl Backend {
                 ..
             }) => match self.get(id).await {
                 Ok(found) if found == block => Ok(size),
-                Ok(_) => Err(Error::Collision {
+                Ok(_) | Err(Error::Format { .. }) => Err(Error::Collision {
                     key: key.to_string(),
                 }),
                 Err(e) => Err(e),
             },
             Err(e) => Err(e),
         }
+    }
+
+    /// The stored form of block `block` as object `id`: itself when plain, otherwise framed
+    /// (compressed and encrypted on the blocking pool, off the async workers).
+    async fn encode(&self, id: u64, key: &Path, block: Bytes) -> Result<Bytes> {
+        if self.format.is_plain(id) {
+            return Ok(block);
+        }
+        let format = Arc::clone(&self.format);
+        let encoded = tokio::task::spawn_blocking(move || format.codec.encode(id, &block))
+            .await
+            .expect("encode task panicked");
+        encoded.map(Bytes::from).map_err(|source| Error::Format {
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// The block stored as object `id` (see [`Backend::encode`]).
+    async fn decode(&self, id: u64, key: &Path, stored: Bytes) -> Result<Bytes> {
+        if self.format.is_plain(id) {
+            return Ok(stored);
+        }
+        let format = Arc::clone(&self.format);
+        let decoded = tokio::task::spawn_blocking(move || {
+            format.codec.decode_bytes(id, stored, format.max_block)
+        })
+        .await
+        .expect("decode task panicked");
+        decoded.map_err(|source| Error::Format {
+            key: key.to_string(),
+            source,
+        })
     }
 
     /// Fetches object `id` and decodes it, retrying transient failures.
@@ -893,7 +947,7 @@ impl Backend {
                 }
             })
             .await?;
-        self.codec.decode(key.as_ref(), stored)
+        self.decode(id, &key, stored).await
     }
 
     /// The size in the store of object `id`, `None` if the store does not hold it (a HEAD
@@ -1149,16 +1203,28 @@ fn link_into_place(file: &std::path::Path, path: &std::path::Path) -> std::io::R
     // the second attempt says so). An object already at `path` is never replaced: the link
     // fails with `AlreadyExists` and the caller uploads with a create-only PUT, which
     // accepts the object only if it holds these very bytes.
-    std::fs::hard_link(file, path)
-        .or_else(|e| {
-            if e.kind() != ErrorKind::NotFound {
+    // The one object already there that needs no comparison: this very file (a block
+    // committed again after a crash).
+    use std::os::unix::fs::MetadataExt;
+    let linked = std::fs::hard_link(file, path).or_else(|e| {
+        if e.kind() != ErrorKind::NotFound {
+            return Err(e);
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::hard_link(file, path)
+    });
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            let (there, ours) = (std::fs::metadata(path)?, std::fs::metadata(file)?);
+            if (there.dev(), there.ino()) != (ours.dev(), ours.ino()) {
                 return Err(e);
             }
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::hard_link(file, path)
-        })?;
+        }
+        Err(e) => return Err(e),
+    }
     Ok(std::fs::metadata(path)?.len())
 }
 

@@ -259,23 +259,28 @@ async fn link_object_stores_a_file_without_copying_it() {
         1
     );
     assert_eq!(std::fs::metadata(&block).expect("block").nlink(), 2);
-    // Linking again (a retried upload) replaces the object whole; no staging names remain
-    // and listings see the object once.
+    // Another file is never linked over the object: the caller's create-only upload then
+    // compares the bytes, and other bytes are a collision that leaves the object whole.
     let other = dir.path().join("other");
     std::fs::write(&other, b"second").expect("write");
-    assert_eq!(backend.link_object(300, &other), Some(6));
+    assert_eq!(backend.link_object(300, &other), None);
+    assert!(matches!(
+        backend.put(300, Bytes::from_static(b"second")).await,
+        Err(Error::Collision { .. })
+    ));
+    assert_eq!(
+        backend
+            .put(300, Bytes::from_static(b"linked bytes"))
+            .await
+            .expect("the same bytes"),
+        12
+    );
     assert_eq!(
         backend.get(300).await.expect("get"),
-        Bytes::from_static(b"second")
-    );
-    assert_eq!(
-        std::fs::read_dir(root.join("data/2c"))
-            .expect("shard")
-            .count(),
-        1
+        Bytes::from_static(b"linked bytes")
     );
     assert_eq!(backend.list_ids().await.expect("list"), vec![300]);
-    assert_eq!(std::fs::metadata(&block).expect("block").nlink(), 1);
+    assert_eq!(std::fs::metadata(&block).expect("block").nlink(), 2);
     backend.sync_object(300).await.expect("sync");
     backend.sync_object_dirs(&[300]).await.expect("sync dirs");
     // A missing source is no object, and the store may still link later.
@@ -288,17 +293,7 @@ async fn link_object_stores_a_file_without_copying_it() {
 }
 
 #[tokio::test]
-async fn only_local_stores_with_the_identity_codec_link() {
-    #[derive(Debug)]
-    struct Reverse;
-    impl crate::Codec for Reverse {
-        fn encode(&self, block: Bytes) -> crate::Result<Bytes> {
-            Ok(block.iter().rev().copied().collect::<Vec<u8>>().into())
-        }
-        fn decode(&self, _key: &str, stored: Bytes) -> crate::Result<Bytes> {
-            self.encode(stored)
-        }
-    }
+async fn only_local_stores_with_plain_objects_link() {
     let dir = tempfile::tempdir().expect("tempdir");
     let block = dir.path().join("block");
     std::fs::write(&block, b"abc").expect("write");
@@ -307,7 +302,16 @@ async fn only_local_stores_with_the_identity_codec_link() {
     assert_eq!(memory.link_object(1, &block), None);
     let encoded = Backend::from_url(&format!("file://{}", dir.path().join("store").display()))
         .expect("open")
-        .with_codec(Arc::new(Reverse));
+        .with_format(crate::StoreFormat {
+            codec: crate::format::ObjectCodec::new(
+                [7; 16],
+                crate::format::Compression::default(),
+                None,
+            ),
+            plain: false,
+            plain_below: 0,
+            max_block: 1 << 20,
+        });
     assert!(!encoded.can_link());
     assert_eq!(encoded.link_object(1, &block), None);
     assert!(!dir.path().join("store/data/01/1").exists());
@@ -429,6 +433,7 @@ async fn a_down_store_fails_fast_until_a_retry_is_due() {
 async fn the_probe_takes_not_found_as_an_answer() {
     let (backend, faults) = faulty_with(fast_retry(2));
     backend.probe().await.expect("no marker, but an answer");
+    faults.every_key(true);
     faults.fail_first(Op::Get, 2);
     backend.probe().await.expect_err("no answer");
     assert!(!backend.is_up());

@@ -46,7 +46,7 @@ pub struct EncryptionRecord {
     pub key_source: String,
     /// The key derivation's parameters (salt and costs) for a passphrase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kdf: Option<serde_json::Value>,
+    pub kdf: Option<String>,
     /// Tells a right key from a wrong one (an authentication tag over nothing, bound to the
     /// volume id); reveals nothing of the key.
     pub key_check: String,
@@ -87,28 +87,34 @@ impl Backend {
         let key = self.record_key();
         let got = self
             .retry
-            .run("read of the volume record", &self.cancel, &self.health, || {
-                let key = &key;
-                async move {
-                    match self.store.get(key).await {
-                        Ok(r) => r
-                            .bytes()
-                            .await
-                            .map(Some)
-                            .map_err(|source| store_error("download", key, source)),
-                        Err(object_store::Error::NotFound { .. }) => Ok(None),
-                        Err(source) => Err(store_error("download", key, source)),
+            .run(
+                "read of the volume record",
+                &self.cancel,
+                &self.health,
+                || {
+                    let key = &key;
+                    async move {
+                        match self.store.get(key).await {
+                            Ok(r) => r
+                                .bytes()
+                                .await
+                                .map(Some)
+                                .map_err(|source| store_error("download", key, source)),
+                            Err(object_store::Error::NotFound { .. }) => Ok(None),
+                            Err(source) => Err(store_error("download", key, source)),
+                        }
                     }
-                }
-            })
+                },
+            )
             .await?;
         let Some(bytes) = got else {
             return Ok(None);
         };
-        let record: VolumeRecord = serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
-            key: key.to_string(),
-            reason: e.to_string(),
-        })?;
+        let record: VolumeRecord =
+            serde_json::from_slice(&bytes).map_err(|e| Error::BadRecord {
+                key: key.to_string(),
+                reason: e.to_string(),
+            })?;
         Ok(Some(record))
     }
 
@@ -119,11 +125,16 @@ impl Backend {
         let body = Bytes::from(serde_json::to_vec_pretty(record).expect("a record serializes"));
         let written = self
             .retry
-            .run("write of the volume record", &self.cancel, &self.health, || {
-                let key = &key;
-                let payload = PutPayload::from_bytes(body.clone());
-                async move { self.put_create(key, payload).await }
-            })
+            .run(
+                "write of the volume record",
+                &self.cancel,
+                &self.health,
+                || {
+                    let key = &key;
+                    let payload = PutPayload::from_bytes(body.clone());
+                    async move { self.put_create(key, payload).await }
+                },
+            )
             .await;
         match written {
             Ok(()) => Ok(None),
@@ -146,17 +157,22 @@ impl Backend {
     pub async fn has_objects(&self) -> Result<bool> {
         let prefix = self.data_prefix();
         self.retry
-            .run("listing of the store's objects", &self.cancel, &self.health, || {
-                let prefix = &prefix;
-                async move {
-                    let mut list = self.store.list(Some(prefix));
-                    match list.next().await {
-                        None => Ok(false),
-                        Some(Ok(_)) => Ok(true),
-                        Some(Err(source)) => Err(store_error("list", prefix, source)),
+            .run(
+                "listing of the store's objects",
+                &self.cancel,
+                &self.health,
+                || {
+                    let prefix = &prefix;
+                    async move {
+                        let mut list = self.store.list(Some(prefix));
+                        match list.next().await {
+                            None => Ok(false),
+                            Some(Ok(_)) => Ok(true),
+                            Some(Err(source)) => Err(store_error("list", prefix, source)),
+                        }
                     }
-                }
-            })
+                },
+            )
             .await
     }
 }

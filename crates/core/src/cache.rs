@@ -44,7 +44,8 @@ impl BlockCache {
             .ok_or_else(|| Error::InUse {
                 path: dir.path().to_owned(),
             })?;
-        claim(&dir, &db).await?;
+        let volume = claim(&dir, &db).await?;
+        let backend = crate::volume::attach(&config, &db, &volume, backend).await?;
         let (inner, queues) = Inner::open(config, dir, dir_lock, db, backend).await?;
         inner.load_namespace_floor().await?;
         let found = inner.load().await?;
@@ -228,6 +229,12 @@ impl BlockCache {
                 "store deletions still pending at shutdown; the next open finishes them"
             );
         }
+        if let Some(lease) = self.inner.backend().lease()
+            && flushed.is_ok()
+            && self.inner.pending_removals() == 0
+        {
+            lease.release(self.inner.backend()).await;
+        }
         self.stop_tasks().await;
         // Clean files that still carry the dirty marker get their clean names back, so the
         // next open does not re-hash them.
@@ -276,7 +283,7 @@ impl BlockCache {
 /// volume's store objects, useless here) and refused if it holds dirty ones (the only copy
 /// of that volume's data). A directory that names no volume is taken over when the volume is
 /// older than volume ids (the database had no id and has objects) or the directory is empty.
-async fn claim(dir: &CacheDir, db: &Db) -> Result<()> {
+async fn claim(dir: &CacheDir, db: &Db) -> Result<blockcache_db::VolumeId> {
     let volume = db.volume_id().await.map_err(|e| Error::Db(Arc::new(e)))?;
     let legacy = volume.created
         && db
@@ -320,7 +327,8 @@ async fn claim(dir: &CacheDir, db: &Db) -> Result<()> {
             .map_err(io("record the volume of cache directory"))
     })
     .await
-    .expect("claim task panicked")
+    .expect("claim task panicked")?;
+    Ok(volume)
 }
 
 impl Drop for BlockCache {

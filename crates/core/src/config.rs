@@ -3,7 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::{Error, Result};
+use blockcache_backend::format::Compression;
+
+use crate::{Error, Result, Secret};
 
 /// Settings of a cache. Each field is a setting of the daemon under the same name, with
 /// the unit in the field's name where the flag has none: `max_bytes` is `--max-cache-size`,
@@ -32,11 +34,25 @@ pub struct Config {
     /// [`Error::DirtyBudgetFull`]; `None` waits for ever. The daemon sets it to its store
     /// timeout.
     pub dirty_wait: Option<Duration>,
+    /// How new objects are compressed (`--compression`, `--compression-level`); ignored
+    /// for a volume created with [`Compression::None`] and no encryption, whose objects are
+    /// plain.
+    pub compression: Compression,
+    /// The volume's encryption secret (`--encryption-key-file`,
+    /// `--encryption-passphrase-file`); a volume is encrypted or not from its creation on.
+    pub encryption: Option<Secret>,
+    /// Time to live of the writer lease (`--lease-ttl`): a lease not renewed for this long
+    /// may be taken over; its holder stops writing after half of it.
+    pub lease_ttl: Duration,
+    /// Take the writer lease even if its holder's has not expired (`--force-takeover`):
+    /// only when that holder's machine is known to be dead.
+    pub force_takeover: bool,
 }
 
 impl Config {
     /// Defaults: 1 MiB blocks, 1 GiB cache, 65,536 entries, 256 MiB dirty, 8 upload tasks,
-    /// a 10 s commit delay, writers waiting for the dirty budget up to 30 s without progress.
+    /// a 10 s commit delay, writers waiting for the dirty budget up to 30 s without progress,
+    /// zstd compression, no encryption, a 30 s lease.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
@@ -48,6 +64,10 @@ impl Config {
             upload_delay: Some(Duration::from_secs(10)),
             shutdown_grace: Duration::from_secs(30),
             dirty_wait: Some(Duration::from_secs(30)),
+            compression: Compression::default(),
+            encryption: None,
+            lease_ttl: Duration::from_secs(30),
+            force_takeover: false,
         }
     }
 
@@ -64,6 +84,13 @@ impl Config {
             return bad(format!(
                 "upload_tasks {} must be between 1 and 1024",
                 self.upload_tasks
+            ));
+        }
+        if self.lease_ttl < blockcache_backend::lease::MIN_TTL {
+            return bad(format!(
+                "lease_ttl {:?} must be at least {:?}",
+                self.lease_ttl,
+                blockcache_backend::lease::MIN_TTL
             ));
         }
         Ok(())

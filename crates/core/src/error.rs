@@ -172,6 +172,10 @@ pub enum Error {
         /// Why the store counts as down, if it does.
         store: Option<String>,
     },
+    /// The volume cannot be opened on this store with these settings; the message says what
+    /// was found and what to do.
+    #[error("{0}")]
+    VolumeRefused(String),
     /// Another engine has the cache directory open.
     #[error("cache directory {} is in use by another blockcache engine", path.display())]
     InUse {

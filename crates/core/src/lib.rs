@@ -33,6 +33,7 @@ mod keylock;
 mod namespace;
 mod tasks;
 mod usage;
+mod volume;
 
 pub use cache::BlockCache;
 pub use config::{Config, Limits};
@@ -44,3 +45,4 @@ pub use namespace::{
     Namespace, StoreCheck, validate_name,
 };
 pub use usage::Usage;
+pub use volume::Secret;

@@ -40,6 +40,9 @@ pub(crate) fn start(inner: &Arc<Inner>, queues: crate::engine::Queues, intake: C
     tracker.spawn(unmark_task(inner.clone()));
     tracker.spawn(commit_task(inner.clone(), intake));
     tracker.spawn(store_watch(inner.clone()));
+    if let Some(lease) = inner.backend().lease().cloned() {
+        tracker.spawn(lease.keep(inner.backend().clone(), inner.cancel_token().clone()));
+    }
 }
 
 /// While the store counts as down, asks it whether it answers again each time a retry is

@@ -221,7 +221,8 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     }
     let database = s.database(&data_dir);
     let store = s.store(&data_dir);
-    let config = s.engine_config(s.cache_dir(&data_dir));
+    let mut config = s.engine_config(s.cache_dir(&data_dir));
+    config.encryption = s.secret().map_err(ServeError::Settings)?;
 
     let metrics = PrometheusBuilder::new()
         .set_buckets(&[

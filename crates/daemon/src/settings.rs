@@ -13,6 +13,7 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use blockcache::{Config, Durability};
+use blockcache_backend::format::{Compression, Key};
 use clap::Args;
 
 /// The port the daemon listens on by default (on 127.0.0.1).
@@ -238,6 +239,16 @@ pub struct Endpoint {
     pub auth_token: Option<Secret>,
 }
 
+/// A compression name as given (`--compression`).
+#[derive(Debug, Clone, Copy)]
+pub struct CompressionName(pub Compression);
+
+fn parse_compression(s: &str) -> Result<CompressionName, String> {
+    s.parse()
+        .map(CompressionName)
+        .map_err(|e: blockcache_backend::format::FormatError| e.to_string())
+}
+
 /// The settings file, named by `--config` or `BLOCKCACHE_CONFIG`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SettingsFile {
@@ -303,6 +314,45 @@ pub struct Settings {
     #[arg(long, env = "BLOCKCACHE_STORE_TIMEOUT", value_name = "DURATION",
           default_value_t = Timeout(Duration::from_secs(30)))]
     pub store_timeout: Timeout,
+    /// Compression of new objects: zstd, lz4 or none (a volume created with none and no
+    /// encryption stores plain objects, and a file:// store may hard-link them)
+    #[arg(long, env = "BLOCKCACHE_COMPRESSION", value_name = "zstd|lz4|none",
+          default_value = "zstd", value_parser = parse_compression)]
+    pub compression: CompressionName,
+    /// zstd level (1 fast .. 19 small; negative levels are faster still) [default: 3]
+    #[arg(
+        long,
+        env = "BLOCKCACHE_COMPRESSION_LEVEL",
+        value_name = "N",
+        allow_negative_numbers = true
+    )]
+    pub compression_level: Option<i32>,
+    /// File of 32 random bytes: the volume's encryption key (XChaCha20-Poly1305); an
+    /// encrypted volume is encrypted from its creation on
+    #[arg(
+        long,
+        env = "BLOCKCACHE_ENCRYPTION_KEY_FILE",
+        value_name = "FILE",
+        conflicts_with = "encryption_passphrase_file"
+    )]
+    pub encryption_key_file: Option<PathBuf>,
+    /// File holding a passphrase, turned into the volume's encryption key with argon2id
+    #[arg(
+        long,
+        env = "BLOCKCACHE_ENCRYPTION_PASSPHRASE_FILE",
+        value_name = "FILE"
+    )]
+    pub encryption_passphrase_file: Option<PathBuf>,
+    /// Time to live of the volume's writer lease in the store: another daemon may take a
+    /// lease not renewed for this long; a daemon stops writing after half of it without a
+    /// renewal
+    #[arg(long, env = "BLOCKCACHE_LEASE_TTL", value_name = "DURATION",
+          default_value_t = Timeout(ENGINE.lease_ttl))]
+    pub lease_ttl: Timeout,
+    /// Take the volume's writer lease even though its holder's has not expired: only when
+    /// that holder's machine is known to be dead
+    #[arg(long, env = "BLOCKCACHE_FORCE_TAKEOVER")]
+    pub force_takeover: bool,
     /// Durability of writes when a request does not say: none, local or store
     #[arg(long, env = "BLOCKCACHE_DURABILITY", value_name = "none|local|store",
           default_value_t = Durability::default())]
@@ -367,12 +417,49 @@ impl Settings {
             upload_tasks: self.upload_tasks,
             upload_delay: self.upload_delay.0,
             dirty_wait: Some(self.store_timeout.0),
+            compression: self.compression(),
+            lease_ttl: self.lease_ttl.0,
+            force_takeover: self.force_takeover,
             ..Config::new(cache_dir)
         }
     }
 
+    /// The compression of new objects (`--compression` at `--compression-level`).
+    fn compression(&self) -> Compression {
+        match (self.compression.0, self.compression_level) {
+            (Compression::Zstd { .. }, Some(level)) => Compression::Zstd { level },
+            (c, _) => c,
+        }
+    }
+
+    /// The encryption secret, read from its file.
+    pub fn secret(&self) -> Result<Option<blockcache::Secret>, String> {
+        if let Some(path) = &self.encryption_key_file {
+            let key =
+                Key::from_key_file(path).map_err(|e| format!("--encryption-key-file: {e}"))?;
+            return Ok(Some(blockcache::Secret::Key(std::sync::Arc::new(key))));
+        }
+        if let Some(path) = &self.encryption_passphrase_file {
+            let passphrase = blockcache_backend::format::read_passphrase_file(path)
+                .map_err(|e| format!("--encryption-passphrase-file: {e}"))?;
+            return Ok(Some(blockcache::Secret::Passphrase(std::sync::Arc::new(
+                passphrase,
+            ))));
+        }
+        Ok(None)
+    }
+
     /// Checks what no single setting's parser can: the sizes that must hold a block.
     pub fn check(&self) -> Result<(), String> {
+        if let Some(level) = self.compression_level {
+            if !matches!(self.compression.0, Compression::Zstd { .. }) {
+                return Err(format!(
+                    "--compression-level {level} is a zstd level, but --compression is {}",
+                    self.compression.0
+                ));
+            }
+            Compression::zstd(level).map_err(|e| format!("--compression-level: {e}"))?;
+        }
         let block = self.block_size;
         for (key, size) in [
             ("max-cache-size", self.max_cache_size),

@@ -400,6 +400,15 @@ impl Db {
             .store(self.unsynced.load(Ordering::Acquire), Ordering::Release);
     }
 
+    /// The database file, absolute; `None` for an in-memory database.
+    pub fn path(&self) -> Option<std::path::PathBuf> {
+        let file = self.writer_options.get_filename();
+        if file.as_os_str().is_empty() || file == std::path::Path::new(":memory:") {
+            return None;
+        }
+        std::path::absolute(file).ok()
+    }
+
     /// Whether the commit of `ticket` is durable.
     pub fn is_durable(&self, ticket: SyncTicket) -> bool {
         self.durable.load(Ordering::Acquire) >= ticket.0

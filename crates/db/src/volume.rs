@@ -242,6 +242,19 @@ impl Db {
         Ok(!used)
     }
 
+    /// The id the next new object would get at the earliest: above every object id ever
+    /// allocated.
+    pub async fn next_object_id(&self) -> Result<u64> {
+        let current: i64 = sqlx::query_scalar(
+            "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'objects'), 0), \
+                        coalesce((SELECT max(id) FROM objects), 0))",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("read the object id allocator"))?;
+        Ok(crate::to_u64(current, "object id")? + 1)
+    }
+
     /// Makes new object ids at least `floor` (object ids carry the writer lease's epoch, so
     /// two writers of one volume never name the same store key). Ids already above it stay.
     pub async fn claim_object_ids(&self, floor: u64) -> Result<()> {

@@ -17,6 +17,7 @@ use blockcache_tests::data;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).ok_or("usage: crash-writer DIR")?);
     let mut config = Config::new(dir.join("cache"));
+    config.compression = blockcache_backend::format::Compression::None;
     config.block_size = 1024;
     config.max_bytes = 100 * 1024;
     config.max_dirty_bytes = 50 * 1024;

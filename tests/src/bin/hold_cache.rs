@@ -23,6 +23,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let blocks: u64 = arg()?.parse()?;
     let then = arg()?;
     let mut config = Config::new(cache_dir);
+    config.compression = blockcache_backend::format::Compression::None;
     config.block_size = 1024;
     config.max_bytes = 1 << 20;
     config.max_dirty_bytes = 1 << 20;

@@ -178,7 +178,7 @@ async fn unconfirmed_objects_are_checked_in_the_store() {
     // The confirmations were lost (a power loss before they reached the disk), and the
     // upload of object 2 never reached the store.
     set_all_uploading(&env).await;
-    std::fs::remove_file(env.object_path(2)).expect("lose object 2");
+    std::fs::remove_file(env.object_path(Env::nth_object(2))).expect("lose object 2");
     let cache = env.open().await;
     let r = cache.recovery().clone();
     assert_eq!((r.unconfirmed_objects, r.confirmed_in_store), (2, 1));

@@ -55,7 +55,10 @@ async fn get_of_a_missing_first_object_is_a_502_with_json() {
     );
     // The object of block 0 goes missing from the store, and the cache no longer has it.
     d.post("/v1/cache/drop").await;
-    let first = dir.path().join("store/data/01/1");
+    let id = blockcache_tests::Env::nth_object(1);
+    let first = dir
+        .path()
+        .join(format!("store/data/{:02x}/{id}", id & 0xff));
     assert!(
         first.exists(),
         "{:?}",

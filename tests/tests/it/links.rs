@@ -394,10 +394,13 @@ async fn a_damaged_or_missing_object_is_not_linked_into_the_cache() {
 async fn a_shard_that_cannot_be_linked_into_fails_the_upload_and_keeps_the_block_dirty() {
     let env = Env::linked();
     let cache = env.open().await;
-    // Object 1 would live in data/01/: a plain file there makes both the link and the
-    // fallback upload of the bytes fail.
+    // The first object would live in data/<its shard>/: a plain file there makes both the
+    // link and the fallback upload of the bytes fail.
+    let shard = env
+        .store_dir()
+        .join(format!("data/{:02x}", Env::nth_object(1) & 0xff));
     std::fs::create_dir_all(env.store_dir().join("data")).expect("data dir");
-    std::fs::write(env.store_dir().join("data/01"), b"in the way").expect("blocker");
+    std::fs::write(&shard, b"in the way").expect("blocker");
     let original = data(9, 1024);
     cache.write(1, 0, 0, &original).await.expect("write");
     let err = cache
@@ -408,7 +411,7 @@ async fn a_shard_that_cannot_be_linked_into_fails_the_upload_and_keeps_the_block
     let usage = cache.usage().await.expect("usage");
     assert_eq!(usage.dirty_entries, 1, "the block stays dirty");
     // Once the store can hold it again, the next flush uploads it.
-    std::fs::remove_file(env.store_dir().join("data/01")).expect("unblock");
+    std::fs::remove_file(&shard).expect("unblock");
     cache.flush().await.expect("flush");
     assert_eq!(cache.usage().await.expect("usage").dirty_entries, 0);
     cache.clear().await.expect("clear");

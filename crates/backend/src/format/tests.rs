@@ -1,3 +1,5 @@
+//! Tests of the object format: round trips, every refusal, the key check and the KDF.
+
 #![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
