@@ -17,5 +17,6 @@ mod lifecycle;
 mod links;
 mod model;
 mod namespace;
+mod owner;
 mod s3ql;
 mod volume;
