@@ -176,6 +176,15 @@ impl BlockCache {
     /// written, synced and deleted in the cache directory (after evicting clean blocks if its
     /// file system is full). For health checks.
     pub async fn check_health(&self) -> Result<()> {
+        if let Some(lease) = self.inner.backend().lease()
+            && lease.is_superseded()
+            && let Err(e) = lease.check()
+        {
+            return Err(Error::Store {
+                action: "write",
+                source: Arc::new(e),
+            });
+        }
         self.inner.db().probe_write().await?;
         let probe = || {
             let dir = self.inner.cache_dir().clone();
@@ -189,6 +198,13 @@ impl BlockCache {
             "write in cache directory",
             self.inner.cache_dir().path(),
         ))
+    }
+
+    /// The volume's writer lease: its epoch, and why this process may not write to the
+    /// store now, if it may not. `None` before the volume has a lease (never, once open).
+    pub fn lease_state(&self) -> Option<(u64, Option<String>)> {
+        let lease = self.inner.backend().lease()?;
+        Some((lease.epoch(), lease.check().err().map(|e| e.to_string())))
     }
 
     /// Usage and counters (O(1)).

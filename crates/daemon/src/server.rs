@@ -912,14 +912,21 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
     } else {
         u.logical_bytes as f64 / u.unique_bytes as f64
     };
+    let compression_ratio = if u.stored_bytes == 0 {
+        1.0
+    } else {
+        u.unique_bytes as f64 / u.stored_bytes as f64
+    };
+    let (epoch, fenced) = state.ns.cache().lease_state().unwrap_or((0, None));
     Ok(axum::Json(json!({
+        "lease": {"epoch": epoch, "writing": fenced.is_none(), "not_writing_because": fenced},
         "cache": {"bytes": u.bytes, "entries": u.entries, "max_bytes": limits.max_bytes, "max_entries": limits.max_entries},
         "dirty": {"bytes": u.dirty_bytes, "entries": u.dirty_entries, "max_bytes": limits.max_dirty_bytes, "oldest_age_seconds": secs(u.oldest_dirty_age)},
         "uploads_in_flight": u.uploads_in_flight,
         "pending_removals": u.pending_removals,
         "requests": {"buffers": state.buffer_count, "buffers_free": state.buffers.available_permits()},
         "store_up": u.store_up,
-        "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings": u.dedup_savings, "dedup_ratio": ratio},
+        "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings": u.dedup_savings, "dedup_ratio": ratio, "compression_ratio": compression_ratio},
         "counters": {
             "hits": u.hits, "misses": u.misses,
             "uploads": u.uploads, "upload_bytes": u.upload_bytes, "upload_errors": u.upload_errors,
@@ -957,6 +964,17 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
         ("blockcache_unique_bytes", u.unique_bytes as f64),
         ("blockcache_stored_bytes", u.stored_bytes as f64),
         ("blockcache_store_up", if u.store_up { 1.0 } else { 0.0 }),
+        (
+            "blockcache_lease_epoch",
+            state.ns.cache().lease_state().map_or(0.0, |(e, _)| e as f64),
+        ),
+        (
+            "blockcache_lease_writing",
+            match state.ns.cache().lease_state() {
+                Some((_, None)) => 1.0,
+                _ => 0.0,
+            },
+        ),
     ];
     for (name, v) in gauges {
         metrics::gauge!(name).set(v);
