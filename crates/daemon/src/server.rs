@@ -966,7 +966,11 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
         ("blockcache_store_up", if u.store_up { 1.0 } else { 0.0 }),
         (
             "blockcache_lease_epoch",
-            state.ns.cache().lease_state().map_or(0.0, |(e, _)| e as f64),
+            state
+                .ns
+                .cache()
+                .lease_state()
+                .map_or(0.0, |(e, _)| e as f64),
         ),
         (
             "blockcache_lease_writing",

@@ -74,7 +74,11 @@ fn text(seed: u64, len: usize) -> Vec<u8> {
     let mut i = 0;
     while out.len() < len {
         out.extend_from_slice(WORDS[usize::from(raw[i % raw.len()]) % WORDS.len()].as_bytes());
-        out.push(if raw[(i + 1) % raw.len()] % 8 == 0 { b'\n' } else { b' ' });
+        out.push(if raw[(i + 1) % raw.len()] % 8 == 0 {
+            b'\n'
+        } else {
+            b' '
+        });
         i += 2;
     }
     out.truncate(len);
@@ -112,7 +116,10 @@ async fn a_second_volume_on_one_store_is_refused_and_overwrites_nothing() {
         "{message}"
     );
     first.clear().await.expect("clear");
-    assert_eq!(first.read(1, 0, 0, 1000).await.expect("read"), data(1, 1000));
+    assert_eq!(
+        first.read(1, 0, 0, 1000).await.expect("read"),
+        data(1, 1000)
+    );
     first.shutdown().await.expect("shutdown");
 }
 
@@ -129,7 +136,11 @@ async fn a_wiped_database_is_refused_rather_than_numbering_objects_again() {
     std::fs::remove_dir_all(env.cache_dir()).expect("wipe the cache");
     let message = refusal(env.try_open(env.config()).await);
     assert!(message.contains("this database is new"), "{message}");
-    assert_eq!(files_under(&env.store_dir().join("data")), before, "nothing written");
+    assert_eq!(
+        files_under(&env.store_dir().join("data")),
+        before,
+        "nothing written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,7 +154,10 @@ async fn objects_without_a_record_are_not_taken_by_a_new_database() {
         message.contains("holds objects but no volume record"),
         "{message}"
     );
-    assert!(!env.store_dir().join("volume").exists(), "no record written");
+    assert!(
+        !env.store_dir().join("volume").exists(),
+        "no record written"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,11 +174,17 @@ async fn a_store_whose_directory_vanished_is_refused_and_never_recreated() {
         message.contains("no volume record") && message.contains("mounted"),
         "{message}"
     );
-    assert!(!env.store_dir().exists(), "the store directory is not recreated");
+    assert!(
+        !env.store_dir().exists(),
+        "the store directory is not recreated"
+    );
     std::fs::rename(&away, env.store_dir()).expect("back");
     let cache = env.open().await;
     cache.clear().await.expect("clear");
-    assert_eq!(cache.read(1, 0, 0, 1000).await.expect("read"), data(4, 1000));
+    assert_eq!(
+        cache.read(1, 0, 0, 1000).await.expect("read"),
+        data(4, 1000)
+    );
     cache.shutdown().await.expect("shutdown");
 }
 
@@ -177,19 +197,34 @@ async fn a_store_directory_replaced_while_open_is_never_written() {
     let away = env.dir.path().join("store-away");
     std::fs::rename(env.store_dir(), &away).expect("move the store away");
     cache.write(1, 1, 0, &data(6, 1000)).await.expect("write");
-    let err = cache.flush().await.expect_err("the store directory is gone");
-    assert!(blockcache_backend::chain(&err).contains("store directory"), "{err}");
+    let err = cache
+        .flush()
+        .await
+        .expect_err("the store directory is gone");
+    assert!(
+        blockcache_backend::chain(&err).contains("store directory"),
+        "{err}"
+    );
     assert!(!env.store_dir().exists(), "nothing written under the path");
     // Another directory at the path (a file system mounted over it) is not the store either.
     std::fs::create_dir(env.store_dir()).expect("an empty directory");
     let err = cache.flush().await.expect_err("another directory");
-    assert!(blockcache_backend::chain(&err).contains("another directory"), "{err}");
-    assert!(files_under(&env.store_dir()).is_empty(), "nothing written there");
+    assert!(
+        blockcache_backend::chain(&err).contains("another directory"),
+        "{err}"
+    );
+    assert!(
+        files_under(&env.store_dir()).is_empty(),
+        "nothing written there"
+    );
     std::fs::remove_dir(env.store_dir()).expect("remove");
     std::fs::rename(&away, env.store_dir()).expect("back");
     cache.flush().await.expect("the store is back");
     cache.clear().await.expect("clear");
-    assert_eq!(cache.read(1, 1, 0, 1000).await.expect("read"), data(6, 1000));
+    assert_eq!(
+        cache.read(1, 1, 0, 1000).await.expect("read"),
+        data(6, 1000)
+    );
     cache.shutdown().await.expect("shutdown");
 }
 
@@ -220,7 +255,10 @@ async fn a_volume_from_before_records_is_adopted_and_its_plain_objects_stay_read
     let record = std::fs::read_to_string(env.store_dir().join("volume")).expect("record");
     assert!(record.contains("\"object_format\": \"framed\""), "{record}");
     cache.clear().await.expect("clear");
-    assert_eq!(cache.read(1, 0, 0, 1000).await.expect("read"), data(7, 1000));
+    assert_eq!(
+        cache.read(1, 0, 0, 1000).await.expect("read"),
+        data(7, 1000)
+    );
     cache.write(1, 1, 0, &text(8, 1000)).await.expect("write");
     cache.flush().await.expect("flush");
     for (path, content) in files_under(&env.store_dir().join("data")) {
@@ -228,7 +266,10 @@ async fn a_volume_from_before_records_is_adopted_and_its_plain_objects_stay_read
         assert_eq!(content.starts_with(b"BCOB"), !old, "{}", path.display());
     }
     cache.clear().await.expect("clear");
-    assert_eq!(cache.read(1, 1, 0, 1000).await.expect("read"), text(8, 1000));
+    assert_eq!(
+        cache.read(1, 1, 0, 1000).await.expect("read"),
+        text(8, 1000)
+    );
     cache.shutdown().await.expect("shutdown");
     // Only that case adopts: the same store without its record now is refused.
     std::fs::remove_file(env.store_dir().join("volume")).expect("record");
@@ -255,8 +296,11 @@ async fn settings_that_do_not_fit_the_volume_are_refused() {
     // A record from a newer release.
     let path = env.store_dir().join("volume");
     let record = std::fs::read_to_string(&path).expect("record");
-    std::fs::write(&path, record.replace("\"format_version\": 1", "\"format_version\": 9"))
-        .expect("rewrite");
+    std::fs::write(
+        &path,
+        record.replace("\"format_version\": 1", "\"format_version\": 9"),
+    )
+    .expect("rewrite");
     let message = refusal(env.try_open(env.config()).await);
     assert!(message.contains("newer blockcache"), "{message}");
 }
@@ -285,13 +329,18 @@ async fn an_encrypted_volume_stores_no_plaintext_and_refuses_a_wrong_or_missing_
     );
     cache.clear().await.expect("clear");
     for (b, content) in blocks.iter().enumerate() {
-        assert_eq!(&cache.read(1, b as u64, 0, 1024).await.expect("read"), content);
+        assert_eq!(
+            &cache.read(1, b as u64, 0, 1024).await.expect("read"),
+            content
+        );
     }
     cache.shutdown().await.expect("shutdown");
     for (path, stored) in files_under(&env.store_dir().join("data")) {
         for content in &blocks {
             assert!(
-                !stored.windows(32).any(|w| content.windows(32).any(|c| c == w)),
+                !stored
+                    .windows(32)
+                    .any(|w| content.windows(32).any(|c| c == w)),
                 "plaintext in {}",
                 path.display()
             );
@@ -299,10 +348,15 @@ async fn an_encrypted_volume_stores_no_plaintext_and_refuses_a_wrong_or_missing_
     }
     let message = refusal(env.try_open(env.config()).await);
     assert!(message.contains("--encryption-key-file"), "{message}");
-    let message = refusal(env.try_open(encrypted(&env, &Arc::new(Key::generate()))).await);
+    let message = refusal(
+        env.try_open(encrypted(&env, &Arc::new(Key::generate())))
+            .await,
+    );
     assert!(message.contains("not the key of volume"), "{message}");
     let mut config = env.config();
-    config.encryption = Some(Secret::Passphrase(Arc::new(b"a passphrase".to_vec().into())));
+    config.encryption = Some(Secret::Passphrase(Arc::new(
+        b"a passphrase".to_vec().into(),
+    )));
     let message = refusal(env.try_open(config).await);
     assert!(message.contains("key file"), "{message}");
     env.open_with(encrypted(&env, &key))
@@ -326,13 +380,22 @@ async fn a_swapped_or_truncated_object_is_an_error_naming_it_never_wrong_data() 
         cache.clear().await.expect("clear");
         let (a, b) = (Env::nth_object(1), Env::nth_object(2));
         std::fs::copy(env.object_path(a), env.object_path(b)).expect("swap");
-        let err = cache.read(1, 1, 0, 1000).await.expect_err("a swapped object");
+        let err = cache
+            .read(1, 1, 0, 1000)
+            .await
+            .expect_err("a swapped object");
         let told = blockcache_backend::chain(&err);
         assert!(told.contains(&b.to_string()), "{told}");
-        assert!(told.contains("claims id") || told.contains("authentication"), "{told}");
+        assert!(
+            told.contains("claims id") || told.contains("authentication"),
+            "{told}"
+        );
         let stored = std::fs::read(env.object_path(a)).expect("object");
         std::fs::write(env.object_path(a), &stored[..stored.len() - 7]).expect("truncate");
-        let err = cache.read(1, 0, 0, 1000).await.expect_err("a truncated object");
+        let err = cache
+            .read(1, 0, 0, 1000)
+            .await
+            .expect_err("a truncated object");
         let told = blockcache_backend::chain(&err);
         assert!(told.contains(&a.to_string()), "{told}");
         cache.shutdown().await.expect("shutdown");
@@ -347,7 +410,10 @@ async fn a_store_without_conditional_puts_is_checked_before_each_write() {
     cache.write(1, 0, 0, &data(40, 1000)).await.expect("write");
     cache.flush().await.expect("flush");
     cache.clear().await.expect("clear");
-    assert_eq!(cache.read(1, 0, 0, 1000).await.expect("read"), data(40, 1000));
+    assert_eq!(
+        cache.read(1, 0, 0, 1000).await.expect("read"),
+        data(40, 1000)
+    );
     cache.shutdown().await.expect("shutdown");
     // The record was still written once, and another volume is still refused.
     let (db, config) = other_dirs(&env, "second");
@@ -383,30 +449,51 @@ async fn a_second_writer_is_refused_naming_the_holder_until_it_forces_a_takeover
     );
     let mut forced = config.clone();
     forced.force_takeover = true;
-    let second = open_at(&db, forced, raw_backend(&env)).await.expect("forced");
+    let second = open_at(&db, forced, raw_backend(&env))
+        .await
+        .expect("forced");
     // The first writer finds out at its next renewal and stops writing.
-    first.write(1, 1, 0, &data(51, 1000)).await.expect("a local write");
+    first
+        .write(1, 1, 0, &data(51, 1000))
+        .await
+        .expect("a local write");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut round = 0;
     let err = loop {
         match first.flush().await {
             Err(e) => break e,
             Ok(()) => {
-                assert!(tokio::time::Instant::now() < deadline, "the first writer kept writing");
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the first writer kept writing"
+                );
                 round += 1;
-                first.write(1, 1, 0, &data(100 + round, 1000)).await.expect("write");
+                first
+                    .write(1, 1, 0, &data(100 + round, 1000))
+                    .await
+                    .expect("write");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
     };
     let told = blockcache_backend::chain(&err);
     assert!(told.contains("lease"), "{told}");
-    assert_eq!(first.usage().await.expect("usage").dirty_entries, 1, "kept dirty");
+    assert_eq!(
+        first.usage().await.expect("usage").dirty_entries,
+        1,
+        "kept dirty"
+    );
     second.write(1, 2, 0, &data(53, 1000)).await.expect("write");
     second.flush().await.expect("the new writer writes");
     second.clear().await.expect("clear");
-    assert_eq!(second.read(1, 0, 0, 1000).await.expect("read"), data(50, 1000));
-    assert_eq!(second.read(1, 2, 0, 1000).await.expect("read"), data(53, 1000));
+    assert_eq!(
+        second.read(1, 0, 0, 1000).await.expect("read"),
+        data(50, 1000)
+    );
+    assert_eq!(
+        second.read(1, 2, 0, 1000).await.expect("read"),
+        data(53, 1000)
+    );
     second.shutdown().await.expect("shutdown");
     drop(first);
 }
@@ -424,7 +511,10 @@ async fn a_writer_that_cannot_renew_stops_before_another_takes_over() {
     env.faults.every_key(true);
     env.faults.fail_fraction(Op::List, 1.0);
     tokio::time::sleep(ttl / 2 + Duration::from_millis(300)).await;
-    first.write(1, 1, 0, &data(61, 1000)).await.expect("a local write");
+    first
+        .write(1, 1, 0, &data(61, 1000))
+        .await
+        .expect("a local write");
     let err = first.flush().await.expect_err("no valid lease");
     let told = blockcache_backend::chain(&err);
     assert!(told.contains("lease could not be renewed"), "{told}");
@@ -455,10 +545,20 @@ async fn a_writer_that_cannot_renew_stops_before_another_takes_over() {
         assert!(tokio::time::Instant::now() < deadline, "{told}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(first.usage().await.expect("usage").dirty_entries, 1, "kept dirty");
+    assert_eq!(
+        first.usage().await.expect("usage").dirty_entries,
+        1,
+        "kept dirty"
+    );
     second.clear().await.expect("clear");
-    assert_eq!(second.read(1, 0, 0, 1000).await.expect("read"), data(60, 1000));
-    assert_eq!(second.read(1, 2, 0, 1000).await.expect("read"), data(62, 1000));
+    assert_eq!(
+        second.read(1, 0, 0, 1000).await.expect("read"),
+        data(60, 1000)
+    );
+    assert_eq!(
+        second.read(1, 2, 0, 1000).await.expect("read"),
+        data(62, 1000)
+    );
     second.shutdown().await.expect("shutdown");
     drop(first);
 }
@@ -480,4 +580,48 @@ async fn a_released_lease_is_taken_at_once_and_a_dead_holders_lease_by_its_own_d
     let cache = env.open().await;
     drop(cache);
     env.open().await.shutdown().await.expect("shutdown");
+}
+
+/// Whether a lease expired is decided by the store's stamps alone: the holder's own clock
+/// (its record's `since`, written by a host whose clock may be off by hours) plays no part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_expiry_is_told_by_the_store_clock_not_the_holders() {
+    let env = Env::new();
+    let first = env.open().await;
+    first.write(1, 0, 0, &data(70, 1000)).await.expect("write");
+    first.flush().await.expect("flush");
+    drop(first);
+    let lease = files_under(&env.store_dir().join("lease"))
+        .into_iter()
+        .map(|(p, _)| p)
+        .max()
+        .expect("a lease object");
+    let record = std::fs::read_to_string(&lease).expect("lease");
+    // A holder whose clock is a day behind: its record says it took the lease long ago, but
+    // the store stamped it just now. It is held.
+    let (db, config) = copy_database(&env, "copy", Duration::from_secs(30));
+    let skewed = record.replace(
+        &record[record.find("\"since\": \"").expect("since") + 10..][..20],
+        "2000-01-01T00:00:00Z",
+    );
+    std::fs::write(&lease, &skewed).expect("rewrite");
+    let message = refusal(open_at(&db, config.clone(), raw_backend(&env)).await);
+    assert!(message.contains("since 2000-01-01"), "{message}");
+    // The same record, stamped by the store an hour ago: expired, whatever it says.
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&lease)
+        .expect("open");
+    file.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+        .expect("stamp");
+    drop(file);
+    let second = open_at(&db, config, raw_backend(&env))
+        .await
+        .expect("an expired lease is taken over");
+    second.clear().await.expect("clear");
+    assert_eq!(
+        second.read(1, 0, 0, 1000).await.expect("read"),
+        data(70, 1000)
+    );
+    second.shutdown().await.expect("shutdown");
 }
