@@ -114,6 +114,34 @@ impl Moto {
         ]
     }
 
+    /// A client of bucket `bucket` on this server, for the library's tests.
+    pub fn store(&self, bucket: &str) -> std::sync::Arc<dyn object_store::ObjectStore> {
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_endpoint(self.endpoint())
+            .with_bucket_name(bucket)
+            .with_region("us-east-1")
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .with_allow_http(true)
+            .build()
+            .expect("an S3 client");
+        std::sync::Arc::new(s3)
+    }
+
+    /// The bytes of object `key` in bucket `bucket` (a signed GET: moto keeps objects
+    /// private).
+    pub async fn object(&self, bucket: &str, key: &str) -> Vec<u8> {
+        use object_store::ObjectStoreExt;
+        self.store(bucket)
+            .get(&object_store::path::Path::from(key))
+            .await
+            .expect("get object")
+            .bytes()
+            .await
+            .expect("object")
+            .to_vec()
+    }
+
     /// Creates bucket `name`.
     pub async fn create_bucket(&self, name: &str) {
         let r = reqwest::Client::new()

@@ -18,5 +18,6 @@ mod links;
 mod model;
 mod namespace;
 mod owner;
+mod s3_store;
 mod s3ql;
 mod volume;
