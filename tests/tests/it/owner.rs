@@ -74,7 +74,7 @@ fn text(seed: u64, len: usize) -> Vec<u8> {
     let mut i = 0;
     while out.len() < len {
         out.extend_from_slice(WORDS[usize::from(raw[i % raw.len()]) % WORDS.len()].as_bytes());
-        out.push(if raw[(i + 1) % raw.len()] % 8 == 0 {
+        out.push(if raw[(i + 1) % raw.len()].is_multiple_of(8) {
             b'\n'
         } else {
             b' '
