@@ -160,6 +160,8 @@ struct State {
     superseded: AtomicBool,
     /// Who superseded us, for messages.
     superseded_by: Mutex<Option<String>>,
+    /// Renewals run one at a time (the background task, and a flush after a lapse).
+    renewing: tokio::sync::Mutex<()>,
 }
 
 impl Lease {
@@ -233,6 +235,27 @@ impl Lease {
         }
     }
 
+    /// Takes a lapsed lease again at once (for work a user asked for, such as a flush after
+    /// the store came back), rather than at the next renewal. Does nothing while it is valid
+    /// or after a newer writer took it.
+    pub async fn renew_if_lapsed(&self, backend: &Backend) {
+        if self.is_superseded() || self.check().is_ok() {
+            return;
+        }
+        if let Err(e) = self.renew(backend).await {
+            tracing::debug!(error = %crate::chain(&e), "taking the lapsed lease again failed");
+        }
+    }
+
+    /// Why this process may not write now ([`Lease::check`]'s error).
+    fn refusal(&self) -> Error {
+        self.check().err().unwrap_or_else(|| Error::Fenced {
+            epoch: self.epoch(),
+            reason: "the lease is being taken again".to_owned(),
+            permanent: false,
+        })
+    }
+
     /// Whether a newer writer took over: this process must not write again.
     pub fn is_superseded(&self) -> bool {
         self.0.superseded.load(Ordering::Acquire)
@@ -278,6 +301,10 @@ impl Lease {
     /// One renewal: while the lease is valid, checks that no newer epoch exists and rewrites
     /// this epoch's object; once it lapsed, takes the next epoch if no one else did.
     pub async fn renew(&self, backend: &Backend) -> Result<()> {
+        let _one = self.0.renewing.lock().await;
+        if self.is_superseded() {
+            return Err(self.refusal());
+        }
         let start = Instant::now();
         let epoch = self.epoch();
         let valid = Instant::now() < *self.0.valid_until.lock().expect("lease mutex poisoned");
@@ -286,7 +313,7 @@ impl Lease {
             && newest.epoch > epoch
         {
             self.supersede(newest);
-            return Err(self.check().expect_err("superseded"));
+            return Err(self.refusal());
         }
         if valid {
             backend
@@ -315,10 +342,20 @@ impl Lease {
                 source: object_store::Error::AlreadyExists { .. },
                 ..
             }) => {
-                if let Some((newest, _)) = backend.latest_lease().await? {
+                let newest = backend.latest_lease().await?;
+                if let Some((newest, _)) = newest {
+                    // An earlier attempt of this very create that succeeded unseen.
+                    let ours = newest.epoch == next
+                        && newest.holder == self.0.holder
+                        && newest.since == self.0.since;
+                    if ours {
+                        self.0.epoch.store(next, Ordering::Release);
+                        self.extend_from(start);
+                        return Ok(());
+                    }
                     self.supersede(&newest);
                 }
-                Err(self.check().expect_err("superseded"))
+                Err(self.refusal())
             }
             Err(e) => Err(e),
         }
@@ -417,6 +454,7 @@ impl Backend {
                 valid_until: Mutex::new(start),
                 superseded: AtomicBool::new(false),
                 superseded_by: Mutex::new(None),
+                renewing: tokio::sync::Mutex::new(()),
             }));
             match self.write_lease(&lease.record(next), PutMode::Create).await {
                 Ok(()) => {

@@ -756,6 +756,14 @@ impl Backend {
         self
     }
 
+    /// Takes a lapsed lease again at once, if this backend has one (see
+    /// [`lease::Lease::renew_if_lapsed`]).
+    pub async fn renew_lease_if_lapsed(&self) {
+        if let Some(lease) = &self.lease {
+            lease.renew_if_lapsed(self).await;
+        }
+    }
+
     /// The writer lease, if one was taken.
     pub fn lease(&self) -> Option<&lease::Lease> {
         self.lease.as_ref()

@@ -625,3 +625,32 @@ async fn lease_expiry_is_told_by_the_store_clock_not_the_holders() {
     );
     second.shutdown().await.expect("shutdown");
 }
+
+/// A lease that lapsed while the store did not answer is taken again (the next epoch) as
+/// soon as it answers, if no one else took it: a flush then goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lapsed_lease_is_taken_again_once_the_store_answers() {
+    let env = Env::new();
+    let ttl = Duration::from_secs(2);
+    let mut config = env.config();
+    config.lease_ttl = ttl;
+    let cache = env.open_with(config).await;
+    cache.write(1, 0, 0, &data(80, 1000)).await.expect("write");
+    env.faults.every_key(true);
+    env.faults.fail_fraction(Op::List, 1.0);
+    tokio::time::sleep(ttl / 2 + Duration::from_millis(300)).await;
+    let err = cache.flush().await.expect_err("lapsed");
+    assert!(
+        blockcache_backend::chain(&err).contains("lease could not be renewed"),
+        "{err}"
+    );
+    env.faults.fail_fraction(Op::List, 0.0);
+    cache.flush().await.expect("taken again by the flush");
+    assert_eq!(cache.lease_state(), Some((2, None)));
+    cache.clear().await.expect("clear");
+    assert_eq!(
+        cache.read(1, 0, 0, 1000).await.expect("read"),
+        data(80, 1000)
+    );
+    cache.shutdown().await.expect("shutdown");
+}

@@ -62,8 +62,10 @@ impl Inner {
         self: &Arc<Self>,
         targets: std::collections::HashMap<BlockKey, Target>,
     ) -> Result<()> {
-        // A flush is work a user asked for: a store that is down is tried again at once.
+        // A flush is work a user asked for: a store that is down is tried again at once,
+        // and a lease that lapsed meanwhile is taken again.
         self.backend.retry_now();
+        self.backend.renew_lease_if_lapsed().await;
         loop {
             let mut to_commit = Vec::new();
             let mut waits = Vec::new();
