@@ -185,16 +185,7 @@ impl Db {
             .execute(&mut *tx)
             .await
             .map_err(ctx("record where the namespace's inodes start"))?;
-        // AUTOINCREMENT allocates above the largest of `sqlite_sequence` and the table.
-        sqlx::query("DELETE FROM sqlite_sequence WHERE name = 'inodes'")
-            .execute(&mut *tx)
-            .await
-            .map_err(ctx("move the inode allocator"))?;
-        sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES ('inodes', ?)")
-            .bind(floor_i64 - 1)
-            .execute(&mut *tx)
-            .await
-            .map_err(ctx("move the inode allocator"))?;
+        move_allocator(&mut tx, "inodes", floor_i64).await?;
         tx.commit()
             .await
             .map_err(ctx("commit where the namespace's inodes start"))?;
@@ -269,15 +260,7 @@ impl Db {
         .await
         .map_err(ctx("read the object id allocator"))?;
         if current < floor - 1 {
-            sqlx::query("DELETE FROM sqlite_sequence WHERE name = 'objects'")
-                .execute(&mut *tx)
-                .await
-                .map_err(ctx("move the object id allocator"))?;
-            sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES ('objects', ?)")
-                .bind(floor - 1)
-                .execute(&mut *tx)
-                .await
-                .map_err(ctx("move the object id allocator"))?;
+            move_allocator(&mut tx, "objects", floor).await?;
         }
         tx.commit()
             .await
@@ -285,4 +268,25 @@ impl Db {
         self.synced();
         Ok(())
     }
+}
+
+/// Makes the AUTOINCREMENT allocator of `table` hand out `next` next (it allocates above the
+/// largest of `sqlite_sequence` and the table's ids).
+async fn move_allocator(
+    tx: &mut sqlx::SqliteConnection,
+    table: &'static str,
+    next: i64,
+) -> Result<()> {
+    sqlx::query("DELETE FROM sqlite_sequence WHERE name = ?")
+        .bind(table)
+        .execute(&mut *tx)
+        .await
+        .map_err(ctx("move an id allocator"))?;
+    sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)")
+        .bind(table)
+        .bind(next - 1)
+        .execute(&mut *tx)
+        .await
+        .map_err(ctx("move an id allocator"))?;
+    Ok(())
 }
