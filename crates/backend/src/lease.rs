@@ -540,6 +540,7 @@ impl Backend {
                 let key = &key;
                 let payload = PutPayload::from_bytes(body.clone());
                 async move {
+                    self.same_store_dir()?;
                     if create {
                         self.put_create(key, payload).await
                     } else {
@@ -565,6 +566,7 @@ impl Backend {
                 || {
                     let key = &key;
                     async move {
+                        self.same_store_dir()?;
                         self.store
                             .put(key, PutPayload::from_static(b"clock"))
                             .await

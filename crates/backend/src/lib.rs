@@ -788,6 +788,12 @@ impl Backend {
         if let Some(lease) = &self.lease {
             lease.check()?;
         }
+        self.same_store_dir()
+    }
+
+    /// `Ok` unless this is a `file://` store whose directory is gone or is not the one
+    /// opened: nothing, not even the lease, is written under its path then.
+    pub(crate) fn same_store_dir(&self) -> Result<()> {
         if let (Some(root), Some(expected)) = (&self.local_root, self.root_identity) {
             match dir_identity(root) {
                 Ok(found) if found == expected => {}

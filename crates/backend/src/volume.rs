@@ -132,7 +132,10 @@ impl Backend {
                 || {
                     let key = &key;
                     let payload = PutPayload::from_bytes(body.clone());
-                    async move { self.put_create(key, payload).await }
+                    async move {
+                        self.same_store_dir()?;
+                        self.put_create(key, payload).await
+                    }
                 },
             )
             .await;

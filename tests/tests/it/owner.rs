@@ -654,3 +654,24 @@ async fn a_lapsed_lease_is_taken_again_once_the_store_answers() {
     );
     cache.shutdown().await.expect("shutdown");
 }
+
+/// Nothing at all is written under a store directory's path once it is gone: not the
+/// lease's renewals, nor its release at shutdown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_directory_that_went_away_gets_no_lease_writes_either() {
+    let env = Env::linked();
+    let mut config = env.config();
+    config.lease_ttl = Duration::from_secs(2);
+    let cache = env.open_with(config).await;
+    cache.write(1, 0, 0, &data(90, 1000)).await.expect("write");
+    cache.flush().await.expect("flush");
+    let away = env.dir.path().join("store-away");
+    std::fs::rename(env.store_dir(), &away).expect("move the store away");
+    // Renewals come and go (every half second), and shutdown releases the lease.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    cache.shutdown().await.expect("nothing was dirty");
+    assert!(
+        !env.store_dir().exists(),
+        "the store directory was recreated"
+    );
+}
