@@ -30,6 +30,17 @@ pub fn unavailable() -> Option<String> {
     })
 }
 
+/// Whether moto is here; prints why test `test` skips if not.
+pub fn available_or_skip(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(reason) => {
+            eprintln!("{test}: skipped: {reason}");
+            false
+        }
+    }
+}
+
 /// A port that was free a moment ago.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -112,6 +123,18 @@ impl Moto {
             ("AWS_ENDPOINT", self.endpoint()),
             ("AWS_ALLOW_HTTP", "true".to_owned()),
         ]
+    }
+
+    /// A daemon with data in `data_dir` on the store `s3://BUCKET/PREFIX` of this server
+    /// (`store`), with test credentials and no other `AWS_*` variable of the test's.
+    pub fn launch(&self, data_dir: &std::path::Path, store: &str) -> crate::daemon::Launch {
+        let mut launch = crate::daemon::Launch::new(data_dir)
+            .unset_env("AWS_")
+            .args(&["--store", store]);
+        for (k, v) in self.env() {
+            launch = launch.env(k, &v);
+        }
+        launch
     }
 
     /// A client of bucket `bucket` on this server, for the library's tests.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use blockcache_tests::daemon::{Daemon, Launch};
 use blockcache_tests::data;
-use blockcache_tests::moto::{self, Moto};
+use blockcache_tests::moto::{Moto, available_or_skip as moto_or_skip};
 use reqwest::StatusCode;
 
 const BS: usize = 64 * 1024;
@@ -24,27 +24,9 @@ fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
 
-/// Whether moto is here; prints why the test skips if not.
-fn moto_or_skip(test: &str) -> bool {
-    match moto::unavailable() {
-        None => true,
-        Some(reason) => {
-            eprintln!("{test}: skipped: {reason}");
-            false
-        }
-    }
-}
-
 /// A daemon on `moto`'s bucket under prefix `vol`, with `args`.
 fn launch(dir: &std::path::Path, moto: &Moto, args: &[&str]) -> Launch {
-    let mut launch = Launch::new(dir)
-        .unset_env("AWS_")
-        .args(&["--store", &format!("s3://{BUCKET}/vol")])
-        .args(args);
-    for (k, v) in moto.env() {
-        launch = launch.env(k, &v);
-    }
-    launch
+    moto.launch(dir, &format!("s3://{BUCKET}/vol")).args(args)
 }
 
 /// `blockcache_store_up` in the daemon's metrics.

@@ -9,6 +9,7 @@ mod daemon;
 mod daemon_answers;
 mod daemon_hostile;
 mod daemon_outage;
+mod daemon_owner;
 mod daemon_settings;
 mod daemon_store;
 mod daemon_volume;
