@@ -160,13 +160,15 @@ async fn a_copied_data_directory_is_refused_until_forced_and_the_old_writer_is_f
     else {
         return;
     };
+    // Renewals every 2 s: the old writer soon learns it was superseded, and a store slow to
+    // answer on a loaded machine does not let a lease lapse (writes stop after 4 s without).
     let args = [
         "--block-size",
         "64KiB",
         "--upload-delay",
         "off",
         "--lease-ttl",
-        "4s",
+        "8s",
     ];
     let (a, b) = (root.path().join("a"), root.path().join("b"));
     let d = moto.launch(&a, STORE).args(&args).start();
