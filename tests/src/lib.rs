@@ -206,6 +206,23 @@ impl Env {
     }
 }
 
+/// Every regular file under `dir` (recursively), sorted; none if `dir` does not exist.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_owned()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => todo.push(e.path()),
+                Ok(t) if t.is_file() => out.push(e.path()),
+                _ => {}
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
 /// The environment variable that fixes the seed of a test's random choices.
 pub const SEED_VAR: &str = "BLOCKCACHE_TEST_SEED";
 

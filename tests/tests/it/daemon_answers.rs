@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use blockcache_tests::daemon::Daemon;
 use blockcache_tests::data;
+use blockcache_tests::files_under;
 use reqwest::StatusCode;
 
 const BS: usize = 64 * 1024;
@@ -15,23 +16,6 @@ const ARGS: &[&str] = &["--block-size", "64KiB", "--upload-delay", "off"];
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
-
-/// Every regular file under `dir`, at any depth.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            match e.file_type() {
-                Ok(t) if t.is_dir() => todo.push(e.path()),
-                Ok(t) if t.is_file() => out.push(e.path()),
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn get_of_a_missing_first_object_is_a_502_with_json() {
     let dir = tmp();

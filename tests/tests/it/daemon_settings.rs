@@ -7,33 +7,13 @@ use std::time::Duration;
 
 use blockcache_tests::daemon::{Daemon, Launch, run_cli, run_cli_env};
 use blockcache_tests::data;
+use blockcache_tests::files_under;
 
 const BS: usize = 64 * 1024;
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
 }
-
-/// Every regular file under `dir`, at any depth.
-fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            match e.file_type() {
-                Ok(t) if t.is_dir() => todo.push(p),
-                Ok(t) if t.is_file() => out.push(p),
-                _ => {}
-            }
-        }
-    }
-    out
-}
-
 async fn max_entries(d: &Daemon) -> Option<u64> {
     d.json("/v1/stats").await["cache"]["max_entries"].as_u64()
 }

@@ -44,23 +44,13 @@ fn refusal(result: blockcache::Result<BlockCache>) -> String {
 
 /// Every file under `dir`, with its content.
 fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut todo = vec![dir.to_owned()];
-    while let Some(d) = todo.pop() {
-        let Ok(entries) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                todo.push(p);
-            } else {
-                let content = std::fs::read(&p).expect("read");
-                out.push((p, content));
-            }
-        }
-    }
-    out
+    blockcache_tests::files_under(dir)
+        .into_iter()
+        .map(|p| {
+            let content = std::fs::read(&p).expect("read");
+            (p, content)
+        })
+        .collect()
 }
 
 /// Text-like bytes that compress about 3:1.
