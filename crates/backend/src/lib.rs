@@ -744,6 +744,14 @@ impl Backend {
         self
     }
 
+    /// Never stores or reads objects as hard links ([`Backend::link_object`],
+    /// [`Backend::link_out`]): plain objects are copied as for a store on another file system.
+    /// For benchmarks that compare a copying store with a linking one on the same disk.
+    pub fn without_links(mut self) -> Self {
+        self.links_refused = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        self
+    }
+
     /// Uses `cancel` to abandon retries at shutdown.
     pub fn with_cancel(mut self, cancel: CancellationToken) -> Self {
         self.cancel = cancel;

@@ -318,6 +318,24 @@ async fn only_local_stores_with_plain_objects_link() {
 }
 
 #[tokio::test]
+async fn a_store_without_links_copies_plain_objects() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let block = dir.path().join("block");
+    std::fs::write(&block, b"abc").expect("write");
+    let url = format!("file://{}", dir.path().join("store").display());
+    let linking = Backend::from_url(&url).expect("open");
+    let copying = Backend::from_url(&url).expect("open").without_links();
+    assert!(!copying.can_link());
+    assert_eq!(copying.link_object(1, &block), None);
+    assert!(
+        !copying
+            .link_out(1, &dir.path().join("out"))
+            .expect("link_out")
+    );
+    assert!(linking.can_link(), "other backends on the store still link");
+}
+
+#[tokio::test]
 async fn a_store_on_another_file_system_stops_linking() {
     let store = tempfile::tempdir_in("/dev/shm").expect("a directory in /dev/shm");
     let dir = tempfile::tempdir().expect("tempdir");

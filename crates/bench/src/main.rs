@@ -17,6 +17,9 @@
 //!   patches (`local`, then `none`), block-sized patches, truncations, each against
 //!   `pwrite`/`ftruncate` (+ `fdatasync`) on plain files in the same child; `--only patch`
 //!   runs this workload alone;
+//! - format (`format.rs`): the library workload's write+flush and cold read with compression
+//!   and encryption, on text-like and on random content, against the plain volume in the same
+//!   run; `--only format` runs this workload alone;
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
 //!
@@ -26,6 +29,7 @@
 
 mod chart;
 mod daemon;
+mod format;
 mod patch;
 
 use std::collections::BTreeMap;
@@ -64,10 +68,18 @@ struct Args {
     rss_factor: u64,
     /// Runs only this workload (`--only patch`); the run's files get its name as a suffix.
     only: Option<String>,
+    /// Data of each configuration of the format workload, per content.
+    format_mib: u64,
+    /// The configurations of the format workload (`format.rs`).
+    format_configs: Vec<String>,
+    /// In a child: the format configuration of a library run (`--format`), on `content`.
+    format: Option<String>,
+    /// In a child: `text` or `random` (`--content`), with `--format`.
+    content: String,
 }
 
 /// The workloads `--only` accepts.
-const ONLY: [&str; 1] = ["patch"];
+const ONLY: [&str; 2] = ["patch", "format"];
 
 fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -99,6 +111,10 @@ fn parse_args() -> Result<Args, Error> {
         daemon_data_mib: 128,
         rss_factor: 4,
         only: None,
+        format_mib: 32,
+        format_configs: format::DEFAULT_CONFIGS.map(str::to_owned).to_vec(),
+        format: None,
+        content: "random".to_owned(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -122,6 +138,18 @@ fn parse_args() -> Result<Args, Error> {
             "--daemon-block-size" => a.daemon_block_size = parse_size(&value()?)?,
             "--rss-factor" => a.rss_factor = value()?.parse()?,
             "--daemon-data-mib" => a.daemon_data_mib = value()?.parse()?,
+            "--format-mib" => a.format_mib = value()?.parse()?,
+            "--format-configs" => {
+                let configs: Vec<String> = value()?.split(',').map(str::to_owned).collect();
+                for spec in &configs {
+                    for content in format::CONTENTS {
+                        format::Setup::parse(spec, content)?;
+                    }
+                }
+                a.format_configs = configs;
+            }
+            "--format" => a.format = Some(value()?),
+            "--content" => a.content = value()?,
             "--only" => {
                 let only = value()?;
                 if !ONLY.contains(&only.as_str()) {
@@ -133,16 +161,21 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--only patch] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
             other => return Err(format!("unknown flag {other:?}").into()),
         }
     }
-    if a.data_mib == 0 || a.daemon_data_mib == 0 || a.runs == 0 || !(0.0..=1.0).contains(&a.dup) {
+    if a.data_mib == 0
+        || a.daemon_data_mib == 0
+        || a.format_mib == 0
+        || a.runs == 0
+        || !(0.0..=1.0).contains(&a.dup)
+    {
         return Err(
-            "--data-mib, --daemon-data-mib and --runs must be positive and --dup within 0..=1"
+            "--data-mib, --daemon-data-mib, --format-mib and --runs must be positive and --dup within 0..=1"
                 .into(),
         );
     }
@@ -154,16 +187,14 @@ fn parse_args() -> Result<Args, Error> {
 fn fill(buf: &mut [u8], seed: u64) {
     // Four independent xorshift lanes, 32 bytes a round: the generator runs at several
     // times memory speed, so the data's source weighs little next to what is measured.
-    fn step(x: &mut u64) -> u64 {
-        *x ^= *x << 13;
-        *x ^= *x >> 7;
-        *x ^= *x << 17;
-        *x
-    }
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    // Each lane starts at its own point of the generator's cycle (splitmix64 of the seed and
+    // the lane): lanes seeded as consecutive outputs of one xorshift would be the same
+    // sequence one step apart, and each 32 bytes would repeat 24 of the previous ones
+    // (zstd stored such "random" blocks at a quarter of their size).
+    let step = xorshift;
     let mut lanes = [0u64; 4];
-    for lane in &mut lanes {
-        *lane = step(&mut x);
+    for (i, lane) in lanes.iter_mut().enumerate() {
+        *lane = splitmix64(seed.wrapping_mul(4).wrapping_add(i as u64)) | 1;
     }
     let mut chunks = buf.chunks_exact_mut(32);
     for chunk in &mut chunks {
@@ -174,6 +205,22 @@ fn fill(buf: &mut [u8], seed: u64) {
     for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
         *b = (lanes[i / 8] >> (8 * (i % 8))) as u8;
     }
+}
+
+/// The splitmix64 mix of `z`: spreads nearby seeds over the whole range.
+fn splitmix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One step of the xorshift generator `x`: its next value.
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
 /// The content seed of global block `g`: a duplicate repeats the previous block's content.
@@ -250,8 +297,27 @@ struct Sample {
 }
 
 async fn open(dir: &Path, block_size: u64, max_bytes: u64) -> Result<BlockCache, Error> {
+    Ok(
+        open_with(dir, block_size, max_bytes, &format::Setup::default())
+            .await?
+            .0,
+    )
+}
+
+/// [`open`] with the volume set up as `setup` says; also returns the backend, whose listing
+/// gives the bytes in the store.
+async fn open_with(
+    dir: &Path,
+    block_size: u64,
+    max_bytes: u64,
+    setup: &format::Setup,
+) -> Result<(BlockCache, Backend), Error> {
     std::fs::create_dir_all(dir)?;
     let mut config = Config::new(dir.join("cache"));
+    if let Some(compression) = setup.compression {
+        config.compression = compression;
+    }
+    config.encryption = setup.secret();
     config.block_size = block_size;
     config.max_bytes = max_bytes.max(block_size);
     config.max_entries = 10_000_000;
@@ -263,11 +329,17 @@ async fn open(dir: &Path, block_size: u64, max_bytes: u64) -> Result<BlockCache,
     config.upload_delay = None;
     let db = Db::open(dir.join("meta.db").to_str().ok_or("path not UTF-8")?).await?;
     std::fs::create_dir_all(dir.join("store"))?;
-    let backend = Backend::from_url(&format!(
+    let mut backend = Backend::from_url(&format!(
         "file://{}",
         dir.join("store").canonicalize()?.display()
     ))?;
-    Ok(BlockCache::open(config, db, backend).await?)
+    if setup.no_links {
+        backend = backend.without_links();
+    }
+    Ok((
+        BlockCache::open(config, db, backend.clone()).await?,
+        backend,
+    ))
 }
 
 /// Runs `f` over every (inode, blockno) with `parallel` tasks, one stripe of files each.
@@ -323,11 +395,26 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     let files = total.div_ceil(FILE_BYTES);
     let blocks_per_file = FILE_BYTES.div_ceil(bs);
     let logical = files * blocks_per_file * bs;
-    let cache = Arc::new(open(&dir, bs, 2 * logical + (64 << 20)).await?);
-    let dup = args.dup;
+    let setup = match &args.format {
+        Some(spec) => format::Setup::parse(spec, &args.content)?,
+        None => format::Setup::default(),
+    };
+    let (cache, backend) = open_with(&dir, bs, 2 * logical + (64 << 20), &setup).await?;
+    let cache = Arc::new(cache);
+    // The format workload stores every block: its store bytes are the format's doing.
+    let dup = if args.format.is_some() { 0.0 } else { args.dup };
+    let text = setup.text;
+    let fill_block = move |buf: &mut [u8], file: u64, b: u64| {
+        let seed = seed_of(file * blocks_per_file + b, dup);
+        if text {
+            format::fill_text(buf, seed);
+        } else {
+            fill(buf, seed);
+        }
+    };
     let block_of = move |file: u64, b: u64| -> Vec<u8> {
         let mut buf = vec![0; bs as usize];
-        fill(&mut buf, seed_of(file * blocks_per_file + b, dup));
+        fill_block(&mut buf, file, b);
         buf
     };
     let mut unique = std::collections::HashSet::new();
@@ -349,7 +436,7 @@ async fn library(args: &Args) -> Result<Sample, Error> {
         let c = c.clone();
         let spares = spares.clone();
         let mut data = spares.take(bs as usize);
-        fill(&mut data, seed_of(file * blocks_per_file + b, dup));
+        fill_block(&mut data, file, b);
         async move {
             c.write(file + 1, b, 0, &data).await?;
             spares.give(data);
@@ -368,6 +455,8 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     put("write_flush_mib_s", mib_s(write + flush));
     let usage = cache.usage().await?;
     put("stored_bytes", usage.stored_bytes as f64);
+    // What the store holds, from its listing: the objects' sizes with their headers.
+    put("store_bytes", backend.stored_bytes().await? as f64);
     put("unique_bytes", unique_bytes as f64);
     put("logical_bytes", logical as f64);
     if write_only() {
@@ -376,6 +465,7 @@ async fn library(args: &Args) -> Result<Sample, Error> {
 
     cache.clear().await?;
     let c = cache.clone();
+    let cpu = cpu_of(std::process::id());
     let start = Instant::now();
     for_all_blocks(files, blocks_per_file, 4, move |file, b| {
         let c = c.clone();
@@ -389,6 +479,7 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     })
     .await?;
     put("cold_read_mib_s", mib_s(start.elapsed()));
+    put("cold_read_cpu_s", cpu_of(std::process::id()) - cpu);
     let c = cache.clone();
     let start = Instant::now();
     for_all_blocks(files, blocks_per_file, 4, move |file, b| {
@@ -597,7 +688,13 @@ fn reference(args: &Args) -> Result<Sample, Error> {
     Ok(s)
 }
 
-fn run_child(args: &Args, kind: &str, block_size: u64, data_mib: u64) -> Result<Sample, Error> {
+fn run_child(
+    args: &Args,
+    kind: &str,
+    block_size: u64,
+    data_mib: u64,
+    extra: &[&str],
+) -> Result<Sample, Error> {
     // Start every configuration from a quiet disk: write back what earlier configurations
     // (and builds) left dirty, so their writeback does not land in this one's fsyncs.
     let synced = Command::new("sync").status()?;
@@ -620,6 +717,7 @@ fn run_child(args: &Args, kind: &str, block_size: u64, data_mib: u64) -> Result<
             "--dir",
             &args.dir.display().to_string(),
         ])
+        .args(extra)
         .output()?;
     if !output.status.success() {
         return Err(format!(
@@ -707,15 +805,20 @@ fn main() -> Result<(), Error> {
         return Ok(());
     }
     std::fs::create_dir_all(&args.dir)?;
-    let mut results: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let results: std::cell::RefCell<BTreeMap<String, Vec<Sample>>> = Default::default();
     let started = Instant::now();
     let all = args.only.is_none();
-    let mut child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
-        let t = Instant::now();
-        let sample = run_child(&args, kind, bs, mib)?;
-        eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
-        results.entry(group).or_default().push(sample);
-        Ok(())
+    let only = |w: &str| all || args.only.as_deref() == Some(w);
+    let child_with =
+        |group: String, kind: &str, bs: u64, mib: u64, extra: &[&str]| -> Result<(), Error> {
+            let t = Instant::now();
+            let sample = run_child(&args, kind, bs, mib, extra)?;
+            eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
+            results.borrow_mut().entry(group).or_default().push(sample);
+            Ok(())
+        };
+    let child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
+        child_with(group, kind, bs, mib, &[])
     };
     for run in 0..args.runs {
         eprintln!(
@@ -783,14 +886,29 @@ fn main() -> Result<(), Error> {
                 )?;
             }
         }
-        let dbs = args.daemon_block_size;
-        child(format!("patch/{}", label(dbs)), "patch", dbs, args.data_mib)?;
-        child(
-            format!("patch-daemon/{}", label(dbs)),
-            "daemon-patch",
-            dbs,
-            args.data_mib,
-        )?;
+        if only("patch") {
+            let dbs = args.daemon_block_size;
+            child(format!("patch/{}", label(dbs)), "patch", dbs, args.data_mib)?;
+            child(
+                format!("patch-daemon/{}", label(dbs)),
+                "daemon-patch",
+                dbs,
+                args.data_mib,
+            )?;
+        }
+        if only("format") {
+            for content in format::CONTENTS {
+                for spec in &args.format_configs {
+                    child_with(
+                        format::group(spec, content),
+                        "library",
+                        args.block_size,
+                        args.format_mib,
+                        &["--format", spec, "--content", content],
+                    )?;
+                }
+            }
+        }
     }
     // The metadata workload deletes hundreds of thousands of files; on this kind of disk
     // (ext4 mounted with online discard) creating files stays slow for a while after that,
@@ -802,12 +920,18 @@ fn main() -> Result<(), Error> {
         child("metadata".into(), "metadata", 4096, args.data_mib)?;
     }
     eprintln!("benchmark took {:.0} s", started.elapsed().as_secs_f64());
+    let results = results.into_inner();
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =
         results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
     if all {
         print_table(&args, &stats);
     }
-    patch::print(&args, &stats);
+    if only("patch") {
+        patch::print(&args, &stats);
+    }
+    if only("format") {
+        format::print(&args, &stats);
+    }
     std::fs::create_dir_all(&args.out)?;
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -823,6 +947,9 @@ fn main() -> Result<(), Error> {
         "runs": args.runs,
         "dup": args.dup,
         "meta_blocks": args.meta_blocks,
+        "block_size": args.block_size,
+        "format_mib": args.format_mib,
+        "format_configs": args.format_configs,
         "results": stats,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
