@@ -7,7 +7,8 @@
 //!   test `tests::the_repository_is_tidy` runs the same check, so the test suite covers it.
 //! - `bench [flags]`: builds `blockcache-bench` and the daemon in release mode and runs the
 //!   benchmark; flags pass through (`--data-mib`, `--runs`, `--block-sizes`, `--dup`,
-//!   `--meta-blocks`, `--daemon-block-size`, `--rss-factor`, `--only patch`, `--dir`, `--out`).
+//!   `--meta-blocks`, `--daemon-block-size`, `--rss-factor`, `--format-mib`, `--format-configs`,
+//!   `--only patch|format`, `--dir`, `--out`).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};

@@ -22,7 +22,7 @@ use std::sync::{Arc, OnceLock};
 use blockcache::Secret;
 use blockcache_backend::format::{Compression, Key};
 
-use crate::{Args, Error, Stat, xorshift};
+use crate::{Args, Error, Sample, Stat, xorshift};
 
 /// The configurations of a run unless `--format-configs` names others.
 pub const DEFAULT_CONFIGS: [&str; 6] =
@@ -155,6 +155,45 @@ pub fn fill_text(buf: &mut [u8], seed: u64) {
     }
 }
 
+/// The figures compared with the plain volumes, and the names of their ratios.
+const RATIOS: [(&str, &str); 2] = [
+    ("write_flush_mib_s", "write_flush"),
+    ("cold_read_mib_s", "cold_read"),
+];
+
+/// Adds to each sample of the format workload its ratios to `plain` and to `plain-copy` of the
+/// same run and content (`write_flush_vs_plain`, ..., `cold_read_vs_copy`): taken run by
+/// run, they are steadier than ratios of medians on a shared machine.
+pub fn add_ratios(results: &mut BTreeMap<String, Vec<Sample>>) {
+    for content in CONTENTS {
+        let bases: Vec<(&str, Vec<Sample>)> = [("plain", "plain"), ("copy", "plain-copy")]
+            .into_iter()
+            .filter_map(|(name, spec)| Some((name, results.get(&group(spec, content))?.clone())))
+            .collect();
+        let prefix = format!("format/{content}/");
+        for (g, samples) in results.iter_mut() {
+            if !g.starts_with(&prefix) {
+                continue;
+            }
+            for (run, sample) in samples.iter_mut().enumerate() {
+                for (base_name, base) in &bases {
+                    let Some(base) = base.get(run) else { continue };
+                    for (key, name) in RATIOS {
+                        if let (Some(v), Some(b)) = (sample.values.get(key), base.values.get(key))
+                            && *b > 0.0
+                        {
+                            let ratio = v / b;
+                            sample
+                                .values
+                                .insert(format!("{name}_vs_{base_name}"), ratio);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The configurations of this run.
 pub fn configs(args: &Args) -> Vec<String> {
     args.format_configs.clone()
@@ -166,10 +205,6 @@ pub fn configs(args: &Args) -> Vec<String> {
 pub fn print(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
     let get = |group: &str, key: &str| stats.get(group).and_then(|g| g.get(key));
     let med = |group: &str, key: &str| get(group, key).map(|s| s.median);
-    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
-        _ => "-".to_owned(),
-    };
     let range = |s: Option<&Stat>, places: usize| {
         s.map_or("-".to_owned(), |s| {
             format!(
@@ -179,51 +214,41 @@ pub fn print(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
         })
     };
     println!(
-        "\nformat workload: {} MiB per configuration and content at {} KiB blocks, no duplicates, file:// store on the cache's disk, median of {} runs (min-max); ratios to plain (hard links) / plain-copy (copied)",
+        "\nformat workload: {} MiB per configuration and content at {} KiB blocks, no duplicates, file:// store on the cache's disk, median of {} runs (min-max); ratios per run to plain (hard links) and to plain-copy (copied)",
         args.format_mib,
         args.block_size >> 10,
         args.runs
     );
     println!(
-        "{:<7} {:<12} {:>24} {:>15} {:>24} {:>15} {:>20} {:>16} {:>9}",
+        "{:<7} {:<12} {:>20} {:>18} {:>18} {:>18} {:>18} {:>16} {:>16} {:>9}",
         "content",
         "config",
         "write+flush MiB/s",
-        "vs plain/copy",
-        "cold read MiB/s",
-        "vs plain/copy",
-        "write+flush CPU s",
-        "cold read CPU s",
+        "w+f vs plain",
+        "w+f vs copy",
+        "cold vs plain",
+        "cold vs copy",
+        "w+f CPU s",
+        "cold CPU s",
         "store/log"
     );
     for content in CONTENTS {
-        let plain = group("plain", content);
-        let copy = group("plain-copy", content);
         for spec in configs(args) {
             let g = group(&spec, content);
             if !stats.contains_key(&g) {
                 continue;
             }
-            let wf = med(&g, "write_flush_mib_s");
-            let cr = med(&g, "cold_read_mib_s");
             let stored = med(&g, "store_bytes").unwrap_or(0.0);
             let logical = med(&g, "logical_bytes").unwrap_or(0.0);
             println!(
-                "{:<7} {:<12} {:>24} {:>15} {:>24} {:>15} {:>20} {:>16} {:>9}",
+                "{:<7} {:<12} {:>20} {:>18} {:>18} {:>18} {:>18} {:>16} {:>16} {:>9}",
                 content,
                 spec,
-                range(get(&g, "write_flush_mib_s"), 1),
-                format!(
-                    "{}/{}",
-                    ratio(wf, med(&plain, "write_flush_mib_s")),
-                    ratio(wf, med(&copy, "write_flush_mib_s"))
-                ),
-                range(get(&g, "cold_read_mib_s"), 1),
-                format!(
-                    "{}/{}",
-                    ratio(cr, med(&plain, "cold_read_mib_s")),
-                    ratio(cr, med(&copy, "cold_read_mib_s"))
-                ),
+                range(get(&g, "write_flush_mib_s"), 0),
+                range(get(&g, "write_flush_vs_plain"), 2),
+                range(get(&g, "write_flush_vs_copy"), 2),
+                range(get(&g, "cold_read_vs_plain"), 2),
+                range(get(&g, "cold_read_vs_copy"), 2),
                 range(get(&g, "write_flush_cpu_s"), 2),
                 range(get(&g, "cold_read_cpu_s"), 2),
                 if logical > 0.0 {
