@@ -115,7 +115,7 @@ fn vocabulary() -> &'static Vocabulary {
     VOCABULARY.get_or_init(|| {
         // Letters weighted roughly as in English text.
         const LETTERS: &[u8] = b"eeeeeeeeeeeetttttttttaaaaaaaaoooooooiiiiiiinnnnnnnsssssshhhhhhrrrrrrddddlllluuucccmmmwwffggyyppbbvkjxqz";
-        let mut x = 0x5eed_0f_7e47_u64;
+        let mut x = 0x005e_ed0f_7e47_u64;
         let mut bytes = Vec::new();
         let mut words = Vec::with_capacity(WORDS);
         for _ in 0..WORDS {
