@@ -62,6 +62,8 @@ pub fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result
     use std::io::BufRead;
     let mut child = Command::new(binary()?)
         .args(["serve", "--listen", "127.0.0.1:0", "--upload-delay", "off"])
+        // A plain volume, as the library workload it is compared with (see `open`).
+        .args(["--compression", "none"])
         .arg("--data-dir")
         .arg(dir)
         .args(["--block-size", &block_size.to_string()])

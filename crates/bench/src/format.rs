@@ -11,7 +11,7 @@
 //! every framed object is: the figures are also given as ratios to it.
 //!
 //! Configurations (`--format-configs`, comma-separated): `plain`, `plain-copy`, `zstd`
-//! (level 3, the default), `zstdN` (level N), `lz4`, and any compression with `+enc`
+//! (the default level, 1), `zstdN` (level N), `lz4`, and any compression with `+enc`
 //! (XChaCha20-Poly1305 with a random key; `none+enc` encrypts without compressing). Each runs
 //! on `--format-mib` MiB of each content, with no duplicate blocks (so that the store's bytes
 //! are the format's doing, not deduplication's), at `--block-size`.
@@ -25,8 +25,15 @@ use blockcache_backend::format::{Compression, Key};
 use crate::{Args, Error, Sample, Stat, xorshift};
 
 /// The configurations of a run unless `--format-configs` names others.
-pub const DEFAULT_CONFIGS: [&str; 6] =
-    ["plain", "plain-copy", "zstd", "lz4", "none+enc", "zstd+enc"];
+pub const DEFAULT_CONFIGS: [&str; 7] = [
+    "plain",
+    "plain-copy",
+    "zstd",
+    "lz4",
+    "none+enc",
+    "zstd+enc",
+    "zstd3+enc",
+];
 
 /// The kinds of content.
 pub const CONTENTS: [&str; 2] = ["text", "random"];
@@ -275,7 +282,7 @@ mod tests {
         let encoded = codec.encode(1, &block).expect("encode");
         let ratio = block.len() as f64 / encoded.len() as f64;
         assert!((2.5..3.6).contains(&ratio), "zstd ratio {ratio:.2}");
-        println!("text-like content: zstd level 3 ratio {ratio:.2}");
+        println!("text-like content: zstd (default level) ratio {ratio:.2}");
         let mut other = vec![0u8; 1 << 20];
         fill_text(&mut other, 43);
         assert_ne!(block, other, "another seed gives other text");
@@ -301,9 +308,9 @@ mod tests {
     fn configurations_parse_and_bad_ones_are_named() {
         let s = Setup::parse("zstd+enc", "text").expect("zstd+enc");
         assert!(s.encrypt && s.text && !s.no_links);
+        assert_eq!(s.compression, Some(Compression::default()));
+        let s = Setup::parse("zstd3", "random").expect("zstd3");
         assert_eq!(s.compression, Some(Compression::Zstd { level: 3 }));
-        let s = Setup::parse("zstd1", "random").expect("zstd1");
-        assert_eq!(s.compression, Some(Compression::Zstd { level: 1 }));
         assert!(Setup::parse("plain-copy", "text").expect("copy").no_links);
         for bad in ["plain+enc", "none", "zstdx", "gzip"] {
             let e = Setup::parse(bad, "text").expect_err(bad).to_string();

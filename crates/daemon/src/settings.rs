@@ -319,7 +319,7 @@ pub struct Settings {
     #[arg(long, env = "BLOCKCACHE_COMPRESSION", value_name = "zstd|lz4|none",
           default_value = "zstd", value_parser = parse_compression)]
     pub compression: CompressionName,
-    /// zstd level (1 fast .. 19 small; negative levels are faster still) [default: 3]
+    /// zstd level (1 fast .. 19 small; negative levels are faster still) [default: 1]
     #[arg(
         long,
         env = "BLOCKCACHE_COMPRESSION_LEVEL",
