@@ -398,9 +398,13 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     let files = total.div_ceil(FILE_BYTES);
     let blocks_per_file = FILE_BYTES.div_ceil(bs);
     let logical = files * blocks_per_file * bs;
+    // Without a format configuration, a plain volume (see `open`).
     let setup = match &args.format {
         Some(spec) => format::Setup::parse(spec, &args.content)?,
-        None => format::Setup::default(),
+        None => format::Setup {
+            compression: Some(blockcache_backend::format::Compression::None),
+            ..format::Setup::default()
+        },
     };
     let (cache, backend) = open_with(&dir, bs, 2 * logical + (64 << 20), &setup).await?;
     let cache = Arc::new(cache);
