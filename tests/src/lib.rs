@@ -206,6 +206,29 @@ impl Env {
     }
 }
 
+/// Text-like bytes (words from a small vocabulary chosen by `seed`), which compress about
+/// 3:1 or better: for tests of compression and of plaintext in the store.
+pub fn text(seed: u64, len: usize) -> Vec<u8> {
+    const WORDS: [&str; 16] = [
+        "block", "cache", "store", "object", "volume", "lease", "epoch", "flush", "upload",
+        "dirty", "clean", "evict", "hash", "dedup", "write", "read",
+    ];
+    let noise = data(seed, len.max(2));
+    let mut out = Vec::with_capacity(len + 8);
+    let mut i = 0;
+    while out.len() < len {
+        out.extend_from_slice(WORDS[usize::from(noise[i % noise.len()] & 15)].as_bytes());
+        out.push(if noise[(i + 1) % noise.len()].is_multiple_of(8) {
+            b'\n'
+        } else {
+            b' '
+        });
+        i += 2;
+    }
+    out.truncate(len);
+    out
+}
+
 /// Every regular file under `dir` (recursively), sorted; none if `dir` does not exist.
 pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use blockcache_tests::daemon::{Daemon, Launch};
 use blockcache_tests::moto::{Moto, available_or_skip};
 use blockcache_tests::tmpfs::Tmpfs;
-use blockcache_tests::{data, list_dir};
+use blockcache_tests::{data, list_dir, text};
 
 const BS: usize = 64 * 1024;
 const BUCKET: &str = "bkt";
@@ -331,28 +331,6 @@ async fn a_paused_writers_lease_expires_and_it_keeps_its_dirty_blocks() {
     assert_eq!(new.get("f").await, (200, content));
     assert_eq!(new.get("own").await, (200, own));
     new.stop();
-}
-
-/// Text-like content of about `len` bytes: numbered lines of words, compressible.
-fn text(seed: u64, len: usize) -> Vec<u8> {
-    const WORDS: [&str; 16] = [
-        "block", "cache", "store", "object", "lease", "volume", "upload", "flush", "daemon",
-        "bucket", "epoch", "record", "key", "nonce", "header", "sqlite",
-    ];
-    let noise = data(seed, len);
-    let mut out = Vec::with_capacity(len + 128);
-    let mut line = 0;
-    while out.len() < len {
-        out.extend_from_slice(format!("{line:07}").as_bytes());
-        for b in &noise[line % (len / 2)..][..8] {
-            out.push(b' ');
-            out.extend_from_slice(WORDS[usize::from(b & 15)].as_bytes());
-        }
-        out.push(b'\n');
-        line += 1;
-    }
-    out.truncate(len);
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

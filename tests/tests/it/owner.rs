@@ -11,7 +11,7 @@ use blockcache_backend::Backend;
 use blockcache_backend::faulty::Op;
 use blockcache_backend::format::{Compression, Key};
 use blockcache_db::Db;
-use blockcache_tests::{Env, data};
+use blockcache_tests::{Env, data, text};
 use object_store::local::LocalFileSystem;
 
 /// Another volume's database and cache directory under `env`'s directory, named `name`.
@@ -51,28 +51,6 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             (p, content)
         })
         .collect()
-}
-
-/// Text-like bytes that compress about 3:1.
-fn text(seed: u64, len: usize) -> Vec<u8> {
-    const WORDS: [&str; 16] = [
-        "block", "cache", "store", "object", "volume", "lease", "epoch", "flush", "upload",
-        "dirty", "clean", "evict", "hash", "dedup", "write", "read",
-    ];
-    let raw = data(seed, len);
-    let mut out = Vec::with_capacity(len + 8);
-    let mut i = 0;
-    while out.len() < len {
-        out.extend_from_slice(WORDS[usize::from(raw[i % raw.len()]) % WORDS.len()].as_bytes());
-        out.push(if raw[(i + 1) % raw.len()].is_multiple_of(8) {
-            b'\n'
-        } else {
-            b' '
-        });
-        i += 2;
-    }
-    out.truncate(len);
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -631,7 +631,7 @@ fn compression_names() {
         assert_eq!(name.parse::<Compression>().unwrap(), compression);
         assert_eq!(compression.to_string(), name);
     }
-    assert_eq!(Compression::default(), Compression::Zstd { level: 3 });
+    assert_eq!(Compression::default(), Compression::Zstd { level: 1 });
     let err = "gzip".parse::<Compression>().unwrap_err();
     assert_eq!(
         err.to_string(),
