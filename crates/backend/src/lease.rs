@@ -224,6 +224,8 @@ impl Lease {
         if !valid {
             return;
         }
+        // A renewal in flight would overwrite the released record: let it finish first.
+        let _one = self.0.renewing.lock().await;
         let mut record = self.record(self.epoch());
         record.released = true;
         match backend.write_lease(&record, PutMode::Overwrite).await {

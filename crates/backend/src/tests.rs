@@ -544,3 +544,50 @@ fn s3_settings_that_cannot_work_are_refused_before_any_request() {
         crate::check::S3Credentials::Configured
     );
 }
+
+/// Review: a renewal in flight when the lease is released at shutdown overwrites the
+/// released record, so the next writer is refused for the time to live.
+#[tokio::test]
+async fn review_release_racing_a_renewal_leaves_the_lease_held() {
+    use crate::lease::{Holder, LeaseRequest};
+    let (backend, faults) = faulty();
+    faults.every_key(true);
+    let holder = |dir: &str| Holder {
+        host: "h".to_owned(),
+        pid: 1,
+        data_dir: dir.to_owned(),
+    };
+    let lease = backend
+        .acquire_lease(LeaseRequest {
+            holder: holder("/a"),
+            ttl: Duration::from_secs(30),
+            force: false,
+        })
+        .await
+        .expect("acquire");
+    // A renewal (as `keep` runs it) lists the lease first: hold it there.
+    faults.hold(Op::List);
+    let (l, b) = (lease.clone(), backend.clone());
+    let renewal = tokio::spawn(async move { l.renew(&b).await });
+    faults.wait_held(Op::List, 1).await;
+    // Shutdown releases the lease meanwhile (its PUT is not held).
+    let (l, b) = (lease.clone(), backend.clone());
+    let release = tokio::spawn(async move { l.release(&b).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    faults.release(Op::List);
+    let _ = renewal.await.expect("join");
+    release.await.expect("join");
+    // A clean shutdown: the next writer should take the lease at once.
+    let next = backend
+        .acquire_lease(LeaseRequest {
+            holder: holder("/b"),
+            ttl: Duration::from_secs(30),
+            force: false,
+        })
+        .await;
+    assert!(
+        next.is_ok(),
+        "refused after a clean release: {}",
+        next.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+}
