@@ -43,6 +43,9 @@ pub fn first_object_id(epoch: u64) -> u64 {
     epoch << EPOCH_SHIFT
 }
 
+/// Epochs at or above this are refused as garbled: their object ids would not fit.
+pub const MAX_EPOCH: u64 = 1 << 22;
+
 /// The smallest time to live a lease may have.
 pub const MIN_TTL: Duration = Duration::from_secs(2);
 
@@ -55,6 +58,12 @@ pub struct Holder {
     pub pid: u32,
     /// The holder's metadata database (or data directory), absolute.
     pub data_dir: String,
+    /// The holder's kernel boot id (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default)]
+    pub boot_id: String,
+    /// The holder's database file as (device, inode).
+    #[serde(default)]
+    pub db_file: Option<(u64, u64)>,
 }
 
 impl Holder {
@@ -65,11 +74,30 @@ impl Holder {
             .ok()
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| "unknown-host".to_owned());
+        let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|b| b.trim().to_owned())
+            .unwrap_or_default();
+        let db_file = std::fs::metadata(data_dir).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
         Self {
             host,
             pid: std::process::id(),
             data_dir: data_dir.display().to_string(),
+            boot_id,
+            db_file,
         }
+    }
+
+    /// Whether `other` held the lease from this very database file under this very running
+    /// kernel: the caller holds that database's lock, so `other` is a process that died.
+    /// Host names and paths prove nothing (two machines or containers may share them).
+    pub fn same_slot(&self, other: &Holder) -> bool {
+        !self.boot_id.is_empty()
+            && self.boot_id == other.boot_id
+            && self.db_file.is_some()
+            && self.db_file == other.db_file
     }
 
     /// A name for the clock object: host and pid, as path-safe characters.
@@ -333,6 +361,7 @@ impl Lease {
             Ok(()) => {
                 self.0.epoch.store(next, Ordering::Release);
                 self.extend_from(start);
+                backend.forget_old_leases(next).await;
                 tracing::warn!(
                     epoch = next,
                     "the volume's lease had lapsed (store unreachable for {:.0?}); took it again as epoch {next}; writes resume",
@@ -388,8 +417,13 @@ pub struct LeaseRequest {
     pub holder: Holder,
     /// Time to live of the lease.
     pub ttl: Duration,
-    /// Take it even if another holder's lease has not expired (its machine is known dead).
+    /// Take it even if another holder's lease has not expired (its machine is known dead),
+    /// or this database is older than the store's lease.
     pub force: bool,
+    /// The epoch this database last held, if it ever held one: a store whose lease is at a
+    /// later epoch, taken by another database, was written by another copy of this
+    /// volume's metadata after this copy was made, and this copy is out of date.
+    pub last_epoch: Option<u64>,
 }
 
 fn lease_dir(backend: &Backend) -> Path {
@@ -413,8 +447,7 @@ impl Backend {
             let next = match &latest {
                 None => 1,
                 Some((record, stamped)) => {
-                    let mine = record.holder.host == request.holder.host
-                        && record.holder.data_dir == request.holder.data_dir;
+                    let mine = request.holder.same_slot(&record.holder);
                     if record.released {
                         tracing::debug!(
                             epoch = record.epoch,
@@ -444,7 +477,26 @@ impl Backend {
                             record.holder
                         );
                     }
-                    record.epoch + 1
+                    if let Some(last) = request.last_epoch
+                        && record.epoch > last
+                        && !mine
+                        && !request.force
+                    {
+                        return Err(Error::StaleCopy(format!(
+                            "this database last held the volume's lease at epoch {last}, but the store's lease is at epoch {}, taken by {} since {}: \
+                             another copy of this volume's metadata wrote to the store after this copy was made, so this copy is out of date \
+                             (its files and objects may be gone from the store). Use the data directory that wrote epoch {}; \
+                             --force-takeover uses this copy anyway, and what the other copy wrote since is not seen here",
+                            record.epoch, record.holder, record.since, record.epoch
+                        )));
+                    }
+                    record
+                        .epoch
+                        .checked_add(1)
+                        .ok_or_else(|| Error::BadRecord {
+                            key: lease_key(self, record.epoch).to_string(),
+                            reason: "epoch out of range".to_owned(),
+                        })?
                 }
             };
             let lease = Lease(Arc::new(State {
@@ -528,6 +580,15 @@ impl Backend {
             key: key.to_string(),
             reason: e.to_string(),
         })?;
+        if record.epoch >= MAX_EPOCH || key.filename() != Some(&*format!("{:020}", record.epoch)) {
+            return Err(Error::BadRecord {
+                key: key.to_string(),
+                reason: format!(
+                    "epoch {} does not match its name, or is not below {MAX_EPOCH}",
+                    record.epoch
+                ),
+            });
+        }
         Ok(Some((record, stamped)))
     }
 
@@ -542,7 +603,7 @@ impl Backend {
                 let key = &key;
                 let payload = PutPayload::from_bytes(body.clone());
                 async move {
-                    self.same_store_dir()?;
+                    self.same_store_dir_async().await?;
                     if create {
                         self.put_create(key, payload).await
                     } else {
@@ -568,7 +629,7 @@ impl Backend {
                 || {
                     let key = &key;
                     async move {
-                        self.same_store_dir()?;
+                        self.same_store_dir_async().await?;
                         self.store
                             .put(key, PutPayload::from_static(b"clock"))
                             .await
@@ -578,6 +639,8 @@ impl Backend {
                             .head(key)
                             .await
                             .map_err(|source| store_error("lookup", key, source))?;
+                        // The stamp is read; the object is not needed any more.
+                        let _ = self.store.delete(key).await;
                         Ok(meta.last_modified)
                     }
                 },

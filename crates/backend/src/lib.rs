@@ -128,6 +128,10 @@ pub enum Error {
     /// Another process holds the volume's lease.
     #[error("{0}")]
     LeaseHeld(Box<lease::HeldBy>),
+    /// This database is an out-of-date copy: another copy of the volume's metadata took the
+    /// lease after it (the message says what to do).
+    #[error("{0}")]
+    StaleCopy(String),
     /// Other processes kept taking the lease's next epoch first.
     #[error(
         "the volume's lease changed hands repeatedly while this process tried to take it; try again"
@@ -172,6 +176,7 @@ impl Error {
             Self::Fenced { permanent, .. } => !permanent,
             Self::InvalidUrl { .. } | Self::Unusable(_) | Self::NotFound { .. } => false,
             Self::LeaseHeld(_) | Self::LeaseContended | Self::BadRecord { .. } => false,
+            Self::StaleCopy(_) => false,
             Self::Collision { .. } | Self::StoreDirChanged { .. } | Self::Format { .. } => false,
             Self::Cancelled => false,
         }
@@ -799,6 +804,27 @@ impl Backend {
         self.same_store_dir()
     }
 
+    /// [`Backend::may_write`] for async callers: the look at the store's directory runs on
+    /// the blocking pool, so a file system that hangs (a hard-mounted network share) holds a
+    /// blocking thread, not an async worker, and the operation's deadline still applies.
+    async fn may_write_async(&self) -> Result<()> {
+        if let Some(lease) = &self.lease {
+            lease.check()?;
+        }
+        self.same_store_dir_async().await
+    }
+
+    /// [`Backend::same_store_dir`] on the blocking pool.
+    pub(crate) async fn same_store_dir_async(&self) -> Result<()> {
+        if self.local_root.is_none() {
+            return Ok(());
+        }
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.same_store_dir())
+            .await
+            .expect("store directory check panicked")
+    }
+
     /// `Ok` unless this is a `file://` store whose directory is gone or is not the one
     /// opened: nothing, not even the lease, is written under its path then.
     pub(crate) fn same_store_dir(&self) -> Result<()> {
@@ -877,7 +903,7 @@ impl Backend {
 
     /// Stores object `id`, retrying transient failures. Returns the stored size in bytes.
     pub async fn put(&self, id: u64, block: Bytes) -> Result<u64> {
-        self.may_write()?;
+        self.may_write_async().await?;
         let key = self.key(id);
         let stored = self.encode(id, &key, block.clone()).await?;
         let size = stored.len() as u64;
@@ -889,7 +915,7 @@ impl Backend {
                 let payload = payload.clone();
                 let key = &key;
                 async move {
-                    self.may_write()?;
+                    self.may_write_async().await?;
                     self.put_create(key, payload).await
                 }
             })
@@ -999,7 +1025,7 @@ impl Backend {
         if ids.is_empty() {
             return Ok(());
         }
-        self.may_write()?;
+        self.may_write_async().await?;
         let what = format!("bulk delete of {} objects", ids.len());
         // The keys still to delete; each attempt retries only the ones that failed.
         let remaining_cell =
@@ -1009,7 +1035,7 @@ impl Backend {
                 let batch: Vec<Path> = remaining_cell.lock().expect("not poisoned").clone();
                 let cell = &remaining_cell;
                 async move {
-                    self.may_write()?;
+                    self.may_write_async().await?;
                     let input = futures::stream::iter(batch.clone().into_iter().map(Ok)).boxed();
                     let results: Vec<_> = self.store.delete_stream(input).collect().await;
                     let mut failed = Vec::new();

@@ -548,7 +548,7 @@ fn s3_settings_that_cannot_work_are_refused_before_any_request() {
 /// Review: a renewal in flight when the lease is released at shutdown overwrites the
 /// released record, so the next writer is refused for the time to live.
 #[tokio::test]
-async fn review_release_racing_a_renewal_leaves_the_lease_held() {
+async fn a_release_racing_a_renewal_leaves_the_lease_released() {
     use crate::lease::{Holder, LeaseRequest};
     let (backend, faults) = faulty();
     faults.every_key(true);
@@ -556,12 +556,15 @@ async fn review_release_racing_a_renewal_leaves_the_lease_held() {
         host: "h".to_owned(),
         pid: 1,
         data_dir: dir.to_owned(),
+        boot_id: "boot".to_owned(),
+        db_file: Some((1, u64::from(dir.as_bytes()[1]))),
     };
     let lease = backend
         .acquire_lease(LeaseRequest {
             holder: holder("/a"),
             ttl: Duration::from_secs(30),
             force: false,
+            last_epoch: None,
         })
         .await
         .expect("acquire");
@@ -583,6 +586,7 @@ async fn review_release_racing_a_renewal_leaves_the_lease_held() {
             holder: holder("/b"),
             ttl: Duration::from_secs(30),
             force: false,
+            last_epoch: None,
         })
         .await;
     assert!(

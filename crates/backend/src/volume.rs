@@ -133,7 +133,7 @@ impl Backend {
                     let key = &key;
                     let payload = PutPayload::from_bytes(body.clone());
                     async move {
-                        self.same_store_dir()?;
+                        self.same_store_dir_async().await?;
                         self.put_create(key, payload).await
                     }
                 },

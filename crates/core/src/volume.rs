@@ -62,7 +62,9 @@ fn refused(reason: String) -> Error {
 
 fn store_error(action: &'static str) -> impl FnOnce(blockcache_backend::Error) -> Error {
     move |e| match e {
-        blockcache_backend::Error::LeaseHeld(_) => Error::VolumeRefused(e.to_string()),
+        blockcache_backend::Error::LeaseHeld(_) | blockcache_backend::Error::StaleCopy(_) => {
+            Error::VolumeRefused(e.to_string())
+        }
         e => Error::Store {
             action,
             source: Arc::new(e),
@@ -134,6 +136,14 @@ pub(crate) async fn attach(
                 .has_objects()
                 .await
                 .map_err(store_error("list the store's objects"))?;
+            if !fresh && !has_objects && db.uploaded_objects().await.map_err(db_error)? > 0 {
+                backend.forget_created_store_dir();
+                return Err(refused(
+                    "this database says objects are in the store, but the store holds none and has no volume record: \
+                     --store (or its prefix) names the wrong place, or the store's file system is not mounted. Nothing was written"
+                        .to_owned(),
+                ));
+            }
             if fresh && has_objects {
                 return Err(refused(
                     "the store holds objects but no volume record: another program, or a blockcache older than volume records, wrote there, and this database is new. \
@@ -181,9 +191,13 @@ pub(crate) async fn attach(
             holder: Holder::this_process(&db.path().unwrap_or_else(|| config.cache_dir.clone())),
             ttl: config.lease_ttl,
             force: config.force_takeover,
+            last_epoch: db.lease_epoch().await.map_err(db_error)?,
         })
         .await
         .map_err(store_error("take the volume's lease"))?;
+    db.record_lease_epoch(lease.first_epoch())
+        .await
+        .map_err(db_error)?;
     db.claim_object_ids(first_object_id(lease.first_epoch()))
         .await
         .map_err(db_error)?;

@@ -290,3 +290,41 @@ async fn move_allocator(
         .map_err(ctx("move an id allocator"))?;
     Ok(())
 }
+
+/// What the database remembers of the writer lease and of its objects in the store.
+impl Db {
+    /// The lease epoch this database last held, `None` if it never held one.
+    pub async fn lease_epoch(&self) -> Result<Option<u64>> {
+        let v: Option<String> =
+            sqlx::query_scalar("SELECT value FROM volume WHERE key = 'lease_epoch'")
+                .fetch_optional(&self.readers)
+                .await
+                .map_err(ctx("read the lease epoch"))?;
+        v.map(|v| {
+            v.parse()
+                .map_err(|_| Error::Invalid(format!("lease epoch {v:?}")))
+        })
+        .transpose()
+    }
+
+    /// Records that this database now holds the lease at `epoch`.
+    pub async fn record_lease_epoch(&self, epoch: u64) -> Result<()> {
+        let mut w = self.write().await?;
+        sqlx::query("INSERT OR REPLACE INTO volume (key, value) VALUES ('lease_epoch', ?)")
+            .bind(epoch.to_string())
+            .execute(&mut *w)
+            .await
+            .map_err(ctx("record the lease epoch"))?;
+        self.synced();
+        Ok(())
+    }
+
+    /// How many objects the metadata says are in the store.
+    pub async fn uploaded_objects(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM objects WHERE state = 'uploaded'")
+            .fetch_one(&self.readers)
+            .await
+            .map_err(ctx("count the uploaded objects"))?;
+        crate::to_u64(n, "object count")
+    }
+}

@@ -248,7 +248,6 @@ async fn a_paused_writers_lease_expires_and_it_keeps_its_dirty_blocks() {
     put(&d, "f", &content).await;
     d.post("/v1/flush").await;
     d.kill9();
-    copy_dir(&a, &b);
     // Restarted with uploads held back: what it acknowledges now stays dirty.
     let old = moto
         .launch(&a, STORE)
@@ -262,6 +261,9 @@ async fn a_paused_writers_lease_expires_and_it_keeps_its_dirty_blocks() {
 
     old.signal(SIGSTOP);
     let paused = Instant::now();
+    // A copy of the paused writer's data directory, as up to date as it is (an older copy
+    // is refused as out of date: see `owner::an_out_of_date_copy_...`).
+    copy_dir(&a, &b);
     let new_launch = || {
         moto.launch(&b, STORE)
             .args(&common)

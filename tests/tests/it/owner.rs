@@ -534,8 +534,13 @@ async fn a_writer_that_cannot_renew_stops_before_another_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_released_lease_is_taken_at_once_and_a_dead_holders_lease_by_its_own_database() {
     let env = Env::new();
-    // A clean shutdown releases the lease: another database of the volume opens at once.
+    // A holder that died (dropped without shutdown) is taken over at once by the next open
+    // of its own database: its lock proves the holder is gone.
+    let cache = env.open().await;
+    drop(cache);
     env.open().await.shutdown().await.expect("shutdown");
+    // A clean shutdown releases the lease: another (up-to-date) copy of the volume's
+    // database opens at once.
     let (db, config) = copy_database(&env, "copy", Duration::from_secs(30));
     open_at(&db, config, raw_backend(&env))
         .await
@@ -543,11 +548,74 @@ async fn a_released_lease_is_taken_at_once_and_a_dead_holders_lease_by_its_own_d
         .shutdown()
         .await
         .expect("shutdown");
-    // A holder that died (dropped without shutdown) is taken over at once by the next open
-    // of its own database: its lock proves the holder is gone.
+}
+
+/// A copy of a volume's database that another copy wrote past (it took the lease after the
+/// copy was made) is out of date: its files may point to objects deleted since. It is
+/// refused even when the lease was released, unless forced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_out_of_date_copy_of_the_database_is_refused_even_after_a_release() {
+    let env = Env::new();
     let cache = env.open().await;
-    drop(cache);
-    env.open().await.shutdown().await.expect("shutdown");
+    cache.write(1, 0, 0, &data(95, 1000)).await.expect("write");
+    cache.shutdown().await.expect("shutdown");
+    let (db, config) = copy_database(&env, "old-copy", Duration::from_secs(30));
+    // The original goes on: it changes the block (the old object is deleted) and stops.
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(96, 1000)).await.expect("write");
+    cache.flush().await.expect("flush");
+    cache
+        .shutdown()
+        .await
+        .expect("shutdown, releasing the lease");
+    let message = refusal(open_at(&db, config.clone(), raw_backend(&env)).await);
+    assert!(
+        message.contains("this copy is out of date") && message.contains("--force-takeover"),
+        "{message}"
+    );
+    let mut forced = config;
+    forced.force_takeover = true;
+    open_at(&db, forced, raw_backend(&env))
+        .await
+        .expect("forced")
+        .shutdown()
+        .await
+        .expect("shutdown");
+}
+
+/// A database from before volume records whose objects are in the store, started on a
+/// store that holds none (wrong prefix, file system not mounted), is refused: adopting that
+/// store would bind the volume to the wrong place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_database_is_not_adopted_by_an_empty_store() {
+    let env = Env::linked();
+    let cache = env.open().await;
+    cache.write(1, 0, 0, &data(97, 1000)).await.expect("write");
+    cache.shutdown().await.expect("shutdown");
+    {
+        let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", env.db_path().display()))
+            .await
+            .expect("db");
+        sqlx::query("DELETE FROM volume WHERE key IN ('store_volume', 'lease_epoch')")
+            .execute(&db)
+            .await
+            .expect("as before records");
+        db.close().await;
+    }
+    let away = env.dir.path().join("store-away");
+    std::fs::rename(env.store_dir(), &away).expect("unmount the store");
+    std::fs::remove_file(away.join("volume")).expect("no record yet");
+    let message = refusal(env.try_open(env.config()).await);
+    assert!(message.contains("the store holds none"), "{message}");
+    assert!(!env.store_dir().exists(), "no store directory created");
+    std::fs::rename(&away, env.store_dir()).expect("mount it again");
+    let cache = env.open().await;
+    cache.clear().await.expect("clear");
+    assert_eq!(
+        cache.read(1, 0, 0, 1000).await.expect("read"),
+        data(97, 1000)
+    );
+    cache.shutdown().await.expect("shutdown");
 }
 
 /// Whether a lease expired is decided by the store's stamps alone: the holder's own clock
