@@ -30,7 +30,6 @@ use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Backend, Error, Result, store_error};
@@ -41,6 +40,29 @@ pub const EPOCH_SHIFT: u32 = 40;
 /// The first object id a writer holding epoch `epoch` allocates.
 pub fn first_object_id(epoch: u64) -> u64 {
     epoch << EPOCH_SHIFT
+}
+
+/// A point on the clock that goes on counting while the machine is suspended
+/// (`CLOCK_BOOTTIME`): a holder woken from a suspend longer than its lease must not believe it
+/// still holds it (`CLOCK_MONOTONIC`, behind `Instant`, stops during a suspend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Instant(Duration);
+
+impl Instant {
+    fn now() -> Self {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Self(Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        ))
+    }
+}
+
+impl std::ops::Add<Duration> for Instant {
+    type Output = Self;
+    fn add(self, d: Duration) -> Self {
+        Self(self.0 + d)
+    }
 }
 
 /// Epochs at or above this are refused as garbled: their object ids would not fit.
