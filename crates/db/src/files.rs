@@ -96,6 +96,24 @@ impl Db {
     /// Forgets staging inodes that were never written (allocated ahead and not used), in one
     /// transaction. Inodes that have blocks, or are no longer staging, are left alone.
     pub async fn forget_staging_inodes(&self, inodes: &[u64]) -> Result<()> {
+        self.delete_inodes(
+            inodes,
+            "DELETE FROM inodes WHERE state = 'staging' \
+             AND inode IN (SELECT value FROM json_each(?)) \
+             AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.inode = inodes.inode)",
+            "forget unused inodes",
+        )
+        .await
+    }
+
+    /// Runs `sql`, a deletion from `inodes` whose one parameter is a JSON array of
+    /// `inodes`, in one transaction.
+    async fn delete_inodes(
+        &self,
+        inodes: &[u64],
+        sql: &'static str,
+        action: &'static str,
+    ) -> Result<()> {
         let list = crate::batch::json_ints(
             inodes
                 .iter()
@@ -103,15 +121,11 @@ impl Db {
                 .collect::<Result<Vec<_>>>()?,
         );
         let mut w = self.write().await?;
-        sqlx::query(
-            "DELETE FROM inodes WHERE state = 'staging' \
-             AND inode IN (SELECT value FROM json_each(?)) \
-             AND NOT EXISTS (SELECT 1 FROM blocks b WHERE b.inode = inodes.inode)",
-        )
-        .bind(list)
-        .execute(&mut *w)
-        .await
-        .map_err(ctx("forget unused inodes"))?;
+        sqlx::query(sql)
+            .bind(list)
+            .execute(&mut *w)
+            .await
+            .map_err(ctx(action))?;
         Ok(())
     }
 
@@ -403,22 +417,13 @@ impl Db {
 
     /// Forgets retired inodes whose blocks are gone, in one transaction.
     pub async fn forget_inodes(&self, inodes: &[u64]) -> Result<()> {
-        let list = crate::batch::json_ints(
-            inodes
-                .iter()
-                .map(|&i| to_i64(i))
-                .collect::<Result<Vec<_>>>()?,
-        );
-        let mut w = self.write().await?;
-        sqlx::query(
+        self.delete_inodes(
+            inodes,
             "DELETE FROM inodes WHERE state = 'retired' \
              AND inode IN (SELECT value FROM json_each(?))",
+            "forget inodes",
         )
-        .bind(list)
-        .execute(&mut *w)
         .await
-        .map_err(ctx("forget inodes"))?;
-        Ok(())
     }
 
     /// Forgets a retired inode whose blocks are gone.

@@ -198,21 +198,33 @@ impl Db {
     /// The id of the volume whose store record this database was checked against (and so
     /// belongs to), `None` if it never was: a new database, or one older than store records.
     pub async fn store_binding(&self) -> Result<Option<String>> {
-        sqlx::query_scalar("SELECT value FROM volume WHERE key = 'store_volume'")
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(ctx("read the store binding"))
+        self.volume_value("store_volume").await
     }
 
     /// Records that the store holds the record of volume `id`, this database's volume: from
     /// now on a store without that record is refused, never recreated.
     pub async fn bind_store(&self, id: &str) -> Result<()> {
+        self.set_volume_value("store_volume", id).await
+    }
+
+    /// The value of `key` in the `volume` table.
+    async fn volume_value(&self, key: &'static str) -> Result<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM volume WHERE key = ?")
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(ctx("read the volume's settings"))
+    }
+
+    /// Sets `key` to `value` in the `volume` table (a synchronized commit).
+    async fn set_volume_value(&self, key: &'static str, value: &str) -> Result<()> {
         let mut w = self.write().await?;
-        sqlx::query("INSERT OR REPLACE INTO volume (key, value) VALUES ('store_volume', ?)")
-            .bind(id)
+        sqlx::query("INSERT OR REPLACE INTO volume (key, value) VALUES (?, ?)")
+            .bind(key)
+            .bind(value)
             .execute(&mut *w)
             .await
-            .map_err(ctx("record the store binding"))?;
+            .map_err(ctx("record the volume's settings"))?;
         self.synced();
         Ok(())
     }
@@ -295,11 +307,7 @@ async fn move_allocator(
 impl Db {
     /// The lease epoch this database last held, `None` if it never held one.
     pub async fn lease_epoch(&self) -> Result<Option<u64>> {
-        let v: Option<String> =
-            sqlx::query_scalar("SELECT value FROM volume WHERE key = 'lease_epoch'")
-                .fetch_optional(&self.readers)
-                .await
-                .map_err(ctx("read the lease epoch"))?;
+        let v = self.volume_value("lease_epoch").await?;
         v.map(|v| {
             v.parse()
                 .map_err(|_| Error::Invalid(format!("lease epoch {v:?}")))
@@ -309,14 +317,7 @@ impl Db {
 
     /// Records that this database now holds the lease at `epoch`.
     pub async fn record_lease_epoch(&self, epoch: u64) -> Result<()> {
-        let mut w = self.write().await?;
-        sqlx::query("INSERT OR REPLACE INTO volume (key, value) VALUES ('lease_epoch', ?)")
-            .bind(epoch.to_string())
-            .execute(&mut *w)
-            .await
-            .map_err(ctx("record the lease epoch"))?;
-        self.synced();
-        Ok(())
+        self.set_volume_value("lease_epoch", &epoch.to_string()).await
     }
 
     /// How many objects the metadata says are in the store.
