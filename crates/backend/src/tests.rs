@@ -595,3 +595,44 @@ async fn a_release_racing_a_renewal_leaves_the_lease_released() {
         next.err().map(|e| e.to_string()).unwrap_or_default()
     );
 }
+
+#[tokio::test]
+async fn a_garbled_lease_is_refused_not_trusted() {
+    use crate::lease::{Holder, LeaseRequest};
+    use object_store::ObjectStoreExt;
+    let (backend, _faults) = faulty();
+    let request = LeaseRequest {
+        holder: Holder {
+            host: "h".to_owned(),
+            pid: 1,
+            data_dir: "/a".to_owned(),
+            boot_id: "boot".to_owned(),
+            db_file: Some((1, 1)),
+        },
+        ttl: Duration::from_secs(30),
+        force: true,
+        last_epoch: None,
+    };
+    // A lease object whose epoch would wrap object ids, under a name that does not match.
+    let key = Path::from("vol/lease/00000000000000000005");
+    backend
+        .store
+        .put(
+            &key,
+            object_store::PutPayload::from(
+                br#"{"epoch":18446744073709551615,"holder":{"host":"x","pid":2,"data_dir":"/x"},"since":"s","ttl_ms":1}"#
+                    .to_vec(),
+            ),
+        )
+        .await
+        .expect("plant");
+    match backend.acquire_lease(request).await {
+        Err(Error::BadRecord { key, reason }) => {
+            assert!(
+                key.ends_with("00000000000000000005") && reason.contains("epoch"),
+                "{reason}"
+            );
+        }
+        other => panic!("expected a refusal: {other:?}"),
+    }
+}

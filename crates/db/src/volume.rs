@@ -317,7 +317,8 @@ impl Db {
 
     /// Records that this database now holds the lease at `epoch`.
     pub async fn record_lease_epoch(&self, epoch: u64) -> Result<()> {
-        self.set_volume_value("lease_epoch", &epoch.to_string()).await
+        self.set_volume_value("lease_epoch", &epoch.to_string())
+            .await
     }
 
     /// How many objects the metadata says are in the store.

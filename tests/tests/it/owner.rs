@@ -11,7 +11,7 @@ use blockcache_backend::Backend;
 use blockcache_backend::faulty::Op;
 use blockcache_backend::format::{Compression, Key};
 use blockcache_db::Db;
-use blockcache_tests::{Env, data, text};
+use blockcache_tests::{Env, data, text, within};
 use object_store::local::LocalFileSystem;
 
 /// Another volume's database and cache directory under `env`'s directory, named `name`.
@@ -32,6 +32,22 @@ async fn open_at(db: &Path, config: Config, backend: Backend) -> blockcache::Res
 fn raw_backend(env: &Env) -> Backend {
     let local = LocalFileSystem::new_with_prefix(env.store_dir()).expect("store");
     Backend::new(Arc::new(local), object_store::path::Path::default())
+}
+
+/// Waits until `cache` stops writing to the store because its lease could not be renewed.
+async fn until_lease_lapsed(cache: &BlockCache) {
+    let lapsed = || {
+        cache
+            .lease_state()
+            .and_then(|(_, why)| why)
+            .is_some_and(|why| why.contains("could not be renewed"))
+    };
+    within("the lease to lapse", Duration::from_secs(30), async {
+        while !lapsed() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 fn refusal(result: blockcache::Result<BlockCache>) -> String {
@@ -478,7 +494,7 @@ async fn a_writer_that_cannot_renew_stops_before_another_takes_over() {
     // The first writer's store stops answering listings: it cannot renew its lease.
     env.faults.every_key(true);
     env.faults.fail_fraction(Op::List, 1.0);
-    tokio::time::sleep(ttl / 2 + Duration::from_millis(300)).await;
+    until_lease_lapsed(&first).await;
     first
         .write(1, 1, 0, &data(61, 1000))
         .await
@@ -674,7 +690,7 @@ async fn a_lapsed_lease_is_taken_again_once_the_store_answers() {
     cache.write(1, 0, 0, &data(80, 1000)).await.expect("write");
     env.faults.every_key(true);
     env.faults.fail_fraction(Op::List, 1.0);
-    tokio::time::sleep(ttl / 2 + Duration::from_millis(300)).await;
+    until_lease_lapsed(&cache).await;
     let err = cache.flush().await.expect_err("lapsed");
     assert!(
         blockcache_backend::chain(&err).contains("lease could not be renewed"),
@@ -703,8 +719,9 @@ async fn a_store_directory_that_went_away_gets_no_lease_writes_either() {
     cache.flush().await.expect("flush");
     let away = env.dir.path().join("store-away");
     std::fs::rename(env.store_dir(), &away).expect("move the store away");
-    // Renewals come and go (every half second), and shutdown releases the lease.
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Renewals come and go (every half second) until the lease lapses, and shutdown
+    // releases it.
+    until_lease_lapsed(&cache).await;
     cache.shutdown().await.expect("nothing was dirty");
     assert!(
         !env.store_dir().exists(),

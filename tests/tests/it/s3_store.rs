@@ -13,7 +13,7 @@ use blockcache_backend::{Backend, RetryPolicy};
 use blockcache_db::Db;
 use blockcache_tests::daemon::Launch;
 use blockcache_tests::moto::{self, Moto};
-use blockcache_tests::{data, test_seed};
+use blockcache_tests::{data, test_seed, within};
 
 const BUCKET: &str = "lib";
 
@@ -252,7 +252,16 @@ async fn sigkill_during_uploads_to_s3_loses_no_acknowledged_write() {
             let url = d.url("/v1/flush");
             tokio::spawn(async move { http.post(url).send().await })
         };
-        tokio::time::sleep(Duration::from_millis(30 + 40 * round)).await;
+        // Killed once a few uploads (more each round) are done and others under way.
+        let target = 1 + 3 * round;
+        within("uploads under way", Duration::from_secs(60), async {
+            while d.json("/v1/stats").await["counters"]["uploads"].as_u64() < Some(target)
+                && !flush.is_finished()
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
         d.kill9();
         let _ = flush.await;
     }

@@ -689,7 +689,11 @@ proptest! {
 #[allow(clippy::print_stdout)]
 fn measure() {
     let full = std::env::var_os("BLOCKCACHE_MEASURE_FORMAT").is_some();
-    let (size, n, rounds) = if full { (1 << 20, 16, 7) } else { (64 << 10, 1, 1) };
+    let (size, n, rounds) = if full {
+        (1 << 20, 16, 7)
+    } else {
+        (64 << 10, 1, 1)
+    };
     let datasets = [("text", text(size, 100)), ("random", random(size, 101))];
     let configs: [(&str, Compression, bool); 8] = [
         ("none", Compression::None, false),
