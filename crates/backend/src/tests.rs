@@ -613,14 +613,14 @@ async fn a_garbled_lease_is_refused_not_trusted() {
         force: true,
         last_epoch: None,
     };
-    // A lease object whose epoch would wrap object ids, under a name that does not match.
-    let key = Path::from("vol/lease/00000000000000000005");
+    // A lease object whose epoch is too large for object ids to carry it.
+    let key = Path::from("vol/lease/00000000001073741824");
     backend
         .store
         .put(
             &key,
             object_store::PutPayload::from(
-                br#"{"epoch":18446744073709551615,"holder":{"host":"x","pid":2,"data_dir":"/x"},"since":"s","ttl_ms":1}"#
+                br#"{"epoch":1073741824,"holder":{"host":"x","pid":2,"data_dir":"/x"},"since":"s","ttl_ms":1}"#
                     .to_vec(),
             ),
         )
