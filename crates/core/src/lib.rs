@@ -30,14 +30,16 @@ mod engine;
 mod error;
 mod key;
 mod keylock;
+mod metadata;
 mod namespace;
+pub mod restore;
 mod tasks;
 mod usage;
 mod volume;
 
 pub use cache::BlockCache;
 pub use config::{Config, Limits};
-pub use engine::{BlockHandle, Recovery};
+pub use engine::{BlockHandle, MetadataStatus, Recovery};
 pub use error::{Error, Result, UploadFailure};
 pub use key::BlockKey;
 pub use namespace::{

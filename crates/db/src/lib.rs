@@ -735,8 +735,13 @@ impl Db {
 
 mod batch;
 mod files;
+mod meta;
 mod volume;
 pub use files::{FileRow, MergeRow};
+pub use meta::{
+    Change, ChangeKey, DeltaRead, InodeRole, MetaRows, ObjectInfo, RestoreVolume, RestoredCounts,
+    ShippedBlock, ShippedFile, ShippedMerge, ShippedObject, SnapshotReader,
+};
 pub use volume::VolumeId;
 
 #[cfg(test)]

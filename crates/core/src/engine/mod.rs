@@ -15,6 +15,7 @@
 //! - `sync`: fsync of dirty blocks, hashing them meanwhile;
 //! - `flush`: commit and wait until the store holds everything;
 //! - `remove`: removing blocks and deleting released objects from the store;
+//! - `ship`: shipping the metadata to the store;
 //! - `recovery`: opening after a crash.
 //!
 //! The lock order and the invariants are written once, in ARCHITECTURE.md (*Locks*,
@@ -29,6 +30,7 @@ mod owner;
 mod recovery;
 mod remove;
 mod settle;
+mod ship;
 mod state;
 mod sync;
 mod upload;
@@ -54,6 +56,7 @@ pub(crate) use evict::is_full;
 pub use handle::BlockHandle;
 pub use recovery::Recovery;
 pub(crate) use remove::Removal;
+pub use ship::MetadataStatus;
 pub(crate) use state::InodeBlocks;
 pub(crate) use upload::{UploadJob, UploadOutcome, UploadSource, outcome_label, syncs_each_object};
 
@@ -131,6 +134,8 @@ pub(crate) struct Inner {
     uploads_in_flight: AtomicU64,
     /// Store deletions queued and not yet done, by ticket.
     removals: remove::Removals,
+    /// Shipping the metadata to the store.
+    shipping: ship::Shipping,
     counters: Counters,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -179,6 +184,7 @@ impl Inner {
             busy: watch::Sender::new(0),
             uploads_in_flight: AtomicU64::new(0),
             removals: remove::Removals::default(),
+            shipping: ship::Shipping::default(),
             counters: Counters::default(),
             cancel,
             tracker: TaskTracker::new(),

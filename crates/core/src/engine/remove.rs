@@ -33,6 +33,8 @@ pub(crate) struct Removals {
 struct Tickets {
     next: u64,
     pending: BTreeSet<u64>,
+    /// Deletions held back until the metadata that released them is shipped.
+    held: BTreeSet<u64>,
     /// Failed batches so far, and the last failure.
     failures: u64,
     last_error: Option<Error>,
@@ -55,9 +57,21 @@ impl Default for Removals {
 }
 
 impl Removals {
-    /// Deletions queued and not yet done.
+    /// Deletions queued and not yet done, held ones included.
     pub(crate) fn pending(&self) -> u64 {
-        self.tickets.borrow().pending.len() as u64
+        let t = self.tickets.borrow();
+        (t.pending.len() + t.held.len()) as u64
+    }
+
+    /// Deletions held back (see [`Inner::delete_objects`]): no flush waits for them.
+    fn hold(&self, batch: &[Removal]) {
+        self.tickets.send_modify(|t| {
+            for r in batch {
+                if t.pending.remove(&r.ticket) {
+                    t.held.insert(r.ticket);
+                }
+            }
+        });
     }
 
     fn take(&self, id: u64) -> Removal {
@@ -75,6 +89,7 @@ impl Removals {
         self.tickets.send_modify(|t| {
             for r in batch {
                 t.pending.remove(&r.ticket);
+                t.held.remove(&r.ticket);
             }
         });
     }
@@ -244,18 +259,35 @@ impl Inner {
 
     /// For the removal task: deletes a batch of released objects from the store, then
     /// forgets their pending deletions. On error nothing is forgotten and the batch is tried
-    /// again later.
-    pub(crate) async fn delete_objects(&self, removals: &[Removal]) -> Result<()> {
+    /// again later. Objects that the metadata in the store still names (their release is not
+    /// shipped yet: the file that held them is still being written or uploaded) are held
+    /// back and returned: their tickets are done (a flush does not wait for them), and the
+    /// removal task tries them again after the next round of shipping.
+    pub(crate) async fn delete_objects(&self, removals: &[Removal]) -> Result<Vec<Removal>> {
         let mut ids: Vec<u64> = removals.iter().map(|r| r.id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let batch = &ids[..];
         // An object released while its upload runs must not be deleted before the upload
         // ends, or the upload would recreate it.
-        for &id in batch {
+        for &id in &ids {
             if let Some(done) = self.upload_of(id) {
                 let _ = wait_done(done).await;
             }
+        }
+        // No round of shipping runs meanwhile: one could ship a mapping to an object read
+        // before its release and deleted here.
+        let _shipping = self.hold_shipping().await;
+        let named = self.db.shipped_among(&ids).await?;
+        let (held, removals): (Vec<Removal>, Vec<Removal>) =
+            removals.iter().partition(|r| named.contains(&r.id));
+        if !held.is_empty() {
+            self.removals.hold(&held);
+        }
+        ids.retain(|id| !named.contains(id));
+        let batch = &ids[..];
+        if batch.is_empty() {
+            self.removals.done(&removals);
+            return Ok(held);
         }
         let deleted = async {
             // The release of an object may be a block commit that is not durable yet: after a
@@ -277,7 +309,7 @@ impl Inner {
         match &deleted {
             Ok(()) => {
                 Counters::add(&self.counters.deletes, batch.len() as u64);
-                self.removals.done(removals);
+                self.removals.done(&removals);
                 self.progress.notify_waiters();
             }
             Err(error) => {
@@ -285,6 +317,6 @@ impl Inner {
                 self.removals.failed(error);
             }
         }
-        deleted
+        deleted.map(|()| held)
     }
 }
