@@ -79,6 +79,8 @@ pub struct MetadataStatus {
     pub bytes_written: u64,
     /// Bytes written by the last round.
     pub last_round_bytes: u64,
+    /// Time spent in rounds since start.
+    pub ship_time: Duration,
     /// The last round's failure, until a round succeeds.
     pub last_error: Option<String>,
 }
@@ -94,6 +96,7 @@ struct ShipStatus {
     objects: u64,
     bytes: u64,
     last_round_bytes: u64,
+    ship_time: Duration,
     last_error: Option<String>,
 }
 
@@ -216,9 +219,11 @@ impl Inner {
     /// dropped midway leaves the store with a complete generation, and its work is redone.
     pub(crate) async fn ship_metadata(self: &Arc<Self>) -> Result<()> {
         let mut state = self.shipping.round.lock().await;
+        let started = Instant::now();
         let result = self.ship_round(&mut state).await;
         {
             let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+            st.ship_time += started.elapsed();
             match &result {
                 Ok(round) => {
                     st.objects += round.objects;
@@ -274,6 +279,7 @@ impl Inner {
             objects_written: st.objects,
             bytes_written: st.bytes,
             last_round_bytes: st.last_round_bytes,
+            ship_time: st.ship_time,
             last_error: st.last_error.clone(),
         })
     }
