@@ -147,14 +147,14 @@ async fn upload_worker(
 async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
     let cancel = inner.cancel_token().clone();
     let mut retry: Vec<Removal> = Vec::new();
-    let mut held: Vec<Removal> = Vec::new();
-    // Whether `retry` holds deletions tried again right after a round of shipping.
+    // Whether `retry` holds deletions tried again after a round of shipping.
     let mut after_ship = false;
     let mut failures = 0u32;
     let mut rounds = inner.ship_rounds();
     loop {
         let shipped_just_now = std::mem::take(&mut after_ship);
         let mut batch = std::mem::take(&mut retry);
+        let mut from_held = shipped_just_now;
         if batch.is_empty() {
             tokio::select! {
                 biased;
@@ -163,11 +163,12 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
                     Some(id) => batch.push(id),
                     None => return,
                 },
-                changed = rounds.changed(), if !held.is_empty() => {
+                changed = rounds.changed(), if inner.removals().has_held() => {
                     if changed.is_err() {
                         return;
                     }
-                    batch = std::mem::take(&mut held);
+                    batch = inner.removals().requeue();
+                    from_held = true;
                 }
             }
         }
@@ -180,16 +181,15 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
         match inner.delete_objects(&batch).await {
             Ok(kept) => {
                 failures = 0;
-                if !kept.is_empty() {
+                if kept.is_empty() {
+                } else if !from_held && inner.ship_metadata().await.is_ok() {
                     // Ship what released them, then try them once more; what is still
-                    // named waits for the next round.
-                    if !shipped_just_now && inner.ship_metadata().await.is_ok() {
-                        rounds.borrow_and_update();
-                        retry = kept;
-                        after_ship = true;
-                    } else {
-                        held.extend(kept);
-                    }
+                    // named then waits for the next round.
+                    rounds.borrow_and_update();
+                    retry = kept;
+                    after_ship = true;
+                } else {
+                    inner.removals().hold(&kept);
                 }
             }
             Err(error) => {
@@ -202,6 +202,7 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
                     ),
                 );
                 retry = batch;
+                after_ship = shipped_just_now;
                 // No longer than the store's retry interval: its deletions follow soon after
                 // it is back. A flush wakes this task at once.
                 let delay = Duration::from_millis(100u64 << failures.min(8)).min(

@@ -16,6 +16,7 @@ mod daemon_volume;
 mod faults;
 mod lifecycle;
 mod links;
+mod metadata;
 mod model;
 mod namespace;
 mod owner;

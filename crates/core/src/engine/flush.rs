@@ -37,6 +37,8 @@ impl Inner {
         match removals {
             Some(mark) => {
                 self.ship_metadata().await?;
+                // Deletions held back for what this round shipped go now.
+                self.retry_held_removals().await?;
                 self.removals.retry_now();
                 self.removals.wait(mark).await
             }

@@ -264,6 +264,11 @@ impl Inner {
         self.removals.pending()
     }
 
+    /// The store deletions queued and held back.
+    pub(crate) fn removals(&self) -> &remove::Removals {
+        &self.removals
+    }
+
     /// Notified when a flush wants the removal task to retry a failed batch at once.
     pub(crate) fn removal_retry(&self) -> &Notify {
         self.removals.retry_requested()

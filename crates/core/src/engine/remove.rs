@@ -35,6 +35,7 @@ struct Tickets {
     pending: BTreeSet<u64>,
     /// Deletions held back until the metadata that released them is shipped.
     held: BTreeSet<u64>,
+    held_list: Vec<Removal>,
     /// Failed batches so far, and the last failure.
     failures: u64,
     last_error: Option<Error>,
@@ -63,15 +64,40 @@ impl Removals {
         (t.pending.len() + t.held.len()) as u64
     }
 
-    /// Deletions held back (see [`Inner::delete_objects`]): no flush waits for them.
-    fn hold(&self, batch: &[Removal]) {
+    /// Deletions held back now.
+    pub(crate) fn held(&self) -> u64 {
+        self.tickets.borrow().held.len() as u64
+    }
+
+    /// Holds deletions back until a round of shipping (see [`Inner::delete_objects`]): no
+    /// flush waits for them meanwhile.
+    pub(crate) fn hold(&self, batch: &[Removal]) {
         self.tickets.send_modify(|t| {
             for r in batch {
-                if t.pending.remove(&r.ticket) {
-                    t.held.insert(r.ticket);
+                if t.pending.remove(&r.ticket) && t.held.insert(r.ticket) {
+                    t.held_list.push(*r);
                 }
             }
         });
+    }
+
+    /// Whether deletions are held back.
+    pub(crate) fn has_held(&self) -> bool {
+        !self.tickets.borrow().held_list.is_empty()
+    }
+
+    /// Takes the held deletions to try again: they are pending again (flushes wait for
+    /// them) and the caller deletes them or holds them back again.
+    pub(crate) fn requeue(&self) -> Vec<Removal> {
+        let mut out = Vec::new();
+        self.tickets.send_modify(|t| {
+            out = std::mem::take(&mut t.held_list);
+            for r in &out {
+                t.held.remove(&r.ticket);
+                t.pending.insert(r.ticket);
+            }
+        });
+        out
     }
 
     fn take(&self, id: u64) -> Removal {
@@ -138,6 +164,30 @@ impl Removals {
 }
 
 impl Inner {
+    /// For a flush, after a round of shipping: tries the held deletions again at once (as
+    /// a task of the engine, so a flush that gives up leaves none half-taken), holding back
+    /// those still named. Fails with the store's error if the deletion fails.
+    pub(crate) async fn retry_held_removals(self: &Arc<Self>) -> Result<()> {
+        if !self.removals.has_held() {
+            return Ok(());
+        }
+        let inner = Arc::clone(self);
+        detached(self, async move {
+            let again = inner.removals.requeue();
+            match inner.delete_objects(&again).await {
+                Ok(kept) => {
+                    inner.removals.hold(&kept);
+                    Ok(())
+                }
+                Err(e) => {
+                    inner.removals.hold(&again);
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
     /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
     /// and releases their objects. Runs as a task of the engine, so a caller that gives up
     /// does not leave blocks dropped from the cache but still mapped.
@@ -260,9 +310,9 @@ impl Inner {
     /// For the removal task: deletes a batch of released objects from the store, then
     /// forgets their pending deletions. On error nothing is forgotten and the batch is tried
     /// again later. Objects that the metadata in the store still names (their release is not
-    /// shipped yet: the file that held them is still being written or uploaded) are held
-    /// back and returned: their tickets are done (a flush does not wait for them), and the
-    /// removal task tries them again after the next round of shipping.
+    /// shipped yet: the file that held them is still being written or uploaded) are not
+    /// deleted but returned, their tickets still pending: the caller holds them back
+    /// ([`Removals::hold`]) or tries again after a round of shipping.
     pub(crate) async fn delete_objects(&self, removals: &[Removal]) -> Result<Vec<Removal>> {
         let mut ids: Vec<u64> = removals.iter().map(|r| r.id).collect();
         ids.sort_unstable();
@@ -280,9 +330,6 @@ impl Inner {
         let named = self.db.shipped_among(&ids).await?;
         let (held, removals): (Vec<Removal>, Vec<Removal>) =
             removals.iter().partition(|r| named.contains(&r.id));
-        if !held.is_empty() {
-            self.removals.hold(&held);
-        }
         ids.retain(|id| !named.contains(id));
         let batch = &ids[..];
         if batch.is_empty() {

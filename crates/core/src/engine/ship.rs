@@ -81,6 +81,9 @@ pub struct MetadataStatus {
     pub last_round_bytes: u64,
     /// Time spent in rounds since start.
     pub ship_time: Duration,
+    /// Store deletions held back because the metadata in the store still names their
+    /// objects (their files' new state is not shipped yet).
+    pub held_deletions: u64,
     /// The last round's failure, until a round succeeds.
     pub last_error: Option<String>,
 }
@@ -280,6 +283,7 @@ impl Inner {
             bytes_written: st.bytes,
             last_round_bytes: st.last_round_bytes,
             ship_time: st.ship_time,
+            held_deletions: self.removals.held(),
             last_error: st.last_error.clone(),
         })
     }
