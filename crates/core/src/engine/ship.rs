@@ -24,11 +24,26 @@ use crate::metadata::{
 };
 use crate::{Error, Result};
 
-/// A new snapshot is written after this many deltas.
-const SNAPSHOT_AFTER_DELTAS: u64 = 64;
+/// A new snapshot is written after this many deltas (a restore reads at most this many).
+const SNAPSHOT_AFTER_DELTAS: u64 = 1024;
 
-/// A new snapshot is written once the last is this old, if deltas were shipped since.
-const SNAPSHOT_AFTER: Duration = Duration::from_secs(3600);
+/// A new snapshot is written once the last is this old, if the deltas since hold at least a
+/// sixteenth of its bytes...
+const SNAPSHOT_HOURLY: Duration = Duration::from_secs(3600);
+
+/// ... and once it is this old, if any delta was shipped since.
+const SNAPSHOT_DAILY: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether a new snapshot is due: the deltas since the last one (`deltas`, of `delta_bytes`)
+/// hold as many bytes as it does (so what snapshots cost stays in proportion to what
+/// changed), or are many, or it is old.
+fn snapshot_due(deltas: u64, delta_bytes: u64, snapshot_bytes: u64, age: Duration) -> bool {
+    deltas > 0
+        && (deltas >= SNAPSHOT_AFTER_DELTAS
+            || delta_bytes >= snapshot_bytes.max(1 << 20)
+            || (age >= SNAPSHOT_HOURLY && delta_bytes >= snapshot_bytes / 16)
+            || age >= SNAPSHOT_DAILY)
+}
 
 /// Shipping's state: rounds run one at a time under `round`.
 #[derive(Debug)]
@@ -93,6 +108,9 @@ struct ShipStatus {
     generation: Option<u64>,
     deltas: u64,
     snapshot_at: Option<Instant>,
+    /// Bytes of the current generation's snapshot, and of its deltas so far.
+    snapshot_bytes: u64,
+    delta_bytes: u64,
     /// When the last round ended that left nothing behind.
     caught_up: Option<Instant>,
     deferred: u64,
@@ -119,6 +137,34 @@ fn group_of(read: &DeltaRead, inode: u64) -> Option<u64> {
         Some(InodeRole::Live) | None => Some(inode),
         Some(InodeRole::Staging { target }) => Some(*target),
         Some(InodeRole::Other) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_cost_in_proportion_to_changes() {
+        let hour = Duration::from_secs(3600);
+        // Nothing shipped since: never.
+        assert!(!snapshot_due(0, 0, 100, 10 * SNAPSHOT_DAILY));
+        // Small deltas of a large snapshot: not before a day, unless many.
+        assert!(!snapshot_due(10, 10_000, 50 << 20, 2 * hour));
+        assert!(snapshot_due(10, 10_000, 50 << 20, SNAPSHOT_DAILY));
+        assert!(snapshot_due(
+            SNAPSHOT_AFTER_DELTAS,
+            10_000,
+            50 << 20,
+            hour / 2
+        ));
+        // Deltas as large as the snapshot: at once.
+        assert!(snapshot_due(3, 50 << 20, 50 << 20, Duration::ZERO));
+        // A sixteenth after an hour.
+        assert!(snapshot_due(3, 4 << 20, 50 << 20, 2 * hour));
+        assert!(!snapshot_due(3, 2 << 20, 50 << 20, 2 * hour));
+        // A small volume is not snapshotted for every delta.
+        assert!(!snapshot_due(5, 500, 100, Duration::ZERO));
     }
 }
 
@@ -307,6 +353,18 @@ impl Inner {
                 .map_err(store_error("list the metadata in the store"))?;
             position = self.check_position(&volume, position, &listing).await?;
             state.checked = true;
+            if let Some((generation, _)) = position {
+                let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+                for m in listing
+                    .iter()
+                    .filter(|m| m.object.generation() == generation)
+                {
+                    match m.object {
+                        MetaObject::Delta { .. } => st.delta_bytes += m.size,
+                        _ => st.snapshot_bytes += m.size,
+                    }
+                }
+            }
         }
         let (generation, mut seq) = match position {
             Some(p) => p,
@@ -321,15 +379,16 @@ impl Inner {
         seq = self
             .ship_deltas(&volume, generation, seq, &mut round)
             .await?;
-        let snapshot_due = {
+        let due = {
             let st = self.shipping.status.lock().expect("status mutex poisoned");
-            seq >= SNAPSHOT_AFTER_DELTAS
-                || (seq > 0
-                    && st
-                        .snapshot_at
-                        .is_some_and(|t| t.elapsed() >= SNAPSHOT_AFTER))
+            snapshot_due(
+                seq,
+                st.delta_bytes,
+                st.snapshot_bytes,
+                st.snapshot_at.map_or(Duration::ZERO, |t| t.elapsed()),
+            )
         };
-        if snapshot_due {
+        if due {
             self.write_snapshot(&volume, &mut round).await?;
         }
         Ok(round)
@@ -466,6 +525,8 @@ impl Inner {
                     Ok(n) => {
                         round.objects += 1;
                         round.bytes += n;
+                        let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+                        st.delta_bytes += n;
                     }
                     Err(blockcache_backend::Error::Collision { .. }) => {
                         // Written by this volume before a stop, and not recorded: adopt it and
@@ -507,6 +568,7 @@ impl Inner {
             + 1;
         let mut reader = self.db.snapshot_reader().await?;
         let (mut parts, mut files, mut blocks) = (0u32, 0u64, 0u64);
+        let bytes_before = round.bytes;
         while let Some(rows) = reader.next_part(PART_ROWS).await? {
             files += rows.files.len() as u64;
             blocks += rows.blocks.len() as u64;
@@ -557,6 +619,8 @@ impl Inner {
             st.generation = Some(generation);
             st.deltas = 0;
             st.snapshot_at = Some(Instant::now());
+            st.snapshot_bytes = round.bytes - bytes_before;
+            st.delta_bytes = 0;
         }
         tracing::info!(
             generation,
