@@ -217,6 +217,13 @@ impl BlockCache {
         self.inner.metadata_status().await
     }
 
+    /// The metadata objects in the store that cannot be used (every complete generation is
+    /// read and decoded), each with why.
+    pub async fn check_metadata(&self) -> Result<Vec<String>> {
+        let volume = self.inner.db().volume_id().await?.id;
+        crate::restore::check_generations(self.inner.backend(), &volume).await
+    }
+
     /// Ships the metadata changed since the last round to the store now (a flush also does,
     /// after uploading every dirty block).
     pub async fn ship_metadata(&self) -> Result<()> {

@@ -425,3 +425,66 @@ async fn missing(db: &Db, backend: &Backend) -> Result<(Vec<u64>, Vec<String>)> 
     };
     Ok((missing, files))
 }
+
+/// Reads every metadata object of every complete generation in the store (with `backend`'s
+/// format: the volume's key) and says which cannot be used, and why. For `check`.
+pub async fn check_generations(backend: &Backend, volume: &str) -> Result<Vec<String>> {
+    let listing = backend
+        .list_meta()
+        .await
+        .map_err(store_error("list the metadata in the store"))?;
+    let mut problems = Vec::new();
+    for info in generations(&listing) {
+        let generation = info.generation;
+        if !info.complete {
+            continue;
+        }
+        let manifest_object = MetaObject::Manifest { generation };
+        let manifest: ManifestDoc = match read_doc(backend, manifest_object).await {
+            Ok(m) => m,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        if let Err(e) = check_doc(manifest.version, &manifest.volume, volume) {
+            problems.push(bad(manifest_object, e).to_string());
+            continue;
+        }
+        for part in 0..manifest.parts {
+            let object = MetaObject::Part { generation, part };
+            match read_doc::<PartDoc>(backend, object).await {
+                Ok(doc) => {
+                    if let Err(e) = check_doc(doc.version, &doc.volume, volume) {
+                        problems.push(bad(object, e).to_string());
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        let mut expected = 1;
+        for m in &listing {
+            let MetaObject::Delta { generation: g, seq } = m.object else {
+                continue;
+            };
+            if g != generation {
+                continue;
+            }
+            if seq != expected {
+                problems.push(format!(
+                    "delta {expected} of generation {generation} is missing from the store"
+                ));
+            }
+            expected = seq + 1;
+            match read_doc::<DeltaDoc>(backend, m.object).await {
+                Ok(doc) => {
+                    if let Err(e) = check_doc(doc.version, &doc.volume, volume) {
+                        problems.push(bad(m.object, e).to_string());
+                    }
+                }
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+    }
+    Ok(problems)
+}

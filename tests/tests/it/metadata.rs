@@ -298,3 +298,30 @@ async fn a_restore_refuses_a_used_database_and_a_held_lease() {
         other => panic!("restore into a used database: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_metadata_names_an_object_that_does_not_decode() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "a", b"one", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    put(&ns1, "b", b"two", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    assert_eq!(
+        ns1.cache().check_metadata().await.expect("check"),
+        Vec::<String>::new()
+    );
+    let delta = env
+        .store_dir()
+        .join("meta/0000000001/delta-00000000000000000002");
+    let mut bytes = std::fs::read(&delta).expect("delta");
+    bytes.truncate(bytes.len() / 2);
+    std::fs::write(&delta, bytes).expect("truncate");
+    let problems = ns1.cache().check_metadata().await.expect("check");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("0000000001/delta-00000000000000000002"),
+        "{problems:?}"
+    );
+    ns1.shutdown().await.expect("shutdown");
+}
