@@ -354,15 +354,21 @@ impl Inner {
             position = self.check_position(&volume, position, &listing).await?;
             state.checked = true;
             if let Some((generation, _)) = position {
-                let mut st = self.shipping.status.lock().expect("status mutex poisoned");
-                for m in listing
-                    .iter()
-                    .filter(|m| m.object.generation() == generation)
                 {
-                    match m.object {
-                        MetaObject::Delta { .. } => st.delta_bytes += m.size,
-                        _ => st.snapshot_bytes += m.size,
+                    let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+                    for m in listing
+                        .iter()
+                        .filter(|m| m.object.generation() == generation)
+                    {
+                        match m.object {
+                            MetaObject::Delta { .. } => st.delta_bytes += m.size,
+                            _ => st.snapshot_bytes += m.size,
+                        }
                     }
+                }
+                // A removal of old generations that a stop interrupted is finished now.
+                if let Err(error) = self.prune_generations(generation).await {
+                    tracing::warn!(error = %blockcache_backend::chain(&error), "removing old metadata generations failed; will retry after the next snapshot");
                 }
             }
         }
