@@ -9,7 +9,7 @@ use std::time::Duration;
 use blockcache::restore::{RestoreOptions, RestoreReport, restore};
 use blockcache::{BlockCache, Config, Durability, Error, Namespace};
 use blockcache_db::Db;
-use blockcache_tests::{Env, WAIT, data, within};
+use blockcache_tests::{Env, WAIT, data, files_under, within};
 
 const MAX: u64 = 1 << 30;
 
@@ -324,4 +324,58 @@ async fn check_metadata_names_an_object_that_does_not_decode() {
         "{problems:?}"
     );
     ns1.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_generations_go_after_their_keeping_time_but_the_two_newest_stay() {
+    let env = Env::new();
+    let keep_none = Config {
+        metadata_keep: Duration::ZERO,
+        ..env.config()
+    };
+    let ns1 = ns(env.open_with(keep_none.clone()).await).await;
+    put(&ns1, "a", b"one", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    ns1.shutdown().await.expect("shutdown");
+    // Leftovers of a snapshot that stopped before its manifest.
+    let stray = env.store_dir().join("meta/0000000000");
+    std::fs::create_dir_all(&stray).expect("stray dir");
+    std::fs::write(stray.join("part-000000"), b"half a snapshot").expect("stray part");
+    // Each restored volume writes a new generation at its first round.
+    let mut last = None;
+    for (i, dir) in ["second", "third"].into_iter().enumerate() {
+        let dir = env.dir.path().join(dir);
+        restore_into(&env, &dir, false).await.expect("restore");
+        let ns = open_restored(&env, &dir, keep_none.clone()).await;
+        put(&ns, &format!("f{i}"), b"more", Durability::Local).await;
+        ns.flush().await.expect("flush");
+        last = ns
+            .cache()
+            .metadata_status()
+            .await
+            .expect("status")
+            .generation;
+        ns.shutdown().await.expect("shutdown");
+    }
+    assert_eq!(last, Some(3));
+    // Generations that still have objects (a file store leaves empty directories behind).
+    let meta = env.store_dir().join("meta");
+    let generations: Vec<String> = files_under(&meta)
+        .into_iter()
+        .map(|f| {
+            let rel = f.strip_prefix(&meta).expect("under meta");
+            rel.iter()
+                .next()
+                .expect("generation")
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    assert_eq!(generations, vec!["0000000002", "0000000003"]);
+    let dir = env.dir.path().join("fourth");
+    let report = restore_into(&env, &dir, false).await.expect("restore");
+    assert_eq!(report.generation, 3, "{report:?}");
+    assert_eq!(report.counts.files, 3, "{report:?}");
 }
