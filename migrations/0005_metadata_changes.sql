@@ -60,6 +60,7 @@ CREATE TABLE shipped_objects (
     length      INTEGER NOT NULL,
     stored_size INTEGER
 );
+CREATE INDEX shipped_objects_by_hash ON shipped_objects (hash);
 
 -- A volume from before shipping: everything it holds is to be shipped.
 INSERT INTO meta_changes (kind, a, b, name, seq, last) SELECT 1, 0, 0, name, 1, 1 FROM files;
