@@ -16,7 +16,7 @@ use crate::{
 };
 
 /// A JSON array of arrays of integers: `[[1,2],[3,4]]`.
-fn json_rows<const N: usize>(rows: impl IntoIterator<Item = [i64; N]>) -> String {
+pub(crate) fn json_rows<const N: usize>(rows: impl IntoIterator<Item = [i64; N]>) -> String {
     let mut out = String::from("[");
     for (i, row) in rows.into_iter().enumerate() {
         if i > 0 {

@@ -734,8 +734,10 @@ impl Db {
 }
 
 mod batch;
+mod check;
 mod files;
 mod volume;
+pub use check::{BlockRef, CheckedObject, RefcountMismatch};
 pub use files::{FileRow, MergeRow};
 pub use volume::VolumeId;
 
