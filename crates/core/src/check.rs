@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use blockcache_db::{BlockRef, ObjectState};
 use futures::{StreamExt, TryStreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::{BlockCache, BlockKey, Error, Result};
@@ -57,7 +57,7 @@ impl Default for CheckOptions {
 }
 
 /// Bytes of a file (or, for blocks no file names, of an inode) that a broken object holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BrokenRange {
     /// The file's name, if the inode is a file's.
     pub file: Option<String>,
@@ -72,7 +72,7 @@ pub struct BrokenRange {
 }
 
 /// An object that blocks map to and whose upload was confirmed, but the store lacks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MissingInStore {
     /// The object.
     pub id: u64,
@@ -85,7 +85,7 @@ pub struct MissingInStore {
 }
 
 /// An object in the store that no row names and no pending deletion will delete.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeakedObject {
     /// The object id (from its key).
     pub id: u64,
@@ -100,7 +100,7 @@ pub struct LeakedObject {
 }
 
 /// An object whose refcount is not the number of blocks mapping to it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefcountProblem {
     /// The object.
     pub id: u64,
@@ -113,7 +113,7 @@ pub struct RefcountProblem {
 }
 
 /// An object the store holds, but not as it was uploaded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DamagedObject {
     /// The object.
     pub id: u64,
@@ -128,7 +128,7 @@ pub struct DamagedObject {
 }
 
 /// A cache file (or an entry of the engine) that does not fit the rest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CacheProblem {
     /// The file.
     pub path: String,
@@ -143,7 +143,7 @@ pub struct CacheProblem {
 }
 
 /// What [`BlockCache::check`] found and did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckReport {
     /// Whether nothing found is left unfixed ([`CheckReport::is_consistent`]).
     pub consistent: bool,

@@ -6,6 +6,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod check;
 mod client;
 mod connections;
 mod error;
@@ -59,6 +60,16 @@ enum Command {
         /// Only this file
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Compare the database, the store and the cache (through the running daemon, or on the
+    /// stopped volume); exit 0 when consistent, 1 when not, 2 on error.
+    Check {
+        #[command(flatten)]
+        args: check::CheckArgs,
+        #[command(flatten)]
+        settings: Settings,
+        #[command(flatten)]
+        file: SettingsFile,
     },
     /// Upload dirty data, then empty the cache of a running daemon.
     DropCache(client::Target),
@@ -114,6 +125,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Check { args, settings, .. } = cli.command {
+        let code = runtime.block_on(check::run(settings, args));
+        runtime.shutdown_background();
+        return code;
+    }
     let result = runtime.block_on(async move {
         let client = match cli.command {
             Command::Serve { settings, .. } => {
@@ -131,6 +147,7 @@ fn main() -> ExitCode {
             Command::Get { target, name, file } => client::get(target, name, file).await,
             Command::Rm { target, name } => client::rm(target, name).await,
             Command::Ls { target, prefix } => client::ls(target, prefix).await,
+            Command::Check { .. } => unreachable!("handled above"),
         };
         client.map_err(Failure::Client)
     });
