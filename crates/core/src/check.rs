@@ -698,15 +698,18 @@ impl BlockCache {
             }
         }
         let mut uploaded = Vec::new();
+        let mut fixed = HashSet::new();
         let broken: Vec<(u64, bool)> = report
             .missing
             .iter()
             .map(|m| (m.id, false))
             .chain(report.damaged.iter().map(|d| (d.id, true)))
             .collect();
-        let mut fixed = HashSet::new();
         for (id, replace) in broken {
             let Some(row) = db.object(id).await? else {
+                // Released meanwhile (by the refcount rebuild, or a removal): nothing
+                // references it any more.
+                fixed.insert(id);
                 continue;
             };
             let Some(hash) = row.hash else {
