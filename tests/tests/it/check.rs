@@ -259,6 +259,26 @@ async fn altered_bytes_are_found_only_when_verifying_and_replaced_from_the_cache
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifying_keeps_to_its_rate() {
+    let env = Env::new();
+    let ns = volume_with(&env, "paced", &data(13, 3 * BS)).await;
+    // Three objects of 1 KiB at 2 KiB/s: the third download starts a second after the first.
+    let started = std::time::Instant::now();
+    let r = check(
+        ns.cache(),
+        CheckOptions {
+            verify_rate: 2 * BS as u64,
+            ..verify()
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    assert!(r.is_consistent() && r.verified_objects == 3, "{r}");
+    assert!(took >= Duration::from_secs(1), "3 KiB verified in {took:?}");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_refcounts_are_rebuilt_in_one_transaction() {
     let env = Env::new();
     let cache = env.open().await;
@@ -379,6 +399,21 @@ async fn cli_through_the_daemon_finds_corruption_with_verify_data_and_leaks_and_
     let (code, out, err) = cli(d.addr(), dir.path(), &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("consistent: no problems found"), "{out}");
+    assert!(!err.contains("no volume"), "went through the daemon: {err}");
+    let v = d.post("/v1/check?verify_data=1").await;
+    assert_eq!(
+        (v["consistent"].as_bool(), v["verified_objects"].as_u64()),
+        (Some(true), Some(4)),
+        "{v}"
+    );
+    for bad in [
+        "/v1/check?repair=yes",
+        "/v1/check?grace=soon",
+        "/v1/check?deep=1",
+    ] {
+        let r = d.http.post(d.url(bad)).send().await.expect("POST");
+        assert_eq!(r.status().as_u16(), 400, "{bad}");
+    }
 
     // An object's bytes altered in place (same size): zstd-framed, so it no longer decodes.
     let objects = object_files(dir.path());
