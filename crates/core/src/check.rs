@@ -99,7 +99,8 @@ pub struct LeakedObject {
     pub fixed: bool,
 }
 
-/// An object whose refcount is not the number of blocks mapping to it.
+/// An object whose refcount is not the number of blocks mapping to it, or a row no block
+/// maps to (`mappings` 0).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefcountProblem {
     /// The object.
@@ -297,14 +298,24 @@ impl fmt::Display for CheckReport {
             )?;
         }
         for r in &self.refcounts {
-            writeln!(
-                f,
-                "refcount of object {} is {} but {} blocks map to it{}",
-                r.id,
-                r.refcount,
-                r.mappings,
-                fixed_word(r.fixed, repair)
-            )?;
+            if r.mappings == 0 {
+                writeln!(
+                    f,
+                    "object {} has a row (refcount {}) but no block maps to it{}",
+                    r.id,
+                    r.refcount,
+                    fixed_word(r.fixed, repair)
+                )?;
+            } else {
+                writeln!(
+                    f,
+                    "refcount of object {} is {} but {} blocks map to it{}",
+                    r.id,
+                    r.refcount,
+                    r.mappings,
+                    fixed_word(r.fixed, repair)
+                )?;
+            }
         }
         for c in &self.cache {
             writeln!(

@@ -292,7 +292,7 @@ pub async fn check(
 ) -> Result<Option<blockcache::CheckReport>, String> {
     let c = Client::at(endpoint.clone());
     let mut query = vec![
-        ("grace", args.grace.as_secs().to_string()),
+        ("grace", humantime::format_duration(args.grace).to_string()),
         ("verify_rate", args.verify_rate.0.to_string()),
     ];
     if args.repair {

@@ -21,7 +21,8 @@ pub struct CheckedObject {
     pub stored_size: Option<u64>,
 }
 
-/// An object whose refcount is not the number of blocks that map to it.
+/// An object whose refcount is not the number of blocks that map to it, or a row that no
+/// block maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RefcountMismatch {
     /// Object id.
@@ -78,7 +79,8 @@ impl Db {
             .collect()
     }
 
-    /// Objects whose refcount differs from the number of blocks mapping to them.
+    /// Objects whose refcount differs from the number of blocks mapping to them, and rows
+    /// that no block maps to (whatever their refcount).
     pub async fn refcount_mismatches(&self) -> Result<Vec<RefcountMismatch>> {
         let rows: Vec<(i64, i64, i64)> = sqlx::query_as(MISMATCHES)
             .fetch_all(&self.readers)
@@ -287,11 +289,13 @@ impl Db {
     }
 }
 
-/// Objects whose refcount differs from their mappings: `(id, refcount, mappings)`.
+/// Objects whose refcount differs from their mappings, and rows no block maps to (a row is
+/// deleted when its last mapping goes): `(id, refcount, mappings)`.
 const MISMATCHES: &str = "SELECT o.id, o.refcount, \
         (SELECT count(*) FROM blocks b WHERE b.obj_id = o.id) AS n \
      FROM objects o \
      WHERE o.refcount != (SELECT count(*) FROM blocks b WHERE b.obj_id = o.id) \
+        OR NOT EXISTS (SELECT 1 FROM blocks b WHERE b.obj_id = o.id) \
      ORDER BY o.id";
 
 fn mismatch((id, refcount, mappings): (i64, i64, i64)) -> Result<RefcountMismatch> {

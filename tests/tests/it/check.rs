@@ -306,6 +306,15 @@ async fn wrong_refcounts_are_rebuilt_in_one_transaction() {
         .execute(&mut c)
         .await
         .expect("an unreferenced row");
+        // And one whose refcount even says so, which no row may be.
+        sqlx::query(
+            "INSERT INTO objects (id, hash, refcount, length, stored_size, state) \
+             VALUES (?, NULL, 0, 3, NULL, 'failed')",
+        )
+        .bind(id as i64 + 78)
+        .execute(&mut c)
+        .await
+        .expect("a row at refcount 0");
         c.close().await.expect("close");
     }
     let cache = env.open().await;
@@ -315,7 +324,8 @@ async fn wrong_refcounts_are_rebuilt_in_one_transaction() {
         .iter()
         .map(|p| (p.id, p.refcount, p.mappings))
         .collect();
-    assert_eq!(found, [(id, 5, 2), (id + 77, 1, 0)], "{r}");
+    assert_eq!(found, [(id, 5, 2), (id + 77, 1, 0), (id + 78, 0, 0)], "{r}");
+    assert!(r.to_string().contains("but no block maps to it"), "{r}");
     assert!(!r.is_consistent(), "{r}");
     assert!(cache.check_invariants().await.is_err());
     let r = check(&cache, repair(opts())).await;
