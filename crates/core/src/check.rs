@@ -336,21 +336,24 @@ impl fmt::Display for CheckReport {
                 self.unreferenced_young
             )?;
         }
-        let found = self.problems();
-        if found == 0 {
+        let found = match self.problems() {
+            1 => "1 problem".to_owned(),
+            n => format!("{n} problems"),
+        };
+        if self.problems() == 0 && self.is_consistent() {
             write!(f, "consistent: no problems found")
         } else if self.is_consistent() {
-            write!(f, "consistent: {found} problems found, all fixed")
+            write!(f, "consistent: {found} found, all fixed")
         } else if repair {
             write!(
                 f,
-                "NOT consistent: {found} problems found, {} not fixed",
-                self.unfixed()
+                "NOT consistent: {found} found, {} not fixed",
+                self.unfixed() + self.repair_errors.len()
             )
         } else {
             write!(
                 f,
-                "NOT consistent: {found} problems found (--repair fixes what can be fixed without losing data)"
+                "NOT consistent: {found} found (--repair fixes what can be fixed without losing data)"
             )
         }
     }
