@@ -471,13 +471,22 @@ impl BlockCache {
             })
             .collect();
 
-        // Listed, no row, no pending deletion: old enough, and still there, is a leak.
-        let now = SystemTime::now();
+        // Listed, no row, no pending deletion: old enough, and still there, is a leak. Ages
+        // are told by the store's clock (a fresh object's stamp), never against this host's.
+        let unreferenced: Vec<&blockcache_backend::StoredObject> = listed
+            .iter()
+            .filter(|o| !rows.contains_key(&o.id) && !pending.contains(&o.id))
+            .collect();
+        let now = if unreferenced.is_empty() {
+            SystemTime::now()
+        } else {
+            backend
+                .store_time()
+                .await
+                .map_err(store_error("read the store's clock"))?
+        };
         let mut leak_candidates = Vec::new();
-        for o in &listed {
-            if rows.contains_key(&o.id) || pending.contains(&o.id) {
-                continue;
-            }
+        for o in unreferenced {
             let age = now.duration_since(o.last_modified).unwrap_or_default();
             if age >= opts.grace {
                 leak_candidates.push((*o, age));

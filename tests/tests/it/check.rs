@@ -578,3 +578,75 @@ async fn cli_names_the_file_of_a_missing_object_and_works_on_a_stopped_volume() 
     assert!(err.contains("no volume"), "{err}");
     assert!(!empty.path().join("none").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_and_repair_work_on_s3() {
+    use object_store::{ObjectStore, ObjectStoreExt, path::Path as Key};
+    if let Some(reason) = blockcache_tests::moto::unavailable() {
+        eprintln!("check_and_repair_on_s3: skipped: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let moto = blockcache_tests::moto::Moto::start(dir.path());
+    moto.create_bucket("check").await;
+    let store: std::sync::Arc<dyn ObjectStore> = moto.store("check");
+    let backend = blockcache_backend::Backend::new(store.clone(), Key::from("vol"));
+    let mut config = blockcache::Config::new(dir.path().join("cache"));
+    config.block_size = 4096;
+    config.upload_delay = None;
+    let db = blockcache_db::Db::open(dir.path().join("meta.db").to_str().expect("utf-8"))
+        .await
+        .expect("db");
+    let cache = BlockCache::open(config, db, backend.clone())
+        .await
+        .expect("open");
+    let content = data(14, 3 * 4096);
+    for b in 0..3 {
+        let block = &content[b * 4096..(b + 1) * 4096];
+        cache.write(5, b as u64, 0, block).await.expect("write");
+    }
+    cache.flush().await.expect("flush");
+    let r = check(&cache, opts()).await;
+    assert!(
+        r.is_consistent() && r.problems() == 0 && r.store_objects == 3,
+        "{r}"
+    );
+
+    let mut ids = backend.list_ids().await.expect("list");
+    ids.sort_unstable();
+    let stray = ids[2] + 1000;
+    store
+        .put(
+            &backend.key(stray),
+            bytes::Bytes::from_static(b"stray").into(),
+        )
+        .await
+        .expect("stray object");
+    store
+        .delete(&backend.key(ids[0]))
+        .await
+        .expect("delete an object");
+    let young = check(&cache, CheckOptions::default()).await;
+    assert!(
+        young.unreferenced_young == 1 && young.leaked.is_empty(),
+        "{young}"
+    );
+    let r = check(&cache, opts()).await;
+    assert_eq!(
+        (
+            r.missing.iter().map(|m| m.id).collect::<Vec<_>>(),
+            r.leaked.iter().map(|l| l.id).collect::<Vec<_>>()
+        ),
+        (vec![ids[0]], vec![stray]),
+        "{r}"
+    );
+    let r = check(&cache, repair(verify())).await;
+    assert!(r.is_consistent() && r.problems() == 2, "{r}");
+    let r = check(&cache, verify()).await;
+    assert!(
+        r.is_consistent() && r.problems() == 0 && r.verified_objects == 3,
+        "{r}"
+    );
+    assert!(backend.head(stray).await.expect("head").is_none());
+    cache.shutdown().await.expect("shutdown");
+}
