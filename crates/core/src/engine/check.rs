@@ -9,7 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::Inner;
+use super::{Inner, detached};
 use crate::cache_dir::{self, Marker};
 use crate::{BlockKey, Error, Result};
 
@@ -263,15 +263,22 @@ impl Inner {
     }
 
     /// Deletes store objects whose pending deletions are recorded, through the removal
-    /// task, and waits until they are done (or a batch holding them fails).
+    /// task, and waits until they are done (or a batch holding them fails). The hand-off
+    /// runs as a task of the engine: a caller that gives up never leaves tickets taken and
+    /// not queued (a flush would wait for them forever); the wait is a plain receiver.
     pub(crate) async fn delete_released(self: &Arc<Self>, ids: Vec<u64>) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
-        let removals = self.take_removal_tickets(ids);
-        let mark = self.removals.mark();
-        self.send_removals(removals).await;
-        self.removals.retry_now();
+        let inner = Arc::clone(self);
+        let mark = detached(self, async move {
+            let removals = inner.take_removal_tickets(ids);
+            let mark = inner.removals.mark();
+            inner.send_removals(removals).await;
+            inner.removals.retry_now();
+            Ok(mark)
+        })
+        .await?;
         self.removals.wait(mark).await
     }
 }
