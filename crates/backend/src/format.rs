@@ -639,6 +639,14 @@ impl ObjectCodec {
         self.key.is_some()
     }
 
+    /// This codec with another compression (same volume and key).
+    pub fn with_compression(&self, compression: Compression) -> Self {
+        Self {
+            compression,
+            ..self.clone()
+        }
+    }
+
     /// No compression and no encryption: the payload is the block as is (after the header).
     pub fn is_identity(&self) -> bool {
         self.compression == Compression::None && self.key.is_none()

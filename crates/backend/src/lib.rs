@@ -23,6 +23,7 @@ pub mod faulty;
 pub mod format;
 mod health;
 pub mod lease;
+pub mod meta;
 mod retry;
 pub mod volume;
 
@@ -1127,7 +1128,7 @@ impl Backend {
 /// A failed request as an [`Error`]. "Not found" is [`Error::NotFound`], but for an upload,
 /// where it can only mean that the bucket is missing: that stays a (permanent) store error
 /// with the store's answer.
-fn store_error(op: &'static str, key: &Path, source: object_store::Error) -> Error {
+pub(crate) fn store_error(op: &'static str, key: &Path, source: object_store::Error) -> Error {
     match source {
         object_store::Error::NotFound { .. } if op != "upload" => Error::NotFound {
             key: key.to_string(),

@@ -212,6 +212,17 @@ impl BlockCache {
         self.inner.usage().await
     }
 
+    /// How shipping the metadata to the store stands: its generation, what waits, the lag.
+    pub async fn metadata_status(&self) -> Result<crate::MetadataStatus> {
+        self.inner.metadata_status().await
+    }
+
+    /// Ships the metadata changed since the last round to the store now (a flush also does,
+    /// after uploading every dirty block).
+    pub async fn ship_metadata(&self) -> Result<()> {
+        self.inner.ship_metadata().await
+    }
+
     /// Waits until the removal task has deleted every pending object (or `timeout` passes);
     /// returns whether the queue is empty.
     pub async fn wait_for_removals(&self, timeout: Duration) -> bool {

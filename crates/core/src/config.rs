@@ -47,12 +47,19 @@ pub struct Config {
     /// Take the writer lease even if its holder's has not expired (`--force-takeover`):
     /// only when that holder's machine is known to be dead.
     pub force_takeover: bool,
+    /// The metadata is shipped to the store at least this often while it changes
+    /// (`--metadata-interval`), and at every flush; `None`: at flushes only.
+    pub metadata_interval: Option<Duration>,
+    /// Metadata generations in the store are kept this long after a newer one is complete
+    /// (`--metadata-keep`); the two newest are always kept.
+    pub metadata_keep: Duration,
 }
 
 impl Config {
     /// Defaults: 1 MiB blocks, 1 GiB cache, 65,536 entries, 256 MiB dirty, 8 upload tasks,
     /// a 10 s commit delay, writers waiting for the dirty budget up to 30 s without progress,
-    /// zstd compression, no encryption, a 30 s lease.
+    /// zstd compression, no encryption, a 30 s lease, metadata shipped every 60 s and kept a
+    /// week.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         Self {
             cache_dir: cache_dir.into(),
@@ -68,6 +75,8 @@ impl Config {
             encryption: None,
             lease_ttl: Duration::from_secs(30),
             force_takeover: false,
+            metadata_interval: Some(Duration::from_secs(60)),
+            metadata_keep: Duration::from_secs(7 * 24 * 3600),
         }
     }
 
@@ -84,6 +93,15 @@ impl Config {
             return bad(format!(
                 "upload_tasks {} must be between 1 and 1024",
                 self.upload_tasks
+            ));
+        }
+        if self
+            .metadata_interval
+            .is_some_and(|d| d < Duration::from_secs(1))
+        {
+            return bad(format!(
+                "metadata_interval {:?} must be at least 1 s",
+                self.metadata_interval.unwrap_or_default()
             ));
         }
         if self.lease_ttl < blockcache_backend::lease::MIN_TTL {

@@ -210,6 +210,10 @@ pub enum Error {
         /// The first inode the namespace may allocate; raw access is allowed below it.
         first: u64,
     },
+    /// The volume's metadata in the store cannot be used (a restore, a check); the message
+    /// says which object and why.
+    #[error("{0}")]
+    Metadata(String),
     /// The cache is shutting down.
     #[error("the block cache is shutting down")]
     ShuttingDown,

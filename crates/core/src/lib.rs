@@ -31,7 +31,9 @@ mod engine;
 mod error;
 mod key;
 mod keylock;
+mod metadata;
 mod namespace;
+pub mod restore;
 mod tasks;
 mod usage;
 mod volume;
@@ -42,7 +44,7 @@ pub use check::{
     DamagedObject, LeakedObject, MissingInStore, RefcountProblem,
 };
 pub use config::{Config, Limits};
-pub use engine::{BlockHandle, Recovery};
+pub use engine::{BlockHandle, MetadataStatus, Recovery};
 pub use error::{Error, Result, UploadFailure};
 pub use key::BlockKey;
 pub use namespace::{

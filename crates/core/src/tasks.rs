@@ -1,5 +1,5 @@
 //! The background loops of an open cache: upload workers, the confirmer, the removal task,
-//! the commit task, the unmark task and the store watch. Each runs until the engine's cancellation token
+//! the commit task, the unmark task, the metadata task and the store watch. Each runs until the engine's cancellation token
 //! fires; the work itself is done by the engine's methods.
 
 use std::sync::Arc;
@@ -38,10 +38,43 @@ pub(crate) fn start(inner: &Arc<Inner>, queues: crate::engine::Queues, intake: C
     tracker.spawn(removal_task(inner.clone(), queues.removals));
     tracker.spawn(confirm_task(inner.clone(), queues.confirmations));
     tracker.spawn(unmark_task(inner.clone()));
-    tracker.spawn(commit_task(inner.clone(), intake));
+    tracker.spawn(commit_task(inner.clone(), intake.clone()));
     tracker.spawn(store_watch(inner.clone()));
+    tracker.spawn(metadata_task(inner.clone(), intake));
     if let Some(lease) = inner.backend().lease().cloned() {
         tracker.spawn(lease.keep(inner.backend().clone(), inner.cancel_token().clone()));
+    }
+}
+
+/// Ships the metadata while it changes: a round once changes have waited for
+/// `metadata_interval` (flushes ship too). Stops with `intake`: shutdown's flush ships last.
+async fn metadata_task(inner: Arc<Inner>, intake: CancellationToken) {
+    let Some(interval) = inner.config().metadata_interval else {
+        return;
+    };
+    let tick = (interval / 4).clamp(Duration::from_millis(250), Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = intake.cancelled() => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        if !inner.backend().is_available() {
+            continue;
+        }
+        match inner.ship_due(interval).await {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(error) => {
+                tracing::warn!(error = %blockcache_backend::chain(&error), "cannot tell whether the metadata needs shipping");
+                continue;
+            }
+        }
+        if let Err(error) = inner.ship_metadata().await {
+            inner.log_store_failure(
+                &error,
+                "shipping the metadata to the store failed; will retry",
+            );
+        }
     }
 }
 
@@ -109,12 +142,19 @@ async fn upload_worker(
 
 /// The removal task: drains its queue into batches and has the engine delete them. Failed
 /// batches are retried with backoff; their pending deletions stay in the database meanwhile.
+/// Deletions held back because the metadata in the store still names their objects wait for
+/// a round of shipping (one is asked for at once) and are tried again after it.
 async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
     let cancel = inner.cancel_token().clone();
     let mut retry: Vec<Removal> = Vec::new();
+    // Whether `retry` holds deletions tried again after a round of shipping.
+    let mut after_ship = false;
     let mut failures = 0u32;
+    let mut rounds = inner.ship_rounds();
     loop {
+        let shipped_just_now = std::mem::take(&mut after_ship);
         let mut batch = std::mem::take(&mut retry);
+        let mut from_held = shipped_just_now;
         if batch.is_empty() {
             tokio::select! {
                 biased;
@@ -123,6 +163,13 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
                     Some(id) => batch.push(id),
                     None => return,
                 },
+                changed = rounds.changed(), if inner.removals().has_held() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    batch = inner.removals().requeue();
+                    from_held = true;
+                }
             }
         }
         while batch.len() < REMOVAL_BATCH {
@@ -132,7 +179,19 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
             }
         }
         match inner.delete_objects(&batch).await {
-            Ok(()) => failures = 0,
+            Ok(kept) => {
+                failures = 0;
+                if kept.is_empty() {
+                } else if !from_held && inner.ship_metadata().await.is_ok() {
+                    // Ship what released them, then try them once more; what is still
+                    // named then waits for the next round.
+                    rounds.borrow_and_update();
+                    retry = kept;
+                    after_ship = true;
+                } else {
+                    inner.removals().hold(&kept);
+                }
+            }
             Err(error) => {
                 failures = failures.saturating_add(1);
                 inner.log_store_failure(
@@ -143,6 +202,7 @@ async fn removal_task(inner: Arc<Inner>, mut queue: mpsc::Receiver<Removal>) {
                     ),
                 );
                 retry = batch;
+                after_ship = shipped_just_now;
                 // No longer than the store's retry interval: its deletions follow soon after
                 // it is back. A flush wakes this task at once.
                 let delay = Duration::from_millis(100u64 << failures.min(8)).min(

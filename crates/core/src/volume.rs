@@ -254,7 +254,7 @@ fn new_record(config: &Config, volume: &VolumeId, plain_below: u64) -> Result<Vo
 }
 
 /// Refuses settings that do not fit the volume as its record describes it.
-fn check_record(config: &Config, record: &VolumeRecord) -> Result<()> {
+pub(crate) fn check_record(config: &Config, record: &VolumeRecord) -> Result<()> {
     if record.record_version > RECORD_VERSION
         || record.format_version > u32::from(blockcache_backend::format::FORMAT_VERSION)
     {
@@ -302,7 +302,7 @@ fn check_record(config: &Config, record: &VolumeRecord) -> Result<()> {
 }
 
 /// How the volume's objects are written and read, with the key checked against the record.
-fn store_format(config: &Config, record: &VolumeRecord) -> Result<StoreFormat> {
+pub(crate) fn store_format(config: &Config, record: &VolumeRecord) -> Result<StoreFormat> {
     let volume = volume_bytes(&record.id)?;
     let key = match (&record.encryption, &config.encryption) {
         (Some(e), Some(secret)) => {

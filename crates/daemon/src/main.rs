@@ -10,6 +10,7 @@ mod check;
 mod client;
 mod connections;
 mod error;
+mod restore;
 mod server;
 mod settings;
 
@@ -108,6 +109,8 @@ enum Command {
         /// Only names starting with this
         prefix: Option<String>,
     },
+    /// Build a new data directory from the store alone (the machine's disk is lost).
+    Restore(restore::RestoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -147,6 +150,7 @@ fn main() -> ExitCode {
             Command::Get { target, name, file } => client::get(target, name, file).await,
             Command::Rm { target, name } => client::rm(target, name).await,
             Command::Ls { target, prefix } => client::ls(target, prefix).await,
+            Command::Restore(args) => restore::run(args).await,
             Command::Check { .. } => unreachable!("handled above"),
         };
         client.map_err(Failure::Client)

@@ -966,8 +966,16 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
         u.unique_bytes as f64 / u.stored_bytes as f64
     };
     let (epoch, fenced) = state.ns.cache().lease_state().unwrap_or((0, None));
+    let m = state.ns.cache().metadata_status().await?;
     Ok(axum::Json(json!({
         "lease": {"epoch": epoch, "writing": fenced.is_none(), "not_writing_because": fenced},
+        "metadata": {
+            "generation": m.generation, "deltas": m.deltas,
+            "pending_changes": m.pending_changes, "deferred_changes": m.deferred,
+            "lag_seconds": secs(m.lag), "objects_written": m.objects_written,
+            "bytes_written": m.bytes_written, "last_round_bytes": m.last_round_bytes,
+            "ship_seconds": m.ship_time.as_secs_f64(), "last_error": m.last_error,
+        },
         "cache": {"bytes": u.bytes, "entries": u.entries, "max_bytes": limits.max_bytes, "max_entries": limits.max_entries},
         "dirty": {"bytes": u.dirty_bytes, "entries": u.dirty_entries, "max_bytes": limits.max_dirty_bytes, "oldest_age_seconds": secs(u.oldest_dirty_age)},
         "uploads_in_flight": u.uploads_in_flight,
@@ -988,8 +996,18 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
 async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
     Params::parse(&uri, &[])?;
     let u = state.ns.cache().usage().await?;
+    let m = state.ns.cache().metadata_status().await?;
     let limits = u.limits;
     let gauges = [
+        (
+            "blockcache_metadata_generation",
+            m.generation.unwrap_or(0) as f64,
+        ),
+        (
+            "blockcache_metadata_pending_changes",
+            m.pending_changes as f64,
+        ),
+        ("blockcache_metadata_lag_seconds", secs(m.lag)),
         ("blockcache_cache_bytes", u.bytes as f64),
         ("blockcache_cache_entries", u.entries as f64),
         ("blockcache_cache_max_bytes", limits.max_bytes as f64),
@@ -1043,6 +1061,11 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
         ("blockcache_dedup_hits_total", u.dedup_hits),
         ("blockcache_deletes_total", u.deletes),
         ("blockcache_delete_errors_total", u.delete_errors),
+        (
+            "blockcache_metadata_objects_written_total",
+            m.objects_written,
+        ),
+        ("blockcache_metadata_bytes_written_total", m.bytes_written),
     ];
     for (name, v) in counters {
         metrics::counter!(name).absolute(v);

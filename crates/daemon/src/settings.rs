@@ -186,6 +186,31 @@ impl std::fmt::Display for Delay {
     }
 }
 
+/// How long old metadata generations are kept: a duration of at most 100 years.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keep(pub Duration);
+
+impl std::str::FromStr for Keep {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let d = humantime::parse_duration(s.trim()).map_err(|e| {
+            format!("invalid duration {s:?} ({e}); write for example 0s, 12h, 7days")
+        })?;
+        if d > Duration::from_secs(100 * 365 * 24 * 3600) {
+            return Err(format!(
+                "{s:?} is out of range: allowed from 0s to 100years"
+            ));
+        }
+        Ok(Self(d))
+    }
+}
+
+impl std::fmt::Display for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        humantime::format_duration(self.0).fmt(f)
+    }
+}
+
 /// A log level or filter ("info", "blockcache=debug,warn"), checked when it is read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogFilter(String);
@@ -353,6 +378,16 @@ pub struct Settings {
     /// that holder's machine is known to be dead
     #[arg(long, env = "BLOCKCACHE_FORCE_TAKEOVER")]
     pub force_takeover: bool,
+    /// Longest the metadata in the store lags behind changes (a flush ships it at once);
+    /// "off": only at flushes
+    #[arg(long, env = "BLOCKCACHE_METADATA_INTERVAL", value_name = "DURATION",
+          default_value_t = Delay(ENGINE.metadata_interval))]
+    pub metadata_interval: Delay,
+    /// How long an older metadata generation stays in the store after a newer one is
+    /// complete (the two newest always stay)
+    #[arg(long, env = "BLOCKCACHE_METADATA_KEEP", value_name = "DURATION",
+          default_value_t = Keep(ENGINE.metadata_keep))]
+    pub metadata_keep: Keep,
     /// Durability of writes when a request does not say: none, local or store
     #[arg(long, env = "BLOCKCACHE_DURABILITY", value_name = "none|local|store",
           default_value_t = Durability::default())]
@@ -420,6 +455,8 @@ impl Settings {
             compression: self.compression(),
             lease_ttl: self.lease_ttl.0,
             force_takeover: self.force_takeover,
+            metadata_interval: self.metadata_interval.0,
+            metadata_keep: self.metadata_keep.0,
             ..Config::new(cache_dir)
         }
     }

@@ -284,7 +284,7 @@ impl Db {
 
 /// Makes the AUTOINCREMENT allocator of `table` hand out `next` next (it allocates above the
 /// largest of `sqlite_sequence` and the table's ids).
-async fn move_allocator(
+pub(crate) async fn move_allocator(
     tx: &mut sqlx::SqliteConnection,
     table: &'static str,
     next: i64,

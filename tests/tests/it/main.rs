@@ -17,6 +17,7 @@ mod daemon_volume;
 mod faults;
 mod lifecycle;
 mod links;
+mod metadata;
 mod model;
 mod namespace;
 mod owner;

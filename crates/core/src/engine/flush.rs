@@ -22,9 +22,11 @@ struct Wait {
 
 impl Inner {
     /// Commit + wait: returns once every block dirty at the call (all, or those of one
-    /// inode) is in the store, and, for a flush of all blocks, once the store deletions
-    /// queued before the call are done. Cancel-safe: the commits it started finish on their
-    /// own.
+    /// inode) is in the store, and, for a flush of all blocks, once the metadata is shipped
+    /// (the store alone then restores every file written before the call) and the store
+    /// deletions queued before the call are done (but those of objects that the shipped
+    /// metadata still names: see `ship`). Cancel-safe: the commits it started finish on
+    /// their own.
     pub(crate) async fn flush(self: &Arc<Self>, only: Option<u64>) -> Result<()> {
         let removals = only.is_none().then(|| {
             self.removals.retry_now();
@@ -33,7 +35,13 @@ impl Inner {
         let targets = self.lock_state().flush_targets(only);
         self.flush_targets(targets).await?;
         match removals {
-            Some(mark) => self.removals.wait(mark).await,
+            Some(mark) => {
+                self.ship_metadata().await?;
+                // Deletions held back for what this round shipped go now.
+                self.retry_held_removals().await?;
+                self.removals.retry_now();
+                self.removals.wait(mark).await
+            }
             None => Ok(()),
         }
     }

@@ -15,6 +15,7 @@
 //! - `sync`: fsync of dirty blocks, hashing them meanwhile;
 //! - `flush`: commit and wait until the store holds everything;
 //! - `remove`: removing blocks and deleting released objects from the store;
+//! - `ship`: shipping the metadata to the store;
 //! - `recovery`: opening after a crash;
 //! - `check`: what `check` needs of the engine (cache files against entries, cached copies).
 //!
@@ -31,6 +32,7 @@ mod owner;
 mod recovery;
 mod remove;
 mod settle;
+mod ship;
 mod state;
 mod sync;
 mod upload;
@@ -56,6 +58,7 @@ pub(crate) use evict::is_full;
 pub use handle::BlockHandle;
 pub use recovery::Recovery;
 pub(crate) use remove::Removal;
+pub use ship::MetadataStatus;
 pub(crate) use state::InodeBlocks;
 pub(crate) use upload::{UploadJob, UploadOutcome, UploadSource, outcome_label, syncs_each_object};
 
@@ -133,6 +136,8 @@ pub(crate) struct Inner {
     uploads_in_flight: AtomicU64,
     /// Store deletions queued and not yet done, by ticket.
     removals: remove::Removals,
+    /// Shipping the metadata to the store.
+    shipping: ship::Shipping,
     counters: Counters,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -181,6 +186,7 @@ impl Inner {
             busy: watch::Sender::new(0),
             uploads_in_flight: AtomicU64::new(0),
             removals: remove::Removals::default(),
+            shipping: ship::Shipping::default(),
             counters: Counters::default(),
             cancel,
             tracker: TaskTracker::new(),
@@ -258,6 +264,11 @@ impl Inner {
     /// Store deletions queued and not yet done.
     pub(crate) fn pending_removals(&self) -> u64 {
         self.removals.pending()
+    }
+
+    /// The store deletions queued and held back.
+    pub(crate) fn removals(&self) -> &remove::Removals {
+        &self.removals
     }
 
     /// Notified when a flush wants the removal task to retry a failed batch at once.

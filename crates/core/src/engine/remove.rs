@@ -33,6 +33,9 @@ pub(crate) struct Removals {
 struct Tickets {
     next: u64,
     pending: BTreeSet<u64>,
+    /// Deletions held back until the metadata that released them is shipped.
+    held: BTreeSet<u64>,
+    held_list: Vec<Removal>,
     /// Failed batches so far, and the last failure.
     failures: u64,
     last_error: Option<Error>,
@@ -55,9 +58,46 @@ impl Default for Removals {
 }
 
 impl Removals {
-    /// Deletions queued and not yet done.
+    /// Deletions queued and not yet done, held ones included.
     pub(crate) fn pending(&self) -> u64 {
-        self.tickets.borrow().pending.len() as u64
+        let t = self.tickets.borrow();
+        (t.pending.len() + t.held.len()) as u64
+    }
+
+    /// Deletions held back now.
+    pub(crate) fn held(&self) -> u64 {
+        self.tickets.borrow().held.len() as u64
+    }
+
+    /// Holds deletions back until a round of shipping (see [`Inner::delete_objects`]): no
+    /// flush waits for them meanwhile.
+    pub(crate) fn hold(&self, batch: &[Removal]) {
+        self.tickets.send_modify(|t| {
+            for r in batch {
+                if t.pending.remove(&r.ticket) && t.held.insert(r.ticket) {
+                    t.held_list.push(*r);
+                }
+            }
+        });
+    }
+
+    /// Whether deletions are held back.
+    pub(crate) fn has_held(&self) -> bool {
+        !self.tickets.borrow().held_list.is_empty()
+    }
+
+    /// Takes the held deletions to try again: they are pending again (flushes wait for
+    /// them) and the caller deletes them or holds them back again.
+    pub(crate) fn requeue(&self) -> Vec<Removal> {
+        let mut out = Vec::new();
+        self.tickets.send_modify(|t| {
+            out = std::mem::take(&mut t.held_list);
+            for r in &out {
+                t.held.remove(&r.ticket);
+                t.pending.insert(r.ticket);
+            }
+        });
+        out
     }
 
     fn take(&self, id: u64) -> Removal {
@@ -75,6 +115,7 @@ impl Removals {
         self.tickets.send_modify(|t| {
             for r in batch {
                 t.pending.remove(&r.ticket);
+                t.held.remove(&r.ticket);
             }
         });
     }
@@ -123,6 +164,30 @@ impl Removals {
 }
 
 impl Inner {
+    /// For a flush, after a round of shipping: tries the held deletions again at once (as
+    /// a task of the engine, so a flush that gives up leaves none half-taken), holding back
+    /// those still named. Fails with the store's error if the deletion fails.
+    pub(crate) async fn retry_held_removals(self: &Arc<Self>) -> Result<()> {
+        if !self.removals.has_held() {
+            return Ok(());
+        }
+        let inner = Arc::clone(self);
+        detached(self, async move {
+            let again = inner.removals.requeue();
+            match inner.delete_objects(&again).await {
+                Ok(kept) => {
+                    inner.removals.hold(&kept);
+                    Ok(())
+                }
+                Err(e) => {
+                    inner.removals.hold(&again);
+                    Err(e)
+                }
+            }
+        })
+        .await
+    }
+
     /// Removes blocks `range` of `inode`: drops cached copies (dirty ones too) and mappings,
     /// and releases their objects. Runs as a task of the engine, so a caller that gives up
     /// does not leave blocks dropped from the cache but still mapped.
@@ -244,18 +309,32 @@ impl Inner {
 
     /// For the removal task: deletes a batch of released objects from the store, then
     /// forgets their pending deletions. On error nothing is forgotten and the batch is tried
-    /// again later.
-    pub(crate) async fn delete_objects(&self, removals: &[Removal]) -> Result<()> {
+    /// again later. Objects that the metadata in the store still names (their release is not
+    /// shipped yet: the file that held them is still being written or uploaded) are not
+    /// deleted but returned, their tickets still pending: the caller holds them back
+    /// ([`Removals::hold`]) or tries again after a round of shipping.
+    pub(crate) async fn delete_objects(&self, removals: &[Removal]) -> Result<Vec<Removal>> {
         let mut ids: Vec<u64> = removals.iter().map(|r| r.id).collect();
         ids.sort_unstable();
         ids.dedup();
-        let batch = &ids[..];
         // An object released while its upload runs must not be deleted before the upload
         // ends, or the upload would recreate it.
-        for &id in batch {
+        for &id in &ids {
             if let Some(done) = self.upload_of(id) {
                 let _ = wait_done(done).await;
             }
+        }
+        // No round of shipping runs meanwhile: one could ship a mapping to an object read
+        // before its release and deleted here.
+        let _shipping = self.hold_shipping().await;
+        let named = self.db.shipped_among(&ids).await?;
+        let (held, removals): (Vec<Removal>, Vec<Removal>) =
+            removals.iter().partition(|r| named.contains(&r.id));
+        ids.retain(|id| !named.contains(id));
+        let batch = &ids[..];
+        if batch.is_empty() {
+            self.removals.done(&removals);
+            return Ok(held);
         }
         let deleted = async {
             // The release of an object may be a block commit that is not durable yet: after a
@@ -277,7 +356,7 @@ impl Inner {
         match &deleted {
             Ok(()) => {
                 Counters::add(&self.counters.deletes, batch.len() as u64);
-                self.removals.done(removals);
+                self.removals.done(&removals);
                 self.progress.notify_waiters();
             }
             Err(error) => {
@@ -285,6 +364,6 @@ impl Inner {
                 self.removals.failed(error);
             }
         }
-        deleted
+        deleted.map(|()| held)
     }
 }

@@ -389,6 +389,11 @@ impl State {
         }
     }
 
+    /// The inodes with a dirty block.
+    pub(crate) fn dirty_inodes(&self) -> std::collections::HashSet<u64> {
+        self.dirty.iter().map(|(_, k)| k.inode).collect()
+    }
+
     /// The generations a flush of all blocks, or of one inode's, must see in the store.
     pub(crate) fn flush_targets(&self, inode: Option<u64>) -> HashMap<BlockKey, Target> {
         self.dirty_keys(inode)

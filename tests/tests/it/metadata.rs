@@ -1,0 +1,300 @@
+//! The metadata in the store (library): what a flush ships restores every file; files still
+//! being written ship as they were before; objects the store's metadata names are not
+//! deleted; the interval ships without a flush; a bad generation falls back to the one
+//! before; a restore refuses a used database and a held lease.
+
+use std::path::Path;
+use std::time::Duration;
+
+use blockcache::restore::{RestoreOptions, RestoreReport, restore};
+use blockcache::{BlockCache, Config, Durability, Error, Namespace};
+use blockcache_db::Db;
+use blockcache_tests::{Env, WAIT, data, within};
+
+const MAX: u64 = 1 << 30;
+
+async fn ns(cache: BlockCache) -> Namespace {
+    Namespace::open(cache, MAX).await.expect("namespace")
+}
+
+async fn put(ns: &Namespace, name: &str, content: &[u8], durability: Durability) {
+    let mut w = ns.create(name).await.expect("create");
+    w.write(content).await.expect("write");
+    w.finish(durability).await.expect("finish");
+}
+
+async fn get(ns: &Namespace, name: &str) -> Vec<u8> {
+    let r = ns.open_read(name).await.expect("open");
+    r.read(0, r.meta().size as usize)
+        .await
+        .expect("read")
+        .to_vec()
+}
+
+async fn names(ns: &Namespace) -> Vec<String> {
+    ns.list("", None, 10_000)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|m| m.name)
+        .collect()
+}
+
+/// Restores `env`'s store into a new database in `dir`.
+async fn restore_into(env: &Env, dir: &Path, force: bool) -> blockcache::Result<RestoreReport> {
+    std::fs::create_dir_all(dir).expect("restore dir");
+    let db = Db::open(dir.join("meta.db").to_str().expect("utf-8"))
+        .await
+        .expect("new db");
+    let options = RestoreOptions {
+        force_takeover: force,
+        ..RestoreOptions::default()
+    };
+    let report = restore(&db, env.backend(), &options, &|_| {}).await;
+    db.close().await;
+    report
+}
+
+/// Opens the volume restored in `dir` (over `env`'s store) with `env`'s settings.
+async fn open_restored(env: &Env, dir: &Path, config: Config) -> Namespace {
+    let db = Db::open(dir.join("meta.db").to_str().expect("utf-8"))
+        .await
+        .expect("restored db");
+    let config = Config {
+        cache_dir: dir.join("cache"),
+        ..config
+    };
+    ns(BlockCache::open(config, db, env.backend())
+        .await
+        .expect("open restored"))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_volume_restores_from_the_store_alone() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    let mut expected = std::collections::BTreeMap::new();
+    for (i, len) in [0usize, 1, 1023, 1024, 1025, 5000, 20_000]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("dir/f{i}");
+        let content = data(i as u64, len);
+        put(&ns1, &name, &content, Durability::Local).await;
+        expected.insert(name, content);
+    }
+    // Replaced, patched, truncated, deleted.
+    let replaced = data(100, 3000);
+    put(&ns1, "dir/f5", &replaced, Durability::Local).await;
+    expected.insert("dir/f5".to_owned(), replaced);
+    let mut w = ns1.patch("dir/f6", 1500).await.expect("patch");
+    w.write(&[7u8; 2500]).await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    expected.get_mut("dir/f6").expect("f6")[1500..4000].fill(7);
+    ns1.truncate("dir/f4", 10, Durability::Local)
+        .await
+        .expect("truncate");
+    expected.get_mut("dir/f4").expect("f4").truncate(10);
+    ns1.delete("dir/f3").await.expect("delete");
+    expected.remove("dir/f3");
+    ns1.flush().await.expect("flush");
+    ns1.shutdown().await.expect("shutdown");
+
+    // The machine is gone: only the store is left.
+    std::fs::remove_file(env.db_path()).expect("rm db");
+    std::fs::remove_dir_all(env.cache_dir()).expect("rm cache");
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, false).await.expect("restore");
+    assert!(
+        report.skipped.is_empty() && report.stopped.is_none(),
+        "{report:?}"
+    );
+    assert!(report.missing_objects.is_empty(), "{report:?}");
+    assert_eq!(report.counts.files, expected.len() as u64, "{report:?}");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(
+        names(&ns2).await,
+        expected.keys().cloned().collect::<Vec<_>>()
+    );
+    for (name, content) in &expected {
+        assert_eq!(&get(&ns2, name).await, content, "{name}");
+    }
+    ns2.cache().check_invariants().await.expect("invariants");
+    // The restored volume goes on: a change and a flush, read back after a restart.
+    put(&ns2, "after", b"restored and on", Durability::Local).await;
+    ns2.flush().await.expect("flush");
+    ns2.shutdown().await.expect("shutdown");
+    let ns3 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(get(&ns3, "after").await, b"restored and on");
+    ns3.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_still_being_written_ship_as_they_were_and_keep_their_objects() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    let v1 = data(1, 4000);
+    put(&ns1, "a", &v1, Durability::Local).await;
+    put(&ns1, "gone", &data(3, 2000), Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let v1_objects = env.store_ids().await;
+    // Replaced and created without a flush: the new blocks are dirty (no background
+    // uploads in this configuration). A round of shipping must keep the files' state of
+    // the last flush in the store, and no object of it may be deleted meanwhile.
+    put(&ns1, "a", &data(2, 6000), Durability::Local).await;
+    put(&ns1, "b", &data(4, 3000), Durability::Local).await;
+    ns1.delete("gone").await.expect("delete");
+    ns1.wait_for_cleanups().await;
+    ns1.cache().ship_metadata().await.expect("ship");
+    let status = ns1.cache().metadata_status().await.expect("status");
+    // The released objects of the old "a" are held back, not deleted (the deleted file's
+    // are free: its deletion shipped).
+    within("the old objects to be held back", WAIT, async {
+        while ns1
+            .cache()
+            .metadata_status()
+            .await
+            .expect("status")
+            .held_deletions
+            == 0
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let left = env.store_ids().await;
+    let held = v1_objects.iter().filter(|id| left.contains(id)).count();
+    assert!(
+        held >= 4,
+        "the old file's 4 objects stay: {left:?} of {v1_objects:?}"
+    );
+    // The machine dies here.
+    drop(ns1);
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, true).await.expect("restore");
+    assert!(report.missing_objects.is_empty(), "{report:?}");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(names(&ns2).await, vec!["a".to_owned()]);
+    assert_eq!(get(&ns2, "a").await, v1);
+    assert!(status.deferred > 0, "{status:?}");
+    ns2.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_replaced_files_go_once_the_metadata_ships() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "a", &data(1, 4096), Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let first = env.store_ids().await;
+    put(&ns1, "a", &data(2, 4096), Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let second = env.store_ids().await;
+    assert!(
+        first.iter().all(|id| !second.contains(id)),
+        "{first:?} still among {second:?}"
+    );
+    let status = ns1.cache().metadata_status().await.expect("status");
+    assert_eq!(
+        (status.held_deletions, status.pending_changes),
+        (0, 0),
+        "{status:?}"
+    );
+    assert_eq!(
+        ns1.cache().usage().await.expect("usage").pending_removals,
+        0
+    );
+    ns1.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_flush_the_metadata_ships_within_its_interval() {
+    let env = Env::new();
+    let config = Config {
+        metadata_interval: Some(Duration::from_secs(1)),
+        upload_delay: Some(Duration::from_millis(50)),
+        ..env.config()
+    };
+    let ns1 = ns(env.open_with(config.clone()).await).await;
+    let content = data(9, 5000);
+    put(&ns1, "unflushed", &content, Durability::Local).await;
+    within("the metadata to ship on its own", WAIT, async {
+        loop {
+            let s = ns1.cache().metadata_status().await.expect("status");
+            if s.pending_changes == 0 && s.generation.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drop(ns1);
+    let dir = env.dir.path().join("restored");
+    restore_into(&env, &dir, true).await.expect("restore");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(get(&ns2, "unflushed").await, content);
+    ns2.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_latest_generation_falls_back_to_the_one_before() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "old", b"generation one", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    ns1.shutdown().await.expect("shutdown");
+    // A restored volume starts a new generation at its first round.
+    let dir = env.dir.path().join("second");
+    restore_into(&env, &dir, false).await.expect("restore");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    put(&ns2, "new", b"generation two", Durability::Local).await;
+    ns2.flush().await.expect("flush");
+    assert_eq!(
+        ns2.cache()
+            .metadata_status()
+            .await
+            .expect("status")
+            .generation,
+        Some(2)
+    );
+    ns2.shutdown().await.expect("shutdown");
+    let manifest = env.store_dir().join("meta/0000000002/manifest");
+    let mut bytes = std::fs::read(&manifest).expect("manifest");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x55;
+    std::fs::write(&manifest, bytes).expect("corrupt");
+
+    let dir3 = env.dir.path().join("third");
+    let report = restore_into(&env, &dir3, false).await.expect("restore");
+    assert_eq!(report.generation, 1, "{report:?}");
+    assert_eq!(report.skipped.len(), 1, "{report:?}");
+    assert!(report.skipped[0].contains("generation 2"), "{report:?}");
+    let ns3 = open_restored(&env, &dir3, env.config()).await;
+    assert_eq!(names(&ns3).await, vec!["old".to_owned()]);
+    assert_eq!(get(&ns3, "old").await, b"generation one");
+    ns3.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_refuses_a_used_database_and_a_held_lease() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "x", b"x", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    // The lease is held by the running volume.
+    let dir = env.dir.path().join("restored");
+    match restore_into(&env, &dir, false).await {
+        Err(Error::VolumeRefused(m)) => assert!(m.contains("--force-takeover"), "{m}"),
+        other => panic!("restore under a live lease: {other:?}"),
+    }
+    ns1.shutdown().await.expect("shutdown");
+    // A database that holds a volume is never restored into.
+    let db = Db::open(env.db_path().to_str().expect("utf-8"))
+        .await
+        .expect("db");
+    match restore(&db, env.backend(), &RestoreOptions::default(), &|_| {}).await {
+        Err(Error::VolumeRefused(m)) => assert!(m.contains("not empty"), "{m}"),
+        other => panic!("restore into a used database: {other:?}"),
+    }
+}
