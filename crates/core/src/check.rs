@@ -471,7 +471,8 @@ impl BlockCache {
             })
             .collect();
 
-        // Listed, no row, no pending deletion: old enough, and still there, is a leak. Ages
+        // Listed, no row, no pending deletion, not named by the shipped metadata: old enough,
+        // and still there, is a leak. Ages
         // are told by the store's clock (a fresh object's stamp), never against this host's.
         let unreferenced: Vec<&blockcache_backend::StoredObject> = listed
             .iter()
@@ -496,8 +497,15 @@ impl BlockCache {
         }
         if !leak_candidates.is_empty() {
             let pending: HashSet<u64> = db.pending_deletions().await?.into_iter().collect();
+            // An object the metadata in the store still names is not a leak: a restore
+            // from that metadata needs it.
+            let ids: Vec<u64> = leak_candidates.iter().map(|(o, _)| o.id).collect();
+            let shipped = db.shipped_among(&ids).await?;
             for (o, age) in leak_candidates {
-                if pending.contains(&o.id) || db.object(o.id).await?.is_some() {
+                if pending.contains(&o.id)
+                    || shipped.contains(&o.id)
+                    || db.object(o.id).await?.is_some()
+                {
                     continue;
                 }
                 let still = backend

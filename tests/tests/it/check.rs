@@ -650,3 +650,47 @@ async fn check_and_repair_work_on_s3() {
     assert!(backend.head(stray).await.expect("head").is_none());
     cache.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_the_shipped_metadata_names_is_no_leak() {
+    let env = Env::new();
+    let mut config = env.config();
+    // No background round of shipping: the store's metadata stays as the flush left it.
+    config.metadata_interval = None;
+    let ns = Namespace::open(env.open_with(config.clone()).await, 1 << 30)
+        .await
+        .expect("namespace");
+    let content = data(15, 2 * BS);
+    let mut w = ns.create("shipped").await.expect("create");
+    w.write(&content).await.expect("write");
+    w.finish(Durability::Store).await.expect("finish");
+    ns.flush().await.expect("flush ships the metadata");
+    ns.shutdown().await.expect("shutdown");
+    // The local metadata forgets an object (as a restore of another generation would);
+    // the store's metadata still names it.
+    let id = object_holding(&env, &content[BS..]);
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}", env.db_path().display());
+        let mut c = sqlx::SqliteConnection::connect(&url).await.expect("db");
+        for q in [
+            "DELETE FROM blocks WHERE obj_id = ?",
+            "DELETE FROM objects WHERE id = ?",
+        ] {
+            sqlx::query(q)
+                .bind(id as i64)
+                .execute(&mut c)
+                .await
+                .expect("forget the object");
+        }
+        c.close().await.expect("close");
+    }
+    let cache = env.open_with(config).await;
+    let r = check(&cache, repair(opts())).await;
+    assert!(r.leaked.is_empty() && r.is_consistent(), "{r}");
+    assert!(
+        env.object_path(id).exists(),
+        "the object the store's metadata names stays"
+    );
+    cache.shutdown().await.expect("shutdown");
+}
