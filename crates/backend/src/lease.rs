@@ -640,6 +640,18 @@ impl Backend {
             .await
     }
 
+    /// The store's clock now: the stamp it gives a fresh scratch object (written and
+    /// deleted again), for ages of objects that must not depend on this host's clock.
+    pub async fn store_time(&self) -> Result<std::time::SystemTime> {
+        let holder = match &self.lease {
+            Some(lease) => lease.0.holder.clone(),
+            None => Holder::this_process(std::path::Path::new("")),
+        };
+        self.store_now(&holder)
+            .await
+            .map(std::time::SystemTime::from)
+    }
+
     /// The store's clock: the stamp it gives a fresh object.
     async fn store_now(&self, holder: &Holder) -> Result<chrono_time::DateTime> {
         let key = self.prefix.clone().join("clock").join(holder.token());

@@ -155,6 +155,16 @@ impl CacheDir {
 
     /// Lists the cache files, deleting temporary files. Unknown names are returned apart.
     pub(crate) fn scan(&self) -> io::Result<(Vec<Found>, Vec<PathBuf>)> {
+        self.list_files(true)
+    }
+
+    /// [`CacheDir::scan`] without deleting anything: temporary files (which a running engine
+    /// may be writing) are skipped, and a file that goes away while listed is left out.
+    pub(crate) fn list(&self) -> io::Result<(Vec<Found>, Vec<PathBuf>)> {
+        self.list_files(false)
+    }
+
+    fn list_files(&self, delete_tmp: bool) -> io::Result<(Vec<Found>, Vec<PathBuf>)> {
         let mut found = Vec::new();
         let mut unknown = Vec::new();
         for item in std::fs::read_dir(&self.path)? {
@@ -168,7 +178,9 @@ impl CacheDir {
                 continue;
             }
             if name.ends_with(".tmp") {
-                std::fs::remove_file(item.path())?;
+                if delete_tmp {
+                    std::fs::remove_file(item.path())?;
+                }
                 continue;
             }
             let (stem, marker) = match name.strip_suffix(".dirty") {
@@ -179,7 +191,10 @@ impl CacheDir {
                 unknown.push(item.path());
                 continue;
             };
-            let meta = item.metadata()?;
+            let meta = match item.metadata() {
+                Err(e) if !delete_tmp && e.kind() == io::ErrorKind::NotFound => continue,
+                meta => meta?,
+            };
             if !meta.is_file() {
                 unknown.push(item.path());
                 continue;

@@ -25,6 +25,7 @@
 mod budget;
 mod cache;
 mod cache_dir;
+mod check;
 mod config;
 mod engine;
 mod error;
@@ -38,6 +39,10 @@ mod usage;
 mod volume;
 
 pub use cache::BlockCache;
+pub use check::{
+    BrokenRange, CacheProblem, CheckOptions, CheckReport, DEFAULT_GRACE, DEFAULT_VERIFY_RATE,
+    DamagedObject, LeakedObject, MissingInStore, RefcountProblem,
+};
 pub use config::{Config, Limits};
 pub use engine::{BlockHandle, MetadataStatus, Recovery};
 pub use error::{Error, Result, UploadFailure};

@@ -38,7 +38,11 @@ struct Client {
 
 impl Client {
     fn new(t: Target) -> Self {
-        let mut addr = t.endpoint.listen;
+        Self::at(t.endpoint)
+    }
+
+    fn at(endpoint: Endpoint) -> Self {
+        let mut addr = endpoint.listen;
         // A daemon listening on every address is reached on loopback.
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr.ip() {
@@ -49,7 +53,7 @@ impl Client {
         Self {
             http: reqwest::Client::new(),
             base: format!("http://{addr}"),
-            token: t.endpoint.auth_token,
+            token: endpoint.auth_token,
         }
     }
 
@@ -264,4 +268,60 @@ pub async fn ls(t: Target, prefix: Option<String>) -> Result<(), String> {
             None => return Ok(()),
         }
     }
+}
+
+/// Whether `e` failed because nothing listens at the address (connection refused).
+fn refused(e: &reqwest::Error) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = next {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        next = cause.source();
+    }
+    false
+}
+
+/// `blockcache check` through the daemon at `endpoint`: its report, or `None` when nothing
+/// listens there (the caller checks the volume directly).
+pub async fn check(
+    endpoint: &Endpoint,
+    args: &crate::check::CheckArgs,
+) -> Result<Option<blockcache::CheckReport>, String> {
+    let c = Client::at(endpoint.clone());
+    let mut query = vec![
+        ("grace", humantime::format_duration(args.grace).to_string()),
+        ("verify_rate", args.verify_rate.0.to_string()),
+    ];
+    if args.repair {
+        query.push(("repair", "1".to_owned()));
+    }
+    if args.verify_data {
+        query.push(("verify_data", "1".to_owned()));
+    }
+    let request = c
+        .request(reqwest::Method::POST, &format!("{}/v1/check", c.base))
+        .query(&query);
+    let response = match request.send().await {
+        Err(e) if refused(&e) => return Ok(None),
+        Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", c.base)),
+        Ok(r) => r,
+    };
+    let status = response.status();
+    let text = response
+        .text()
+        .await
+        .map_err(|e| format!("the daemon's answer broke off: {e}"))?;
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("message").and_then(|m| m.as_str()).map(str::to_owned))
+            .unwrap_or(text);
+        return Err(format!("{message} (HTTP {status})"));
+    }
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| format!("the daemon sent a bad answer: {e}"))
 }

@@ -6,6 +6,7 @@
 
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
+mod check;
 mod client;
 mod connections;
 mod error;
@@ -60,6 +61,16 @@ enum Command {
         /// Only this file
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Compare the database, the store and the cache (through the running daemon, or on the
+    /// stopped volume); exit 0 when consistent, 1 when not, 2 on error.
+    Check {
+        #[command(flatten)]
+        args: check::CheckArgs,
+        #[command(flatten)]
+        settings: Settings,
+        #[command(flatten)]
+        file: SettingsFile,
     },
     /// Upload dirty data, then empty the cache of a running daemon.
     DropCache(client::Target),
@@ -117,6 +128,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Check { args, settings, .. } = cli.command {
+        let code = runtime.block_on(check::run(settings, args));
+        runtime.shutdown_background();
+        return code;
+    }
     let result = runtime.block_on(async move {
         let client = match cli.command {
             Command::Serve { settings, .. } => {
@@ -135,6 +151,7 @@ fn main() -> ExitCode {
             Command::Rm { target, name } => client::rm(target, name).await,
             Command::Ls { target, prefix } => client::ls(target, prefix).await,
             Command::Restore(args) => restore::run(args).await,
+            Command::Check { .. } => unreachable!("handled above"),
         };
         client.map_err(Failure::Client)
     });

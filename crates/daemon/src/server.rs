@@ -202,6 +202,7 @@ pub fn router(state: Shared) -> Router {
         .route("/v1/files/", get(list_files))
         .route("/v1/files/{*name}", any(file_route))
         .route("/v1/flush", post(flush))
+        .route("/v1/check", post(check))
         .route("/v1/cache/drop", post(drop_cache))
         .route("/v1/stats", get(stats))
         .route("/metrics", get(prometheus))
@@ -316,6 +317,18 @@ impl Params {
                 })
             })
             .transpose()
+    }
+
+    /// A switch: absent, `0` or `false` is off; `1` or `true` is on.
+    fn flag(&self, k: &str) -> ApiResult<bool> {
+        match self.get(k) {
+            None | Some("0" | "false") => Ok(false),
+            Some("1" | "true") => Ok(true),
+            Some(v) => Err(ApiError::bad_request(
+                "bad_parameter",
+                format!("{k} must be 1, true, 0 or false, not {v:?}"),
+            )),
+        }
     }
 
     fn durability(&self, default: Durability) -> ApiResult<Durability> {
@@ -606,16 +619,7 @@ const MAX_MISSING_LISTED: usize = 100;
 
 async fn file_status(state: &AppState, name: &str, uri: &Uri) -> ApiResult {
     let params = Params::parse(uri, &["verify"])?;
-    let verify = match params.get("verify") {
-        None | Some("0" | "false") => false,
-        Some("1" | "true") => true,
-        Some(v) => {
-            return Err(ApiError::bad_request(
-                "bad_parameter",
-                format!("verify must be 1, true, 0 or false, not {v:?}"),
-            ));
-        }
-    };
+    let verify = params.flag("verify")?;
     let s = state.ns.status(name).await?;
     let mut answer = json!({
         "file": meta_json(&s.meta),
@@ -877,6 +881,50 @@ async fn flush(State(state): State<Shared>, uri: Uri) -> ApiResult {
         axum::Json(json!({"flushed": true, "seconds": started.elapsed().as_secs_f64()}))
             .into_response(),
     )
+}
+
+/// `POST /v1/check[?repair=1][&verify_data=1][&grace=DURATION][&verify_rate=BYTES]`: the
+/// report, 200 whether or not the volume is consistent (`consistent` says).
+async fn check(State(state): State<Shared>, uri: Uri) -> ApiResult {
+    let params = Params::parse(&uri, &["repair", "verify_data", "grace", "verify_rate"])?;
+    let mut opts = blockcache::CheckOptions {
+        repair: params.flag("repair")?,
+        verify_data: params.flag("verify_data")?,
+        ..blockcache::CheckOptions::default()
+    };
+    if let Some(g) = params.get("grace") {
+        opts.grace = parse_grace(g).map_err(|e| ApiError::bad_request("bad_parameter", e))?;
+    }
+    match params.u64("verify_rate")? {
+        Some(0) => {
+            return Err(ApiError::bad_request(
+                "bad_parameter",
+                "verify_rate must be at least 1 byte per second",
+            ));
+        }
+        Some(rate) => opts.verify_rate = rate,
+        None => {}
+    }
+    let report = state.ns.cache().check(opts).await?;
+    if !report.is_consistent() {
+        tracing::warn!(
+            problems = report.problems(),
+            unfixed = report.unfixed(),
+            "check found the volume inconsistent"
+        );
+    }
+    Ok(axum::Json(report).into_response())
+}
+
+/// A grace period: a duration ("1h", "30s") or a number of seconds ("0").
+pub fn parse_grace(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(s).map_err(|e| {
+        format!("invalid grace period {s:?} ({e}); write a duration such as 1h, 10min, 0")
+    })
 }
 
 async fn drop_cache(State(state): State<Shared>, uri: Uri) -> ApiResult {

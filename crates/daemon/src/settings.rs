@@ -75,7 +75,7 @@ impl std::str::FromStr for Size {
 
 impl Size {
     /// A parser of sizes from `min` to `max` bytes, whose error names the range.
-    fn between(min: u64, max: u64) -> impl Fn(&str) -> Result<Size, String> + Clone {
+    pub fn between(min: u64, max: u64) -> impl Fn(&str) -> Result<Size, String> + Clone {
         move |s| {
             let size: Size = s.parse()?;
             if (min..=max).contains(&size.0) {

@@ -734,9 +734,11 @@ impl Db {
 }
 
 mod batch;
+mod check;
 mod files;
 mod meta;
 mod volume;
+pub use check::{BlockRef, CheckedObject, RefcountMismatch};
 pub use files::{FileRow, MergeRow};
 pub use meta::{
     Change, ChangeKey, DeltaRead, InodeRole, MetaRows, ObjectInfo, RestoreVolume, RestoredCounts,

@@ -3,6 +3,7 @@
 mod atomic;
 mod bad_input;
 mod cancel;
+mod check;
 mod concurrency;
 mod crash;
 mod daemon;

@@ -16,11 +16,13 @@
 //! - `flush`: commit and wait until the store holds everything;
 //! - `remove`: removing blocks and deleting released objects from the store;
 //! - `ship`: shipping the metadata to the store;
-//! - `recovery`: opening after a crash.
+//! - `recovery`: opening after a crash;
+//! - `check`: what `check` needs of the engine (cache files against entries, cached copies).
 //!
 //! The lock order and the invariants are written once, in ARCHITECTURE.md (*Locks*,
 //! *Invariants*).
 
+mod check;
 mod commit;
 mod evict;
 mod flush;
