@@ -221,7 +221,9 @@ impl BlockCache {
     /// read and decoded), each with why.
     pub async fn check_metadata(&self) -> Result<Vec<String>> {
         let volume = self.inner.db().volume_id().await?.id;
-        crate::restore::check_generations(self.inner.backend(), &volume).await
+        let (problems, _) =
+            crate::restore::check_generations(self.inner.backend(), &volume).await?;
+        Ok(problems.into_iter().map(|(_, p)| p).collect())
     }
 
     /// Ships the metadata changed since the last round to the store now (a flush also does,

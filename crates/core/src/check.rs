@@ -175,8 +175,23 @@ pub struct CheckReport {
     pub damaged: Vec<DamagedObject>,
     /// Cache files and entries that do not fit.
     pub cache: Vec<CacheProblem>,
+    /// Metadata objects in the store that cannot be used (every complete generation is
+    /// read), with why. A repair writes a new generation from the shipped state.
+    pub metadata: Vec<MetadataProblem>,
     /// Repairs that were tried and failed, with why.
     pub repair_errors: Vec<String>,
+}
+
+/// A metadata object in the store that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetadataProblem {
+    /// What is wrong, naming the object.
+    pub problem: String,
+    /// The generation it belongs to.
+    pub generation: u64,
+    /// Whether a newer complete generation is readable (a restore uses that one): written
+    /// by a repair, or there already.
+    pub fixed: bool,
 }
 
 impl CheckReport {
@@ -187,6 +202,7 @@ impl CheckReport {
             && self.refcounts.iter().all(|r| r.fixed)
             && self.damaged.iter().all(|d| d.fixed)
             && self.cache.iter().all(|c| c.fixed)
+            && self.metadata.iter().all(|m| m.fixed)
             && self.repair_errors.is_empty()
     }
 
@@ -197,6 +213,7 @@ impl CheckReport {
             + self.refcounts.len()
             + self.damaged.len()
             + self.cache.len()
+            + self.metadata.len()
     }
 
     /// How many problems were found and are not fixed.
@@ -206,6 +223,7 @@ impl CheckReport {
             + self.refcounts.iter().filter(|r| !r.fixed).count()
             + self.damaged.iter().filter(|d| !d.fixed).count()
             + self.cache.iter().filter(|c| !c.fixed).count()
+            + self.metadata.iter().filter(|m| !m.fixed).count()
     }
 }
 
@@ -326,6 +344,18 @@ impl fmt::Display for CheckReport {
                 fixed_word(c.fixed, repair)
             )?;
         }
+        for m in &self.metadata {
+            writeln!(
+                f,
+                "metadata in the store: {}{}",
+                m.problem,
+                if m.fixed {
+                    " [a newer complete generation is readable: a restore uses that]"
+                } else {
+                    fixed_word(false, repair)
+                }
+            )?;
+        }
         for e in &self.repair_errors {
             writeln!(f, "repair failed: {e}")?;
         }
@@ -423,6 +453,7 @@ impl BlockCache {
             refcounts: Vec::new(),
             damaged: Vec::new(),
             cache: Vec::new(),
+            metadata: Vec::new(),
             repair_errors: Vec::new(),
         };
 
@@ -604,6 +635,31 @@ impl BlockCache {
 
         if opts.repair {
             self.repair(&mut report, &by_object).await?;
+        }
+        let volume = db.volume_id().await?.id;
+        let (problems, newest) = crate::restore::check_generations(backend, &volume).await?;
+        // What a restore would use is the newest complete generation: problems of older
+        // ones are told, but a readable newest generation makes them harmless.
+        report.metadata = problems
+            .into_iter()
+            .map(|(generation, problem)| MetadataProblem {
+                problem,
+                generation,
+                fixed: Some(generation) != newest,
+            })
+            .collect();
+        if opts.repair && report.metadata.iter().any(|m| !m.fixed) {
+            match inner.write_new_generation().await {
+                Ok(_) => {
+                    for m in &mut report.metadata {
+                        m.fixed = true;
+                    }
+                }
+                Err(e) => report.repair_errors.push(format!(
+                    "writing a new metadata generation failed: {}",
+                    blockcache_backend::chain(&e)
+                )),
+            }
         }
         report.consistent = report.is_consistent();
         Ok(report)

@@ -427,18 +427,28 @@ async fn missing(db: &Db, backend: &Backend) -> Result<(Vec<u64>, Vec<String>)> 
 }
 
 /// Reads every metadata object of every complete generation in the store (with `backend`'s
-/// format: the volume's key) and says which cannot be used, and why. For `check`.
-pub async fn check_generations(backend: &Backend, volume: &str) -> Result<Vec<String>> {
+/// format: the volume's key) and says which cannot be used, and why, with their generation;
+/// also the newest complete generation. For `check`.
+pub async fn check_generations(
+    backend: &Backend,
+    volume: &str,
+) -> Result<(Vec<(u64, String)>, Option<u64>)> {
     let listing = backend
         .list_meta()
         .await
         .map_err(store_error("list the metadata in the store"))?;
     let mut problems = Vec::new();
+    let mut newest = None;
     for info in generations(&listing) {
         let generation = info.generation;
         if !info.complete {
             continue;
         }
+        newest = Some(generation);
+        let mut problems = Problems {
+            generation,
+            list: &mut problems,
+        };
         let manifest_object = MetaObject::Manifest { generation };
         let manifest: ManifestDoc = match read_doc(backend, manifest_object).await {
             Ok(m) => m,
@@ -486,5 +496,17 @@ pub async fn check_generations(backend: &Backend, volume: &str) -> Result<Vec<St
             }
         }
     }
-    Ok(problems)
+    Ok((problems, newest))
+}
+
+/// The problems of one generation, collected with its number.
+struct Problems<'a> {
+    generation: u64,
+    list: &'a mut Vec<(u64, String)>,
+}
+
+impl Problems<'_> {
+    fn push(&mut self, problem: String) {
+        self.list.push((self.generation, problem));
+    }
 }

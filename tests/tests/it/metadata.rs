@@ -379,3 +379,53 @@ async fn old_generations_go_after_their_keeping_time_but_the_two_newest_stay() {
     assert_eq!(report.generation, 3, "{report:?}");
     assert_eq!(report.counts.files, 3, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_unreadable_metadata_and_repair_writes_a_new_generation() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "a", b"one", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    put(&ns1, "b", b"two", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let delta = env
+        .store_dir()
+        .join("meta/0000000001/delta-00000000000000000002");
+    std::fs::write(&delta, b"not a metadata object").expect("garble");
+    let report = ns1
+        .cache()
+        .check(blockcache::CheckOptions::default())
+        .await
+        .expect("check");
+    assert!(!report.consistent, "{report}");
+    assert_eq!(report.metadata.len(), 1, "{report}");
+    assert!(
+        report.to_string().contains("delta-00000000000000000002"),
+        "{report}"
+    );
+    let repaired = ns1
+        .cache()
+        .check(blockcache::CheckOptions {
+            repair: true,
+            ..Default::default()
+        })
+        .await
+        .expect("repair");
+    assert!(repaired.consistent, "{repaired}");
+    // The broken generation is told, but no longer makes the volume inconsistent.
+    let again = ns1
+        .cache()
+        .check(blockcache::CheckOptions::default())
+        .await
+        .expect("check");
+    assert!(again.consistent, "{again}");
+    assert_eq!(again.metadata.len(), 1, "{again}");
+    ns1.shutdown().await.expect("shutdown");
+    // The new generation restores both files.
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, false).await.expect("restore");
+    assert_eq!(report.generation, 2, "{report:?}");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(names(&ns2).await, vec!["a".to_owned(), "b".to_owned()]);
+    ns2.shutdown().await.expect("shutdown");
+}

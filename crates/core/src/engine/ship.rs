@@ -292,6 +292,27 @@ impl Inner {
         result.map(drop)
     }
 
+    /// Writes the shipped state as a new generation now (a repair of unreadable metadata
+    /// in the store); deltas then ship into it.
+    pub(crate) async fn write_new_generation(self: &Arc<Self>) -> Result<u64> {
+        let mut state = self.shipping.round.lock().await;
+        let volume = match &state.volume {
+            Some(v) => v.clone(),
+            None => {
+                let v = self.db.volume_id().await?.id;
+                state.volume = Some(v.clone());
+                v
+            }
+        };
+        let mut round = Round::default();
+        let generation = self.write_snapshot(&volume, &mut round).await?;
+        state.checked = true;
+        let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+        st.objects += round.objects;
+        st.bytes += round.bytes;
+        Ok(generation)
+    }
+
     /// Sees each round of shipping end.
     pub(crate) fn ship_rounds(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shipping.rounds.subscribe()
