@@ -19,6 +19,7 @@ mod links;
 mod model;
 mod namespace;
 mod owner;
+mod restore_drill;
 mod s3_store;
 mod s3ql;
 mod volume;
