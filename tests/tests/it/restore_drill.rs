@@ -709,6 +709,15 @@ async fn wrong_key(store: &Store, root: &Path) {
         "the refused restore left {}",
         absent.display()
     );
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).expect("an empty directory");
+    let err = store.restore_refused(&empty, &["--encryption-key-file", &other_arg]);
+    assert!(err.contains("not the key of volume"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&empty).map(Iterator::count).ok(),
+        Some(0),
+        "the refused restore left the empty data directory as it was"
+    );
     let err = store.restore_refused(&absent, &[]);
     assert!(
         err.contains("is encrypted: give its key with --encryption-key-file"),
