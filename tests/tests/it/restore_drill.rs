@@ -266,7 +266,8 @@ async fn assert_serves(d: &Daemon, files: &Files, gone: &BTreeSet<String>) {
 }
 
 /// The drill's files: every size around a block, several blocks and a few MiB; some
-/// replaced, patched, truncated or deleted. Returns the files and the deleted names.
+/// replaced, patched, truncated or deleted after a first flush (their earlier state was
+/// shipped), others before any flush. Returns the files and the deleted names.
 async fn write_drill_files(d: &Daemon) -> (Files, BTreeSet<String>) {
     let mut files = Files::new();
     let sizes = [
@@ -301,6 +302,16 @@ async fn write_drill_files(d: &Daemon) -> (Files, BTreeSet<String>) {
         )
         .await;
     }
+    // In the store, with its metadata; then changed: replaced, patched, truncated, deleted.
+    d.post("/v1/flush").await;
+    put(d, &mut files, "many/04", data(210, 3 * BS + 1)).await;
+    patch(d, &mut files, "many/05", 3, &data(211, BS)).await;
+    truncate(d, &mut files, "many/06", 17).await;
+    let mut gone = BTreeSet::new();
+    for name in ["many/03", "sizes/1", &format!("sizes/{}", 3 * BS + 7)] {
+        delete(d, &mut files, name).await;
+        gone.insert(name.to_owned());
+    }
     // Replaced: larger, smaller, empty, from empty.
     put(d, &mut files, "replace/grow", data(300, 10)).await;
     put(d, &mut files, "replace/grow", data(301, 4 * BS + 5)).await;
@@ -333,7 +344,6 @@ async fn write_drill_files(d: &Daemon) -> (Files, BTreeSet<String>) {
     truncate(d, &mut files, "truncate/then-patch", 100).await;
     patch(d, &mut files, "truncate/then-patch", 2 * BS, &data(505, 10)).await;
     // Deleted: a plain one, a replaced one, a patched one, one deleted and written again.
-    let mut gone = BTreeSet::new();
     for (i, name) in ["gone/plain", "gone/replaced", "gone/patched"]
         .into_iter()
         .enumerate()
@@ -342,7 +352,7 @@ async fn write_drill_files(d: &Daemon) -> (Files, BTreeSet<String>) {
     }
     put(d, &mut files, "gone/replaced", data(610, BS)).await;
     patch(d, &mut files, "gone/patched", 5, b"x").await;
-    for name in ["gone/plain", "gone/replaced", "gone/patched", "sizes/1"] {
+    for name in ["gone/plain", "gone/replaced", "gone/patched"] {
         delete(d, &mut files, name).await;
         gone.insert(name.to_owned());
     }
@@ -379,6 +389,9 @@ async fn drill(store: &Store, root: &Path) {
     let mut files = files;
     put(&d, &mut files, "after-restore", data(700, BS + 3)).await;
     patch(&d, &mut files, "sizes/0", 0, b"no longer empty").await;
+    delete(&d, &mut files, "many/07").await;
+    let mut gone = gone;
+    gone.insert("many/07".to_owned());
     d.post("/v1/flush").await;
     d.kill9();
     std::fs::remove_dir_all(&b).expect("delete the data directory");
