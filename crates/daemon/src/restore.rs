@@ -152,6 +152,8 @@ pub async fn run(args: RestoreArgs) -> Result<(), String> {
         force_takeover: args.force_takeover,
         ..RestoreOptions::default()
     };
+    // A directory that was there (empty) stays; one this restore creates goes if it fails.
+    let existed = data_dir.is_dir();
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create --data-dir {}: {e}", data_dir.display()))?;
     let db_path = data_dir.join("meta.db");
@@ -181,7 +183,9 @@ pub async fn run(args: RestoreArgs) -> Result<(), String> {
             for suffix in ["", "-wal", "-shm", ".lock"] {
                 let _ = std::fs::remove_file(format!("{}{suffix}", db_path.display()));
             }
-            let _ = std::fs::remove_dir(&data_dir);
+            if !existed {
+                let _ = std::fs::remove_dir(&data_dir);
+            }
             return Err(format!("restore failed: {}", chain(&e)));
         }
     };

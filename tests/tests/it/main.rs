@@ -21,6 +21,7 @@ mod metadata;
 mod model;
 mod namespace;
 mod owner;
+mod restore_drill;
 mod s3_store;
 mod s3ql;
 mod volume;
