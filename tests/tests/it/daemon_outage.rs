@@ -95,10 +95,26 @@ async fn files_round_trip_through_a_bucket_and_a_flush_waits_for_deletions() {
     // (never sent) and wait for a retry. Then the store answers again, and a flush must not
     // answer before the deletions are done.
     moto.pause();
-    if let Ok(r) = d.http.get(d.url("/v1/files/also_gone")).send().await {
-        // The body is read until the read fails (the status line may come first).
-        let _ = r.bytes().await;
-    }
+    // The first block is read before the status line: the answer is a 502 whose JSON body
+    // names the object that could not be read, not a 200 whose body is cut off.
+    let started = Instant::now();
+    let r = d
+        .http
+        .get(d.url("/v1/files/also_gone"))
+        .send()
+        .await
+        .expect("GET");
+    let took = started.elapsed();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{}", d.log_text());
+    let v: serde_json::Value = r.json().await.expect("a JSON error body");
+    assert_eq!(v["error"], "store_error", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("download of object") && m.contains("block 0 ")),
+        "{v}"
+    );
+    assert!(took < FAST, "the read took {took:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while d.json("/v1/stats").await["store_up"] != false {
         assert!(
