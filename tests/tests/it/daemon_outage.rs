@@ -506,4 +506,16 @@ async fn a_misconfigured_store_stops_the_start_with_what_to_change() {
     moto.create_bucket(BUCKET).await;
     let d = launch(&dir.path().join("e"), &moto, &[]).start();
     d.stop();
+
+    // The store refuses the credentials (403): told as denied access, with what to check,
+    // at once (a refusal is not retried).
+    moto.deny_every_request().await;
+    let (log, took) = refused(launch(&dir.path().join("f"), &moto, &[]));
+    assert!(
+        log.contains(&format!("access to s3://{BUCKET}/vol denied"))
+            && log.contains("AWS_ACCESS_KEY_ID")
+            && log.contains("403"),
+        "{log}"
+    );
+    assert!(took < FAST, "{took:?}");
 }
