@@ -204,6 +204,25 @@ impl Moto {
             .collect()
     }
 
+    /// From now on the server checks every request's signature against its own IAM users,
+    /// of which there are none: every S3 request is refused with 403 (`InvalidAccessKeyId`),
+    /// as a store refuses credentials it does not know. The helpers of this type, which send
+    /// unsigned requests, stop working too.
+    pub async fn deny_every_request(&self) {
+        let r = reqwest::Client::new()
+            .post(format!("{}/moto-api/reset-auth", self.endpoint()))
+            .body("0")
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .expect("enable moto's authentication");
+        assert!(
+            r.status().is_success(),
+            "enable moto's authentication: {}",
+            r.status()
+        );
+    }
+
     /// SIGSTOP: the server keeps its objects, and connections are accepted (by the kernel)
     /// but never answered, as with a store that hangs.
     pub fn pause(&self) {

@@ -1,7 +1,8 @@
-//! The daemon's answers when something fails: a GET whose first block cannot be read is an
-//! error status with its JSON body (not a 200 cut short), `status?verify=1` tells what the
-//! store really holds, a full cache disk is a 507, and a client still sending a large body
-//! reads the error instead of a reset connection.
+//! The daemon's answers when something fails: a GET whose first block cannot be read (its
+//! object missing or corrupted in the store) is an error status with its JSON body (not a 200
+//! cut short), `status?verify=1` tells what the store really holds, a full cache disk is a
+//! 507, and a client still sending a large body reads the error instead of a reset
+//! connection.
 
 use std::path::{Path, PathBuf};
 
@@ -72,6 +73,71 @@ async fn get_of_a_missing_first_object_is_a_502_with_json() {
                 .is_some_and(|m| m.contains("not found")),
             "{v}"
         );
+    }
+    // The other blocks are still served.
+    let r = d
+        .http
+        .get(d.url("/v1/files/f"))
+        .header("Range", format!("bytes={BS}-"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(
+        r.bytes().await.expect("body") == content[BS..],
+        "other bytes"
+    );
+    d.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_of_a_corrupted_first_object_is_an_error_with_json_naming_it() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), ARGS);
+    let content = data(23, 3 * BS + 5);
+    assert!(d.put("f", content.clone()).await.status().is_success());
+    d.post("/v1/flush").await;
+    // The cache no longer has the block, and the object of block 0 is overwritten in the
+    // store with other bytes of its length.
+    d.post("/v1/cache/drop").await;
+    let id = blockcache_tests::Env::nth_object(1);
+    let first = dir
+        .path()
+        .join(format!("store/data/{:02x}/{id}", id & 0xff));
+    let stored = std::fs::read(&first).unwrap_or_else(|e| {
+        panic!(
+            "read the first object: {e}; {:?}",
+            files_under(&dir.path().join("store"))
+        )
+    });
+    // Every byte inverted: the object cannot be decoded, a failure of the store (502). One
+    // bit of the block's bytes flipped: the object decodes, and the block's hash does not
+    // match what was written (500, bad data).
+    let garbled: Vec<u8> = stored.iter().map(|b| !b).collect();
+    let mut flipped = stored.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 1;
+    for (bytes, status, code) in [
+        (garbled, StatusCode::BAD_GATEWAY, "store_error"),
+        (flipped, StatusCode::INTERNAL_SERVER_ERROR, "data_error"),
+    ] {
+        std::fs::write(&first, bytes).expect("overwrite the first object");
+        for range in [None, Some("bytes=10-")] {
+            let mut req = d.http.get(d.url("/v1/files/f"));
+            if let Some(r) = range {
+                req = req.header("Range", r);
+            }
+            let r = req.send().await.expect("GET");
+            assert_eq!(r.status(), status, "{code}, range {range:?}");
+            let v: serde_json::Value = r.json().await.expect("a JSON error body");
+            assert_eq!(v["error"], code, "{v}");
+            assert!(
+                v["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(&format!("object {id} "))),
+                "the error names the object: {v}"
+            );
+        }
     }
     // The other blocks are still served.
     let r = d

@@ -1,8 +1,11 @@
 //! The daemon against a real S3 server (moto's): files round-trip through a bucket, a flush
-//! after deletions leaves their objects gone from it, a store that dies mid-run gives fast
-//! answers that name the cause (502 for a flush, 503 with `Retry-After` for writers beyond
-//! the dirty budget), one log line for the outage and one for its end, and `store_up`
-//! follows it; a misconfigured store stops the daemon at start with what to change.
+//! after deletions leaves their objects gone from it, a read from a store that hangs is a 502
+//! naming the object, a store that dies mid-run gives fast answers that name the cause (502
+//! for a flush or a `durability=store` PUT, 503 with `Retry-After` for writers beyond the
+//! dirty budget), one log line for the outage and one for its end, and `store_up` follows
+//! it; SIGTERM while the store is down exits at the store timeout and leaves the dirty
+//! blocks to the next start, which uploads them; a misconfigured store (or one that refuses
+//! the credentials) stops the daemon at start with what to change.
 //!
 //! Timings are only bounded from above, generously for a loaded machine.
 
@@ -92,10 +95,26 @@ async fn files_round_trip_through_a_bucket_and_a_flush_waits_for_deletions() {
     // metadata in the store, which cannot be updated, still names their objects). Then the
     // store answers again, and a flush must not answer before the deletions are done.
     moto.pause();
-    if let Ok(r) = d.http.get(d.url("/v1/files/also_gone")).send().await {
-        // The body is read until the read fails (the status line may come first).
-        let _ = r.bytes().await;
-    }
+    // The first block is read before the status line: the answer is a 502 whose JSON body
+    // names the object that could not be read, not a 200 whose body is cut off.
+    let started = Instant::now();
+    let r = d
+        .http
+        .get(d.url("/v1/files/also_gone"))
+        .send()
+        .await
+        .expect("GET");
+    let took = started.elapsed();
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{}", d.log_text());
+    let v: serde_json::Value = r.json().await.expect("a JSON error body");
+    assert_eq!(v["error"], "store_error", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("download of object") && m.contains("block 0 ")),
+        "{v}"
+    );
+    assert!(took < FAST, "the read took {took:?}");
     let deadline = Instant::now() + Duration::from_secs(60);
     while d.json("/v1/stats").await["store_up"] != false {
         assert!(
@@ -262,6 +281,160 @@ async fn a_store_that_dies_gives_fast_answers_and_one_log_line_each_way() {
     d.stop();
 }
 
+/// Asserts that a JSON error answer is a store error that names the store and a failure to
+/// connect to it.
+async fn names_the_dead_store(r: reqwest::Response, moto_port: u16) {
+    let v: serde_json::Value = r.json().await.expect("a JSON error body");
+    let message = v["message"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(v["error"], "store_error", "{v}");
+    assert!(
+        message.contains(&format!("127.0.0.1:{moto_port}")) && message.contains("onnect"),
+        "the message names the store and the failure: {message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_durable_put_to_a_dead_store_fails_at_the_deadline_with_the_cause() {
+    if !moto_or_skip("a_durable_put_to_a_dead_store_fails_at_the_deadline_with_the_cause") {
+        return;
+    }
+    let dir = tmp();
+    let mut moto = Moto::start(dir.path());
+    moto.create_bucket(BUCKET).await;
+    let d = launch(
+        dir.path(),
+        &moto,
+        &[
+            "--block-size",
+            "64KiB",
+            "--store-timeout",
+            "2s",
+            "--upload-delay",
+            "off",
+        ],
+    )
+    .start();
+    let old = data(30, 2 * BS + 3);
+    let r = d
+        .http
+        .put(d.url("/v1/files/f?durability=store"))
+        .body(old.clone())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), StatusCode::CREATED, "{}", d.log_text());
+
+    moto.kill();
+    // Twice: while the store is not yet known to be down, and once it is.
+    for seed in [31, 32] {
+        let started = Instant::now();
+        let r = d
+            .http
+            .put(d.url("/v1/files/f?durability=store"))
+            .body(data(seed, 3 * BS + 1))
+            .send()
+            .await
+            .expect("PUT");
+        let took = started.elapsed();
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{}", d.log_text());
+        names_the_dead_store(r, moto.port).await;
+        assert!(took < FAST, "the durable PUT took {took:?}");
+        // The failed PUT changed nothing.
+        assert_eq!(d.get("f").await, (200, old.clone()));
+    }
+    // The store stays down: a SIGTERM would end in a failed shutdown (the failed PUTs'
+    // objects wait to be deleted), which is not what this test is about.
+    d.kill9();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_dirty_blocks_and_a_dead_store_exits_and_the_next_start_uploads_them() {
+    if !moto_or_skip(
+        "sigterm_with_dirty_blocks_and_a_dead_store_exits_and_the_next_start_uploads_them",
+    ) {
+        return;
+    }
+    let dir = tmp();
+    let moto = Moto::start(dir.path());
+    moto.create_bucket(BUCKET).await;
+    // The shutdown deadline is the default (30 s): the exit must come from the store
+    // timeout, well before it.
+    let args = [
+        "--block-size",
+        "64KiB",
+        "--store-timeout",
+        "2s",
+        "--upload-delay",
+        "off",
+    ];
+    let mut d = launch(dir.path(), &moto, &args).start();
+    // The store hangs (it keeps its objects, among them the volume's record, which the next
+    // start needs).
+    moto.pause();
+    let files: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| (format!("f{i}"), data(40 + i, 10 * BS + 1 + i as usize)))
+        .collect();
+    for (name, body) in &files {
+        assert_eq!(
+            put_status(&d, name, body.clone()).await,
+            StatusCode::CREATED,
+            "a local write needs no store"
+        );
+    }
+    let dirty = d.json("/v1/stats").await["dirty"]["entries"].clone();
+    assert_eq!(dirty, 5 * 11, "{}", d.log_text());
+
+    let started = Instant::now();
+    d.signal(15);
+    let status = d.wait(Duration::from_secs(120));
+    let took = started.elapsed();
+    let log = d.log_text();
+    assert!(
+        !status.success(),
+        "exited with {status} without flushing; log:\n{log}"
+    );
+    assert!(took < FAST, "the shutdown took {took:?}; log:\n{log}");
+    // One line says what stays for the next start, and why (the store's cause).
+    assert!(
+        log.contains("shut down without flushing everything (55 dirty blocks")
+            && log.contains("next start"),
+        "{log}"
+    );
+    // The cause: the HTTP request's timeout or the operation's deadline, whichever of the
+    // two (both the store timeout) ends the hung upload first.
+    assert!(
+        log.contains("upload of object")
+            && (log.contains("timed out") || log.contains("did not succeed within 2.0s")),
+        "the exit tells the store's failure: {log}"
+    );
+
+    // The store answers again; the next start uploads every dirty block on its own, and
+    // every byte comes back from the bucket.
+    moto.resume();
+    let d = launch(dir.path(), &moto, &args).start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dirty = d.json("/v1/stats").await["dirty"]["entries"].clone();
+        if dirty == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{dirty} blocks still dirty:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(moto.keys(BUCKET, "vol/data/").await.len(), 5 * 11);
+    d.post("/v1/cache/drop").await;
+    for (name, body) in files {
+        let (status, got) = d.get(&name).await;
+        assert_eq!(status, 200, "{name}: {}", d.log_text());
+        assert!(got == body, "{name}: other bytes came back");
+    }
+    d.stop();
+}
+
 /// Starts a daemon that must refuse to start; returns its log and how long it took.
 fn refused(launch: Launch) -> (String, Duration) {
     let started = Instant::now();
@@ -326,4 +499,16 @@ async fn a_misconfigured_store_stops_the_start_with_what_to_change() {
     moto.create_bucket(BUCKET).await;
     let d = launch(&dir.path().join("e"), &moto, &[]).start();
     d.stop();
+
+    // The store refuses the credentials (403): told as denied access, with what to check,
+    // at once (a refusal is not retried).
+    moto.deny_every_request().await;
+    let (log, took) = refused(launch(&dir.path().join("f"), &moto, &[]));
+    assert!(
+        log.contains(&format!("access to s3://{BUCKET}/vol denied"))
+            && log.contains("AWS_ACCESS_KEY_ID")
+            && log.contains("403"),
+        "{log}"
+    );
+    assert!(took < FAST, "{took:?}");
 }
