@@ -70,7 +70,10 @@ impl Default for Shipping {
 struct RoundState {
     /// The volume's id, once read.
     volume: Option<String>,
-    /// Whether the position recorded in the database was checked against the store.
+    /// Whether the position recorded in the database was checked against the store, and
+    /// every round since finished: a round that fails or is dropped midway may leave in the
+    /// store a delta or a snapshot that the database does not record, so the next one reads
+    /// the store again.
     checked: bool,
 }
 
@@ -305,6 +308,9 @@ impl Inner {
             }
         };
         let mut round = Round::default();
+        // Stopped midway, the store may hold the new manifest unrecorded: the next round
+        // reads the store again.
+        state.checked = false;
         let generation = self.write_snapshot(&volume, &mut round).await?;
         state.checked = true;
         let mut st = self.shipping.status.lock().expect("status mutex poisoned");
@@ -365,18 +371,19 @@ impl Inner {
             }
         };
         let mut round = Round::default();
+        let checked = std::mem::replace(&mut state.checked, false);
         let mut position = self.db.meta_position().await?;
-        if !state.checked {
+        if !checked {
             let listing = self
                 .backend
                 .list_meta()
                 .await
                 .map_err(store_error("list the metadata in the store"))?;
             position = self.check_position(&volume, position, &listing).await?;
-            state.checked = true;
             if let Some((generation, _)) = position {
                 {
                     let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+                    (st.delta_bytes, st.snapshot_bytes) = (0, 0);
                     for m in listing
                         .iter()
                         .filter(|m| m.object.generation() == generation)
@@ -418,12 +425,16 @@ impl Inner {
         if due {
             self.write_snapshot(&volume, &mut round).await?;
         }
+        state.checked = true;
         Ok(round)
     }
 
     /// The position to ship from, as the store has it: the recorded one if the store holds
     /// that generation's manifest, with deltas past it that a stopped process wrote but did
-    /// not record adopted; `None` (write a new snapshot) if the store lacks the generation.
+    /// not record adopted; `None` (write a new snapshot) if the store lacks the generation,
+    /// or holds a newer complete one (a snapshot whose manifest was written and not
+    /// recorded: a restore reads it, so deltas into an older generation would never be
+    /// restored, and the objects it names could be deleted).
     async fn check_position(
         &self,
         volume: &str,
@@ -457,6 +468,18 @@ impl Inner {
                 delta = seq,
                 "adopted a metadata delta written before a stop"
             );
+        }
+        let newer = listing.iter().find_map(|m| match m.object {
+            MetaObject::Manifest { generation: g } if g > generation => Some(g),
+            _ => None,
+        });
+        if let Some(newer) = newer {
+            tracing::warn!(
+                generation,
+                newer,
+                "the store holds a newer complete metadata generation than the one this database ships into (written before a stop, not recorded); writing a new snapshot"
+            );
+            return Ok(None);
         }
         Ok(Some((generation, seq)))
     }
