@@ -324,9 +324,15 @@ impl Inner {
         self.shipping.rounds.subscribe()
     }
 
-    /// Holds off shipping rounds (a store deletion in progress) until dropped.
-    pub(crate) async fn hold_shipping(&self) -> tokio::sync::MutexGuard<'_, impl Sized> {
-        self.shipping.round.lock().await
+    /// Holds off shipping rounds (a store deletion in progress) until dropped; with whether
+    /// the database's shipped state is all the store's metadata names (a round read the
+    /// store, and every round since finished). Until then the store may hold a delta that
+    /// the database does not record (written just before a stop or a failure), naming
+    /// objects the shipped state does not.
+    pub(crate) async fn hold_shipping(&self) -> (tokio::sync::MutexGuard<'_, impl Sized>, bool) {
+        let state = self.shipping.round.lock().await;
+        let checked = state.checked;
+        (state, checked)
     }
 
     /// Whether a round is due: changes are waiting and the last round that left nothing
