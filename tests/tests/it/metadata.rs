@@ -593,3 +593,43 @@ async fn objects_of_a_delta_not_yet_adopted_stay_in_the_store() {
     assert_eq!(names(&ns3).await, vec!["keep".to_owned()]);
     ns3.shutdown().await.expect("shutdown");
 }
+
+/// A file whose changes outnumber what one delta reads (50,000 changed keys: a large file,
+/// or small blocks) written between two rounds: a flush still ships it, and the changes
+/// noted after it are not stuck behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_more_changes_than_a_delta_reads_still_ships() {
+    let env = Env::new();
+    let config = Config {
+        block_size: 64,
+        max_bytes: 64 << 20,
+        max_entries: 1 << 20,
+        max_dirty_bytes: 32 << 20,
+        metadata_interval: None,
+        ..env.config()
+    };
+    let ns1 = ns(env.open_with(config.clone()).await).await;
+    // Blocks of one content: one object, 50,100 mappings.
+    let big = [0x5au8; 64].repeat(50_100);
+    put(&ns1, "big", &big, Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    put(&ns1, "small", b"after the big one", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let status = ns1.cache().metadata_status().await.expect("status");
+    assert_eq!(status.pending_changes, 0, "{status:?}");
+    drop(ns1);
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, true).await.expect("restore");
+    assert_eq!(report.counts.files, 2, "{report:?}");
+    let ns2 = open_restored(&env, &dir, config).await;
+    assert_eq!(get(&ns2, "small").await, b"after the big one");
+    let r = ns2.open_read("big").await.expect("open");
+    assert_eq!(r.meta().size, big.len() as u64);
+    for at in [0, big.len() - 64] {
+        assert_eq!(
+            &r.read(at as u64, 64).await.expect("read")[..],
+            &big[at..at + 64]
+        );
+    }
+    ns2.shutdown().await.expect("shutdown");
+}
