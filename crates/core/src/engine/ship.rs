@@ -516,13 +516,14 @@ impl Inner {
         mut seq: u64,
         round: &mut Round,
     ) -> Result<u64> {
+        let mut limit = DELTA_CHANGES;
         loop {
-            let read = self.db.read_delta(DELTA_CHANGES).await?;
+            let read = self.db.read_delta(limit).await?;
             if read.changes.is_empty() {
                 round.deferred = 0;
                 return Ok(seq);
             }
-            let more = read.changes.len() >= DELTA_CHANGES;
+            let more = read.changes.len() >= limit;
             // After the read: blocks dirty now, or changed since, may have been dirty then.
             let mut unsettled: HashSet<u64> = HashSet::new();
             let dirty = self.lock_state().dirty_inodes();
@@ -560,6 +561,13 @@ impl Inner {
             }
             round.deferred = p.deferred;
             if p.acked.is_empty() {
+                // A read cut short leaves out later changes of the files it holds, which
+                // then count as changed since: a file with more changes than one read takes
+                // would never ship, nor anything noted after it. Read them all once.
+                if more {
+                    limit = usize::MAX;
+                    continue;
+                }
                 return Ok(seq);
             }
             let next = if p.rows.is_empty() { seq } else { seq + 1 };
