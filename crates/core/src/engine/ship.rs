@@ -729,7 +729,7 @@ impl Inner {
             }
             // Superseded when the next complete generation was written.
             let superseded = complete[i + 1].1;
-            if keep_after.is_some_and(|k| superseded < k) {
+            if keep_after.is_some_and(|k| superseded <= k) {
                 doomed.insert(*generation);
             }
         }
