@@ -429,3 +429,207 @@ async fn check_reports_unreadable_metadata_and_repair_writes_a_new_generation() 
     assert_eq!(names(&ns2).await, vec!["a".to_owned(), "b".to_owned()]);
     ns2.shutdown().await.expect("shutdown");
 }
+
+/// The volume's raw SQLite file, for tests that set up the state a crash leaves.
+async fn raw_db(env: &Env) -> sqlx::SqlitePool {
+    sqlx::SqlitePool::connect(&format!("sqlite://{}", env.db_path().display()))
+        .await
+        .expect("raw db")
+}
+
+async fn meta_position(pool: &sqlx::SqlitePool) -> (String, String) {
+    sqlx::query_as(
+        "SELECT (SELECT value FROM volume WHERE key = 'meta_generation'), \
+                (SELECT value FROM volume WHERE key = 'meta_seq')",
+    )
+    .fetch_one(pool)
+    .await
+    .expect("position")
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+/// A snapshot's manifest reached the store and the process stopped before recording it (a
+/// crash, or a flush whose caller gave up): the store's newest complete generation is that
+/// snapshot. Later changes must reach a generation that a restore reads, and no object it
+/// names may be deleted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_written_but_not_recorded_is_not_left_behind() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "old", &data(1, 3000), Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    ns1.shutdown().await.expect("shutdown");
+    let pool = raw_db(&env).await;
+    let position = meta_position(&pool).await;
+    pool.close().await;
+    assert_eq!(position.0, "1", "{position:?}");
+
+    // Generation 2 written from this database's shipped state (the store lacking
+    // generation 1's manifest makes the next round write one)...
+    let gen1 = env.store_dir().join("meta/0000000001");
+    let saved = env.dir.path().join("saved-gen1");
+    copy_dir(&gen1, &saved);
+    std::fs::remove_file(gen1.join("manifest")).expect("rm manifest");
+    let ns2 = ns(env.open().await).await;
+    ns2.cache().ship_metadata().await.expect("ship");
+    assert_eq!(
+        ns2.cache()
+            .metadata_status()
+            .await
+            .expect("status")
+            .generation,
+        Some(2)
+    );
+    ns2.shutdown().await.expect("shutdown");
+    // ... with generation 1 still in the store and this database's position not moved to
+    // generation 2: the state a stop right after generation 2's manifest leaves.
+    let _ = std::fs::remove_dir_all(&gen1);
+    copy_dir(&saved, &gen1);
+    let pool = raw_db(&env).await;
+    for (key, value) in [("meta_generation", &position.0), ("meta_seq", &position.1)] {
+        sqlx::query("UPDATE volume SET value = ? WHERE key = ?")
+            .bind(value)
+            .bind(key)
+            .execute(&pool)
+            .await
+            .expect("position back");
+    }
+    pool.close().await;
+
+    let ns3 = ns(env.open().await).await;
+    let new = data(2, 2000);
+    put(&ns3, "new", &new, Durability::Local).await;
+    ns3.delete("old").await.expect("delete");
+    ns3.flush().await.expect("flush");
+    ns3.shutdown().await.expect("shutdown");
+
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, false).await.expect("restore");
+    assert!(report.missing_objects.is_empty(), "{report:?}");
+    let ns4 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(names(&ns4).await, vec!["new".to_owned()], "{report:?}");
+    assert_eq!(get(&ns4, "new").await, new);
+    ns4.shutdown().await.expect("shutdown");
+}
+
+/// A delta reached the store and the process stopped before recording it: until a round
+/// adopts it, the objects it names must not be deleted from the store, though the local
+/// shipped state does not name them (a deletion queued at open, or soon after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_of_a_delta_not_yet_adopted_stay_in_the_store() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "keep", &data(1, 1000), Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let before = env.store_ids().await;
+    // Uploaded (not shipped), then shipped as delta 2.
+    put(&ns1, "a", &data(2, 1000), Durability::Store).await;
+    let objects: Vec<u64> = env
+        .store_ids()
+        .await
+        .into_iter()
+        .filter(|id| !before.contains(id))
+        .collect();
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    ns1.cache().ship_metadata().await.expect("ship");
+    ns1.shutdown().await.expect("shutdown");
+
+    // Undo the local record of delta 2, as a stop between its upload and the transaction
+    // that records it leaves the database.
+    let pool = raw_db(&env).await;
+    assert_eq!(meta_position(&pool).await, ("1".to_owned(), "2".to_owned()));
+    let inode: i64 = sqlx::query_scalar("SELECT inode FROM files WHERE name = 'a'")
+        .fetch_one(&pool)
+        .await
+        .expect("inode");
+    for (statement, bind) in [
+        ("DELETE FROM shipped_files WHERE name = 'a'", None),
+        ("DELETE FROM shipped_blocks WHERE inode = ?", Some(inode)),
+        ("UPDATE volume SET value = '1' WHERE key = 'meta_seq'", None),
+        (
+            "INSERT INTO meta_changes (kind, a, b, name, seq, last) \
+             SELECT 1, 0, 0, 'a', n, n FROM meta_clock",
+            None,
+        ),
+        (
+            "INSERT INTO meta_changes (kind, a, b, name, seq, last) \
+             SELECT 3, ?, 0, '', n, n FROM meta_clock",
+            Some(inode),
+        ),
+    ] {
+        let mut q = sqlx::query(statement);
+        if let Some(b) = bind {
+            q = q.bind(b);
+        }
+        q.execute(&pool).await.expect(statement);
+    }
+    pool.close().await;
+
+    let ns2 = ns(env.open().await).await;
+    ns2.delete("a").await.expect("delete");
+    within(
+        "the deleted file's object to leave the store",
+        WAIT,
+        async {
+            while env.store_ids().await.contains(&objects[0]) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        },
+    )
+    .await;
+    // The machine dies once the object is gone: the store's metadata must not name it.
+    drop(ns2);
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, true).await.expect("restore");
+    assert!(report.missing_objects.is_empty(), "{report:?}");
+    let ns3 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(names(&ns3).await, vec!["keep".to_owned()]);
+    ns3.shutdown().await.expect("shutdown");
+}
+
+/// A file whose changes outnumber what one delta reads (50,000 changed keys: a large file,
+/// or small blocks) written between two rounds: a flush still ships it, and the changes
+/// noted after it are not stuck behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_with_more_changes_than_a_delta_reads_still_ships() {
+    let env = Env::new();
+    let config = Config {
+        block_size: 64,
+        max_bytes: 64 << 20,
+        max_entries: 1 << 20,
+        max_dirty_bytes: 32 << 20,
+        metadata_interval: None,
+        ..env.config()
+    };
+    let ns1 = ns(env.open_with(config.clone()).await).await;
+    // Blocks of one content: one object, 50,100 mappings.
+    let big = [0x5au8; 64].repeat(50_100);
+    put(&ns1, "big", &big, Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    put(&ns1, "small", b"after the big one", Durability::Local).await;
+    ns1.flush().await.expect("flush");
+    let status = ns1.cache().metadata_status().await.expect("status");
+    assert_eq!(status.pending_changes, 0, "{status:?}");
+    drop(ns1);
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, true).await.expect("restore");
+    assert_eq!(report.counts.files, 2, "{report:?}");
+    let ns2 = open_restored(&env, &dir, config).await;
+    assert_eq!(get(&ns2, "small").await, b"after the big one");
+    let r = ns2.open_read("big").await.expect("open");
+    assert_eq!(r.meta().size, big.len() as u64);
+    for at in [0, big.len() - 64] {
+        assert_eq!(
+            &r.read(at as u64, 64).await.expect("read")[..],
+            &big[at..at + 64]
+        );
+    }
+    ns2.shutdown().await.expect("shutdown");
+}

@@ -326,8 +326,14 @@ impl Inner {
         }
         // No round of shipping runs meanwhile: one could ship a mapping to an object read
         // before its release and deleted here.
-        let _shipping = self.hold_shipping().await;
-        let named = self.db.shipped_among(&ids).await?;
+        let (_shipping, checked) = self.hold_shipping().await;
+        // Before a round read the store's metadata, any object may be named by a delta that
+        // the database does not record: hold every deletion back until one has.
+        let named = if checked {
+            self.db.shipped_among(&ids).await?
+        } else {
+            ids.iter().copied().collect()
+        };
         let (held, removals): (Vec<Removal>, Vec<Removal>) =
             removals.iter().partition(|r| named.contains(&r.id));
         ids.retain(|id| !named.contains(id));

@@ -70,7 +70,10 @@ impl Default for Shipping {
 struct RoundState {
     /// The volume's id, once read.
     volume: Option<String>,
-    /// Whether the position recorded in the database was checked against the store.
+    /// Whether the position recorded in the database was checked against the store, and
+    /// every round since finished: a round that fails or is dropped midway may leave in the
+    /// store a delta or a snapshot that the database does not record, so the next one reads
+    /// the store again.
     checked: bool,
 }
 
@@ -305,6 +308,9 @@ impl Inner {
             }
         };
         let mut round = Round::default();
+        // Stopped midway, the store may hold the new manifest unrecorded: the next round
+        // reads the store again.
+        state.checked = false;
         let generation = self.write_snapshot(&volume, &mut round).await?;
         state.checked = true;
         let mut st = self.shipping.status.lock().expect("status mutex poisoned");
@@ -318,9 +324,15 @@ impl Inner {
         self.shipping.rounds.subscribe()
     }
 
-    /// Holds off shipping rounds (a store deletion in progress) until dropped.
-    pub(crate) async fn hold_shipping(&self) -> tokio::sync::MutexGuard<'_, impl Sized> {
-        self.shipping.round.lock().await
+    /// Holds off shipping rounds (a store deletion in progress) until dropped; with whether
+    /// the database's shipped state is all the store's metadata names (a round read the
+    /// store, and every round since finished). Until then the store may hold a delta that
+    /// the database does not record (written just before a stop or a failure), naming
+    /// objects the shipped state does not.
+    pub(crate) async fn hold_shipping(&self) -> (tokio::sync::MutexGuard<'_, impl Sized>, bool) {
+        let state = self.shipping.round.lock().await;
+        let checked = state.checked;
+        (state, checked)
     }
 
     /// Whether a round is due: changes are waiting and the last round that left nothing
@@ -365,18 +377,19 @@ impl Inner {
             }
         };
         let mut round = Round::default();
+        let checked = std::mem::replace(&mut state.checked, false);
         let mut position = self.db.meta_position().await?;
-        if !state.checked {
+        if !checked {
             let listing = self
                 .backend
                 .list_meta()
                 .await
                 .map_err(store_error("list the metadata in the store"))?;
             position = self.check_position(&volume, position, &listing).await?;
-            state.checked = true;
             if let Some((generation, _)) = position {
                 {
                     let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+                    (st.delta_bytes, st.snapshot_bytes) = (0, 0);
                     for m in listing
                         .iter()
                         .filter(|m| m.object.generation() == generation)
@@ -418,12 +431,16 @@ impl Inner {
         if due {
             self.write_snapshot(&volume, &mut round).await?;
         }
+        state.checked = true;
         Ok(round)
     }
 
     /// The position to ship from, as the store has it: the recorded one if the store holds
     /// that generation's manifest, with deltas past it that a stopped process wrote but did
-    /// not record adopted; `None` (write a new snapshot) if the store lacks the generation.
+    /// not record adopted; `None` (write a new snapshot) if the store lacks the generation,
+    /// or holds a newer complete one (a snapshot whose manifest was written and not
+    /// recorded: a restore reads it, so deltas into an older generation would never be
+    /// restored, and the objects it names could be deleted).
     async fn check_position(
         &self,
         volume: &str,
@@ -458,6 +475,18 @@ impl Inner {
                 "adopted a metadata delta written before a stop"
             );
         }
+        let newer = listing.iter().find_map(|m| match m.object {
+            MetaObject::Manifest { generation: g } if g > generation => Some(g),
+            _ => None,
+        });
+        if let Some(newer) = newer {
+            tracing::warn!(
+                generation,
+                newer,
+                "the store holds a newer complete metadata generation than the one this database ships into (written before a stop, not recorded); writing a new snapshot"
+            );
+            return Ok(None);
+        }
         Ok(Some((generation, seq)))
     }
 
@@ -487,13 +516,14 @@ impl Inner {
         mut seq: u64,
         round: &mut Round,
     ) -> Result<u64> {
+        let mut limit = DELTA_CHANGES;
         loop {
-            let read = self.db.read_delta(DELTA_CHANGES).await?;
+            let read = self.db.read_delta(limit).await?;
             if read.changes.is_empty() {
                 round.deferred = 0;
                 return Ok(seq);
             }
-            let more = read.changes.len() >= DELTA_CHANGES;
+            let more = read.changes.len() >= limit;
             // After the read: blocks dirty now, or changed since, may have been dirty then.
             let mut unsettled: HashSet<u64> = HashSet::new();
             let dirty = self.lock_state().dirty_inodes();
@@ -531,6 +561,13 @@ impl Inner {
             }
             round.deferred = p.deferred;
             if p.acked.is_empty() {
+                // A read cut short leaves out later changes of the files it holds, which
+                // then count as changed since: a file with more changes than one read takes
+                // would never ship, nor anything noted after it. Read them all once.
+                if more {
+                    limit = usize::MAX;
+                    continue;
+                }
                 return Ok(seq);
             }
             let next = if p.rows.is_empty() { seq } else { seq + 1 };
@@ -692,7 +729,7 @@ impl Inner {
             }
             // Superseded when the next complete generation was written.
             let superseded = complete[i + 1].1;
-            if keep_after.is_some_and(|k| superseded < k) {
+            if keep_after.is_some_and(|k| superseded <= k) {
                 doomed.insert(*generation);
             }
         }
