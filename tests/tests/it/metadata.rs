@@ -633,3 +633,38 @@ async fn a_file_with_more_changes_than_a_delta_reads_still_ships() {
     }
     ns2.shutdown().await.expect("shutdown");
 }
+
+/// A file written before a flush is restorable once the flush returns, even when it is
+/// replaced while the flush runs (its new version still being written when the metadata
+/// ships): the store must hold one of its versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_replaced_during_a_flush_is_restorable_after_it() {
+    let env = Env::new();
+    let ns1 = std::sync::Arc::new(ns(env.open().await).await);
+    let v1 = data(1, 3000);
+    put(&ns1, "a", &v1, Durability::Local).await;
+    // The flush waits for the uploads of "a", held at the store's gate meanwhile.
+    env.faults.hold(blockcache_backend::faulty::Op::Put);
+    let flushing = tokio::spawn({
+        let ns1 = ns1.clone();
+        async move { ns1.flush().await }
+    });
+    env.wait_held(blockcache_backend::faulty::Op::Put, 1).await;
+    let v2 = data(2, 3000);
+    put(&ns1, "a", &v2, Durability::Local).await;
+    env.faults.release(blockcache_backend::faulty::Op::Put);
+    within("the flush", WAIT, flushing)
+        .await
+        .expect("join")
+        .expect("flush");
+    // The machine dies right after the flush.
+    drop(ns1);
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, true).await.expect("restore");
+    assert!(report.missing_objects.is_empty(), "{report:?}");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(names(&ns2).await, vec!["a".to_owned()], "{report:?}");
+    let got = get(&ns2, "a").await;
+    assert!(got == v1 || got == v2, "neither version of a");
+    ns2.shutdown().await.expect("shutdown");
+}
