@@ -37,6 +37,17 @@ impl Inner {
         match removals {
             Some(mark) => {
                 self.ship_metadata().await?;
+                // Files changed while this flush ran did not ship (their new blocks were
+                // dirty), and the store may hold no version of one written before it: upload
+                // what is dirty now and ship again, a few times at most.
+                for _ in 0..3 {
+                    if self.deferred_at_last_round() == 0 {
+                        break;
+                    }
+                    let targets = self.lock_state().flush_targets(None);
+                    self.flush_targets(targets).await?;
+                    self.ship_metadata().await?;
+                }
                 // Deletions held back for what this round shipped go now.
                 self.retry_held_removals().await?;
                 self.removals.retry_now();

@@ -319,6 +319,15 @@ impl Inner {
         Ok(generation)
     }
 
+    /// Changed keys the last round held back (their files were still being written).
+    pub(crate) fn deferred_at_last_round(&self) -> u64 {
+        self.shipping
+            .status
+            .lock()
+            .expect("status mutex poisoned")
+            .deferred
+    }
+
     /// Sees each round of shipping end.
     pub(crate) fn ship_rounds(&self) -> tokio::sync::watch::Receiver<u64> {
         self.shipping.rounds.subscribe()
@@ -572,6 +581,10 @@ impl Inner {
             }
             let next = if p.rows.is_empty() { seq } else { seq + 1 };
             if next != seq {
+                // The rows shipped may come from block commits not yet synced: a power loss
+                // after the upload must not leave the store naming mappings the database
+                // lost.
+                self.db.sync_all().await?;
                 let object = MetaObject::Delta {
                     generation,
                     seq: next,
