@@ -195,20 +195,18 @@ pub async fn restore(
         .map_err(store_error("take the volume's lease"))?;
     let epoch = lease.first_epoch();
     let backend = backend.with_lease(lease.clone());
-    let restored = restore_locked(db, &backend, &record.id, options, progress).await;
-    let report = match restored {
-        Ok(r) => r,
-        Err(e) => {
-            lease.release(&backend).await;
-            return Err(e);
-        }
-    };
-    db.record_lease_epoch(epoch).await.map_err(db_error)?;
-    db.claim_object_ids(first_object_id(epoch))
-        .await
-        .map_err(db_error)?;
+    let restored = async {
+        let report = restore_locked(db, &backend, &record.id, options, progress).await?;
+        db.record_lease_epoch(epoch).await.map_err(db_error)?;
+        db.claim_object_ids(first_object_id(epoch))
+            .await
+            .map_err(db_error)?;
+        Ok::<_, Error>(report)
+    }
+    .await;
+    // Released whatever happened: the first open of the restored database takes it again.
     lease.release(&backend).await;
-    Ok(RestoreReport { epoch, ..report })
+    Ok(RestoreReport { epoch, ..restored? })
 }
 
 async fn restore_locked(
