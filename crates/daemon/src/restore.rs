@@ -1,7 +1,6 @@
 //! `blockcache restore`: a new data directory from the store alone.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use blockcache::restore::{self, RestoreOptions, RestoreProgress};
 use blockcache_backend::Backend;
@@ -86,17 +85,10 @@ fn is_empty_but_store(dir: &Path, store: &str) -> Result<bool, String> {
 }
 
 fn secret(args: &RestoreArgs) -> Result<Option<blockcache::Secret>, String> {
-    if let Some(path) = &args.encryption_key_file {
-        let key = blockcache_backend::format::Key::from_key_file(path)
-            .map_err(|e| format!("--encryption-key-file: {e}"))?;
-        return Ok(Some(blockcache::Secret::Key(Arc::new(key))));
-    }
-    if let Some(path) = &args.encryption_passphrase_file {
-        let passphrase = blockcache_backend::format::read_passphrase_file(path)
-            .map_err(|e| format!("--encryption-passphrase-file: {e}"))?;
-        return Ok(Some(blockcache::Secret::Passphrase(Arc::new(passphrase))));
-    }
-    Ok(None)
+    crate::settings::secret_from(
+        args.encryption_key_file.as_deref(),
+        args.encryption_passphrase_file.as_deref(),
+    )
 }
 
 /// Runs `blockcache restore`.

@@ -186,6 +186,26 @@ impl std::fmt::Display for Delay {
     }
 }
 
+/// The encryption secret read from `--encryption-key-file` or
+/// `--encryption-passphrase-file`, if one is given.
+pub fn secret_from(
+    key_file: Option<&std::path::Path>,
+    passphrase_file: Option<&std::path::Path>,
+) -> Result<Option<blockcache::Secret>, String> {
+    if let Some(path) = key_file {
+        let key = Key::from_key_file(path).map_err(|e| format!("--encryption-key-file: {e}"))?;
+        return Ok(Some(blockcache::Secret::Key(std::sync::Arc::new(key))));
+    }
+    if let Some(path) = passphrase_file {
+        let passphrase = blockcache_backend::format::read_passphrase_file(path)
+            .map_err(|e| format!("--encryption-passphrase-file: {e}"))?;
+        return Ok(Some(blockcache::Secret::Passphrase(std::sync::Arc::new(
+            passphrase,
+        ))));
+    }
+    Ok(None)
+}
+
 /// How long old metadata generations are kept: a duration of at most 100 years.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keep(pub Duration);
@@ -471,19 +491,10 @@ impl Settings {
 
     /// The encryption secret, read from its file.
     pub fn secret(&self) -> Result<Option<blockcache::Secret>, String> {
-        if let Some(path) = &self.encryption_key_file {
-            let key =
-                Key::from_key_file(path).map_err(|e| format!("--encryption-key-file: {e}"))?;
-            return Ok(Some(blockcache::Secret::Key(std::sync::Arc::new(key))));
-        }
-        if let Some(path) = &self.encryption_passphrase_file {
-            let passphrase = blockcache_backend::format::read_passphrase_file(path)
-                .map_err(|e| format!("--encryption-passphrase-file: {e}"))?;
-            return Ok(Some(blockcache::Secret::Passphrase(std::sync::Arc::new(
-                passphrase,
-            ))));
-        }
-        Ok(None)
+        secret_from(
+            self.encryption_key_file.as_deref(),
+            self.encryption_passphrase_file.as_deref(),
+        )
     }
 
     /// Checks what no single setting's parser can: the sizes that must hold a block.
