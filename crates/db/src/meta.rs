@@ -999,12 +999,12 @@ impl Db {
                  SELECT o.id, \
                         CASE WHEN o.id = (SELECT min(o2.id) FROM shipped_objects o2 WHERE o2.hash = o.hash) \
                              THEN o.hash ELSE NULL END, \
-                        (SELECT count(*) FROM shipped_blocks b WHERE b.obj_id = o.id \
-                           AND b.inode IN (SELECT inode FROM inodes)), \
+                        (SELECT count(*) FROM shipped_blocks b \
+                           JOIN inodes i ON i.inode = b.inode WHERE b.obj_id = o.id), \
                         o.length, coalesce(o.stored_size, o.length), 'uploaded' \
                  FROM shipped_objects o \
-                 WHERE EXISTS (SELECT 1 FROM shipped_blocks b WHERE b.obj_id = o.id \
-                                 AND b.inode IN (SELECT inode FROM inodes)) \
+                 WHERE EXISTS (SELECT 1 FROM shipped_blocks b \
+                                 JOIN inodes i ON i.inode = b.inode WHERE b.obj_id = o.id) \
                  ORDER BY o.id",
                 "restore the objects",
             ),
