@@ -20,6 +20,10 @@
 //! - format (`format.rs`): the library workload's write+flush and cold read with compression
 //!   and encryption, on text-like and on random content, against the plain volume in the same
 //!   run; `--only format` runs this workload alone;
+//! - metadata shipping (`metadata.rs`, `--only metadata`): the metadata bytes a flush uploads
+//!   after one small change, and the restore time, on volumes of 10,000 and 100,000 files,
+//!   against a copy of the database file; the time the library workload spends shipping, and
+//!   (`--baseline-bench`) its write+flush against a build without shipping;
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
 //!
@@ -30,6 +34,7 @@
 mod chart;
 mod daemon;
 mod format;
+mod metadata;
 mod patch;
 
 use std::collections::BTreeMap;
@@ -76,10 +81,15 @@ struct Args {
     format: Option<String>,
     /// In a child: `text` or `random` (`--content`), with `--format`.
     content: String,
+    /// The volume sizes (files) of the metadata workload; in a child, its one size.
+    ship_files: Vec<u64>,
+    /// Another build of this benchmark whose library workload runs alternately with this
+    /// one's in the metadata workload (a build without metadata shipping).
+    baseline_bench: Option<PathBuf>,
 }
 
 /// The workloads `--only` accepts.
-const ONLY: [&str; 2] = ["patch", "format"];
+const ONLY: [&str; 3] = ["patch", "format", "metadata"];
 
 fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -115,6 +125,8 @@ fn parse_args() -> Result<Args, Error> {
         format_configs: format::DEFAULT_CONFIGS.map(str::to_owned).to_vec(),
         format: None,
         content: "random".to_owned(),
+        ship_files: metadata::DEFAULT_FILES.to_vec(),
+        baseline_bench: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -150,6 +162,16 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--format" => a.format = Some(value()?),
             "--content" => a.content = value()?,
+            "--ship-files" => {
+                a.ship_files = value()?
+                    .split(',')
+                    .map(|n| {
+                        n.parse::<u64>()
+                            .map_err(|e| format!("--ship-files {n:?}: {e}"))
+                    })
+                    .collect::<Result<_, _>>()?
+            }
+            "--baseline-bench" => a.baseline_bench = Some(value()?.into()),
             "--only" => {
                 let only = value()?;
                 if !ONLY.contains(&only.as_str()) {
@@ -161,7 +183,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
@@ -172,10 +194,11 @@ fn parse_args() -> Result<Args, Error> {
         || a.daemon_data_mib == 0
         || a.format_mib == 0
         || a.runs == 0
+        || a.ship_files.contains(&0)
         || !(0.0..=1.0).contains(&a.dup)
     {
         return Err(
-            "--data-mib, --daemon-data-mib, --format-mib and --runs must be positive and --dup within 0..=1"
+            "--data-mib, --daemon-data-mib, --format-mib, --ship-files and --runs must be positive and --dup within 0..=1"
                 .into(),
         );
     }
@@ -484,6 +507,13 @@ async fn library(args: &Args) -> Result<Sample, Error> {
     put("write_mib_s", mib_s(write));
     put("flush_mib_s", mib_s(flush));
     put("write_flush_mib_s", mib_s(write + flush));
+    // The time the flush spent shipping the metadata to the store.
+    let ship = cache.metadata_status().await?.ship_time;
+    put("ship_s", ship.as_secs_f64());
+    put(
+        "ship_fraction",
+        ship.as_secs_f64() / (write + flush).as_secs_f64(),
+    );
     let usage = cache.usage().await?;
     put("stored_bytes", usage.stored_bytes as f64);
     // What the store holds, from its listing: the objects' sizes with their headers.
@@ -726,13 +756,28 @@ fn run_child(
     data_mib: u64,
     extra: &[&str],
 ) -> Result<Sample, Error> {
+    run_child_of(None, args, kind, block_size, data_mib, extra)
+}
+
+/// [`run_child`] of the benchmark `exe` (this one if `None`).
+fn run_child_of(
+    exe: Option<&Path>,
+    args: &Args,
+    kind: &str,
+    block_size: u64,
+    data_mib: u64,
+    extra: &[&str],
+) -> Result<Sample, Error> {
     // Start every configuration from a quiet disk: write back what earlier configurations
     // (and builds) left dirty, so their writeback does not land in this one's fsyncs.
     let synced = Command::new("sync").status()?;
     if !synced.success() {
         return Err("sync failed".into());
     }
-    let exe = std::env::current_exe()?;
+    let exe = match exe {
+        Some(exe) => exe.to_owned(),
+        None => std::env::current_exe()?,
+    };
     let output = Command::new(exe)
         .args([
             "--child",
@@ -830,6 +875,10 @@ fn main() -> Result<(), Error> {
             "daemon8" => runtime.block_on(daemon::daemon(&args, 8))?,
             "patch" => runtime.block_on(patch::library(&args))?,
             "daemon-patch" => runtime.block_on(patch::daemon(&args))?,
+            "ship" => {
+                let files = *args.ship_files.first().ok_or("--ship-files is empty")?;
+                runtime.block_on(metadata::ship(&args, files))?
+            }
             other => return Err(format!("unknown child {other:?}").into()),
         };
         println!("{}", serde_json::to_string(&sample)?);
@@ -927,6 +976,34 @@ fn main() -> Result<(), Error> {
                 args.data_mib,
             )?;
         }
+        if only("metadata") && !all {
+            for &files in &args.ship_files {
+                child_with(
+                    metadata::group(files),
+                    "ship",
+                    4096,
+                    args.data_mib,
+                    &["--ship-files", &files.to_string()],
+                )?;
+            }
+            for &bs in &args.block_sizes {
+                let (lib, base) = metadata::lib_groups(bs);
+                // This build and the baseline alternate which goes first.
+                let mut order = vec![(lib, None), (base, args.baseline_bench.as_deref())];
+                if run % 2 == 1 {
+                    order.reverse();
+                }
+                for (group, exe) in order {
+                    if group.contains("baseline") && exe.is_none() {
+                        continue;
+                    }
+                    let t = Instant::now();
+                    let sample = run_child_of(exe, &args, "library", bs, args.data_mib, &[])?;
+                    eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
+                    results.borrow_mut().entry(group).or_default().push(sample);
+                }
+            }
+        }
         if only("format") {
             for content in format::CONTENTS {
                 for spec in &args.format_configs {
@@ -953,6 +1030,7 @@ fn main() -> Result<(), Error> {
     eprintln!("benchmark took {:.0} s", started.elapsed().as_secs_f64());
     let mut results = results.into_inner();
     format::add_ratios(&mut results);
+    metadata::add_ratios(&mut results, &args.block_sizes);
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =
         results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
     if all {
@@ -963,6 +1041,9 @@ fn main() -> Result<(), Error> {
     }
     if only("format") {
         format::print(&args, &stats);
+    }
+    if only("metadata") && !all {
+        metadata::print(&args, &stats);
     }
     std::fs::create_dir_all(&args.out)?;
     let stamp = std::time::SystemTime::now()
@@ -982,6 +1063,8 @@ fn main() -> Result<(), Error> {
         "block_size": args.block_size,
         "format_mib": args.format_mib,
         "format_configs": args.format_configs,
+        "ship_files": args.ship_files,
+        "baseline_bench": args.baseline_bench.is_some(),
         "results": stats,
     });
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
