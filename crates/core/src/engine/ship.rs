@@ -311,7 +311,7 @@ impl Inner {
         // Stopped midway, the store may hold the new manifest unrecorded: the next round
         // reads the store again.
         state.checked = false;
-        let generation = self.write_snapshot(&volume, &mut round).await?;
+        let generation = self.write_snapshot(&volume, &mut round, None).await?;
         state.checked = true;
         let mut st = self.shipping.status.lock().expect("status mutex poisoned");
         st.objects += round.objects;
@@ -388,6 +388,9 @@ impl Inner {
         let mut round = Round::default();
         let checked = std::mem::replace(&mut state.checked, false);
         let mut position = self.db.meta_position().await?;
+        // The store's listing when this round read it: no one else writes metadata under
+        // the lease, so a snapshot of this round needs no other.
+        let mut listed: Option<Vec<ListedMeta>> = None;
         if !checked {
             let listing = self
                 .backend
@@ -414,10 +417,15 @@ impl Inner {
                     tracing::warn!(error = %blockcache_backend::chain(&error), "removing old metadata generations failed; will retry after the next snapshot");
                 }
             }
+            listed = Some(listing);
         }
         let (generation, mut seq) = match position {
             Some(p) => p,
-            None => (self.write_snapshot(&volume, &mut round).await?, 0),
+            None => (
+                self.write_snapshot(&volume, &mut round, listed.as_deref())
+                    .await?,
+                0,
+            ),
         };
         {
             let mut st = self.shipping.status.lock().expect("status mutex poisoned");
@@ -438,7 +446,7 @@ impl Inner {
             )
         };
         if due {
-            self.write_snapshot(&volume, &mut round).await?;
+            self.write_snapshot(&volume, &mut round, None).await?;
         }
         state.checked = true;
         Ok(round)
@@ -630,13 +638,22 @@ impl Inner {
     }
 
     /// Writes the shipped state as a new generation (its parts, then its manifest), makes it
-    /// the one deltas ship into, and removes generations past their keeping time.
-    async fn write_snapshot(&self, volume: &str, round: &mut Round) -> Result<u64> {
-        let listing = self
-            .backend
-            .list_meta()
-            .await
-            .map_err(store_error("list the metadata in the store"))?;
+    /// the one deltas ship into, and removes generations past their keeping time. `listed`:
+    /// the store's metadata as this round listed it, if it did.
+    async fn write_snapshot(
+        &self,
+        volume: &str,
+        round: &mut Round,
+        listed: Option<&[ListedMeta]>,
+    ) -> Result<u64> {
+        let listing = match listed {
+            Some(l) => l.to_vec(),
+            None => self
+                .backend
+                .list_meta()
+                .await
+                .map_err(store_error("list the metadata in the store"))?,
+        };
         let generation = listing
             .iter()
             .map(|m| m.object.generation())
@@ -706,7 +723,10 @@ impl Inner {
             parts,
             "wrote a metadata snapshot to the store"
         );
-        if let Err(error) = self.prune_generations(generation).await {
+        // A store that held no other generation has nothing to remove.
+        if !listing.is_empty()
+            && let Err(error) = self.prune_generations(generation).await
+        {
             tracing::warn!(error = %blockcache_backend::chain(&error), "removing old metadata generations failed; will retry after the next snapshot");
         }
         Ok(generation)
