@@ -574,16 +574,11 @@ async fn objects_of_a_delta_not_yet_adopted_stay_in_the_store() {
 
     let ns2 = ns(env.open().await).await;
     ns2.delete("a").await.expect("delete");
-    within(
-        "the deleted file's object to leave the store",
-        WAIT,
-        async {
-            while env.store_ids().await.contains(&objects[0]) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        },
-    )
-    .await;
+    assert!(
+        ns2.cache().wait_for_removals(WAIT).await,
+        "the deleted file's object left the store"
+    );
+    assert!(!env.store_ids().await.contains(&objects[0]));
     // The machine dies once the object is gone: the store's metadata must not name it.
     drop(ns2);
     let dir = env.dir.path().join("restored");

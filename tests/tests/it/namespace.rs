@@ -367,16 +367,11 @@ async fn writers_that_write_behind_store_the_same_bytes() {
     // 10 blocks of the first file and 5 of the second, all distinct: the objects the patch
     // replaced go once a round of shipping has read the store's metadata (the removal task
     // asks for one).
-    within(
-        "the patch's replaced objects to leave the store",
-        WAIT,
-        async {
-            while env.store_ids().await.len() != 15 {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        },
-    )
-    .await;
+    assert!(
+        ns.cache().wait_for_removals(WAIT).await,
+        "the patch's replaced objects left the store"
+    );
+    assert_eq!(env.store_ids().await.len(), 15);
     ns.cache().check_invariants().await.expect("invariants");
     env.faults.permanent(Op::Put, true);
     env.faults.fail_first(Op::Put, u64::MAX);
