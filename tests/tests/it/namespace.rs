@@ -3,7 +3,7 @@
 
 use blockcache::{Durability, Error, Namespace};
 use blockcache_backend::faulty::Op;
-use blockcache_tests::{Env, WAIT, data, within};
+use blockcache_tests::{Env, WAIT, data};
 
 const MAX: u64 = 1 << 30;
 
