@@ -1075,16 +1075,11 @@ impl Backend {
 
     /// Lists the ids of every object in the store, in no particular order.
     pub async fn list_ids(&self) -> Result<Vec<u64>> {
-        let prefix = self.data_prefix();
-        let metas: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|source| store_error("list", &prefix, source))?;
-        Ok(metas
+        Ok(self
+            .list_objects()
+            .await?
             .into_iter()
-            .filter_map(|m| m.location.filename().and_then(|f| f.parse().ok()))
+            .map(|o| o.id)
             .collect())
     }
 
