@@ -176,7 +176,9 @@ impl From<Error> for ApiError {
             Error::InvalidKey { .. } | Error::OutOfRange { .. } => {
                 (StatusCode::BAD_REQUEST, "out_of_range")
             }
-            Error::Upload { .. } | Error::Download { .. } => {
+            // The store failed: an upload, a download, or work of no single block (shipping
+            // the metadata, a deletion, a durability barrier).
+            Error::Upload { .. } | Error::Download { .. } | Error::Store { .. } => {
                 (StatusCode::BAD_GATEWAY, "store_error")
             }
             Error::Corrupted { .. } | Error::Lost { .. } => {
