@@ -52,6 +52,7 @@ impl BlockCache {
         let intake = inner.cancel_token().child_token();
         crate::tasks::start(&inner, queues, intake.clone());
         let recovery = inner.reconcile(found).await?;
+        inner.open_shipping().await;
         Ok(Self {
             inner,
             intake,

@@ -509,6 +509,19 @@ impl Db {
         Ok(())
     }
 
+    /// Whether the shipped state is empty (nothing was ever shipped, or all of it was
+    /// removed): its snapshot costs nothing.
+    pub async fn shipped_is_empty(&self) -> Result<bool> {
+        sqlx::query_scalar(
+            "SELECT NOT EXISTS (SELECT 1 FROM shipped_files) \
+                AND NOT EXISTS (SELECT 1 FROM shipped_merges) \
+                AND NOT EXISTS (SELECT 1 FROM shipped_blocks)",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(ctx("read whether anything was shipped"))
+    }
+
     /// Records where shipping stands: the next metadata object is `seq + 1` of
     /// `generation` (a snapshot was written as `generation`: `seq` is 0).
     pub async fn meta_position_set(&self, generation: u64, seq: u64) -> Result<()> {

@@ -663,3 +663,58 @@ async fn a_file_replaced_during_a_flush_is_restorable_after_it() {
     assert!(got == v1 || got == v2, "neither version of a");
     ns2.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_volume_holds_a_complete_generation_from_its_open() {
+    let env = Env::new();
+    let cache = env.open().await;
+    // The open wrote the volume's first generation: the store holds a complete, empty one.
+    let generations = blockcache::restore::list_generations(&env.backend())
+        .await
+        .expect("list generations");
+    assert_eq!(generations.len(), 1, "{generations:?}");
+    assert!(generations[0].complete, "{generations:?}");
+    assert_eq!(generations[0].deltas, 0, "{generations:?}");
+    cache.shutdown().await.expect("shutdown");
+    // Opened again, the volume ships into that generation: no second one.
+    let ns1 = ns(env.open().await).await;
+    put(&ns1, "a", &data(1, 100), Durability::Local).await;
+    ns1.cache().flush().await.expect("flush");
+    let after = blockcache::restore::list_generations(&env.backend())
+        .await
+        .expect("list generations");
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].generation, generations[0].generation, "{after:?}");
+    assert_eq!(after[0].deltas, 1, "{after:?}");
+    ns1.shutdown().await.expect("shutdown");
+    let dir = env.dir.path().join("restored");
+    let report = restore_into(&env, &dir, false).await.expect("restore");
+    assert_eq!(report.generation, generations[0].generation, "{report:?}");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    assert_eq!(names(&ns2).await, vec!["a".to_owned()]);
+    ns2.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_of_the_raw_api_are_not_noted_for_shipping_but_files_are() {
+    let env = Env::new();
+    let cache = env.open().await;
+    // Blocks of no file never ship: writing and committing them notes nothing.
+    for b in 0..8 {
+        cache.write(1, b, 0, &data(b, 1000)).await.expect("write");
+    }
+    cache.commit().await.expect("commit");
+    cache.flush().await.expect("flush");
+    cache.remove(1, 0..4).await.expect("remove");
+    let status = cache.metadata_status().await.expect("status");
+    assert_eq!(status.pending_changes, 0, "{status:?}");
+    // A file's blocks are.
+    let ns1 = ns(cache).await;
+    put(&ns1, "a", &data(2, 3000), Durability::Local).await;
+    let status = ns1.cache().metadata_status().await.expect("status");
+    assert!(status.pending_changes > 0, "{status:?}");
+    ns1.cache().flush().await.expect("flush");
+    let status = ns1.cache().metadata_status().await.expect("status");
+    assert_eq!(status.pending_changes, 0, "{status:?}");
+    ns1.shutdown().await.expect("shutdown");
+}

@@ -299,14 +299,7 @@ impl Inner {
     /// in the store); deltas then ship into it.
     pub(crate) async fn write_new_generation(self: &Arc<Self>) -> Result<u64> {
         let mut state = self.shipping.round.lock().await;
-        let volume = match &state.volume {
-            Some(v) => v.clone(),
-            None => {
-                let v = self.db.volume_id().await?.id;
-                state.volume = Some(v.clone());
-                v
-            }
-        };
+        let volume = self.round_volume(&mut state).await?;
         let mut round = Round::default();
         // Stopped midway, the store may hold the new manifest unrecorded: the next round
         // reads the store again.
@@ -376,49 +369,102 @@ impl Inner {
         })
     }
 
-    async fn ship_round(&self, state: &mut RoundState) -> Result<Round> {
-        let volume = match &state.volume {
-            Some(v) => v.clone(),
-            None => {
-                let v = self.db.volume_id().await?.id;
-                state.volume = Some(v.clone());
-                v
-            }
-        };
+    /// At open, reads the store's metadata as a round's first step does, so that flushes
+    /// find the position checked: adopts deltas written before a stop, finishes an
+    /// interrupted removal of old generations, and writes the first (empty) generation of a
+    /// new volume, which the store then holds from its start. Work in proportion to the
+    /// metadata (a snapshot of a volume whose generation the store lacks) is left to the
+    /// first round. Best effort: a failure is logged, and the first round reads the store.
+    pub(crate) async fn open_shipping(self: &Arc<Self>) {
+        let mut state = self.shipping.round.lock().await;
+        let started = Instant::now();
         let mut round = Round::default();
-        let checked = std::mem::replace(&mut state.checked, false);
-        let mut position = self.db.meta_position().await?;
-        // The store's listing when this round read it: no one else writes metadata under
-        // the lease, so a snapshot of this round needs no other.
-        let mut listed: Option<Vec<ListedMeta>> = None;
-        if !checked {
-            let listing = self
-                .backend
-                .list_meta()
-                .await
-                .map_err(store_error("list the metadata in the store"))?;
-            position = self.check_position(&volume, position, &listing).await?;
-            if let Some((generation, _)) = position {
+        let result = async {
+            let volume = self.round_volume(&mut state).await?;
+            state.checked = false;
+            let (position, listing) = self.read_store_position(&volume).await?;
+            if position.is_none() {
+                if !self.db.shipped_is_empty().await? {
+                    return Ok(());
+                }
+                self.write_snapshot(&volume, &mut round, Some(&listing))
+                    .await?;
+            }
+            state.checked = true;
+            Ok::<_, Error>(())
+        }
+        .await;
+        let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+        st.ship_time += started.elapsed();
+        st.objects += round.objects;
+        st.bytes += round.bytes;
+        if let Err(error) = result {
+            tracing::warn!(error = %blockcache_backend::chain(&error), "reading the metadata in the store at open failed; the first round of shipping will");
+            st.last_error = Some(error.to_string());
+        }
+    }
+
+    /// The volume's id (read once).
+    async fn round_volume(&self, state: &mut RoundState) -> Result<String> {
+        if let Some(v) = &state.volume {
+            return Ok(v.clone());
+        }
+        let v = self.db.volume_id().await?.id;
+        state.volume = Some(v.clone());
+        Ok(v)
+    }
+
+    /// The position to ship from as the store has it ([`Inner::check_position`]), with the
+    /// store's listing; sets the status from the generation found, and removes old
+    /// generations whose removal a stop interrupted.
+    async fn read_store_position(
+        &self,
+        volume: &str,
+    ) -> Result<(Option<(u64, u64)>, Vec<ListedMeta>)> {
+        let position = self.db.meta_position().await?;
+        let listing = self
+            .backend
+            .list_meta()
+            .await
+            .map_err(store_error("list the metadata in the store"))?;
+        let position = self.check_position(volume, position, &listing).await?;
+        if let Some((generation, seq)) = position {
+            {
+                let mut st = self.shipping.status.lock().expect("status mutex poisoned");
+                st.generation = Some(generation);
+                st.deltas = seq;
+                st.snapshot_at.get_or_insert(self.shipping.opened);
+                (st.delta_bytes, st.snapshot_bytes) = (0, 0);
+                for m in listing
+                    .iter()
+                    .filter(|m| m.object.generation() == generation)
                 {
-                    let mut st = self.shipping.status.lock().expect("status mutex poisoned");
-                    (st.delta_bytes, st.snapshot_bytes) = (0, 0);
-                    for m in listing
-                        .iter()
-                        .filter(|m| m.object.generation() == generation)
-                    {
-                        match m.object {
-                            MetaObject::Delta { .. } => st.delta_bytes += m.size,
-                            _ => st.snapshot_bytes += m.size,
-                        }
+                    match m.object {
+                        MetaObject::Delta { .. } => st.delta_bytes += m.size,
+                        _ => st.snapshot_bytes += m.size,
                     }
                 }
-                // A removal of old generations that a stop interrupted is finished now.
-                if let Err(error) = self.prune_generations(generation).await {
-                    tracing::warn!(error = %blockcache_backend::chain(&error), "removing old metadata generations failed; will retry after the next snapshot");
-                }
             }
-            listed = Some(listing);
+            // A removal of old generations that a stop interrupted is finished now.
+            if let Err(error) = self.prune_generations(generation).await {
+                tracing::warn!(error = %blockcache_backend::chain(&error), "removing old metadata generations failed; will retry after the next snapshot");
+            }
         }
+        Ok((position, listing))
+    }
+
+    async fn ship_round(&self, state: &mut RoundState) -> Result<Round> {
+        let volume = self.round_volume(state).await?;
+        let mut round = Round::default();
+        let checked = std::mem::replace(&mut state.checked, false);
+        // The store's listing when this round read it: no one else writes metadata under
+        // the lease, so a snapshot of this round needs no other.
+        let (position, listed) = if checked {
+            (self.db.meta_position().await?, None)
+        } else {
+            let (position, listing) = self.read_store_position(&volume).await?;
+            (position, Some(listing))
+        };
         let (generation, mut seq) = match position {
             Some(p) => p,
             None => (
