@@ -355,20 +355,27 @@ impl Db {
                 );
             }
         }
-        for inode in whole {
-            let found: Vec<(i64, i64)> = sqlx::query_as(
-                "SELECT blockno, obj_id FROM blocks WHERE inode = ? ORDER BY blockno",
+        if !whole.is_empty() {
+            // One statement for every inode: a statement each costs a round trip to the
+            // database's thread, which dominated rounds that ship many new files.
+            for &inode in &whole {
+                read.whole.insert(to_u64(inode, "inode")?, Vec::new());
+            }
+            let found: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT b.inode, b.blockno, b.obj_id FROM json_each(?1) AS j \
+                 JOIN blocks b ON b.inode = j.value ORDER BY b.inode, b.blockno",
             )
-            .bind(inode)
+            .bind(json_ints(whole))
             .fetch_all(&mut *tx)
             .await
-            .map_err(ctx("read the blocks of an inode"))?;
-            let mut list = Vec::with_capacity(found.len());
-            for (blockno, obj) in found {
+            .map_err(ctx("read the blocks of inodes"))?;
+            for (inode, blockno, obj) in found {
                 objects.insert(obj);
-                list.push((to_u64(blockno, "block number")?, to_u64(obj, "object id")?));
+                read.whole
+                    .entry(to_u64(inode, "inode")?)
+                    .or_default()
+                    .push((to_u64(blockno, "block number")?, to_u64(obj, "object id")?));
             }
-            read.whole.insert(to_u64(inode, "inode")?, list);
         }
         if !merges.is_empty() {
             let found: Vec<MergeLookup> = sqlx::query_as(
@@ -618,23 +625,28 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
     let mut objects: Vec<i64> = Vec::new();
     if !rows.objects.is_empty() {
         for (id, hash, len, stored) in &rows.objects {
-            let hash = hash.as_deref().map(unhex).transpose()?;
-            if hash.as_ref().is_some_and(|h| h.len() != 32) {
+            to_i64(*id)?;
+            to_i64(*len)?;
+            stored.map(to_i64).transpose()?;
+            if let Some(hash) = hash.as_deref()
+                && unhex(hash)?.len() != 32
+            {
                 return Err(Error::Invalid(format!(
                     "object {id} has a hash that is not 32 bytes"
                 )));
             }
-            sqlx::query(
-                "INSERT OR REPLACE INTO shipped_objects (id, hash, length, stored_size) VALUES (?, ?, ?, ?)",
-            )
-            .bind(to_i64(*id)?)
-            .bind(hash)
-            .bind(to_i64(*len)?)
-            .bind(stored.map(to_i64).transpose()?)
-            .execute(&mut *tx)
-            .await
-            .map_err(ctx("record shipped objects"))?;
         }
+        // One statement for all of them: a statement per object costs a round trip to the
+        // database's thread each, which dominated large deltas and restores.
+        sqlx::query(
+            "INSERT OR REPLACE INTO shipped_objects (id, hash, length, stored_size) \
+             SELECT j.value ->> 0, unhex(j.value ->> 1), j.value ->> 2, j.value ->> 3 \
+             FROM json_each(?1) AS j",
+        )
+        .bind(serde_json::to_string(&rows.objects).expect("objects serialize"))
+        .execute(&mut *tx)
+        .await
+        .map_err(ctx("record shipped objects"))?;
     }
     let names: Vec<&str> = rows
         .dead_files
@@ -724,9 +736,11 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
     }
     if !inodes.is_empty() {
         let old: Vec<i64> = sqlx::query_scalar(
+            // Correlated lookups by index: `NOT IN (SELECT ...)` would build the whole
+            // set of shipped inodes at every delta.
             "DELETE FROM shipped_blocks WHERE inode IN (SELECT value FROM json_each(?1)) \
-               AND inode NOT IN (SELECT inode FROM shipped_files) \
-               AND inode NOT IN (SELECT staging FROM shipped_merges) \
+               AND NOT EXISTS (SELECT 1 FROM shipped_files f WHERE f.inode = shipped_blocks.inode) \
+               AND NOT EXISTS (SELECT 1 FROM shipped_merges m WHERE m.staging = shipped_blocks.inode) \
              RETURNING obj_id",
         )
         .bind(json_ints(inodes))
