@@ -52,6 +52,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// File attributes that the namespace does not accept.
+    #[error("invalid file attributes: {0}")]
+    InvalidAttrs(String),
     /// No file has this name.
     #[error("no file named {name:?}")]
     NotFound {

@@ -48,8 +48,8 @@ pub use engine::{BlockHandle, MetadataStatus, Recovery};
 pub use error::{Error, Result, UploadFailure};
 pub use key::BlockKey;
 pub use namespace::{
-    Durability, FileMeta, FileReader, FileStatus, FileWriter, MAX_NAME_LEN, MissingObject,
-    Namespace, StoreCheck, validate_name,
+    Durability, FileMeta, FileReader, FileStatus, FileWriter, MAX_ATTRS_LEN, MAX_NAME_LEN,
+    MissingObject, Namespace, StoreCheck, validate_name,
 };
 pub use usage::Usage;
 pub use volume::Secret;

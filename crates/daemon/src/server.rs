@@ -160,6 +160,7 @@ impl From<Error> for ApiError {
                 (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
             }
             Error::InvalidName { .. } => (StatusCode::BAD_REQUEST, "bad_name"),
+            Error::InvalidAttrs(_) => (StatusCode::BAD_REQUEST, "bad_attributes"),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),

@@ -18,6 +18,9 @@ pub struct FileRow {
     pub mtime_ns: i64,
     /// Bumped on every change of the content.
     pub version: u64,
+    /// Attributes of the content, set by the writer that named the file (opaque text);
+    /// cleared by a patch or a truncation.
+    pub attrs: Option<String>,
 }
 
 fn file_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
@@ -31,6 +34,7 @@ fn file_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<FileRow> {
         size: to_u64(row.try_get("size").map_err(get)?, "file size")?,
         mtime_ns: row.try_get("mtime_ns").map_err(get)?,
         version: to_u64(row.try_get("version").map_err(get)?, "version")?,
+        attrs: row.try_get("attrs").map_err(get)?,
     })
 }
 
@@ -53,7 +57,7 @@ pub struct MergeRow {
 /// `object_columns!`).
 macro_rules! file_columns {
     () => {
-        "name, inode, size, mtime_ns, version"
+        "name, inode, size, mtime_ns, version, attrs"
     };
 }
 
@@ -129,14 +133,15 @@ impl Db {
         Ok(())
     }
 
-    /// Names the staging inode `inode` `name` with `size`, in one transaction. The inode
-    /// the name had before, if any, is retired and returned.
+    /// Names the staging inode `inode` `name` with `size` and `attrs`, in one transaction.
+    /// The inode the name had before, if any, is retired and returned.
     pub async fn replace_file(
         &self,
         name: &str,
         inode: u64,
         size: u64,
         mtime_ns: i64,
+        attrs: Option<&str>,
     ) -> Result<(FileRow, Option<u64>)> {
         let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
@@ -170,9 +175,10 @@ impl Db {
                 .map_err(ctx("retire an inode"))?;
         }
         let row = sqlx::query(concat!(
-            "INSERT INTO files (name, inode, size, mtime_ns, version) VALUES (?, ?, ?, ?, ?) \
+            "INSERT INTO files (name, inode, size, mtime_ns, version, attrs) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (name) DO UPDATE SET inode = excluded.inode, size = excluded.size, \
-             mtime_ns = excluded.mtime_ns, version = excluded.version RETURNING ",
+             mtime_ns = excluded.mtime_ns, version = excluded.version, attrs = excluded.attrs \
+             RETURNING ",
             file_columns!()
         ))
         .bind(name)
@@ -180,6 +186,7 @@ impl Db {
         .bind(to_i64(size)?)
         .bind(mtime_ns)
         .bind(version)
+        .bind(attrs)
         .fetch_one(&mut *tx)
         .await
         .map_err(ctx("name a file"))?;
@@ -190,7 +197,8 @@ impl Db {
         Ok((row, old_inode.map(|i| to_u64(i, "inode")).transpose()?))
     }
 
-    /// Sets the size of file `name` if it still uses `inode`, bumping its version. Returns
+    /// Sets the size of file `name` if it still uses `inode`, bumping its version and
+    /// clearing its attributes (they described the content before). Returns
     /// the new row, or `None` if the name is gone or uses another inode.
     pub async fn update_file(
         &self,
@@ -201,7 +209,7 @@ impl Db {
     ) -> Result<Option<FileRow>> {
         let mut w = self.write().await?;
         let row = sqlx::query(concat!(
-            "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1 \
+            "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1, attrs = NULL \
              WHERE name = ? AND inode = ? RETURNING ",
             file_columns!()
         ))
@@ -215,8 +223,8 @@ impl Db {
         row.as_ref().map(file_from_row).transpose()
     }
 
-    /// The commit point of a patch or truncation of `name`: sets its size and mtime and bumps
-    /// its version if it still uses inode `target`, and records that the blocks staged in
+    /// The commit point of a patch or truncation of `name`: sets its size and mtime, bumps
+    /// its version and clears its attributes if it still uses inode `target`, and records that the blocks staged in
     /// `staging` are to be merged into `target` (its bytes from `cut` on removed first), in
     /// one transaction. Returns the new row, or `None` (and changes nothing) if
     /// the name is gone or uses another inode. `staging` must be a staging inode.
@@ -232,7 +240,7 @@ impl Db {
         let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
         let row = sqlx::query(concat!(
-            "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1 \
+            "UPDATE files SET size = ?, mtime_ns = ?, version = version + 1, attrs = NULL \
              WHERE name = ? AND inode = ? RETURNING ",
             file_columns!()
         ))

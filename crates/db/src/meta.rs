@@ -115,6 +115,10 @@ pub struct MetaRows {
     /// Staging inodes whose merge is gone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dead_merges: Vec<u64>,
+    /// The attributes of files of `files` that have some (name, attributes); the others
+    /// have none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub file_attrs: Vec<(String, String)>,
 }
 
 impl MetaRows {
@@ -169,6 +173,8 @@ pub struct DeltaRead {
     pub changes: Vec<Change>,
     /// Current rows of the files noted (`None`: gone).
     pub files: HashMap<String, Option<ShippedFile>>,
+    /// The attributes of the files noted that have some.
+    pub file_attrs: HashMap<String, String>,
     /// Current mappings of the blocks noted (`None`: gone).
     pub blocks: HashMap<(u64, u64), Option<u64>>,
     /// Every mapping of the inodes noted whole: (block number, object id).
@@ -181,8 +187,16 @@ pub struct DeltaRead {
     pub objects: HashMap<u64, ObjectInfo>,
 }
 
-/// A file looked up by name: name, then inode, size, mtime and version if it exists.
-type FileLookup = (String, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+/// A file looked up by name: name, then inode, size, mtime, version and attributes if it
+/// exists.
+type FileLookup = (
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<String>,
+);
 /// A merge looked up by staging inode: staging, then target, cut and version if it exists.
 type MergeLookup = (i64, Option<i64>, Option<i64>, Option<i64>);
 /// A shipped mapping with its object: inode, blockno, object id, hash, length, stored size.
@@ -312,17 +326,20 @@ impl Db {
         if !names.is_empty() {
             let list = serde_json::to_string(&names).expect("names serialize");
             let found: Vec<FileLookup> = sqlx::query_as(
-                "SELECT j.value, f.inode, f.size, f.mtime_ns, f.version \
+                "SELECT j.value, f.inode, f.size, f.mtime_ns, f.version, f.attrs \
                      FROM json_each(?1) AS j LEFT JOIN files f ON f.name = j.value",
             )
             .bind(list)
             .fetch_all(&mut *tx)
             .await
             .map_err(ctx("read the files noted"))?;
-            for (name, inode, size, mtime, version) in found {
+            for (name, inode, size, mtime, version, attrs) in found {
                 let row = match (inode, size, mtime, version) {
                     (Some(i), Some(s), Some(m), Some(v)) => {
                         inodes.insert(i);
+                        if let Some(a) = attrs {
+                            read.file_attrs.insert(name.clone(), a);
+                        }
                         Some((
                             name.clone(),
                             to_u64(i, "inode")?,
@@ -682,6 +699,16 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
         .await
         .map_err(ctx("record shipped files"))?;
     }
+    if !rows.file_attrs.is_empty() {
+        sqlx::query(
+            "UPDATE shipped_files SET attrs = j.value ->> 1 FROM json_each(?1) AS j \
+             WHERE shipped_files.name = j.value ->> 0",
+        )
+        .bind(json(&rows.file_attrs))
+        .execute(&mut *tx)
+        .await
+        .map_err(ctx("record shipped file attributes"))?;
+    }
     if !rows.dead_merges.is_empty() {
         for s in &rows.dead_merges {
             inodes.push(to_i64(*s)?);
@@ -796,8 +823,8 @@ impl SnapshotReader {
             }
             match &self.phase {
                 Phase::Files(after) => {
-                    let rows: Vec<(String, i64, i64, i64, i64)> = sqlx::query_as(
-                        "SELECT name, inode, size, mtime_ns, version FROM shipped_files \
+                    let rows: Vec<(String, i64, i64, i64, i64, Option<String>)> = sqlx::query_as(
+                        "SELECT name, inode, size, mtime_ns, version, attrs FROM shipped_files \
                          WHERE name > ? ORDER BY name LIMIT ?",
                     )
                     .bind(after)
@@ -807,8 +834,11 @@ impl SnapshotReader {
                     .map_err(ctx("read the files for a snapshot"))?;
                     let short = (rows.len() as i64) < room;
                     let mut last = None;
-                    for (name, inode, size, mtime, version) in rows {
+                    for (name, inode, size, mtime, version, attrs) in rows {
                         last = Some(name.clone());
+                        if let Some(a) = attrs {
+                            part.file_attrs.push((name.clone(), a));
+                        }
                         part.files.push((
                             name,
                             to_u64(inode, "inode")?,
@@ -1042,8 +1072,8 @@ impl Db {
                 "restore the block mappings",
             ),
             (
-                "INSERT INTO files (name, inode, size, mtime_ns, version) \
-                 SELECT name, inode, size, mtime_ns, version FROM shipped_files",
+                "INSERT INTO files (name, inode, size, mtime_ns, version, attrs) \
+                 SELECT name, inode, size, mtime_ns, version, attrs FROM shipped_files",
                 "restore the files",
             ),
             (

@@ -718,3 +718,73 @@ async fn blocks_of_the_raw_api_are_not_noted_for_shipping_but_files_are() {
     assert_eq!(status.pending_changes, 0, "{status:?}");
     ns1.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_attributes_ship_and_restore_and_a_patch_clears_them() {
+    let env = Env::new();
+    let ns1 = ns(env.open().await).await;
+    let with = |name: &'static str, attrs: &'static str| {
+        let ns1 = &ns1;
+        async move {
+            let mut w = ns1.create(name).await.expect("create");
+            w.set_attrs(Some(attrs.to_owned())).expect("attrs");
+            w.write(&data(3, 3000)).await.expect("write");
+            w.finish(Durability::Local).await.expect("finish")
+        }
+    };
+    let meta = with("kept", r#"{"type":"text/plain"}"#).await;
+    assert_eq!(meta.attrs.as_deref(), Some(r#"{"type":"text/plain"}"#));
+    with("patched", r#"{"type":"a"}"#).await;
+    with("replaced", r#"{"type":"b"}"#).await;
+    put(&ns1, "replaced", b"new", Durability::Local).await;
+    ns1.cache().flush().await.expect("flush");
+    // A patch changes the content the attributes describe: they go.
+    let mut w = ns1.patch("patched", 10).await.expect("patch");
+    assert!(matches!(
+        w.set_attrs(Some("x".to_owned())),
+        Err(Error::InvalidAttrs(_))
+    ));
+    w.write(b"changed").await.expect("write");
+    let meta = w.finish(Durability::Local).await.expect("finish");
+    assert_eq!(meta.attrs, None);
+    let mut w = ns1.create("too-long").await.expect("create");
+    assert!(matches!(
+        w.set_attrs(Some("x".repeat(blockcache::MAX_ATTRS_LEN + 1))),
+        Err(Error::InvalidAttrs(_))
+    ));
+    w.abandon().await;
+    ns1.cache().flush().await.expect("flush");
+    ns1.shutdown().await.expect("shutdown");
+    let dir = env.dir.path().join("restored");
+    restore_into(&env, &dir, false).await.expect("restore");
+    let ns2 = open_restored(&env, &dir, env.config()).await;
+    let attrs = |name: &'static str| {
+        let ns2 = &ns2;
+        async move { ns2.stat(name).await.expect("stat").attrs }
+    };
+    assert_eq!(
+        attrs("kept").await.as_deref(),
+        Some(r#"{"type":"text/plain"}"#)
+    );
+    assert_eq!(attrs("patched").await, None);
+    assert_eq!(attrs("replaced").await, None);
+    // The restored volume's first round writes its state as a new generation's snapshot:
+    // the attributes are in it too.
+    ns2.cache().flush().await.expect("flush");
+    ns2.shutdown().await.expect("shutdown");
+    let newest = blockcache::restore::list_generations(&env.backend())
+        .await
+        .expect("generations")
+        .into_iter()
+        .max_by_key(|g| g.generation)
+        .expect("a generation");
+    assert_eq!(newest.deltas, 0, "{newest:?}");
+    let dir = env.dir.path().join("restored-again");
+    let report = restore_into(&env, &dir, false).await.expect("restore");
+    assert_eq!(report.generation, newest.generation);
+    let ns3 = open_restored(&env, &dir, env.config()).await;
+    let meta = ns3.stat("kept").await.expect("stat");
+    assert_eq!(meta.attrs.as_deref(), Some(r#"{"type":"text/plain"}"#));
+    assert_eq!(ns3.stat("patched").await.expect("stat").attrs, None);
+    ns3.shutdown().await.expect("shutdown");
+}

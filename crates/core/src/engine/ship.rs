@@ -209,6 +209,9 @@ fn plan(read: &DeltaRead, unsettled: &HashSet<u64>) -> Plan {
                         p.deferred += 1;
                         continue;
                     }
+                    if let Some(a) = read.file_attrs.get(name) {
+                        p.rows.file_attrs.push((name.clone(), a.clone()));
+                    }
                     p.rows.files.push(row);
                     p.acked.push(change.key.clone());
                 }

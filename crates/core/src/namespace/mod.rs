@@ -32,7 +32,7 @@ use crate::{BlockCache, Error, Result};
 
 pub use reader::FileReader;
 pub use verify::{MissingObject, StoreCheck};
-pub use writer::FileWriter;
+pub use writer::{FileWriter, MAX_ATTRS_LEN};
 
 use shared::Shared;
 use writer::Mode;
@@ -122,6 +122,9 @@ pub struct FileMeta {
     pub mtime: SystemTime,
     /// Bumped on every change of the content.
     pub version: u64,
+    /// Attributes of the content, as the writer that named the file set them
+    /// ([`FileWriter::set_attrs`]); a patch or a truncation clears them.
+    pub attrs: Option<String>,
 }
 
 impl FileMeta {
@@ -137,6 +140,7 @@ impl FileMeta {
             size: row.size,
             mtime,
             version: row.version,
+            attrs: row.attrs,
         }
     }
 

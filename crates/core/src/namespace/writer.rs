@@ -47,7 +47,12 @@ pub struct FileWriter {
     write_behind: bool,
     /// Those syncs still running, oldest first.
     ahead: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
+    /// Attributes the file gets when a replacement names it ([`FileWriter::set_attrs`]).
+    attrs: Option<String>,
 }
+
+/// Longest attributes of a file ([`FileWriter::set_attrs`]).
+pub const MAX_ATTRS_LEN: usize = 16 * 1024;
 
 /// Syncs of completed blocks that one writer keeps running ([`FileWriter::write_behind`]).
 const WRITE_BEHIND_DEPTH: usize = 4;
@@ -71,7 +76,30 @@ impl FileWriter {
             hasher: None,
             write_behind: false,
             ahead: std::collections::VecDeque::new(),
+            attrs: None,
         }
+    }
+
+    /// Sets the attributes that the file gets with its content when [`FileWriter::finish`]
+    /// names it (opaque text, at most [`MAX_ATTRS_LEN`] bytes). Only for a replacement
+    /// ([`crate::Namespace::create`]): a patch clears the attributes, which described the
+    /// content before it.
+    pub fn set_attrs(&mut self, attrs: Option<String>) -> Result<()> {
+        if let Some(a) = &attrs
+            && a.len() > MAX_ATTRS_LEN
+        {
+            return Err(Error::InvalidAttrs(format!(
+                "attributes of {} bytes: at most {MAX_ATTRS_LEN}",
+                a.len()
+            )));
+        }
+        if !matches!(self.mode, Mode::Replace) {
+            return Err(Error::InvalidAttrs(
+                "only a replacement sets attributes; a patch clears them".to_owned(),
+            ));
+        }
+        self.attrs = attrs;
+        Ok(())
     }
 
     /// Bytes written so far.
@@ -264,12 +292,16 @@ impl FileWriter {
         let mode = std::mem::replace(&mut self.mode, Mode::Done);
         self.start = self.pos;
         let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
+        let attrs = self.attrs.take();
         match mode {
             Mode::Replace => {
                 let named = self.shared.spawn_cleanup(async move {
                     let named = {
                         let _guard = shared.names.lock(name.clone()).await;
-                        shared.db.replace_file(&name, inode, end, now_ns()).await
+                        shared
+                            .db
+                            .replace_file(&name, inode, end, now_ns(), attrs.as_deref())
+                            .await
                     };
                     match named {
                         Ok((row, old)) => {
