@@ -119,6 +119,31 @@ pub async fn serve(
     graceful
 }
 
+/// The connections still open on the daemon's listeners when they stopped accepting.
+pub struct Open(Vec<GracefulShutdown>);
+
+impl Open {
+    /// One listener's.
+    pub fn one(a: GracefulShutdown) -> Self {
+        Self(vec![a])
+    }
+
+    /// Two listeners'.
+    pub fn both(a: GracefulShutdown, b: GracefulShutdown) -> Self {
+        Self(vec![a, b])
+    }
+
+    /// How many connections are open.
+    pub fn count(&self) -> usize {
+        self.0.iter().map(GracefulShutdown::count).sum()
+    }
+
+    /// Asks every connection to close after its request in flight, and waits for them.
+    pub async fn shutdown(self) {
+        futures::future::join_all(self.0.into_iter().map(GracefulShutdown::shutdown)).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,23 @@ pub enum ServeError {
         /// The address asked for.
         addr: SocketAddr,
     },
+    /// An S3 endpoint on a non-loopback address without keys, and no `--insecure`.
+    #[error(
+        "refusing to serve S3 on {addr} (not a loopback address) without keys; set --s3-access-key and --s3-secret-key (or --s3-credentials-file), pass --s3-listen off, or pass --insecure to allow it"
+    )]
+    S3Exposed {
+        /// The address asked for.
+        addr: SocketAddr,
+    },
+    /// The S3 listening socket could not be opened.
+    #[error("cannot serve S3 on {addr}")]
+    S3Listener {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The data directory could not be resolved or created.
     #[error("cannot use data directory {}", path.display())]
     DataDir {

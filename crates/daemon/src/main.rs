@@ -11,6 +11,7 @@ mod client;
 mod connections;
 mod error;
 mod restore;
+mod s3;
 mod server;
 mod settings;
 
@@ -232,6 +233,19 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             addr: s.endpoint.listen,
         });
     }
+    let s3_keys = settings::s3_credentials(
+        s.s3_access_key.as_deref(),
+        s.s3_secret_key.as_ref(),
+        s.s3_credentials_file.as_deref(),
+    )
+    .map_err(ServeError::Settings)?;
+    if let Some(addr) = s.s3_listen.0
+        && !addr.ip().is_loopback()
+        && s3_keys.is_empty()
+        && !s.insecure
+    {
+        return Err(ServeError::S3Exposed { addr });
+    }
     let data_dir_error = |source| ServeError::DataDir {
         path: s.data_dir.clone(),
         source,
@@ -317,7 +331,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     // request a further one: the channel closes once the last of them is gone, and with them
     // every clone of the state.
     let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
-    let app = server::router(state.clone()).layer(axum::Extension(alive));
+    let app = server::router(state.clone()).layer(axum::Extension(alive.clone()));
     println!("blockcache listening on http://{addr}");
     tracing::info!(
         %addr,
@@ -335,6 +349,38 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             metrics.run_upkeep();
         }
     });
+    let s3 = match s.s3_listen.0 {
+        None => None,
+        Some(s3_addr) => {
+            let s3_error = |source| ServeError::S3Listener {
+                addr: s3_addr,
+                source,
+            };
+            let s3_listener = tokio::net::TcpListener::bind(s3_addr)
+                .await
+                .map_err(s3_error)?;
+            let bound = s3_listener.local_addr().map_err(s3_error)?;
+            let domains: Vec<String> = s
+                .s3_domain
+                .as_deref()
+                .map(|d| {
+                    d.split(',')
+                        .map(|x| x.trim().to_owned())
+                        .filter(|x| !x.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
+            let router = s3::router(state.clone(), &s3_keys, &domains)
+                .map_err(ServeError::Settings)?
+                .layer(axum::Extension(alive.clone()));
+            println!("blockcache S3 endpoint on http://{bound}");
+            tracing::info!(addr = %bound, keys = s3_keys.len(), "serving S3");
+            Some((s3_listener, router))
+        }
+    };
+    // The routers hold their clones of `alive`: the channel closes once they are gone.
+    drop(alive);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let draining = state.clone();
     let shutdown = async move {
         signal().await;
@@ -350,7 +396,33 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             std::process::exit(130);
         });
     };
-    let open = connections::serve(listener, app, bounds, shutdown).await;
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let http = async {
+        tokio::join!(
+            shutdown,
+            connections::serve(listener, app, bounds, stopped(stop_rx.clone()))
+        )
+        .1
+    };
+    let s3_serve = async {
+        match s3 {
+            Some((l, router)) => {
+                Some(connections::serve(l, router, bounds, stopped(stop_rx.clone())).await)
+            }
+            None => None,
+        }
+    };
+    let (open, s3_open) = tokio::join!(http, s3_serve);
+    let open = match s3_open {
+        Some(s3_open) => connections::Open::both(open, s3_open),
+        None => connections::Open::one(open),
+    };
     upkeep.abort();
 
     // From here on, the shutdown has a deadline: clients still connected and the final

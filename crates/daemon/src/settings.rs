@@ -19,6 +19,72 @@ use clap::Args;
 /// The port the daemon listens on by default (on 127.0.0.1).
 pub const DEFAULT_PORT: u16 = 8640;
 
+/// The S3 endpoint's port unless `--s3-listen` says otherwise.
+pub const DEFAULT_S3_PORT: u16 = 8641;
+
+/// Where the S3 endpoint listens: an address, or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct S3Listen(pub Option<SocketAddr>);
+
+impl std::str::FromStr for S3Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("off") {
+            return Ok(Self(None));
+        }
+        s.trim()
+            .parse()
+            .map(|a| Self(Some(a)))
+            .map_err(|e| format!("{s:?} is not ADDR:PORT or off ({e})"))
+    }
+}
+
+impl std::fmt::Display for S3Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
+
+/// The S3 access keys the endpoint accepts: `--s3-access-key` with `--s3-secret-key`, and
+/// the lines `ACCESS_KEY SECRET_KEY` of `--s3-credentials-file` (`#` starts a comment).
+pub fn s3_credentials(
+    access_key: Option<&str>,
+    secret_key: Option<&Secret>,
+    file: Option<&Path>,
+) -> Result<Vec<(String, String)>, String> {
+    let mut keys = Vec::new();
+    match (access_key, secret_key) {
+        (Some(a), Some(s)) => keys.push((a.to_owned(), s.expose().to_owned())),
+        (None, None) => {}
+        _ => return Err("--s3-access-key and --s3-secret-key go together".to_owned()),
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--s3-credentials-file {}: {e}", path.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some(a), Some(s), None) => keys.push((a.to_owned(), s.to_owned())),
+                _ => {
+                    return Err(format!(
+                        "--s3-credentials-file {} line {}: write ACCESS_KEY SECRET_KEY",
+                        path.display(),
+                        i + 1
+                    ));
+                }
+            }
+        }
+    }
+    Ok(keys)
+}
+
 /// The engine's own defaults, which the daemon's defaults are.
 static ENGINE: LazyLock<Config> = LazyLock::new(|| Config::new(""));
 
@@ -445,7 +511,29 @@ pub struct Settings {
     #[arg(long, env = "BLOCKCACHE_SHUTDOWN_TIMEOUT", value_name = "DURATION",
           default_value_t = Timeout(Duration::from_secs(30)))]
     pub shutdown_timeout: Timeout,
-    /// Allow a non-loopback address without a token
+    /// Address of the S3 endpoint (ADDR:PORT), or "off"
+    #[arg(long, env = "BLOCKCACHE_S3_LISTEN", value_name = "ADDR:PORT|off",
+          default_value_t = S3Listen(Some(SocketAddr::from(([127, 0, 0, 1], DEFAULT_S3_PORT)))))]
+    pub s3_listen: S3Listen,
+    /// Domains of virtual-host style S3 requests (BUCKET.DOMAIN), comma-separated; without
+    /// them only path-style requests are understood
+    #[arg(long, env = "BLOCKCACHE_S3_DOMAIN", value_name = "DOMAIN[,DOMAIN]")]
+    pub s3_domain: Option<String>,
+    /// Access key of S3 requests (SigV4); with --s3-secret-key
+    #[arg(long, env = "BLOCKCACHE_S3_ACCESS_KEY", value_name = "KEY")]
+    pub s3_access_key: Option<String>,
+    /// Secret key of --s3-access-key
+    #[arg(
+        long,
+        env = "BLOCKCACHE_S3_SECRET_KEY",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub s3_secret_key: Option<Secret>,
+    /// File of S3 keys, one "ACCESS_KEY SECRET_KEY" per line, for several users
+    #[arg(long, env = "BLOCKCACHE_S3_CREDENTIALS_FILE", value_name = "FILE")]
+    pub s3_credentials_file: Option<PathBuf>,
+    /// Allow a non-loopback address without a token (or for S3, without keys)
     #[arg(long, env = "BLOCKCACHE_INSECURE")]
     pub insecure: bool,
     /// Log format

@@ -1,0 +1,1213 @@
+//! The S3 endpoint: the S3 REST API over the same files as the file API, through the `s3s`
+//! crate (request parsing, SigV4 in headers and presigned URLs, aws-chunked bodies and their
+//! trailers, XML answers and errors). Bucket `b` and key `k` are the file `b/k`; bucket `b`
+//! exists while the file `.s3-buckets/b` does (so buckets ship to the store and restore
+//! with the files). An object's ETag (the MD5 of its bytes), content type and user metadata
+//! are the file's attributes; a file written through the file API, or patched, has none,
+//! and its ETag is the file API's.
+//!
+//! Handlers translate to [`blockcache::Namespace`] calls, as the file API's do: a PUT
+//! streams its body into a [`blockcache::FileWriter`] (one block in memory), checks the
+//! digests the client sent, and names the file only if they match, so a failed or cut-off
+//! PUT leaves the old object as it was.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use blockcache::{Durability, Error, FileMeta, FileReader};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use md5::{Digest, Md5};
+use s3s::dto::*;
+use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
+use serde::{Deserialize, Serialize};
+
+use crate::server::AppState;
+
+/// The prefix of the files that say which buckets exist.
+pub const BUCKETS: &str = ".s3-buckets/";
+
+/// The header a request may send to choose its durability (none, local, store).
+pub const DURABILITY_HEADER: &str = "x-blockcache-durability";
+
+/// Most keys a listing page holds (S3's limit).
+const MAX_KEYS: i32 = 1000;
+
+/// Rows read from the database per step of a listing.
+const LIST_STEP: u32 = 1000;
+
+/// Most keys one DeleteObjects request names (S3's limit).
+const MAX_DELETE: usize = 1000;
+
+/// The S3 attributes kept with a file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct ObjectAttrs {
+    /// The ETag without quotes: the MD5 of the bytes in hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    etag: Option<String>,
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    meta: BTreeMap<String, String>,
+}
+
+impl ObjectAttrs {
+    fn of(meta: &FileMeta) -> Self {
+        meta.attrs
+            .as_deref()
+            .and_then(|a| serde_json::from_str(a).ok())
+            .unwrap_or_default()
+    }
+
+    /// The ETag: the stored MD5, or the file API's tag for a file that has none.
+    fn etag(&self, meta: &FileMeta) -> ETag {
+        match &self.etag {
+            Some(e) => ETag::Strong(e.clone()),
+            None => ETag::Strong(meta.etag().trim_matches('"').to_owned()),
+        }
+    }
+
+    fn metadata(&self) -> Option<Metadata> {
+        (!self.meta.is_empty()).then(|| {
+            self.meta
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect()
+        })
+    }
+}
+
+/// The S3 API over the daemon's files.
+pub struct Gateway {
+    state: Arc<AppState>,
+}
+
+impl Gateway {
+    /// A gateway over the files of `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+
+    async fn bucket_exists(&self, bucket: &str) -> S3Result<FileMeta> {
+        if !valid_bucket(bucket) {
+            return Err(s3_error!(NoSuchBucket, "no bucket named {bucket:?}"));
+        }
+        match self.state.ns.stat(&format!("{BUCKETS}{bucket}")).await {
+            Ok(m) => Ok(m),
+            Err(Error::NotFound { .. }) => {
+                Err(s3_error!(NoSuchBucket, "no bucket named {bucket:?}"))
+            }
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    async fn stat_object(&self, bucket: &str, key: &str) -> S3Result<FileMeta> {
+        let name = object_name(bucket, key)?;
+        match self.state.ns.stat(&name).await {
+            Ok(m) => Ok(m),
+            Err(Error::NotFound { .. }) => {
+                self.bucket_exists(bucket).await?;
+                Err(s3_error!(
+                    NoSuchKey,
+                    "no object {key:?} in bucket {bucket:?}"
+                ))
+            }
+            Err(e) => Err(object_error(e, bucket, key)),
+        }
+    }
+
+    async fn open_object(&self, bucket: &str, key: &str) -> S3Result<FileReader> {
+        let name = object_name(bucket, key)?;
+        match self.state.ns.open_read(&name).await {
+            Ok(r) => Ok(r),
+            Err(Error::NotFound { .. }) => {
+                self.bucket_exists(bucket).await?;
+                Err(s3_error!(
+                    NoSuchKey,
+                    "no object {key:?} in bucket {bucket:?}"
+                ))
+            }
+            Err(e) => Err(object_error(e, bucket, key)),
+        }
+    }
+
+    /// A block buffer of the daemon's request memory, as the file API takes one.
+    async fn buffer(&self) -> S3Result<tokio::sync::OwnedSemaphorePermit> {
+        let wait = self.state.buffers.clone().acquire_owned();
+        match tokio::time::timeout(self.state.buffer_timeout, wait).await {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(_)) => Err(s3_error!(ServiceUnavailable, "the daemon is shutting down")),
+            Err(_) => Err(s3_error!(
+                SlowDown,
+                "no request buffer came free within --buffer-timeout; retry later"
+            )),
+        }
+    }
+
+    /// Streams `body` into a new version of `name`, checking the digests the client sent;
+    /// names it only if they match. Returns the file and the MD5 of its bytes.
+    #[allow(clippy::too_many_arguments)]
+    async fn write_object(
+        &self,
+        name: &str,
+        body: StreamingBlob,
+        durability: Durability,
+        expected_md5: Option<&str>,
+        checksums: Checksums,
+        trailers: Option<s3s::TrailingHeaders>,
+        attrs: ObjectAttrs,
+    ) -> S3Result<(FileMeta, String)> {
+        let max = self.state.ns.max_file_size();
+        let _buffer = self.buffer().await?;
+        let mut w = self
+            .state
+            .ns
+            .create(name)
+            .await
+            .map_err(|e| object_error(e, "", name))?;
+        if durability != Durability::None {
+            w.write_behind();
+        }
+        let mut md5 = Md5::new();
+        let mut hasher = checksums.hasher();
+        let mut body = body;
+        let poured: S3Result<()> = async {
+            let mut written = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| {
+                    s3_error!(IncompleteBody, "reading the request body failed: {e}")
+                })?;
+                written += chunk.len() as u64;
+                if written > max {
+                    return Err(s3_error!(
+                        EntityTooLarge,
+                        "the object is larger than --max-file-size ({max} bytes)"
+                    ));
+                }
+                md5.update(&chunk);
+                hasher.update(&chunk);
+                w.write(&chunk)
+                    .await
+                    .map_err(|e| object_error(e, "", name))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = poured {
+            w.abandon().await;
+            return Err(e);
+        }
+        let md5 = md5.finalize();
+        let md5_hex = hex::encode(md5);
+        let checked = check_digests(&md5, expected_md5, checksums, hasher, trailers);
+        if let Err(e) = checked {
+            w.abandon().await;
+            return Err(e);
+        }
+        let attrs = ObjectAttrs {
+            etag: Some(md5_hex.clone()),
+            ..attrs
+        };
+        let text = serde_json::to_string(&attrs).expect("attributes serialize");
+        if let Err(e) = w.set_attrs(Some(text)) {
+            w.abandon().await;
+            return Err(s3_error!(
+                MetadataTooLarge,
+                "the object's metadata is too large: {e}"
+            ));
+        }
+        let meta = w
+            .finish(durability)
+            .await
+            .map_err(|e| object_error(e, "", name))?;
+        Ok((meta, md5_hex))
+    }
+}
+
+/// The checksums a client asked for (`x-amz-checksum-*` values, or an algorithm whose value
+/// comes in a trailer).
+#[derive(Debug, Default, Clone)]
+struct Checksums {
+    crc32: Option<String>,
+    crc32c: Option<String>,
+    sha1: Option<String>,
+    sha256: Option<String>,
+    crc64nvme: Option<String>,
+    algorithm: Option<String>,
+}
+
+impl Checksums {
+    fn hasher(&self) -> s3s::checksum::ChecksumHasher {
+        let mut h = s3s::checksum::ChecksumHasher::default();
+        let alg = self.algorithm.as_deref().map(str::to_ascii_uppercase);
+        let wants =
+            |value: &Option<String>, name: &str| value.is_some() || alg.as_deref() == Some(name);
+        if wants(&self.crc32, "CRC32") {
+            h.crc32 = Some(Default::default());
+        }
+        if wants(&self.crc32c, "CRC32C") {
+            h.crc32c = Some(Default::default());
+        }
+        if wants(&self.sha1, "SHA1") {
+            h.sha1 = Some(Default::default());
+        }
+        if wants(&self.sha256, "SHA256") {
+            h.sha256 = Some(Default::default());
+        }
+        if wants(&self.crc64nvme, "CRC64NVME") {
+            h.crc64nvme = Some(Default::default());
+        }
+        h
+    }
+}
+
+/// Checks `Content-MD5` and the `x-amz-checksum-*` values (from headers, or from the
+/// trailers of an aws-chunked body) against what the body hashed to.
+fn check_digests(
+    md5: &[u8],
+    expected_md5: Option<&str>,
+    mut sent: Checksums,
+    hasher: s3s::checksum::ChecksumHasher,
+    trailers: Option<s3s::TrailingHeaders>,
+) -> S3Result<()> {
+    if let Some(expected) = expected_md5 {
+        use base64::Engine as _;
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(expected.trim())
+            .map_err(|_| s3_error!(InvalidDigest, "Content-MD5 is not base64"))?;
+        if decoded != md5 {
+            return Err(s3_error!(
+                BadDigest,
+                "the Content-MD5 you sent does not match the bytes received"
+            ));
+        }
+    }
+    if let Some(t) = trailers.and_then(|t| t.take()) {
+        let get = |name: &str| t.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        sent.crc32 = sent.crc32.or_else(|| get("x-amz-checksum-crc32"));
+        sent.crc32c = sent.crc32c.or_else(|| get("x-amz-checksum-crc32c"));
+        sent.sha1 = sent.sha1.or_else(|| get("x-amz-checksum-sha1"));
+        sent.sha256 = sent.sha256.or_else(|| get("x-amz-checksum-sha256"));
+        sent.crc64nvme = sent.crc64nvme.or_else(|| get("x-amz-checksum-crc64nvme"));
+    }
+    let got = hasher.finalize();
+    let pairs = [
+        ("CRC32", &sent.crc32, &got.checksum_crc32),
+        ("CRC32C", &sent.crc32c, &got.checksum_crc32c),
+        ("SHA1", &sent.sha1, &got.checksum_sha1),
+        ("SHA256", &sent.sha256, &got.checksum_sha256),
+        ("CRC64NVME", &sent.crc64nvme, &got.checksum_crc64nvme),
+    ];
+    for (name, sent, got) in pairs {
+        if let Some(sent) = sent
+            && Some(sent) != got.as_ref()
+        {
+            return Err(s3_error!(
+                BadDigest,
+                "the {name} checksum you sent ({sent}) does not match the bytes received ({})",
+                got.as_deref().unwrap_or("none")
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name` follows S3's bucket naming rules (3 to 63 lowercase letters, digits,
+/// dots and hyphens, starting and ending with a letter or digit).
+fn valid_bucket(name: &str) -> bool {
+    let b = name.as_bytes();
+    (3..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'.' || *c == b'-')
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+        && !name.contains("..")
+}
+
+/// The file of object `key` in `bucket`.
+fn object_name(bucket: &str, key: &str) -> S3Result<String> {
+    if !valid_bucket(bucket) {
+        return Err(s3_error!(NoSuchBucket, "no bucket named {bucket:?}"));
+    }
+    let name = format!("{bucket}/{key}");
+    blockcache::validate_name(&name).map_err(|e| {
+        s3_error!(
+            InvalidArgument,
+            "the key {key:?} cannot be stored: {e} (keys with empty, '.' or '..' segments, a trailing '/', or control characters are not supported)"
+        )
+    })?;
+    Ok(name)
+}
+
+fn internal(e: Error) -> S3Error {
+    let message = crate::error::chain(&e);
+    tracing::error!(error = %message, "S3 request failed");
+    S3Error::with_message(S3ErrorCode::InternalError, message)
+}
+
+/// An engine error of a request on an object, in S3's terms.
+fn object_error(e: Error, bucket: &str, key: &str) -> S3Error {
+    match &e {
+        Error::NotFound { .. } => s3_error!(NoSuchKey, "no object {key:?} in bucket {bucket:?}"),
+        Error::InvalidName { .. } => {
+            S3Error::with_message(S3ErrorCode::InvalidArgument, crate::error::chain(&e))
+        }
+        Error::FileTooLarge { .. } => {
+            S3Error::with_message(S3ErrorCode::EntityTooLarge, crate::error::chain(&e))
+        }
+        Error::DirtyBudgetFull { .. } => {
+            S3Error::with_message(S3ErrorCode::SlowDown, crate::error::chain(&e))
+        }
+        Error::ShuttingDown => s3_error!(ServiceUnavailable, "the daemon is shutting down"),
+        Error::Upload { .. } | Error::Download { .. } | Error::Store { .. } => {
+            let message = crate::error::chain(&e);
+            tracing::warn!(error = %message, "S3 request failed on the store");
+            S3Error::with_message(S3ErrorCode::ServiceUnavailable, message)
+        }
+        _ => internal(e),
+    }
+}
+
+/// The durability a request asks for with [`DURABILITY_HEADER`], or the daemon's.
+fn durability_of(headers: &axum::http::HeaderMap, default: Durability) -> S3Result<Durability> {
+    match headers.get(DURABILITY_HEADER) {
+        None => Ok(default),
+        Some(v) => v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| {
+            s3_error!(
+                InvalidArgument,
+                "{DURABILITY_HEADER} must be none, local or store"
+            )
+        }),
+    }
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    Timestamp::from(t)
+}
+
+/// Whole seconds: HTTP dates carry no more.
+fn seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn ts_seconds(t: &Timestamp) -> u64 {
+    let t: time::OffsetDateTime = t.clone().into();
+    u64::try_from(t.unix_timestamp()).unwrap_or(0)
+}
+
+/// Evaluates the conditional headers of a GET or HEAD (RFC 9110 order): `Err` with
+/// `PreconditionFailed` or `NotModified` when the object is not to be sent.
+fn preconditions(
+    etag: &ETag,
+    modified: SystemTime,
+    if_match: Option<&ETagCondition>,
+    if_unmodified_since: Option<&Timestamp>,
+    if_none_match: Option<&ETagCondition>,
+    if_modified_since: Option<&Timestamp>,
+) -> S3Result<()> {
+    let matches = |c: &ETagCondition| match c {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == etag.value(),
+    };
+    if let Some(c) = if_match {
+        if !matches(c) {
+            return Err(s3_error!(PreconditionFailed, "If-Match: the ETag differs"));
+        }
+    } else if let Some(t) = if_unmodified_since
+        && seconds(modified) > ts_seconds(t)
+    {
+        return Err(s3_error!(
+            PreconditionFailed,
+            "If-Unmodified-Since: the object changed since"
+        ));
+    }
+    if let Some(c) = if_none_match {
+        if matches(c) {
+            return Err(S3Error::new(S3ErrorCode::NotModified));
+        }
+    } else if let Some(t) = if_modified_since
+        && seconds(modified) <= ts_seconds(t)
+    {
+        return Err(S3Error::new(S3ErrorCode::NotModified));
+    }
+    Ok(())
+}
+
+/// The bytes `range` of the file `reader` reads, one block at a time.
+fn stream_of(
+    reader: FileReader,
+    range: std::ops::Range<u64>,
+    state: Arc<AppState>,
+) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
+    let block = reader.block_size().max(1);
+    let reader = Arc::new(reader);
+    // The engine's futures are not `Sync`; the stream is only ever polled by one task.
+    sync_wrapper::SyncStream::new(futures::stream::try_unfold(range.start, move |pos| {
+        let reader = reader.clone();
+        let state = state.clone();
+        let end = range.end;
+        async move {
+            if pos >= end {
+                return Ok(None);
+            }
+            // Up to the end of the block `pos` is in.
+            let len = (block - pos % block).min(end - pos);
+            let permit =
+                tokio::time::timeout(state.buffer_timeout, state.buffers.clone().acquire_owned())
+                    .await
+                    .map_err(|_| std::io::Error::other("no request buffer came free"))?
+                    .map_err(|_| std::io::Error::other("the daemon is shutting down"))?;
+            let bytes = reader
+                .read(pos, len as usize)
+                .await
+                .map_err(|e| std::io::Error::other(crate::error::chain(&e)))?;
+            drop(permit);
+            if bytes.len() as u64 != len {
+                return Err(std::io::Error::other("the file changed size while read"));
+            }
+            Ok(Some((bytes, pos + len)))
+        }
+    }))
+}
+
+fn object_entry(meta: &FileMeta, key: String) -> Object {
+    Object {
+        key: Some(key),
+        size: Some(i64::try_from(meta.size).unwrap_or(i64::MAX)),
+        e_tag: Some(ObjectAttrs::of(meta).etag(meta)),
+        last_modified: Some(timestamp(meta.mtime)),
+        storage_class: Some(ObjectStorageClass::from_static(
+            ObjectStorageClass::STANDARD,
+        )),
+        ..Default::default()
+    }
+}
+
+/// One page of a listing of `bucket`: objects and common prefixes after `after` (a full
+/// file name), at most `max` entries. Returns them, whether more follow, and the file name
+/// to continue after.
+async fn list_page(
+    state: &AppState,
+    bucket: &str,
+    prefix: &str,
+    delimiter: Option<&str>,
+    after: Option<String>,
+    max: usize,
+) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, bool, Option<String>)> {
+    let base = format!("{bucket}/");
+    let full = format!("{base}{prefix}");
+    let mut objects = Vec::new();
+    let mut prefixes: Vec<CommonPrefix> = Vec::new();
+    let mut cursor = after;
+    let mut last: Option<String> = None;
+    loop {
+        let page = state
+            .ns
+            .list(&full, cursor.as_deref(), LIST_STEP)
+            .await
+            .map_err(internal)?;
+        let exhausted = page.len() < LIST_STEP as usize;
+        let mut jumped = false;
+        for f in page {
+            let key = &f.name[base.len()..];
+            if objects.len() + prefixes.len() >= max {
+                // One more entry exists: the page is truncated.
+                return Ok((objects, prefixes, true, last));
+            }
+            if let Some(d) = delimiter
+                && let Some(pos) = key[prefix.len()..].find(d)
+            {
+                let cp = &key[..prefix.len() + pos + d.len()];
+                prefixes.push(CommonPrefix {
+                    prefix: Some(cp.to_owned()),
+                });
+                // Every name under the common prefix sorts before this one.
+                let skip = format!("{base}{cp}\u{10FFFF}");
+                last = Some(skip.clone());
+                cursor = Some(skip);
+                jumped = true;
+                break;
+            }
+            objects.push(object_entry(&f, key.to_owned()));
+            last = Some(f.name.clone());
+            cursor = Some(f.name.clone());
+        }
+        if !jumped && exhausted {
+            return Ok((objects, prefixes, false, last));
+        }
+    }
+}
+
+fn encode_token(name: &str) -> String {
+    hex::encode(name.as_bytes())
+}
+
+fn decode_token(token: &str) -> S3Result<String> {
+    hex::decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            s3_error!(
+                InvalidArgument,
+                "the continuation token is not one this endpoint gave"
+            )
+        })
+}
+
+fn max_keys(asked: Option<i32>) -> S3Result<usize> {
+    match asked {
+        None => Ok(MAX_KEYS as usize),
+        Some(n) if n < 0 => Err(s3_error!(InvalidArgument, "max-keys must not be negative")),
+        Some(n) => Ok(n.min(MAX_KEYS) as usize),
+    }
+}
+
+#[async_trait::async_trait]
+impl S3 for Gateway {
+    async fn list_buckets(
+        &self,
+        _req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
+        let mut buckets = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .state
+                .ns
+                .list(BUCKETS, after.as_deref(), LIST_STEP)
+                .await
+                .map_err(internal)?;
+            let done = page.len() < LIST_STEP as usize;
+            for f in page {
+                let name = f.name[BUCKETS.len()..].to_owned();
+                after = Some(f.name.clone());
+                if valid_bucket(&name) {
+                    buckets.push(Bucket {
+                        name: Some(name),
+                        creation_date: Some(timestamp(f.mtime)),
+                        ..Default::default()
+                    });
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(S3Response::new(ListBucketsOutput {
+            buckets: Some(buckets),
+            owner: Some(Owner {
+                display_name: Some("blockcache".to_owned()),
+                id: Some("blockcache".to_owned()),
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_bucket(
+        &self,
+        req: S3Request<CreateBucketInput>,
+    ) -> S3Result<S3Response<CreateBucketOutput>> {
+        let bucket = req.input.bucket;
+        if !valid_bucket(&bucket) {
+            return Err(s3_error!(
+                InvalidBucketName,
+                "{bucket:?}: a bucket name is 3 to 63 lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
+            ));
+        }
+        if self.bucket_exists(&bucket).await.is_ok() {
+            return Err(s3_error!(
+                BucketAlreadyOwnedByYou,
+                "the bucket {bucket:?} exists"
+            ));
+        }
+        let w = self
+            .state
+            .ns
+            .create(&format!("{BUCKETS}{bucket}"))
+            .await
+            .map_err(internal)?;
+        w.finish(Durability::Local).await.map_err(internal)?;
+        Ok(S3Response::new(CreateBucketOutput {
+            location: Some(format!("/{bucket}")),
+        }))
+    }
+
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
+        self.bucket_exists(&req.input.bucket).await?;
+        Ok(S3Response::new(HeadBucketOutput::default()))
+    }
+
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        self.bucket_exists(&req.input.bucket).await?;
+        Ok(S3Response::new(GetBucketLocationOutput::default()))
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: S3Request<DeleteBucketInput>,
+    ) -> S3Result<S3Response<DeleteBucketOutput>> {
+        let bucket = req.input.bucket;
+        self.bucket_exists(&bucket).await?;
+        let any = self
+            .state
+            .ns
+            .list(&format!("{bucket}/"), None, 1)
+            .await
+            .map_err(internal)?;
+        if !any.is_empty() {
+            return Err(s3_error!(
+                BucketNotEmpty,
+                "the bucket {bucket:?} holds objects"
+            ));
+        }
+        match self.state.ns.delete(&format!("{BUCKETS}{bucket}")).await {
+            Ok(_) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(internal(e)),
+        }
+        Ok(S3Response::new(DeleteBucketOutput::default()))
+    }
+
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        let durability = durability_of(&req.headers, self.state.durability)?;
+        let trailers = req.trailing_headers;
+        let input = req.input;
+        self.bucket_exists(&input.bucket).await?;
+        let name = object_name(&input.bucket, &input.key)?;
+        let Some(body) = input.body else {
+            return Err(s3_error!(IncompleteBody, "the request has no body"));
+        };
+        let max = self.state.ns.max_file_size();
+        if let Some(len) = input.content_length
+            && u64::try_from(len).unwrap_or(0) > max
+        {
+            return Err(s3_error!(
+                EntityTooLarge,
+                "{len} bytes: the largest object is --max-file-size ({max} bytes)"
+            ));
+        }
+        if input.if_none_match.is_some() || input.if_match.is_some() {
+            let current = match self.state.ns.stat(&name).await {
+                Ok(m) => Some(m),
+                Err(Error::NotFound { .. }) => None,
+                Err(e) => return Err(object_error(e, &input.bucket, &input.key)),
+            };
+            if let Some(c) = &input.if_none_match {
+                let hit = match (c, &current) {
+                    (_, None) => false,
+                    (ETagCondition::Any, Some(_)) => true,
+                    (ETagCondition::ETag(e), Some(m)) => {
+                        ObjectAttrs::of(m).etag(m).value() == e.value()
+                    }
+                };
+                if hit {
+                    return Err(s3_error!(
+                        PreconditionFailed,
+                        "If-None-Match: the object exists"
+                    ));
+                }
+            }
+            if let Some(c) = &input.if_match {
+                let hit = match (c, &current) {
+                    (_, None) => false,
+                    (ETagCondition::Any, Some(_)) => true,
+                    (ETagCondition::ETag(e), Some(m)) => {
+                        ObjectAttrs::of(m).etag(m).value() == e.value()
+                    }
+                };
+                if !hit {
+                    return Err(s3_error!(PreconditionFailed, "If-Match: the ETag differs"));
+                }
+            }
+        }
+        let checksums = Checksums {
+            crc32: input.checksum_crc32,
+            crc32c: input.checksum_crc32c,
+            sha1: input.checksum_sha1,
+            sha256: input.checksum_sha256,
+            crc64nvme: input.checksum_crc64nvme,
+            algorithm: input.checksum_algorithm.map(|a| a.as_str().to_owned()),
+        };
+        let attrs = ObjectAttrs {
+            etag: None,
+            content_type: input.content_type,
+            meta: input.metadata.unwrap_or_default().into_iter().collect(),
+        };
+        let (meta, md5) = self
+            .write_object(
+                &name,
+                body,
+                durability,
+                input.content_md5.as_deref(),
+                checksums,
+                trailers,
+                attrs,
+            )
+            .await?;
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(ETag::Strong(md5)),
+            size: Some(i64::try_from(meta.size).unwrap_or(i64::MAX)),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
+        let input = req.input;
+        let reader = self.open_object(&input.bucket, &input.key).await?;
+        let meta = reader.meta().clone();
+        let attrs = ObjectAttrs::of(&meta);
+        let etag = attrs.etag(&meta);
+        preconditions(
+            &etag,
+            meta.mtime,
+            input.if_match.as_ref(),
+            input.if_unmodified_since.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+        )?;
+        if let Some(n) = input.part_number
+            && n != 1
+        {
+            return Err(S3Error::with_message(
+                S3ErrorCode::Custom("InvalidPartNumber".into()),
+                "the object has one part",
+            ));
+        }
+        let size = meta.size;
+        let (range, content_range) = match &input.range {
+            None => (0..size, None),
+            Some(r) => {
+                let range = r.check(size).map_err(|_| {
+                    s3_error!(
+                        InvalidRange,
+                        "the range lies outside the object of {size} bytes"
+                    )
+                })?;
+                let cr = format!(
+                    "bytes {}-{}/{size}",
+                    range.start,
+                    range.end.saturating_sub(1)
+                );
+                (range, Some(cr))
+            }
+        };
+        let length = range.end - range.start;
+        let stream = stream_of(reader, range, self.state.clone());
+        Ok(S3Response::new(GetObjectOutput {
+            body: Some(StreamingBlob::wrap(stream)),
+            content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
+            content_range,
+            accept_ranges: Some("bytes".to_owned()),
+            e_tag: Some(etag),
+            last_modified: Some(timestamp(meta.mtime)),
+            content_type: attrs.content_type.clone(),
+            metadata: attrs.metadata(),
+            ..Default::default()
+        }))
+    }
+
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        let input = req.input;
+        let meta = self.stat_object(&input.bucket, &input.key).await?;
+        let attrs = ObjectAttrs::of(&meta);
+        let etag = attrs.etag(&meta);
+        preconditions(
+            &etag,
+            meta.mtime,
+            input.if_match.as_ref(),
+            input.if_unmodified_since.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+        )?;
+        let size = meta.size;
+        let (length, content_range) = match &input.range {
+            None => (size, None),
+            Some(r) => {
+                let range = r.check(size).map_err(|_| {
+                    s3_error!(
+                        InvalidRange,
+                        "the range lies outside the object of {size} bytes"
+                    )
+                })?;
+                let cr = format!(
+                    "bytes {}-{}/{size}",
+                    range.start,
+                    range.end.saturating_sub(1)
+                );
+                (range.end - range.start, Some(cr))
+            }
+        };
+        Ok(S3Response::new(HeadObjectOutput {
+            content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
+            content_range,
+            accept_ranges: Some("bytes".to_owned()),
+            e_tag: Some(etag),
+            last_modified: Some(timestamp(meta.mtime)),
+            content_type: attrs.content_type.clone(),
+            metadata: attrs.metadata(),
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        let input = req.input;
+        self.bucket_exists(&input.bucket).await?;
+        let name = object_name(&input.bucket, &input.key)?;
+        match self.state.ns.delete(&name).await {
+            // S3 answers a deletion of a missing key as done.
+            Ok(_) | Err(Error::NotFound { .. }) => {}
+            Err(e) => return Err(object_error(e, &input.bucket, &input.key)),
+        }
+        Ok(S3Response::new(DeleteObjectOutput::default()))
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let input = req.input;
+        self.bucket_exists(&input.bucket).await?;
+        if input.delete.objects.len() > MAX_DELETE {
+            return Err(s3_error!(
+                MalformedXML,
+                "a request deletes at most {MAX_DELETE} keys"
+            ));
+        }
+        let quiet = input.delete.quiet.unwrap_or(false);
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        for o in input.delete.objects {
+            let result = match object_name(&input.bucket, &o.key) {
+                Ok(name) => match self.state.ns.delete(&name).await {
+                    Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+                    Err(e) => Err(object_error(e, &input.bucket, &o.key)),
+                },
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => {
+                    if !quiet {
+                        deleted.push(DeletedObject {
+                            key: Some(o.key),
+                            ..Default::default()
+                        });
+                    }
+                }
+                Err(e) => errors.push(s3s::dto::Error {
+                    code: Some(e.code().as_str().to_owned()),
+                    key: Some(o.key),
+                    message: e.message().map(str::to_owned),
+                    version_id: None,
+                }),
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: Some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        let durability = durability_of(&req.headers, self.state.durability)?;
+        let input = req.input;
+        let (src_bucket, src_key) = match &input.copy_source {
+            CopySource::Bucket { bucket, key, .. } => (bucket.to_string(), key.to_string()),
+            _ => {
+                return Err(s3_error!(
+                    NotImplemented,
+                    "copies from access points or outposts are not supported"
+                ));
+            }
+        };
+        self.bucket_exists(&input.bucket).await?;
+        let dest = object_name(&input.bucket, &input.key)?;
+        let reader = self.open_object(&src_bucket, &src_key).await?;
+        let meta = reader.meta().clone();
+        let src_attrs = ObjectAttrs::of(&meta);
+        let etag = src_attrs.etag(&meta);
+        if let Some(c) = &input.copy_source_if_match {
+            let ok = match c {
+                ETagCondition::Any => true,
+                ETagCondition::ETag(e) => e.value() == etag.value(),
+            };
+            if !ok {
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "x-amz-copy-source-if-match: the ETag differs"
+                ));
+            }
+        }
+        if let Some(c) = &input.copy_source_if_none_match {
+            let hit = match c {
+                ETagCondition::Any => true,
+                ETagCondition::ETag(e) => e.value() == etag.value(),
+            };
+            if hit {
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "x-amz-copy-source-if-none-match: the ETag matches"
+                ));
+            }
+        }
+        let replace = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        if dest == meta.name && !replace {
+            return Err(s3_error!(
+                InvalidRequest,
+                "copying an object onto itself without changing its metadata (x-amz-metadata-directive: REPLACE) changes nothing"
+            ));
+        }
+        let attrs = if replace {
+            ObjectAttrs {
+                etag: None,
+                content_type: input.content_type,
+                meta: input.metadata.unwrap_or_default().into_iter().collect(),
+            }
+        } else {
+            ObjectAttrs {
+                etag: None,
+                ..src_attrs
+            }
+        };
+        let size = meta.size;
+        let stream = stream_of(reader, 0..size, self.state.clone());
+        let (written, md5) = self
+            .write_object(
+                &dest,
+                StreamingBlob::wrap(stream),
+                durability,
+                None,
+                Checksums::default(),
+                None,
+                attrs,
+            )
+            .await?;
+        Ok(S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(ETag::Strong(md5)),
+                last_modified: Some(timestamp(written.mtime)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let input = req.input;
+        self.bucket_exists(&input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let max = max_keys(input.max_keys)?;
+        let after = match (&input.continuation_token, &input.start_after) {
+            (Some(t), _) => Some(decode_token(t)?),
+            (None, Some(s)) if !s.is_empty() => Some(format!("{}/{s}", input.bucket)),
+            _ => None,
+        };
+        let (objects, prefixes, truncated, last) = if max == 0 {
+            (Vec::new(), Vec::new(), false, None)
+        } else {
+            list_page(
+                &self.state,
+                &input.bucket,
+                &prefix,
+                delimiter.as_deref(),
+                after,
+                max,
+            )
+            .await?
+        };
+        let count = objects.len() + prefixes.len();
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            delimiter,
+            max_keys: Some(max as i32),
+            key_count: Some(count as i32),
+            is_truncated: Some(truncated),
+            continuation_token: input.continuation_token,
+            next_continuation_token: truncated
+                .then(|| last.as_deref().map(encode_token))
+                .flatten(),
+            start_after: input.start_after,
+            contents: Some(objects),
+            common_prefixes: Some(prefixes),
+            encoding_type: input.encoding_type,
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let input = req.input;
+        self.bucket_exists(&input.bucket).await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let max = max_keys(input.max_keys)?;
+        let after = input
+            .marker
+            .as_ref()
+            .filter(|m| !m.is_empty())
+            .map(|m| format!("{}/{m}", input.bucket));
+        let (objects, prefixes, truncated, _) = if max == 0 {
+            (Vec::new(), Vec::new(), false, None)
+        } else {
+            list_page(
+                &self.state,
+                &input.bucket,
+                &prefix,
+                delimiter.as_deref(),
+                after,
+                max,
+            )
+            .await?
+        };
+        // S3 gives NextMarker only with a delimiter; clients otherwise go on from the last key.
+        let next_marker = (truncated && delimiter.is_some())
+            .then(|| {
+                let last_key = objects.last().and_then(|o| o.key.clone());
+                let last_prefix = prefixes.last().and_then(|p| p.prefix.clone());
+                last_key.max(last_prefix)
+            })
+            .flatten();
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: Some(prefix),
+            marker: input.marker,
+            delimiter,
+            max_keys: Some(max as i32),
+            is_truncated: Some(truncated),
+            next_marker,
+            contents: Some(objects),
+            common_prefixes: Some(prefixes),
+            encoding_type: input.encoding_type,
+            ..Default::default()
+        }))
+    }
+}
+
+/// The S3 endpoint's router: the gateway behind `s3s`'s service, with SigV4 against `keys`
+/// (anonymous requests only when there are none) and virtual-host style requests for
+/// `domains`. Refuses the daemon's draining like the file API.
+pub fn router(
+    state: Arc<AppState>,
+    keys: &[(String, String)],
+    domains: &[String],
+) -> Result<axum::Router, String> {
+    let mut builder = s3s::service::S3ServiceBuilder::new(Gateway::new(state.clone()));
+    if !keys.is_empty() {
+        let mut auth = s3s::auth::SimpleAuth::new();
+        for (access, secret) in keys {
+            auth.register(access.clone(), secret.clone().into());
+        }
+        builder.set_auth(auth);
+    }
+    if !domains.is_empty() {
+        let host = s3s::host::MultiDomain::new(domains)
+            .map_err(|e| format!("--s3-domain {domains:?}: {e}"))?;
+        builder.set_host(host);
+    }
+    let service = builder.build();
+    let service = axum::error_handling::HandleError::new(service, |e: s3s::HttpError| async move {
+        tracing::error!(error = ?e, "S3 request failed");
+        (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+        )
+    });
+    Ok(axum::Router::new()
+        .fallback_service(service)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            refuse_while_draining,
+        )))
+}
+
+/// New requests get 503 `ServiceUnavailable` once shutdown starts.
+async fn refuse_while_draining(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>ServiceUnavailable</Code><Message>the daemon is shutting down</Message></Error>";
+        return (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            [(axum::http::header::CONTENT_TYPE, "application/xml")],
+            body,
+        )
+            .into_response();
+    }
+    // An HTTP/1.1 request without Content-Length or Transfer-Encoding has no body; say so
+    // to `s3s`, which otherwise cannot tell its length through the body timeout's wrapper.
+    let mut req = req;
+    let headers = req.headers();
+    if !headers.contains_key(axum::http::header::CONTENT_LENGTH)
+        && !headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+    {
+        *req.body_mut() = axum::body::Body::empty();
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_names_follow_s3_rules() {
+        for ok in ["abc", "my-bucket.1", "a1b", &"a".repeat(63)] {
+            assert!(valid_bucket(ok), "{ok}");
+        }
+        for bad in [
+            "ab",
+            "Abc",
+            "-abc",
+            "abc-",
+            "a..b",
+            "a_b",
+            &"a".repeat(64),
+            ".s3",
+        ] {
+            assert!(!valid_bucket(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn continuation_tokens_round_trip_any_name() {
+        for name in ["b/k", "b/\u{10FFFF}", "b/ä/ü"] {
+            assert_eq!(decode_token(&encode_token(name)).expect("decode"), name);
+        }
+        assert!(decode_token("zz").is_err());
+    }
+}
