@@ -37,6 +37,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// `http://127.0.0.1:PORT` of its S3 endpoint, unless it is off.
+    pub s3: Option<String>,
     /// Where its log (standard error) goes.
     pub log: PathBuf,
     /// An HTTP client.
@@ -133,7 +135,11 @@ impl Launch {
             data_dir: data_dir.to_owned(),
             listen: "127.0.0.1:0".to_owned(),
             args: Vec::new(),
-            env: vec![("BLOCKCACHE_LOG_LEVEL".to_owned(), "info".to_owned())],
+            // A free port for the S3 endpoint too: tests run side by side.
+            env: vec![
+                ("BLOCKCACHE_LOG_LEVEL".to_owned(), "info".to_owned()),
+                ("BLOCKCACHE_S3_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+            ],
             wrapper: Vec::new(),
             unset: Vec::new(),
         }
@@ -216,10 +222,15 @@ impl Launch {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut first = String::new();
             let mut r = BufReader::new(stdout);
-            let _ = r.read_line(&mut first);
-            let _ = tx.send(first);
+            // The address of the file API, then that of the S3 endpoint (if it is on).
+            for _ in 0..2 {
+                let mut line = String::new();
+                let _ = r.read_line(&mut line);
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
             // Keep draining so the daemon never blocks on a full pipe.
             let mut sink = String::new();
             while r.read_line(&mut sink).is_ok_and(|n| n > 0) {
@@ -238,11 +249,30 @@ impl Launch {
             });
         };
         // A daemon listening on every address is reached on loopback.
-        let base = base
-            .replace("http://0.0.0.0:", "http://127.0.0.1:")
-            .replace("http://[::]:", "http://[::1]:");
+        let loopback = |base: &str| {
+            base.replace("http://0.0.0.0:", "http://127.0.0.1:")
+                .replace("http://[::]:", "http://[::1]:")
+        };
+        let base = loopback(base);
+        let s3_off = self
+            .args
+            .windows(2)
+            .any(|w| w[0] == "--s3-listen" && w[1] == "off")
+            || self
+                .env
+                .iter()
+                .any(|(k, v)| k == "BLOCKCACHE_S3_LISTEN" && v == "off");
+        let s3 = if s3_off {
+            None
+        } else {
+            let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
+            line.trim()
+                .strip_prefix("blockcache S3 endpoint on ")
+                .map(loopback)
+        };
         Ok(Daemon {
             base,
+            s3,
             child: Some(child),
             log,
             http: reqwest::Client::builder()

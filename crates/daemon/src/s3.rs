@@ -145,6 +145,45 @@ impl Gateway {
         }
     }
 
+    /// What a PutObject must pass before its body is read: the bucket, the key, the size
+    /// announced, and the conditions on the current object.
+    async fn put_checks(&self, input: &PutObjectInput) -> S3Result<()> {
+        self.bucket_exists(&input.bucket).await?;
+        let name = object_name(&input.bucket, &input.key)?;
+        let max = self.state.ns.max_file_size();
+        if let Some(len) = input.content_length
+            && u64::try_from(len).unwrap_or(0) > max
+        {
+            return Err(s3_error!(
+                EntityTooLarge,
+                "{len} bytes: the largest object is --max-file-size ({max} bytes)"
+            ));
+        }
+        if input.if_none_match.is_none() && input.if_match.is_none() {
+            return Ok(());
+        }
+        let current = match self.state.ns.stat(&name).await {
+            Ok(m) => Some(m),
+            Err(Error::NotFound { .. }) => None,
+            Err(e) => return Err(object_error(e, &input.bucket, &input.key)),
+        };
+        let hit = |c: &ETagCondition| match (c, &current) {
+            (_, None) => false,
+            (ETagCondition::Any, Some(_)) => true,
+            (ETagCondition::ETag(e), Some(m)) => ObjectAttrs::of(m).etag(m).value() == e.value(),
+        };
+        if input.if_none_match.as_ref().is_some_and(hit) {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "If-None-Match: the object exists"
+            ));
+        }
+        if input.if_match.as_ref().is_some_and(|c| !hit(c)) {
+            return Err(s3_error!(PreconditionFailed, "If-Match: the ETag differs"));
+        }
+        Ok(())
+    }
+
     /// Streams `body` into a new version of `name`, checking the digests the client sent;
     /// names it only if they match. Returns the file and the MD5 of its bytes.
     #[allow(clippy::too_many_arguments)]
@@ -311,6 +350,26 @@ fn check_digests(
         }
     }
     Ok(())
+}
+
+/// Bytes of a refused request body read and dropped before answering.
+const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+/// Longest time spent reading a refused request body before answering.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Reads and drops what is left of a refused body, up to [`DRAIN_LIMIT`] bytes and
+/// [`DRAIN_TIME`].
+async fn drain(body: &mut StreamingBlob) {
+    let drain = async {
+        let mut left = DRAIN_LIMIT;
+        while let Some(Ok(chunk)) = body.next().await {
+            left = left.saturating_sub(chunk.len());
+            if left == 0 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
 }
 
 /// Whether `name` follows S3's bucket naming rules (3 to 63 lowercase letters, digits,
@@ -679,57 +738,27 @@ impl S3 for Gateway {
         &self,
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
-        let durability = durability_of(&req.headers, self.state.durability)?;
         let trailers = req.trailing_headers;
-        let input = req.input;
-        self.bucket_exists(&input.bucket).await?;
-        let name = object_name(&input.bucket, &input.key)?;
-        let Some(body) = input.body else {
+        let mut input = req.input;
+        let Some(mut body) = input.body.take() else {
             return Err(s3_error!(IncompleteBody, "the request has no body"));
         };
-        let max = self.state.ns.max_file_size();
-        if let Some(len) = input.content_length
-            && u64::try_from(len).unwrap_or(0) > max
-        {
-            return Err(s3_error!(
-                EntityTooLarge,
-                "{len} bytes: the largest object is --max-file-size ({max} bytes)"
-            ));
+        let checked = async {
+            let durability = durability_of(&req.headers, self.state.durability)?;
+            self.put_checks(&input).await?;
+            Ok(durability)
         }
-        if input.if_none_match.is_some() || input.if_match.is_some() {
-            let current = match self.state.ns.stat(&name).await {
-                Ok(m) => Some(m),
-                Err(Error::NotFound { .. }) => None,
-                Err(e) => return Err(object_error(e, &input.bucket, &input.key)),
-            };
-            if let Some(c) = &input.if_none_match {
-                let hit = match (c, &current) {
-                    (_, None) => false,
-                    (ETagCondition::Any, Some(_)) => true,
-                    (ETagCondition::ETag(e), Some(m)) => {
-                        ObjectAttrs::of(m).etag(m).value() == e.value()
-                    }
-                };
-                if hit {
-                    return Err(s3_error!(
-                        PreconditionFailed,
-                        "If-None-Match: the object exists"
-                    ));
-                }
+        .await;
+        let durability = match checked {
+            Ok(d) => d,
+            Err(e) => {
+                // The client may still be sending: read on (bounded) so that it gets the
+                // answer rather than a reset connection.
+                drain(&mut body).await;
+                return Err(e);
             }
-            if let Some(c) = &input.if_match {
-                let hit = match (c, &current) {
-                    (_, None) => false,
-                    (ETagCondition::Any, Some(_)) => true,
-                    (ETagCondition::ETag(e), Some(m)) => {
-                        ObjectAttrs::of(m).etag(m).value() == e.value()
-                    }
-                };
-                if !hit {
-                    return Err(s3_error!(PreconditionFailed, "If-Match: the ETag differs"));
-                }
-            }
-        }
+        };
+        let name = object_name(&input.bucket, &input.key)?;
         let checksums = Checksums {
             crc32: input.checksum_crc32,
             crc32c: input.checksum_crc32c,

@@ -22,6 +22,7 @@ mod model;
 mod namespace;
 mod owner;
 mod restore_drill;
+mod s3_gateway;
 mod s3_store;
 mod s3ql;
 mod volume;

@@ -1,0 +1,164 @@
+"""Drives the daemon's S3 endpoint with boto3 at its default settings (checksums on,
+aws-chunked uploads with trailers) and checks every answer. Run by the test suite
+(`s3_gateway.rs`) with ENDPOINT, ACCESS_KEY, SECRET_KEY and FILES_URL (the file API) set;
+exits non-zero with the first failure."""
+
+import hashlib
+import os
+import sys
+import urllib.parse
+import urllib.request
+import http.client
+
+import boto3
+import botocore
+from botocore.config import Config
+
+endpoint = os.environ["ENDPOINT"]
+files_url = os.environ["FILES_URL"]
+
+
+def client(secret=None, **config):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=os.environ["ACCESS_KEY"],
+        aws_secret_access_key=secret or os.environ["SECRET_KEY"],
+        region_name="us-east-1",
+        config=Config(retries={"max_attempts": 1}, **config),
+    )
+
+
+s3 = client()
+
+
+def error_code(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except botocore.exceptions.ClientError as e:
+        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+    raise AssertionError(f"{fn.__name__} succeeded")
+
+
+def check(cond, what):
+    if not cond:
+        raise AssertionError(what)
+
+
+# Buckets.
+s3.create_bucket(Bucket="alpha")
+s3.create_bucket(Bucket="beta")
+check(error_code(s3.create_bucket, Bucket="alpha")[0] == "BucketAlreadyOwnedByYou", "create twice")
+check(error_code(s3.create_bucket, Bucket="Bad_Name")[0] == "InvalidBucketName", "bad bucket name")
+names = [b["Name"] for b in s3.list_buckets()["Buckets"]]
+check(names == ["alpha", "beta"], f"list buckets: {names}")
+s3.head_bucket(Bucket="alpha")
+check(error_code(s3.head_bucket, Bucket="nope")[1] == 404, "head missing bucket")
+s3.get_bucket_location(Bucket="alpha")
+check(error_code(s3.put_object, Bucket="nope", Key="k", Body=b"x")[0] == "NoSuchBucket", "put into missing bucket")
+
+# Objects of many sizes: ETag is the MD5, bytes exact, metadata and type kept.
+sizes = [0, 1, 1000, 65536, 1 << 20, 3 * (1 << 20) + 17]
+for i, n in enumerate(sizes):
+    data = os.urandom(n)
+    key = f"dir/obj-{i}"
+    r = s3.put_object(Bucket="alpha", Key=key, Body=data, ContentType="application/x-test",
+                      Metadata={"index": str(i)})
+    md5 = hashlib.md5(data).hexdigest()
+    check(r["ETag"] == f'"{md5}"', f"put etag {r['ETag']} != {md5}")
+    g = s3.get_object(Bucket="alpha", Key=key)
+    check(g["Body"].read() == data, f"get {key}")
+    check(g["ETag"] == f'"{md5}"', "get etag")
+    check(g["ContentType"] == "application/x-test", f"type {g['ContentType']}")
+    check(g["Metadata"] == {"index": str(i)}, f"metadata {g['Metadata']}")
+    check(g["ContentLength"] == n, "length")
+    h = s3.head_object(Bucket="alpha", Key=key)
+    check(h["ContentLength"] == n and h["ETag"] == f'"{md5}"', "head")
+    # The same file through the file API.
+    with urllib.request.urlopen(f"{files_url}/v1/files/alpha/{key}") as f:
+        check(f.read() == data, "file API read")
+
+# Ranges and conditions.
+data = bytes(range(256)) * 100
+etag = s3.put_object(Bucket="alpha", Key="r", Body=data)["ETag"]
+g = s3.get_object(Bucket="alpha", Key="r", Range="bytes=100-199")
+check(g["Body"].read() == data[100:200] and g["ContentRange"] == f"bytes 100-199/{len(data)}", "range")
+g = s3.get_object(Bucket="alpha", Key="r", Range="bytes=-10")
+check(g["Body"].read() == data[-10:], "suffix range")
+check(error_code(s3.get_object, Bucket="alpha", Key="r", Range="bytes=999999-")[0] == "InvalidRange", "bad range")
+check(error_code(s3.get_object, Bucket="alpha", Key="r", IfMatch='"0000"')[1] == 412, "If-Match")
+check(error_code(s3.get_object, Bucket="alpha", Key="r", IfNoneMatch=etag)[1] == 304, "If-None-Match")
+s3.get_object(Bucket="alpha", Key="r", IfMatch=etag)
+check(error_code(s3.put_object, Bucket="alpha", Key="r", Body=b"z", IfNoneMatch="*")[1] == 412, "conditional create")
+s3.put_object(Bucket="alpha", Key="new-only", Body=b"z", IfNoneMatch="*")
+check(error_code(s3.get_object, Bucket="alpha", Key="missing")[0] == "NoSuchKey", "missing key")
+
+# A bad digest changes nothing: the old object stays.
+before = s3.get_object(Bucket="alpha", Key="r")["Body"].read()
+code = error_code(s3.put_object, Bucket="alpha", Key="r", Body=b"other bytes",
+                  ContentMD5="AAAAAAAAAAAAAAAAAAAAAA==")[0]
+check(code in ("BadDigest", "InvalidDigest"), f"bad md5: {code}")
+code = error_code(s3.put_object, Bucket="alpha", Key="r", Body=b"other bytes",
+                  ChecksumSHA256="AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")[0]
+check(code == "BadDigest", f"bad sha256: {code}")
+check(s3.get_object(Bucket="alpha", Key="r")["Body"].read() == before, "old object kept")
+
+# Listings: prefixes, delimiters, pages, start-after, v1 markers.
+for k in ["l/a", "l/b/1", "l/b/2", "l/c", "l/d/1", "l/é"]:
+    s3.put_object(Bucket="beta", Key=k, Body=k.encode())
+r = s3.list_objects_v2(Bucket="beta", Prefix="l/", Delimiter="/")
+check([o["Key"] for o in r["Contents"]] == ["l/a", "l/c", "l/é"], f"v2 keys {r.get('Contents')}")
+check([p["Prefix"] for p in r["CommonPrefixes"]] == ["l/b/", "l/d/"], "v2 prefixes")
+keys, token = [], None
+while True:
+    kw = {"ContinuationToken": token} if token else {}
+    r = s3.list_objects_v2(Bucket="beta", MaxKeys=2, **kw)
+    keys += [o["Key"] for o in r.get("Contents", [])]
+    if not r["IsTruncated"]:
+        break
+    token = r["NextContinuationToken"]
+check(keys == ["l/a", "l/b/1", "l/b/2", "l/c", "l/d/1", "l/é"], f"pages {keys}")
+r = s3.list_objects_v2(Bucket="beta", StartAfter="l/b/2")
+check([o["Key"] for o in r["Contents"]] == ["l/c", "l/d/1", "l/é"], "start-after")
+pages = s3.get_paginator("list_objects").paginate(Bucket="beta", PaginationConfig={"PageSize": 2})
+v1 = [o["Key"] for p in pages for o in p.get("Contents", [])]
+check(v1 == keys, f"v1 pages {v1}")
+
+# Copy, delete, delete many, delete bucket.
+r = s3.copy_object(Bucket="beta", Key="copy", CopySource={"Bucket": "alpha", "Key": "r"})
+check(r["CopyObjectResult"]["ETag"] == etag, "copy etag")
+check(s3.get_object(Bucket="beta", Key="copy")["Body"].read() == before, "copy bytes")
+s3.delete_object(Bucket="beta", Key="copy")
+s3.delete_object(Bucket="beta", Key="never-there")
+check(error_code(s3.delete_bucket, Bucket="beta")[0] == "BucketNotEmpty", "delete non-empty bucket")
+r = s3.delete_objects(Bucket="beta", Delete={"Objects": [{"Key": k} for k in keys]})
+check(sorted(d["Key"] for d in r["Deleted"]) == sorted(keys), "delete objects")
+s3.delete_bucket(Bucket="beta")
+check([b["Name"] for b in s3.list_buckets()["Buckets"]] == ["alpha"], "bucket gone")
+
+# Presigned URLs.
+url = s3.generate_presigned_url("get_object", Params={"Bucket": "alpha", "Key": "r"}, ExpiresIn=60)
+with urllib.request.urlopen(url) as f:
+    check(f.read() == before, "presigned get")
+for version in ("s3v4", "s3"):
+    signer = client(signature_version=version)
+    url = signer.generate_presigned_url("put_object", Params={"Bucket": "alpha", "Key": "presigned"},
+                                        ExpiresIn=60)
+    # http.client sends no Content-Type, which SigV2 signs.
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.netloc)
+    conn.request("PUT", f"{parts.path}?{parts.query}", body=b"via presigned put")
+    answer = conn.getresponse()
+    check(answer.status == 200, f"presigned put ({version}): {answer.status} {answer.read()}")
+    conn.close()
+check(s3.get_object(Bucket="alpha", Key="presigned")["Body"].read() == b"via presigned put", "presigned put bytes")
+
+# Wrong keys and unsigned requests are refused.
+code = error_code(client(secret="wrong-secret").list_buckets)[0]
+check(code == "SignatureDoesNotMatch", f"wrong secret: {code}")
+anonymous = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                         config=Config(signature_version=botocore.UNSIGNED))
+code = error_code(anonymous.list_buckets)[0]
+check(code == "AccessDenied", f"unsigned: {code}")
+
+print("ok")

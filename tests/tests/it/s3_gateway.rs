@@ -1,0 +1,96 @@
+//! The daemon's S3 endpoint, driven by real clients: boto3 at its default settings (which
+//! sends aws-chunked bodies with checksum trailers) against the real daemon binary.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use blockcache_tests::daemon::Daemon;
+
+const ACCESS_KEY: &str = "blockcache-test";
+const SECRET_KEY: &str = "a-secret-for-the-tests";
+
+/// Whether boto3 is here; prints why test `test` skips if not (`.ci/run` installs it with
+/// moto).
+fn boto3_or_skip(test: &str) -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import boto3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("{test}: skipped: boto3 is not installed (python3 -m pip install boto3)");
+    }
+    ok
+}
+
+fn start(dir: &Path) -> Daemon {
+    Daemon::start(
+        dir,
+        &["--s3-access-key", ACCESS_KEY, "--s3-secret-key", SECRET_KEY],
+    )
+}
+
+/// Runs the client script `name` (under `tests/clients`) against `d`; panics with its
+/// output unless it succeeds.
+fn run_client(d: &Daemon, name: &str) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("clients")
+        .join(name);
+    let out = Command::new("python3")
+        .arg(&script)
+        .env("ENDPOINT", d.s3.as_deref().expect("the S3 endpoint is on"))
+        .env("FILES_URL", &d.base)
+        .env("ACCESS_KEY", ACCESS_KEY)
+        .env("SECRET_KEY", SECRET_KEY)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_CONFIG_FILE")
+        .env_remove("AWS_SHARED_CREDENTIALS_FILE")
+        .output()
+        .expect("run python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.contains("ok"),
+        "{name} failed:\n{text}\ndaemon log:\n{}",
+        std::fs::read_to_string(&d.log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn boto3_at_its_defaults_gets_the_answers_s3_gives() {
+    if !boto3_or_skip("boto3_at_its_defaults_gets_the_answers_s3_gives") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = start(dir.path());
+    run_client(&d, "s3_boto3.py");
+}
+
+#[test]
+fn an_s3_endpoint_on_another_address_without_keys_is_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let err = Daemon::try_start(dir.path(), &["--s3-listen", "0.0.0.0:0"])
+        .err()
+        .expect("refused");
+    assert!(
+        err.contains("refusing to serve S3 on 0.0.0.0:0") && err.contains("--s3-access-key"),
+        "{err}"
+    );
+    // With keys it is served.
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--s3-listen",
+            "0.0.0.0:0",
+            "--s3-access-key",
+            ACCESS_KEY,
+            "--s3-secret-key",
+            SECRET_KEY,
+        ],
+    );
+    assert!(d.s3.is_some());
+}
