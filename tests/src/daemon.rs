@@ -135,10 +135,11 @@ impl Launch {
             data_dir: data_dir.to_owned(),
             listen: "127.0.0.1:0".to_owned(),
             args: Vec::new(),
-            // A free port for the S3 endpoint too: tests run side by side.
+            // No S3 endpoint unless a test asks for one (`--s3-listen 127.0.0.1:0`): its
+            // default port is one for all, and tests run side by side.
             env: vec![
                 ("BLOCKCACHE_LOG_LEVEL".to_owned(), "info".to_owned()),
-                ("BLOCKCACHE_S3_LISTEN".to_owned(), "127.0.0.1:0".to_owned()),
+                ("BLOCKCACHE_S3_LISTEN".to_owned(), "off".to_owned()),
             ],
             wrapper: Vec::new(),
             unset: Vec::new(),
@@ -254,15 +255,21 @@ impl Launch {
                 .replace("http://[::]:", "http://[::1]:")
         };
         let base = loopback(base);
-        let s3_off = self
+        // The flag wins over the variable; the last variable set wins.
+        let flag = self
             .args
             .windows(2)
-            .any(|w| w[0] == "--s3-listen" && w[1] == "off")
-            || self
-                .env
-                .iter()
-                .any(|(k, v)| k == "BLOCKCACHE_S3_LISTEN" && v == "off");
-        let s3 = if s3_off {
+            .rev()
+            .find(|w| w[0] == "--s3-listen")
+            .map(|w| w[1].clone());
+        let variable = self
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "BLOCKCACHE_S3_LISTEN")
+            .map(|(_, v)| v.clone());
+        let s3_on = flag.or(variable).is_some_and(|v| v != "off");
+        let s3 = if !s3_on {
             None
         } else {
             let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();

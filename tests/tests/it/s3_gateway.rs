@@ -27,7 +27,14 @@ fn boto3_or_skip(test: &str) -> bool {
 fn start(dir: &Path) -> Daemon {
     Daemon::start(
         dir,
-        &["--s3-access-key", ACCESS_KEY, "--s3-secret-key", SECRET_KEY],
+        &[
+            "--s3-listen",
+            "127.0.0.1:0",
+            "--s3-access-key",
+            ACCESS_KEY,
+            "--s3-secret-key",
+            SECRET_KEY,
+        ],
     )
 }
 
