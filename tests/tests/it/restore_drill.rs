@@ -619,13 +619,27 @@ async fn kill_and_restore(
             404 => None,
             s => panic!("GET {name}: {s}\n{}", d.log_text()),
         };
-        assert!(
-            allowed.contains(&got),
-            "{name} restored as {} (status {status}); as of the last flush answered it was {:?} bytes, and {} changes were sent after it",
-            got.map_or("absent".to_owned(), |b| format!("{} bytes", b.len())),
-            writes.flushed.get(name).map(Vec::len),
-            allowed.len() - 1
-        );
+        if !allowed.contains(&got) {
+            // What the next look at a failure needs: every version allowed, and where the
+            // restored bytes first differ from each.
+            let versions: Vec<String> = allowed
+                .iter()
+                .map(|v| match (v, got) {
+                    (None, _) => "absent".to_owned(),
+                    (Some(v), Some(g)) => format!(
+                        "{} bytes, first difference at {:?}",
+                        v.len(),
+                        v.iter().zip(g.iter()).position(|(a, b)| a != b)
+                    ),
+                    (Some(v), None) => format!("{} bytes", v.len()),
+                })
+                .collect();
+            panic!(
+                "{name} restored as {} (status {status}); allowed: the last flush answered, then the changes sent after it: {versions:?}\nrestore: {report}\nlog of the restored daemon:\n{}",
+                got.map_or("absent".to_owned(), |b| format!("{} bytes", b.len())),
+                d.log_text()
+            );
+        }
         assert_eq!(
             listed.get(name).copied(),
             got.map(|b| b.len() as u64),
