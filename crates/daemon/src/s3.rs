@@ -167,10 +167,10 @@ impl Gateway {
             Err(Error::NotFound { .. }) => None,
             Err(e) => return Err(object_error(e, &input.bucket, &input.key)),
         };
-        let hit = |c: &ETagCondition| match (c, &current) {
-            (_, None) => false,
-            (ETagCondition::Any, Some(_)) => true,
-            (ETagCondition::ETag(e), Some(m)) => ObjectAttrs::of(m).etag(m).value() == e.value(),
+        let hit = |c: &ETagCondition| {
+            current
+                .as_ref()
+                .is_some_and(|m| etag_matches(c, &ObjectAttrs::of(m).etag(m)))
         };
         if input.if_none_match.as_ref().is_some_and(hit) {
             return Err(s3_error!(
@@ -456,6 +456,37 @@ fn ts_seconds(t: &Timestamp) -> u64 {
     u64::try_from(t.unix_timestamp()).unwrap_or(0)
 }
 
+/// Whether condition `c` (of `If-Match` and its kind) holds for `etag`.
+fn etag_matches(c: &ETagCondition, etag: &ETag) -> bool {
+    match c {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == etag.value(),
+    }
+}
+
+/// The bytes a `Range` header asks of an object of `size` bytes, with the `Content-Range`
+/// to answer (none without a range).
+fn byte_range(
+    range: Option<&Range>,
+    size: u64,
+) -> S3Result<(std::ops::Range<u64>, Option<String>)> {
+    let Some(r) = range else {
+        return Ok((0..size, None));
+    };
+    let range = r.check(size).map_err(|_| {
+        s3_error!(
+            InvalidRange,
+            "the range lies outside the object of {size} bytes"
+        )
+    })?;
+    let content_range = format!(
+        "bytes {}-{}/{size}",
+        range.start,
+        range.end.saturating_sub(1)
+    );
+    Ok((range, Some(content_range)))
+}
+
 /// Evaluates the conditional headers of a GET or HEAD (RFC 9110 order): `Err` with
 /// `PreconditionFailed` or `NotModified` when the object is not to be sent.
 fn preconditions(
@@ -466,10 +497,7 @@ fn preconditions(
     if_none_match: Option<&ETagCondition>,
     if_modified_since: Option<&Timestamp>,
 ) -> S3Result<()> {
-    let matches = |c: &ETagCondition| match c {
-        ETagCondition::Any => true,
-        ETagCondition::ETag(e) => e.value() == etag.value(),
-    };
+    let matches = |c: &ETagCondition| etag_matches(c, etag);
     if let Some(c) = if_match {
         if !matches(c) {
             return Err(s3_error!(PreconditionFailed, "If-Match: the ETag differs"));
@@ -815,24 +843,7 @@ impl S3 for Gateway {
                 "the object has one part",
             ));
         }
-        let size = meta.size;
-        let (range, content_range) = match &input.range {
-            None => (0..size, None),
-            Some(r) => {
-                let range = r.check(size).map_err(|_| {
-                    s3_error!(
-                        InvalidRange,
-                        "the range lies outside the object of {size} bytes"
-                    )
-                })?;
-                let cr = format!(
-                    "bytes {}-{}/{size}",
-                    range.start,
-                    range.end.saturating_sub(1)
-                );
-                (range, Some(cr))
-            }
-        };
+        let (range, content_range) = byte_range(input.range.as_ref(), meta.size)?;
         let length = range.end - range.start;
         let stream = stream_of(reader, range, self.state.clone());
         Ok(S3Response::new(GetObjectOutput {
@@ -864,24 +875,8 @@ impl S3 for Gateway {
             input.if_none_match.as_ref(),
             input.if_modified_since.as_ref(),
         )?;
-        let size = meta.size;
-        let (length, content_range) = match &input.range {
-            None => (size, None),
-            Some(r) => {
-                let range = r.check(size).map_err(|_| {
-                    s3_error!(
-                        InvalidRange,
-                        "the range lies outside the object of {size} bytes"
-                    )
-                })?;
-                let cr = format!(
-                    "bytes {}-{}/{size}",
-                    range.start,
-                    range.end.saturating_sub(1)
-                );
-                (range.end - range.start, Some(cr))
-            }
-        };
+        let (range, content_range) = byte_range(input.range.as_ref(), meta.size)?;
+        let length = range.end - range.start;
         Ok(S3Response::new(HeadObjectOutput {
             content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
             content_range,
@@ -977,29 +972,21 @@ impl S3 for Gateway {
         let meta = reader.meta().clone();
         let src_attrs = ObjectAttrs::of(&meta);
         let etag = src_attrs.etag(&meta);
-        if let Some(c) = &input.copy_source_if_match {
-            let ok = match c {
-                ETagCondition::Any => true,
-                ETagCondition::ETag(e) => e.value() == etag.value(),
-            };
-            if !ok {
-                return Err(s3_error!(
-                    PreconditionFailed,
-                    "x-amz-copy-source-if-match: the ETag differs"
-                ));
-            }
+        if let Some(c) = &input.copy_source_if_match
+            && !etag_matches(c, &etag)
+        {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "x-amz-copy-source-if-match: the ETag differs"
+            ));
         }
-        if let Some(c) = &input.copy_source_if_none_match {
-            let hit = match c {
-                ETagCondition::Any => true,
-                ETagCondition::ETag(e) => e.value() == etag.value(),
-            };
-            if hit {
-                return Err(s3_error!(
-                    PreconditionFailed,
-                    "x-amz-copy-source-if-none-match: the ETag matches"
-                ));
-            }
+        if let Some(c) = &input.copy_source_if_none_match
+            && etag_matches(c, &etag)
+        {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "x-amz-copy-source-if-none-match: the ETag matches"
+            ));
         }
         let replace = input
             .metadata_directive
