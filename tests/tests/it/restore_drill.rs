@@ -634,8 +634,22 @@ async fn kill_and_restore(
                     (Some(v), None) => format!("{} bytes", v.len()),
                 })
                 .collect();
+            let zeros = got.map_or(0, |g| g.iter().filter(|&&b| b == 0).count());
+            let blocks: Vec<String> = got
+                .map(|g| {
+                    g.chunks(BS)
+                        .map(|c| {
+                            if c.iter().all(|&b| b == 0) {
+                                "zeros".to_owned()
+                            } else {
+                                format!("{:02x}{:02x}..", c[0], c.get(1).copied().unwrap_or(0))
+                            }
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             panic!(
-                "{name} restored as {} (status {status}); allowed: the last flush answered, then the changes sent after it: {versions:?}\nrestore: {report}\nlog of the restored daemon:\n{}",
+                "{name} restored as {} (status {status}, {zeros} zero bytes, blocks {blocks:?}); allowed: the last flush answered, then the changes sent after it: {versions:?}\nrestore: {report}\nlog of the restored daemon:\n{}",
                 got.map_or("absent".to_owned(), |b| format!("{} bytes", b.len())),
                 d.log_text()
             );
