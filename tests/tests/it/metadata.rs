@@ -788,3 +788,52 @@ async fn file_attributes_ship_and_restore_and_a_patch_clears_them() {
     assert_eq!(ns3.stat("patched").await.expect("stat").attrs, None);
     ns3.shutdown().await.expect("shutdown");
 }
+
+/// Files of the shipped state whose inode has no shipped block, though they have bytes.
+async fn shipped_files_without_blocks(pool: &sqlx::SqlitePool) -> Vec<(String, i64, i64)> {
+    sqlx::query_as(
+        "SELECT f.name, f.inode, f.size FROM shipped_files f WHERE f.size > 0 \
+         AND NOT EXISTS (SELECT 1 FROM shipped_blocks b WHERE b.inode = f.inode)",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("query the shipped state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_racing_rewrites_of_the_same_bytes_never_ship_a_file_without_its_blocks() {
+    let env = Env::new();
+    let config = Config {
+        upload_delay: Some(Duration::from_millis(1)),
+        ..env.config()
+    };
+    let ns1 = std::sync::Arc::new(ns(env.open_with(config).await).await);
+    let pool = raw_db(&env).await;
+    let shipper = {
+        let ns1 = ns1.clone();
+        tokio::spawn(async move {
+            for _ in 0..400 {
+                let _ = ns1.cache().ship_metadata().await;
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    for round in 0..200u64 {
+        let name = format!("w/{}", round % 3);
+        // The same bytes again and again, sometimes after a deletion.
+        let content = data(round % 2, 3000 + (round % 2) as usize * 5000);
+        if round % 5 == 4 {
+            let _ = ns1.delete(&name).await;
+        }
+        put(&ns1, &name, &content, Durability::Local).await;
+        let bad = shipped_files_without_blocks(&pool).await;
+        assert!(
+            bad.is_empty(),
+            "round {round}: shipped without blocks: {bad:?}"
+        );
+    }
+    shipper.await.expect("shipper");
+    ns1.cache().flush().await.expect("flush");
+    let bad = shipped_files_without_blocks(&pool).await;
+    assert!(bad.is_empty(), "after the flush: {bad:?}");
+}

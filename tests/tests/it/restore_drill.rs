@@ -596,6 +596,11 @@ async fn kill_and_restore(
         writes.flushes,
         writes.since.len()
     );
+    // The killed daemon's database, for a failure's report.
+    let killed_db = tempfile::tempdir().expect("tmp");
+    for f in ["meta.db", "meta.db-wal", "meta.db-shm"] {
+        let _ = std::fs::copy(data_dir.join(f), killed_db.path().join(f));
+    }
     std::fs::remove_dir_all(data_dir).expect("delete the data directory");
 
     let report = store.restore_ok(restored, &["--force-takeover"]);
@@ -648,8 +653,10 @@ async fn kill_and_restore(
                         .collect()
                 })
                 .unwrap_or_default();
+            let killed = rows_of(&killed_db.path().join("meta.db"), name).await;
+            let restored_rows = rows_of(&restored.join("meta.db"), name).await;
             panic!(
-                "{name} restored as {} (status {status}, {zeros} zero bytes, blocks {blocks:?}); allowed: the last flush answered, then the changes sent after it: {versions:?}\nrestore: {report}\nlog of the restored daemon:\n{}",
+                "{name} restored as {} (status {status}, {zeros} zero bytes, blocks {blocks:?}); allowed: the last flush answered, then the changes sent after it: {versions:?}\nrestore: {report}\nthe killed daemon's database: {killed}\nthe restored database: {restored_rows}\nlog of the restored daemon:\n{}",
                 got.map_or("absent".to_owned(), |b| format!("{} bytes", b.len())),
                 d.log_text()
             );
@@ -674,6 +681,51 @@ async fn kill_and_restore(
 /// answered or newer, never broken or missing, and nothing deleted before it. Twice: at a
 /// flush chosen by the seed, then, on the restored volume, at the flush that writes the
 /// next generation's snapshot (after 64 deltas).
+/// What a database holds of file `name`: its row and its blocks, in the volume's tables and
+/// in the shipped state, and the changes noted (for a failure's report).
+async fn rows_of(db: &Path, name: &str) -> String {
+    let Ok(pool) = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", db.display())).await
+    else {
+        return format!("{} cannot be opened", db.display());
+    };
+    let mut out = String::new();
+    let queries: [(&str, &str); 6] = [
+        (
+            "files",
+            "SELECT json_group_array(json_array(name, inode, size, version)) FROM files WHERE name = ?1",
+        ),
+        (
+            "blocks",
+            "SELECT json_group_array(json_array(inode, blockno, obj_id)) FROM blocks WHERE inode IN (SELECT inode FROM files WHERE name = ?1)",
+        ),
+        (
+            "shipped_files",
+            "SELECT json_group_array(json_array(name, inode, size, version)) FROM shipped_files WHERE name = ?1",
+        ),
+        (
+            "shipped_blocks",
+            "SELECT json_group_array(json_array(inode, blockno, obj_id)) FROM shipped_blocks WHERE inode IN (SELECT inode FROM shipped_files WHERE name = ?1)",
+        ),
+        (
+            "position",
+            "SELECT json_group_array(json_array(key, value)) FROM volume WHERE key LIKE 'meta_%' AND ?1 IS NOT NULL",
+        ),
+        (
+            "meta_changes",
+            "SELECT json_group_array(json_array(kind, a, b, name, seq, last)) FROM meta_changes WHERE ?1 IS NOT NULL",
+        ),
+    ];
+    for (what, q) in queries {
+        let v: Result<String, _> = sqlx::query_scalar(q).bind(name).fetch_one(&pool).await;
+        out.push_str(&format!(
+            "\n  {what}: {}",
+            v.unwrap_or_else(|e| e.to_string())
+        ));
+    }
+    pool.close().await;
+    out
+}
+
 async fn killed_while_shipping(store: &Store, root: &Path) {
     let seed = test_seed();
     let kill_after = 2 + seed % 40;

@@ -608,7 +608,14 @@ impl Inner {
                     ChangeKey::Merge { target, .. } => {
                         unsettled.insert(target);
                     }
-                    ChangeKey::File(_) => {}
+                    // Replaced or deleted since the read: the blocks the read did not see
+                    // may be gone from the cache already (a deletion drops the dirty blocks
+                    // of the inode it retires), so that none is dirty now says nothing.
+                    ChangeKey::File(name) => {
+                        if let Some(Some(row)) = read.files.get(&name) {
+                            unsettled.insert(group_of(&read, row.1).unwrap_or(row.1));
+                        }
+                    }
                 }
             }
             let mut p = plan(&read, &unsettled);
