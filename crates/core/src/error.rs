@@ -52,6 +52,13 @@ pub enum Error {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A file was to be created only if its name was free ([`crate::FileWriter::create_only`]),
+    /// and another took the name first.
+    #[error("a file named {name:?} exists")]
+    Exists {
+        /// The name.
+        name: String,
+    },
     /// File attributes that the namespace does not accept.
     #[error("invalid file attributes: {0}")]
     InvalidAttrs(String),
@@ -316,7 +323,10 @@ impl Error {
 
 impl From<blockcache_db::Error> for Error {
     fn from(e: blockcache_db::Error) -> Self {
-        Self::Db(Arc::new(e))
+        match e {
+            blockcache_db::Error::NameTaken(name) => Self::Exists { name },
+            e => Self::Db(Arc::new(e)),
+        }
     }
 }
 

@@ -196,6 +196,7 @@ impl Gateway {
         checksums: Checksums,
         trailers: Option<s3s::TrailingHeaders>,
         attrs: ObjectAttrs,
+        create_only: bool,
     ) -> S3Result<(FileMeta, String)> {
         let max = self.state.ns.max_file_size();
         let _buffer = self.buffer().await?;
@@ -207,6 +208,10 @@ impl Gateway {
             .map_err(|e| object_error(e, "", name))?;
         if durability != Durability::None {
             w.write_behind();
+        }
+        if create_only {
+            // The name is checked again when the file is named, in the same transaction.
+            w.create_only().map_err(internal)?;
         }
         let mut md5 = Md5::new();
         let mut hasher = checksums.hasher();
@@ -409,6 +414,10 @@ fn internal(e: Error) -> S3Error {
 fn object_error(e: Error, bucket: &str, key: &str) -> S3Error {
     match &e {
         Error::NotFound { .. } => s3_error!(NoSuchKey, "no object {key:?} in bucket {bucket:?}"),
+        Error::Exists { .. } => s3_error!(
+            PreconditionFailed,
+            "If-None-Match: another request created the object first"
+        ),
         Error::InvalidName { .. } => {
             S3Error::with_message(S3ErrorCode::InvalidArgument, crate::error::chain(&e))
         }
@@ -809,6 +818,7 @@ impl S3 for Gateway {
                 checksums,
                 trailers,
                 attrs,
+                matches!(input.if_none_match, Some(ETagCondition::Any)),
             )
             .await?;
         Ok(S3Response::new(PutObjectOutput {
@@ -1021,6 +1031,7 @@ impl S3 for Gateway {
                 Checksums::default(),
                 None,
                 attrs,
+                false,
             )
             .await?;
         Ok(S3Response::new(CopyObjectOutput {

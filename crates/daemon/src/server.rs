@@ -161,6 +161,7 @@ impl From<Error> for ApiError {
             }
             Error::InvalidName { .. } => (StatusCode::BAD_REQUEST, "bad_name"),
             Error::InvalidAttrs(_) => (StatusCode::BAD_REQUEST, "bad_attributes"),
+            Error::Exists { .. } => (StatusCode::PRECONDITION_FAILED, "exists"),
             Error::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             Error::FileTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             Error::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),

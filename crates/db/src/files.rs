@@ -134,7 +134,8 @@ impl Db {
     }
 
     /// Names the staging inode `inode` `name` with `size` and `attrs`, in one transaction.
-    /// The inode the name had before, if any, is retired and returned.
+    /// The inode the name had before, if any, is retired and returned; with `only_if_free`,
+    /// a name that is taken is refused ([`Error::NameTaken`]) and nothing changes.
     pub async fn replace_file(
         &self,
         name: &str,
@@ -142,6 +143,7 @@ impl Db {
         size: u64,
         mtime_ns: i64,
         attrs: Option<&str>,
+        only_if_free: bool,
     ) -> Result<(FileRow, Option<u64>)> {
         let mut w = self.write().await?;
         let mut tx = w.begin().await.map_err(ctx("begin a transaction"))?;
@@ -158,6 +160,9 @@ impl Db {
             }
             None => (None, 1),
         };
+        if only_if_free && old_inode.is_some() {
+            return Err(Error::NameTaken(name.to_owned()));
+        }
         let staged =
             sqlx::query("UPDATE inodes SET state = 'live' WHERE inode = ? AND state = 'staging'")
                 .bind(to_i64(inode)?)

@@ -85,6 +85,9 @@ pub enum Error {
         /// Who holds it, as its holder wrote it (pid, host, since when).
         holder: String,
     },
+    /// A file was to be created only if its name was free, and it was not.
+    #[error("a file named {0:?} exists")]
+    NameTaken(String),
     /// The volume's lock file could not be opened or written.
     #[error("could not use the volume's lock file {}: {source}", path.display())]
     LockFile {

@@ -577,7 +577,7 @@ async fn staging_inodes_are_allocated_in_batches_and_unused_ones_forgotten() {
     commit(&db, &[req(first[0], 0, 1, 10)])
         .await
         .expect("commit");
-    db.replace_file("named", first[1], 10, 1, None)
+    db.replace_file("named", first[1], 10, 1, None, false)
         .await
         .expect("name it");
     db.forget_staging_inodes(&all).await.expect("forget");

@@ -435,3 +435,39 @@ async fn waits_for_removals_see_those_started_before_them() {
         .await
         .expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_writers_racing_to_create_a_free_name_only_one_wins() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    // Both write their bytes, then both finish: the name is checked when it is taken.
+    let mut a = ns.create("new").await.expect("create");
+    let mut b = ns.create("new").await.expect("create");
+    a.create_only().expect("create only");
+    b.create_only().expect("create only");
+    a.write(&data(1, 3000)).await.expect("write");
+    b.write(&data(2, 3000)).await.expect("write");
+    a.finish(Durability::Local).await.expect("the first wins");
+    let lost = b.finish(Durability::Local).await;
+    assert!(matches!(lost, Err(Error::Exists { .. })), "{lost:?}");
+    assert_eq!(get(&ns, "new").await, data(1, 3000));
+    // A name already taken is refused the same way, and the old file stays.
+    let mut c = ns.create("new").await.expect("create");
+    c.create_only().expect("create only");
+    c.write(&data(3, 100)).await.expect("write");
+    assert!(matches!(
+        c.finish(Durability::Local).await,
+        Err(Error::Exists { .. })
+    ));
+    assert_eq!(get(&ns, "new").await, data(1, 3000));
+    // A patch cannot be made create-only.
+    let mut p = ns.patch("new", 0).await.expect("patch");
+    assert!(p.create_only().is_err());
+    p.abandon().await;
+    // Nothing of the losers is left.
+    ns.wait_for_cleanups().await;
+    ns.cache().flush().await.expect("flush");
+    assert_eq!(ns.cache().usage().await.expect("usage").logical_bytes, 3000);
+    ns.shutdown().await.expect("shutdown");
+    assert_nothing_to_clean(&env).await;
+}

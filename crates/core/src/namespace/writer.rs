@@ -49,6 +49,8 @@ pub struct FileWriter {
     ahead: std::collections::VecDeque<tokio::task::JoinHandle<Result<()>>>,
     /// Attributes the file gets when a replacement names it ([`FileWriter::set_attrs`]).
     attrs: Option<String>,
+    /// Whether the finish names the file only if the name is free ([`FileWriter::create_only`]).
+    only_if_free: bool,
 }
 
 /// Longest attributes of a file ([`FileWriter::set_attrs`]).
@@ -77,7 +79,22 @@ impl FileWriter {
             write_behind: false,
             ahead: std::collections::VecDeque::new(),
             attrs: None,
+            only_if_free: false,
         }
+    }
+
+    /// Makes [`FileWriter::finish`] name the file only if no file has the name then: the
+    /// check and the naming are one transaction, so of writers racing for a free name one
+    /// wins and the others get [`Error::Exists`] (and leave nothing behind). Only for a
+    /// replacement ([`crate::Namespace::create`]).
+    pub fn create_only(&mut self) -> Result<()> {
+        if !matches!(self.mode, Mode::Replace) {
+            return Err(Error::InvalidAttrs(
+                "only a new file can be created only if its name is free".to_owned(),
+            ));
+        }
+        self.only_if_free = true;
+        Ok(())
     }
 
     /// Sets the attributes that the file gets with its content when [`FileWriter::finish`]
@@ -293,6 +310,7 @@ impl FileWriter {
         self.start = self.pos;
         let (shared, name, inode) = (self.shared.clone(), self.name.clone(), self.inode);
         let attrs = self.attrs.take();
+        let only_if_free = self.only_if_free;
         match mode {
             Mode::Replace => {
                 let named = self.shared.spawn_cleanup(async move {
@@ -300,7 +318,14 @@ impl FileWriter {
                         let _guard = shared.names.lock(name.clone()).await;
                         shared
                             .db
-                            .replace_file(&name, inode, end, now_ns(), attrs.as_deref())
+                            .replace_file(
+                                &name,
+                                inode,
+                                end,
+                                now_ns(),
+                                attrs.as_deref(),
+                                only_if_free,
+                            )
                             .await
                     };
                     match named {
