@@ -23,7 +23,7 @@ use s3s::dto::*;
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
 use serde::{Deserialize, Serialize};
 
-use crate::server::AppState;
+use crate::server::{AppState, NoBuffer};
 
 /// The prefix of the files that say which buckets exist.
 pub const BUCKETS: &str = ".s3-buckets/";
@@ -134,15 +134,17 @@ impl Gateway {
 
     /// A block buffer of the daemon's request memory, as the file API takes one.
     async fn buffer(&self) -> S3Result<tokio::sync::OwnedSemaphorePermit> {
-        let wait = self.state.buffers.clone().acquire_owned();
-        match tokio::time::timeout(self.state.buffer_timeout, wait).await {
-            Ok(Ok(p)) => Ok(p),
-            Ok(Err(_)) => Err(s3_error!(ServiceUnavailable, "the daemon is shutting down")),
-            Err(_) => Err(s3_error!(
-                SlowDown,
-                "no request buffer came free within --buffer-timeout; retry later"
-            )),
-        }
+        crate::server::take_buffer(&self.state)
+            .await
+            .map_err(|e| match e {
+                NoBuffer::ShuttingDown => {
+                    s3_error!(ServiceUnavailable, "the daemon is shutting down")
+                }
+                NoBuffer::Busy => s3_error!(
+                    SlowDown,
+                    "no request buffer came free within --buffer-timeout; retry later"
+                ),
+            })
     }
 
     /// What a PutObject must pass before its body is read: the bucket, the key, the size
@@ -357,26 +359,6 @@ fn check_digests(
     Ok(())
 }
 
-/// Bytes of a refused request body read and dropped before answering.
-const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
-/// Longest time spent reading a refused request body before answering.
-const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Reads and drops what is left of a refused body, up to [`DRAIN_LIMIT`] bytes and
-/// [`DRAIN_TIME`].
-async fn drain(body: &mut StreamingBlob) {
-    let drain = async {
-        let mut left = DRAIN_LIMIT;
-        while let Some(Ok(chunk)) = body.next().await {
-            left = left.saturating_sub(chunk.len());
-            if left == 0 {
-                return;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
-}
-
 /// Whether `name` follows S3's bucket naming rules (3 to 63 lowercase letters, digits,
 /// dots and hyphens, starting and ending with a letter or digit).
 fn valid_bucket(name: &str) -> bool {
@@ -550,11 +532,9 @@ fn stream_of(
             }
             // Up to the end of the block `pos` is in.
             let len = (block - pos % block).min(end - pos);
-            let permit =
-                tokio::time::timeout(state.buffer_timeout, state.buffers.clone().acquire_owned())
-                    .await
-                    .map_err(|_| std::io::Error::other("no request buffer came free"))?
-                    .map_err(|_| std::io::Error::other("the daemon is shutting down"))?;
+            let permit = crate::server::take_buffer(&state)
+                .await
+                .map_err(|e| std::io::Error::other(format!("no request buffer: {e:?}")))?;
             let bytes = reader
                 .read(pos, len as usize)
                 .await
@@ -791,7 +771,7 @@ impl S3 for Gateway {
             Err(e) => {
                 // The client may still be sending: read on (bounded) so that it gets the
                 // answer rather than a reset connection.
-                drain(&mut body).await;
+                crate::server::drain(&mut body).await;
                 return Err(e);
             }
         };

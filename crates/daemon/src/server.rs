@@ -55,18 +55,36 @@ pub fn buffer_permits(memory: u64, block_size: u64) -> usize {
 /// Seconds a client told 503 for want of buffers is asked to wait (`Retry-After`).
 const BUSY_RETRY_AFTER: u64 = 2;
 
-/// A block buffer of `state.buffers`, waited for at most `state.buffer_timeout`: past it, a
-/// 503 with `Retry-After`.
-async fn buffer(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+/// Why a request got no block buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoBuffer {
+    /// The daemon is shutting down.
+    ShuttingDown,
+    /// None came free within `--buffer-timeout`.
+    Busy,
+}
+
+/// A block buffer of `state.buffers` (for the file API and the S3 endpoint alike), waited
+/// for at most `state.buffer_timeout`.
+pub async fn take_buffer(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, NoBuffer> {
     let wait = state.buffers.clone().acquire_owned();
     match tokio::time::timeout(state.buffer_timeout, wait).await {
         Ok(Ok(permit)) => Ok(permit),
-        Ok(Err(_)) => Err(ApiError::new(
+        Ok(Err(_)) => Err(NoBuffer::ShuttingDown),
+        Err(_) => Err(NoBuffer::Busy),
+    }
+}
+
+/// A block buffer ([`take_buffer`]): past `--buffer-timeout`, a 503 with `Retry-After`.
+async fn buffer(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+    match take_buffer(state).await {
+        Ok(permit) => Ok(permit),
+        Err(NoBuffer::ShuttingDown) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "shutting_down",
             "the daemon is shutting down",
         )),
-        Err(_) => {
+        Err(NoBuffer::Busy) => {
             let mut e = ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "busy",
@@ -459,9 +477,27 @@ fn too_large(name: &str, size: u64, max: u64) -> ApiError {
 
 /// Bytes of a refused request body read and dropped before answering, so that a client
 /// still sending gets the answer instead of a reset connection.
-const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+pub const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
 /// Longest time spent reading a refused request body before answering.
-const DRAIN_TIME: Duration = Duration::from_secs(5);
+pub const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads and drops what is left of a refused request body, up to [`DRAIN_LIMIT`] bytes and
+/// [`DRAIN_TIME`], so that a client still sending gets the answer rather than a reset.
+pub async fn drain<S, E>(body: &mut S)
+where
+    S: futures::Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+{
+    let drain = async {
+        let mut left = DRAIN_LIMIT;
+        while let Some(Ok(chunk)) = body.next().await {
+            left = left.saturating_sub(chunk.len());
+            if left == 0 {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+}
 
 /// The body of a request, read chunk by chunk.
 struct RequestBody {
@@ -510,16 +546,7 @@ impl RequestBody {
         if self.expects_continue && !self.touched {
             return;
         }
-        let drain = async {
-            let mut left = DRAIN_LIMIT;
-            while let Some(Ok(chunk)) = self.stream.next().await {
-                left = left.saturating_sub(chunk.len());
-                if left == 0 {
-                    return;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+        drain(&mut self.stream).await;
     }
 }
 
