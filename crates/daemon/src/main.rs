@@ -246,6 +246,12 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     {
         return Err(ServeError::S3Exposed { addr });
     }
+    if s.multipart_expiry.0 < Duration::from_secs(1) {
+        return Err(ServeError::Settings(format!(
+            "--multipart-expiry {}: an upload must be kept at least 1s",
+            s.multipart_expiry
+        )));
+    }
     let data_dir_error = |source| ServeError::DataDir {
         path: s.data_dir.clone(),
         source,
@@ -342,6 +348,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         "listening"
     );
 
+    let expiry = s3::spawn_expiry(state.clone(), s.multipart_expiry.0);
     let upkeep = tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
@@ -424,6 +431,9 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         None => connections::Open::one(open),
     };
     upkeep.abort();
+    // The expiry holds a clone of the state: it goes before the state is taken back.
+    expiry.abort();
+    let _ = expiry.await;
 
     // From here on, the shutdown has a deadline: clients still connected and the final
     // flush get what is left of it.

@@ -530,6 +530,11 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub s3_secret_key: Option<Secret>,
+    /// How long an incomplete S3 multipart upload is kept before it is aborted (its parts
+    /// removed)
+    #[arg(long, env = "BLOCKCACHE_MULTIPART_EXPIRY", value_name = "DURATION",
+          default_value_t = Keep(Duration::from_secs(7 * 24 * 3600)))]
+    pub multipart_expiry: Keep,
     /// File of S3 keys, one "ACCESS_KEY SECRET_KEY" per line, for several users
     #[arg(long, env = "BLOCKCACHE_S3_CREDENTIALS_FILE", value_name = "FILE")]
     pub s3_credentials_file: Option<PathBuf>,

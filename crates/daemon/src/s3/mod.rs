@@ -25,6 +25,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::server::{AppState, NoBuffer};
 
+mod multipart;
+
+/// Aborts the multipart uploads older than `expiry` now and then (at once, then every
+/// eighth of `expiry`, at least every hour), until the daemon drains or the task is
+/// aborted.
+pub fn spawn_expiry(state: Arc<AppState>, expiry: std::time::Duration) -> tokio::task::JoinHandle<()> {
+    let gateway = Gateway::new(state);
+    let every = (expiry / 8).clamp(
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(3600),
+    );
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if gateway.state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            if let Err(e) = gateway.expire_uploads(expiry).await {
+                tracing::warn!(error = %e, "expiring multipart uploads failed; the next round retries");
+            }
+        }
+    })
+}
+
 /// The prefix of the files that say which buckets exist.
 pub const BUCKETS: &str = ".s3-buckets/";
 
@@ -50,6 +76,12 @@ struct ObjectAttrs {
     content_type: Option<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     meta: BTreeMap<String, String>,
+    /// For an object of a multipart upload: the number of its parts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parts: Option<u32>,
+    /// And their size, when all but the last have one size (the last no larger).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    part_size: Option<u64>,
 }
 
 impl ObjectAttrs {
@@ -187,7 +219,8 @@ impl Gateway {
     }
 
     /// Streams `body` into a new version of `name`, checking the digests the client sent;
-    /// names it only if they match. Returns the file and the MD5 of its bytes.
+    /// names it only if they match. Returns the file and its ETag (the one `attrs` has,
+    /// else the MD5 of its bytes).
     #[allow(clippy::too_many_arguments)]
     async fn write_object(
         &self,
@@ -251,8 +284,10 @@ impl Gateway {
             w.abandon().await;
             return Err(e);
         }
+        // A multipart object comes with its ETag; any other's is the MD5 of its bytes.
+        let etag = attrs.etag.clone().unwrap_or(md5_hex);
         let attrs = ObjectAttrs {
-            etag: Some(md5_hex.clone()),
+            etag: Some(etag.clone()),
             ..attrs
         };
         let text = serde_json::to_string(&attrs).expect("attributes serialize");
@@ -267,7 +302,7 @@ impl Gateway {
             .finish(durability)
             .await
             .map_err(|e| object_error(e, "", name))?;
-        Ok((meta, md5_hex))
+        Ok((meta, etag))
     }
 }
 
@@ -478,6 +513,52 @@ fn byte_range(
     Ok((range, Some(content_range)))
 }
 
+/// The bytes a GET or HEAD asks of an object of `size` bytes (a `Range`, or a part by its
+/// number), with the `Content-Range` and, for a part, the object's number of parts.
+fn requested_bytes(
+    attrs: &ObjectAttrs,
+    size: u64,
+    range: Option<&Range>,
+    part: Option<i32>,
+) -> S3Result<(std::ops::Range<u64>, Option<String>, Option<i32>)> {
+    let Some(n) = part else {
+        let (r, content_range) = byte_range(range, size)?;
+        return Ok((r, content_range, None));
+    };
+    if range.is_some() {
+        return Err(s3_error!(
+            InvalidRequest,
+            "a request asks for a Range or a partNumber, not both"
+        ));
+    }
+    let bad_part = |why: String| {
+        S3Error::with_message(S3ErrorCode::Custom("InvalidPartNumber".into()), why)
+    };
+    let count = attrs.parts.unwrap_or(1);
+    if n < 1 || n as u32 > count {
+        return Err(bad_part(format!(
+            "part {n}: the object has {count} part(s)"
+        )));
+    }
+    let r = match (attrs.parts, attrs.part_size) {
+        (None, _) => 0..size,
+        (Some(_), Some(ps)) => {
+            let start = (n as u64 - 1) * ps;
+            start.min(size)..(start + ps).min(size)
+        }
+        (Some(_), None) => {
+            return Err(bad_part(
+                "the object's parts have different sizes, whose bounds are not kept: read it by Range"
+                    .to_owned(),
+            ));
+        }
+    };
+    let content_range = attrs.parts.map(|_| {
+        format!("bytes {}-{}/{size}", r.start, r.end.saturating_sub(1))
+    });
+    Ok((r, content_range, attrs.parts.map(|c| c as i32)))
+}
+
 /// Evaluates the conditional headers of a GET or HEAD (RFC 9110 order): `Err` with
 /// `PreconditionFailed` or `NotModified` when the object is not to be sent.
 fn preconditions(
@@ -640,8 +721,63 @@ fn max_keys(asked: Option<i32>) -> S3Result<usize> {
     }
 }
 
-#[async_trait::async_trait]
-impl S3 for Gateway {
+/// The S3 operations: each is the `Gateway` method of the same name, counted in
+/// `blockcache_s3_requests_total{operation, code}` and timed (to the answer's head) in
+/// `blockcache_s3_request_duration_seconds{operation}`. Operations not listed get `s3s`'s
+/// `NotImplemented`.
+macro_rules! operations {
+    ($($method:ident: $input:ident -> $output:ident = $name:literal;)*) => {
+        #[async_trait::async_trait]
+        impl S3 for Gateway {
+            $(
+                async fn $method(
+                    &self,
+                    req: S3Request<$input>,
+                ) -> S3Result<S3Response<$output>> {
+                    let started = std::time::Instant::now();
+                    let result = Gateway::$method(self, req).await;
+                    observe($name, started, result.as_ref().err());
+                    result
+                }
+            )*
+        }
+    };
+}
+
+operations! {
+    list_buckets: ListBucketsInput -> ListBucketsOutput = "ListBuckets";
+    create_bucket: CreateBucketInput -> CreateBucketOutput = "CreateBucket";
+    head_bucket: HeadBucketInput -> HeadBucketOutput = "HeadBucket";
+    get_bucket_location: GetBucketLocationInput -> GetBucketLocationOutput = "GetBucketLocation";
+    delete_bucket: DeleteBucketInput -> DeleteBucketOutput = "DeleteBucket";
+    put_object: PutObjectInput -> PutObjectOutput = "PutObject";
+    get_object: GetObjectInput -> GetObjectOutput = "GetObject";
+    head_object: HeadObjectInput -> HeadObjectOutput = "HeadObject";
+    delete_object: DeleteObjectInput -> DeleteObjectOutput = "DeleteObject";
+    delete_objects: DeleteObjectsInput -> DeleteObjectsOutput = "DeleteObjects";
+    copy_object: CopyObjectInput -> CopyObjectOutput = "CopyObject";
+    list_objects_v2: ListObjectsV2Input -> ListObjectsV2Output = "ListObjectsV2";
+    list_objects: ListObjectsInput -> ListObjectsOutput = "ListObjects";
+    create_multipart_upload: CreateMultipartUploadInput -> CreateMultipartUploadOutput = "CreateMultipartUpload";
+    upload_part: UploadPartInput -> UploadPartOutput = "UploadPart";
+    upload_part_copy: UploadPartCopyInput -> UploadPartCopyOutput = "UploadPartCopy";
+    complete_multipart_upload: CompleteMultipartUploadInput -> CompleteMultipartUploadOutput = "CompleteMultipartUpload";
+    abort_multipart_upload: AbortMultipartUploadInput -> AbortMultipartUploadOutput = "AbortMultipartUpload";
+    list_parts: ListPartsInput -> ListPartsOutput = "ListParts";
+    list_multipart_uploads: ListMultipartUploadsInput -> ListMultipartUploadsOutput = "ListMultipartUploads";
+}
+
+/// Counts and times one S3 request.
+fn observe(operation: &'static str, started: std::time::Instant, error: Option<&S3Error>) {
+    let code = error.map_or_else(|| "OK".to_owned(), |e| e.code().as_str().to_owned());
+    metrics::counter!("blockcache_s3_requests_total", "operation" => operation, "code" => code)
+        .increment(1);
+    metrics::histogram!("blockcache_s3_request_duration_seconds", "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// The operations' bodies; [`operations!`] makes them the [`S3`] trait's.
+impl Gateway {
     async fn list_buckets(
         &self,
         _req: S3Request<ListBucketsInput>,
@@ -785,9 +921,9 @@ impl S3 for Gateway {
             algorithm: input.checksum_algorithm.map(|a| a.as_str().to_owned()),
         };
         let attrs = ObjectAttrs {
-            etag: None,
             content_type: input.content_type,
             meta: input.metadata.unwrap_or_default().into_iter().collect(),
+            ..Default::default()
         };
         let (meta, md5) = self
             .write_object(
@@ -825,18 +961,12 @@ impl S3 for Gateway {
             input.if_none_match.as_ref(),
             input.if_modified_since.as_ref(),
         )?;
-        if let Some(n) = input.part_number
-            && n != 1
-        {
-            return Err(S3Error::with_message(
-                S3ErrorCode::Custom("InvalidPartNumber".into()),
-                "the object has one part",
-            ));
-        }
-        let (range, content_range) = byte_range(input.range.as_ref(), meta.size)?;
+        let (range, content_range, parts_count) =
+            requested_bytes(&attrs, meta.size, input.range.as_ref(), input.part_number)?;
         let length = range.end - range.start;
         let stream = stream_of(reader, range, self.state.clone());
         Ok(S3Response::new(GetObjectOutput {
+            parts_count,
             body: Some(StreamingBlob::wrap(stream)),
             content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
             content_range,
@@ -865,9 +995,11 @@ impl S3 for Gateway {
             input.if_none_match.as_ref(),
             input.if_modified_since.as_ref(),
         )?;
-        let (range, content_range) = byte_range(input.range.as_ref(), meta.size)?;
+        let (range, content_range, parts_count) =
+            requested_bytes(&attrs, meta.size, input.range.as_ref(), input.part_number)?;
         let length = range.end - range.start;
         Ok(S3Response::new(HeadObjectOutput {
+            parts_count,
             content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
             content_range,
             accept_ranges: Some("bytes".to_owned()),
@@ -990,13 +1122,16 @@ impl S3 for Gateway {
         }
         let attrs = if replace {
             ObjectAttrs {
-                etag: None,
                 content_type: input.content_type,
                 meta: input.metadata.unwrap_or_default().into_iter().collect(),
+                ..Default::default()
             }
         } else {
+            // The copy is one piece: its ETag is the MD5 of its bytes.
             ObjectAttrs {
                 etag: None,
+                parts: None,
+                part_size: None,
                 ..src_attrs
             }
         };
