@@ -136,6 +136,80 @@ check(sorted(d["Key"] for d in r["Deleted"]) == sorted(keys), "delete objects")
 s3.delete_bucket(Bucket="beta")
 check([b["Name"] for b in s3.list_buckets()["Buckets"]] == ["alpha"], "bucket gone")
 
+# Multipart uploads: parts of 2 MiB (not a block's multiple of anything but the default
+# block size), a replaced part, a part copied from a range of another object.
+MiB = 1 << 20
+p1, p2, p2b = os.urandom(2 * MiB), os.urandom(2 * MiB), os.urandom(2 * MiB)
+up = s3.create_multipart_upload(Bucket="alpha", Key="mp/big", ContentType="application/x-test",
+                                Metadata={"origin": "multipart"})
+uid = up["UploadId"]
+e1 = s3.upload_part(Bucket="alpha", Key="mp/big", UploadId=uid, PartNumber=1, Body=p1)["ETag"]
+check(e1 == '"%s"' % hashlib.md5(p1).hexdigest(), f"part etag {e1}")
+s3.upload_part(Bucket="alpha", Key="mp/big", UploadId=uid, PartNumber=2, Body=p2)
+e2 = s3.upload_part(Bucket="alpha", Key="mp/big", UploadId=uid, PartNumber=2, Body=p2b)["ETag"]
+r = s3.upload_part_copy(Bucket="alpha", Key="mp/big", UploadId=uid, PartNumber=3,
+                        CopySource={"Bucket": "alpha", "Key": "r"}, CopySourceRange="bytes=0-99")
+e3 = r["CopyPartResult"]["ETag"]
+check(e3 == '"%s"' % hashlib.md5(before[:100]).hexdigest(), f"part copy etag {e3}")
+parts = s3.list_parts(Bucket="alpha", Key="mp/big", UploadId=uid)["Parts"]
+check([(p["PartNumber"], p["Size"], p["ETag"]) for p in parts] == [(1, 2 * MiB, e1), (2, 2 * MiB, e2), (3, 100, e3)],
+      f"list parts {parts}")
+page = s3.list_parts(Bucket="alpha", Key="mp/big", UploadId=uid, MaxParts=2)
+check(page["IsTruncated"] and page["NextPartNumberMarker"] == 2, f"parts page {page}")
+ups = s3.list_multipart_uploads(Bucket="alpha")["Uploads"]
+check([(u["Key"], u["UploadId"]) for u in ups] == [("mp/big", uid)], f"list uploads {ups}")
+check(error_code(s3.get_object, Bucket="alpha", Key="mp/big")[0] == "NoSuchKey", "no object before completion")
+check(error_code(s3.complete_multipart_upload, Bucket="alpha", Key="mp/big", UploadId=uid,
+                 MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": e2}]})[0] == "InvalidPart", "wrong part etag")
+check(error_code(s3.complete_multipart_upload, Bucket="alpha", Key="mp/big", UploadId=uid,
+                 MultipartUpload={"Parts": [{"PartNumber": 2, "ETag": e2}, {"PartNumber": 1, "ETag": e1}]})[0]
+      == "InvalidPartOrder", "parts out of order")
+check(error_code(s3.complete_multipart_upload, Bucket="alpha", Key="mp/big", UploadId=uid,
+                 MultipartUpload={"Parts": [{"PartNumber": 4, "ETag": e1}]})[0] == "InvalidPart", "missing part")
+r = s3.complete_multipart_upload(Bucket="alpha", Key="mp/big", UploadId=uid, MultipartUpload={
+    "Parts": [{"PartNumber": 1, "ETag": e1}, {"PartNumber": 2, "ETag": e2}, {"PartNumber": 3, "ETag": e3}]})
+md5s = b"".join(hashlib.md5(x).digest() for x in (p1, p2b, before[:100]))
+want = '"%s-3"' % hashlib.md5(md5s).hexdigest()
+check(r["ETag"] == want, f"multipart etag {r['ETag']} != {want}")
+whole = p1 + p2b + before[:100]
+g = s3.get_object(Bucket="alpha", Key="mp/big")
+check(g["Body"].read() == whole and g["ETag"] == want, "multipart object bytes")
+check(g["ContentType"] == "application/x-test" and g["Metadata"] == {"origin": "multipart"}, f"multipart meta {g}")
+h = s3.head_object(Bucket="alpha", Key="mp/big")
+check(h["ETag"] == want and h["ContentLength"] == len(whole), "multipart head right after completion")
+g = s3.get_object(Bucket="alpha", Key="mp/big", PartNumber=2)
+check(g["Body"].read() == p2b and g["PartsCount"] == 3, "get part 2")
+check(error_code(s3.get_object, Bucket="alpha", Key="mp/big", PartNumber=4)[0] == "InvalidPartNumber", "part 4")
+with urllib.request.urlopen(f"{files_url}/v1/files/alpha/mp/big") as f:
+    check(f.read() == whole, "multipart object through the file API")
+check(s3.list_multipart_uploads(Bucket="alpha").get("Uploads", []) == [], "upload gone after completion")
+check(error_code(s3.list_parts, Bucket="alpha", Key="mp/big", UploadId=uid)[0] == "NoSuchUpload", "parts gone")
+check(error_code(s3.upload_part, Bucket="alpha", Key="mp/big", UploadId=uid, PartNumber=1, Body=b"x")[0]
+      == "NoSuchUpload", "part of a completed upload")
+# Aborted: its parts go.
+uid = s3.create_multipart_upload(Bucket="alpha", Key="mp/aborted")["UploadId"]
+s3.upload_part(Bucket="alpha", Key="mp/aborted", UploadId=uid, PartNumber=1, Body=b"abc" * 1000)
+s3.abort_multipart_upload(Bucket="alpha", Key="mp/aborted", UploadId=uid)
+check(error_code(s3.list_parts, Bucket="alpha", Key="mp/aborted", UploadId=uid)[0] == "NoSuchUpload", "aborted")
+with urllib.request.urlopen(f"{files_url}/v1/files?prefix=.s3-parts/") as f:
+    listing = f.read().decode()
+check(uid not in listing, f"aborted parts left: {listing}")
+check(error_code(s3.abort_multipart_upload, Bucket="alpha", Key="mp/aborted", UploadId=uid)[0] == "NoSuchUpload",
+      "abort twice")
+check(error_code(s3.upload_part, Bucket="alpha", Key="k", UploadId="../../etc", PartNumber=1, Body=b"x")[0]
+      == "NoSuchUpload", "bogus upload id")
+# A bigger upload through boto3's transfer manager: parallel parts of 5 MiB.
+from boto3.s3.transfer import TransferConfig
+big = os.urandom(23 * MiB)
+import io
+s3.upload_fileobj(io.BytesIO(big), "alpha", "mp/managed",
+                  Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4))
+out = io.BytesIO()
+s3.download_fileobj("alpha", "mp/managed", out,
+                    Config=TransferConfig(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_concurrency=4))
+check(out.getvalue() == big, "transfer manager round trip")
+check(s3.head_object(Bucket="alpha", Key="mp/managed")["ETag"].endswith('-5"'), "managed upload etag")
+
 # Presigned URLs.
 url = s3.generate_presigned_url("get_object", Params={"Bucket": "alpha", "Key": "r"}, ExpiresIn=60)
 with urllib.request.urlopen(url) as f:
@@ -160,5 +234,13 @@ anonymous = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                          config=Config(signature_version=botocore.UNSIGNED))
 code = error_code(anonymous.list_buckets)[0]
 check(code == "AccessDenied", f"unsigned: {code}")
+
+# Every operation is counted per operation in /metrics.
+with urllib.request.urlopen(f"{files_url}/metrics") as f:
+    metrics = f.read().decode()
+for op in ("PutObject", "CompleteMultipartUpload", "UploadPart", "ListParts"):
+    check(f'blockcache_s3_requests_total{{operation="{op}",code="OK"}}' in metrics
+          or f'blockcache_s3_requests_total{{code="OK",operation="{op}"}}' in metrics, f"metrics of {op}")
+check('code="NoSuchUpload"' in metrics, "errors counted by code")
 
 print("ok")
