@@ -136,6 +136,15 @@ check(sorted(d["Key"] for d in r["Deleted"]) == sorted(keys), "delete objects")
 s3.delete_bucket(Bucket="beta")
 check([b["Name"] for b in s3.list_buckets()["Buckets"]] == ["alpha"], "bucket gone")
 
+# An empty object sent with Expect: 100-continue (as botocore sends every PUT) must not
+# leave its connection unable to carry the next upload (it waited for the idle timeout).
+quick = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=os.environ["ACCESS_KEY"],
+                     aws_secret_access_key=os.environ["SECRET_KEY"], region_name="us-east-1",
+                     config=Config(read_timeout=5, retries={"max_attempts": 0, "mode": "standard"}))
+for body in (b"", os.urandom(1 << 20), b"", os.urandom(1 << 20)):
+    quick.put_object(Bucket="alpha", Key="expect", Body=body)
+check(quick.get_object(Bucket="alpha", Key="expect")["Body"].read() == body, "empty then full PUTs")
+
 # Multipart uploads: parts of 2 MiB (not a block's multiple of anything but the default
 # block size), a replaced part, a part copied from a range of another object.
 MiB = 1 << 20

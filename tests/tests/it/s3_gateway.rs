@@ -67,6 +67,43 @@ fn run_client(d: &Daemon, name: &str) {
     );
 }
 
+/// Whether `program --version` runs; prints why test `test` skips if not (`.ci/run`
+/// installs them).
+fn tool_or_skip(test: &str, program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("{test}: skipped: {program} is not installed");
+    }
+    ok
+}
+
+#[test]
+fn the_aws_cli_copies_in_parallel_parts_and_syncs_both_ways() {
+    let test = "the_aws_cli_copies_in_parallel_parts_and_syncs_both_ways";
+    if !tool_or_skip(test, "aws") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = start(dir.path());
+    run_client(&d, "s3_awscli.py");
+}
+
+#[test]
+fn rclone_copies_checks_and_syncs_a_tree() {
+    let test = "rclone_copies_checks_and_syncs_a_tree";
+    if !tool_or_skip(test, "rclone") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = start(dir.path());
+    run_client(&d, "s3_rclone.py");
+}
+
 #[test]
 fn boto3_at_its_defaults_gets_the_answers_s3_gives() {
     if !boto3_or_skip("boto3_at_its_defaults_gets_the_answers_s3_gives") {
