@@ -206,3 +206,80 @@ fn after_a_sigkill_during_uploads_and_a_sync_every_acknowledged_object_is_there(
         d.stop();
     }
 }
+
+/// Runs `s3_uploads.py` with `args` against `d`; returns its output.
+fn uploads_step(d: &Daemon, args: &[&str]) -> String {
+    let out = Command::new("python3")
+        .arg(client_script("s3_uploads.py"))
+        .args(args)
+        .env("ENDPOINT", d.s3.as_deref().expect("the S3 endpoint is on"))
+        .env("FILES_URL", &d.base)
+        .env("ACCESS_KEY", ACCESS_KEY)
+        .env("SECRET_KEY", SECRET_KEY)
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "s3_uploads.py {args:?} failed:\n{}{}\ndaemon log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        d.log_text()
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// An incomplete multipart upload survives restarts, and is aborted (its files and blocks
+/// removed) once it is older than --multipart-expiry, by a daemon started with a shorter one.
+#[test]
+fn an_incomplete_upload_survives_restarts_until_it_expires() {
+    if !boto3_or_skip("an_incomplete_upload_survives_restarts_until_it_expires") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let keep = |d: &std::path::Path| {
+        Daemon::start(
+            d,
+            &[
+                "--s3-listen",
+                "127.0.0.1:0",
+                "--s3-access-key",
+                ACCESS_KEY,
+                "--s3-secret-key",
+                SECRET_KEY,
+                "--multipart-expiry",
+                "1h",
+            ],
+        )
+    };
+    let d = keep(dir.path());
+    let id = uploads_step(&d, &["begin"]);
+    d.stop();
+    let d = keep(dir.path());
+    assert_eq!(uploads_step(&d, &["present", &id]), "ok");
+    d.kill9();
+    let d = keep(dir.path());
+    assert_eq!(uploads_step(&d, &["present", &id]), "ok");
+    d.stop();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let d = Daemon::start(
+        dir.path(),
+        &[
+            "--s3-listen",
+            "127.0.0.1:0",
+            "--s3-access-key",
+            ACCESS_KEY,
+            "--s3-secret-key",
+            SECRET_KEY,
+            "--multipart-expiry",
+            "1s",
+        ],
+    );
+    // The first sweep runs at the start; give it a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !d.log_text().contains("older than --multipart-expiry") {
+        assert!(std::time::Instant::now() < deadline, "no expiry; log:\n{}", d.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(uploads_step(&d, &["gone", &id]), "ok");
+    d.stop();
+}

@@ -686,8 +686,8 @@ impl Gateway {
             }
         }
         for id in &expired {
-            tracing::info!(upload = %id, "aborting a multipart upload older than --multipart-expiry");
             self.remove_upload(id).await?;
+            tracing::info!(upload = %id, "aborted a multipart upload older than --multipart-expiry");
         }
         // Parts without a record, one upload id at a time.
         let mut after: Option<String> = None;
