@@ -158,7 +158,9 @@ fn an_s3_endpoint_on_another_address_without_keys_is_refused() {
 /// uploaded reads back as the local file.
 #[test]
 fn after_a_sigkill_during_uploads_and_a_sync_every_acknowledged_object_is_there() {
-    if !boto3_or_skip("after_a_sigkill_during_uploads_and_a_sync_every_acknowledged_object_is_there") {
+    if !boto3_or_skip(
+        "after_a_sigkill_during_uploads_and_a_sync_every_acknowledged_object_is_there",
+    ) {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
@@ -277,9 +279,195 @@ fn an_incomplete_upload_survives_restarts_until_it_expires() {
     // The first sweep runs at the start; give it a moment.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !d.log_text().contains("older than --multipart-expiry") {
-        assert!(std::time::Instant::now() < deadline, "no expiry; log:\n{}", d.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no expiry; log:\n{}",
+            d.log_text()
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert_eq!(uploads_step(&d, &["gone", &id]), "ok");
     d.stop();
+}
+
+/// A daemon with the S3 endpoint on and no keys, with `args` on top.
+fn start_keyless(dir: &Path, args: &[&str]) -> Daemon {
+    let mut all = vec!["--s3-listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    Daemon::start(dir, &all)
+}
+
+/// The error code of an S3 XML answer.
+fn code_of(xml: &str) -> &str {
+    xml.split("<Code>")
+        .nth(1)
+        .and_then(|r| r.split("</Code>").next())
+        .unwrap_or_default()
+}
+
+/// Without keys the endpoint takes every request as anonymous: a client's signature is
+/// ignored (it used to get `NotImplemented`), and an aws-chunked body, whose framing `s3s`
+/// decodes only while checking a signature, is refused rather than stored framing and all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_keys_signatures_are_ignored_and_aws_chunked_bodies_refused() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = start_keyless(dir.path(), &[]);
+    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+    let http = reqwest::Client::new();
+    let r = http.put(format!("{s3}/plain")).send().await.expect("PUT");
+    assert_eq!(r.status(), 200);
+    let data = b"hello world".repeat(100);
+    let mut framed = format!("{:x}\r\n", data.len()).into_bytes();
+    framed.extend_from_slice(&data);
+    framed.extend_from_slice(b"\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n");
+    let r = http
+        .put(format!("{s3}/plain/chunked"))
+        .header("content-encoding", "aws-chunked")
+        .header("x-amz-content-sha256", "STREAMING-UNSIGNED-PAYLOAD-TRAILER")
+        .header("x-amz-decoded-content-length", data.len().to_string())
+        .header("x-amz-trailer", "x-amz-checksum-crc32")
+        .body(framed)
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), 400);
+    let text = r.text().await.expect("body");
+    assert_eq!(code_of(&text), "InvalidRequest", "{text}");
+    assert!(text.contains("aws-chunked"), "{text}");
+    let r = http
+        .get(format!("{s3}/plain/chunked"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 404, "nothing was stored");
+    if boto3_or_skip("without_keys_signatures_are_ignored_and_aws_chunked_bodies_refused") {
+        run_client(&d, "s3_keyless.py");
+    }
+    d.stop();
+}
+
+/// An object over --max-file-size gets `EntityTooLarge`, whether its length is announced
+/// (refused before the body is read) or found while streaming, and the old object stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_over_the_largest_size_gets_entity_too_large_and_the_old_one_stays() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = start_keyless(dir.path(), &["--max-file-size", "1MiB"]);
+    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.put(format!("{s3}/big"))
+            .send()
+            .await
+            .expect("PUT")
+            .status(),
+        200
+    );
+    let old = vec![7u8; 1000];
+    let r = http
+        .put(format!("{s3}/big/k"))
+        .body(old.clone())
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), 200);
+    let r = http
+        .put(format!("{s3}/big/k"))
+        .body(vec![1u8; (1 << 20) + 1])
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(r.status(), 400);
+    assert_eq!(code_of(&r.text().await.expect("body")), "EntityTooLarge");
+    // No length announced: found while streaming.
+    let chunks = futures::stream::iter(
+        (0..5).map(|_| Ok::<_, std::io::Error>(bytes::Bytes::from(vec![2u8; 300_000]))),
+    );
+    let r = http
+        .put(format!("{s3}/big/k"))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .expect("PUT");
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    assert_eq!(
+        (status.as_u16(), code_of(&text)),
+        (400, "EntityTooLarge"),
+        "{text}"
+    );
+    // A connection whose request body was refused half read is closed after the answer.
+    let got = reqwest::Client::new()
+        .get(format!("{s3}/big/k"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(got.bytes().await.expect("bytes").to_vec(), old);
+    d.stop();
+}
+
+/// While the store is down and the dirty budget is full, a PUT gets 503 `SlowDown` within
+/// the store timeout (it waited for the budget), not a hang and not a dropped write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_waiting_for_a_full_dirty_budget_gets_slow_down() {
+    use blockcache_tests::moto::{Moto, available_or_skip};
+    if !available_or_skip("a_writer_waiting_for_a_full_dirty_budget_gets_slow_down") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut moto = Moto::start(dir.path());
+    moto.create_bucket("bkt").await;
+    let d = moto
+        .launch(dir.path(), "s3://bkt/vol")
+        .args(&[
+            "--s3-listen",
+            "127.0.0.1:0",
+            "--block-size",
+            "64KiB",
+            "--store-timeout",
+            "2s",
+            "--upload-delay",
+            "off",
+            "--max-dirty",
+            "256KiB",
+        ])
+        .start();
+    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.put(format!("{s3}/slow"))
+            .send()
+            .await
+            .expect("PUT")
+            .status(),
+        200
+    );
+    moto.kill();
+    let started = std::time::Instant::now();
+    let r = http
+        .put(format!("{s3}/slow/over"))
+        .body(vec![3u8; 6 * 65536])
+        .send()
+        .await
+        .expect("PUT");
+    let took = started.elapsed();
+    let status = r.status();
+    let text = r.text().await.expect("body");
+    assert_eq!(
+        (status.as_u16(), code_of(&text)),
+        (503, "SlowDown"),
+        "{text}\n{}",
+        d.log_text()
+    );
+    assert!(text.contains("unreachable"), "the answer says why: {text}");
+    assert!(
+        took < std::time::Duration::from_secs(20),
+        "the writer waited {took:?}"
+    );
+    let r = reqwest::Client::new()
+        .get(format!("{s3}/slow/over"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 404, "the refused object is not there");
+    d.kill9();
 }

@@ -30,7 +30,10 @@ mod multipart;
 /// Aborts the multipart uploads older than `expiry` now and then (at once, then every
 /// eighth of `expiry`, at least every hour), until the daemon drains or the task is
 /// aborted.
-pub fn spawn_expiry(state: Arc<AppState>, expiry: std::time::Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_expiry(
+    state: Arc<AppState>,
+    expiry: std::time::Duration,
+) -> tokio::task::JoinHandle<()> {
     let gateway = Gateway::new(state);
     let every = (expiry / 8).clamp(
         std::time::Duration::from_secs(1),
@@ -41,7 +44,11 @@ pub fn spawn_expiry(state: Arc<AppState>, expiry: std::time::Duration) -> tokio:
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if gateway.state.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            if gateway
+                .state
+                .draining
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
                 return;
             }
             if let Err(e) = gateway.expire_uploads(expiry).await {
@@ -531,9 +538,8 @@ fn requested_bytes(
             "a request asks for a Range or a partNumber, not both"
         ));
     }
-    let bad_part = |why: String| {
-        S3Error::with_message(S3ErrorCode::Custom("InvalidPartNumber".into()), why)
-    };
+    let bad_part =
+        |why: String| S3Error::with_message(S3ErrorCode::Custom("InvalidPartNumber".into()), why);
     let count = attrs.parts.unwrap_or(1);
     if n < 1 || n as u32 > count {
         return Err(bad_part(format!(
@@ -553,9 +559,9 @@ fn requested_bytes(
             ));
         }
     };
-    let content_range = attrs.parts.map(|_| {
-        format!("bytes {}-{}/{size}", r.start, r.end.saturating_sub(1))
-    });
+    let content_range = attrs
+        .parts
+        .map(|_| format!("bytes {}-{}/{size}", r.start, r.end.saturating_sub(1)));
     Ok((r, content_range, attrs.parts.map(|c| c as i32)))
 }
 
@@ -1258,8 +1264,8 @@ impl Gateway {
 }
 
 /// The S3 endpoint's router: the gateway behind `s3s`'s service, with SigV4 against `keys`
-/// (anonymous requests only when there are none) and virtual-host style requests for
-/// `domains`. Refuses the daemon's draining like the file API.
+/// and virtual-host style requests for `domains`. Without keys every request is taken as
+/// anonymous (see [`anonymous`]). Refuses the daemon's draining like the file API.
 pub fn router(
     state: Arc<AppState>,
     keys: &[(String, String)],
@@ -1286,12 +1292,87 @@ pub fn router(
             "internal error",
         )
     });
-    Ok(axum::Router::new()
-        .fallback_service(service)
-        .layer(axum::middleware::from_fn_with_state(
-            state,
-            refuse_while_draining,
-        )))
+    let router = axum::Router::new().fallback_service(service);
+    let router = if keys.is_empty() {
+        router.layer(axum::middleware::from_fn(anonymous))
+    } else {
+        router
+    };
+    Ok(router.layer(axum::middleware::from_fn_with_state(
+        state,
+        refuse_while_draining,
+    )))
+}
+
+/// Query parameters of a presigned URL (SigV4 and SigV2).
+const PRESIGN_PARAMS: &[&str] = &[
+    "x-amz-algorithm",
+    "x-amz-credential",
+    "x-amz-date",
+    "x-amz-expires",
+    "x-amz-signedheaders",
+    "x-amz-signature",
+    "x-amz-security-token",
+    "awsaccesskeyid",
+    "signature",
+    "expires",
+];
+
+/// For an endpoint without keys: a request's signature (header or presigned URL) is
+/// dropped, so that clients configured with any keys work as anonymous ones (`s3s` has
+/// nothing to check a signature against and would answer `NotImplemented`). An aws-chunked
+/// body is refused: `s3s` decodes its framing only while checking a signature, and the
+/// framing must never be stored as the object's bytes.
+async fn anonymous(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut req = req;
+    let headers = req.headers_mut();
+    headers.remove(axum::http::header::AUTHORIZATION);
+    let chunked = headers
+        .get(axum::http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|e| e.trim().eq_ignore_ascii_case("aws-chunked"))
+        })
+        || headers
+            .get("x-amz-content-sha256")
+            .is_some_and(|v| v.as_bytes().starts_with(b"STREAMING-"));
+    if chunked {
+        let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>InvalidRequest</Code><Message>this endpoint has no access keys (--s3-access-key), so it cannot decode an aws-chunked body: give the endpoint keys, or send the body plain</Message></Error>";
+        return (
+            axum::http::StatusCode::BAD_REQUEST,
+            [(axum::http::header::CONTENT_TYPE, "application/xml")],
+            body,
+        )
+            .into_response();
+    }
+    if let Some(query) = req.uri().query() {
+        let is_presign = |pair: &str| {
+            let name = pair.split('=').next().unwrap_or_default();
+            PRESIGN_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p))
+        };
+        if query.split('&').any(is_presign) {
+            let kept: Vec<&str> = query.split('&').filter(|p| !is_presign(p)).collect();
+            let path = req.uri().path();
+            let pq = if kept.is_empty() {
+                path.to_owned()
+            } else {
+                format!("{path}?{}", kept.join("&"))
+            };
+            let mut parts = req.uri().clone().into_parts();
+            if let Ok(pq) = pq.parse() {
+                parts.path_and_query = Some(pq);
+                if let Ok(uri) = axum::http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+    next.run(req).await
 }
 
 /// New requests get 503 `ServiceUnavailable` once shutdown starts.

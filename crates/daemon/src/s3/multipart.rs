@@ -17,8 +17,8 @@ use s3s::{S3Request, S3Response, S3Result, s3_error};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Checksums, Gateway, LIST_STEP, ObjectAttrs, durability_of, etag_matches, internal,
-    object_name, stream_of, timestamp,
+    Checksums, Gateway, LIST_STEP, ObjectAttrs, durability_of, etag_matches, internal, object_name,
+    stream_of, timestamp,
 };
 
 /// The prefix of the files of incomplete uploads.
