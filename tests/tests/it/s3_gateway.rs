@@ -471,3 +471,95 @@ async fn a_writer_waiting_for_a_full_dirty_budget_gets_slow_down() {
     assert_eq!(r.status(), 404, "the refused object is not there");
     d.kill9();
 }
+
+/// A completion answers its head at once and sends its result (or its error, in a 200, as
+/// S3 does) when the work is done, so a long one does not run into the client's read
+/// timeout. Here the work waits for a dead store (store durability asked) and fails: the
+/// head comes long before, the error says why, and the upload stays for a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_completion_answers_at_once_and_its_result_when_the_work_is_done() {
+    use blockcache_tests::moto::{Moto, available_or_skip};
+    if !available_or_skip("a_completion_answers_at_once_and_its_result_when_the_work_is_done") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut moto = Moto::start(dir.path());
+    moto.create_bucket("bkt").await;
+    let d = moto
+        .launch(dir.path(), "s3://bkt/vol")
+        .args(&[
+            "--s3-listen",
+            "127.0.0.1:0",
+            "--store-timeout",
+            "4s",
+            "--upload-delay",
+            "off",
+        ])
+        .start();
+    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+    let http = reqwest::Client::new();
+    assert_eq!(
+        http.put(format!("{s3}/mpu"))
+            .send()
+            .await
+            .expect("PUT")
+            .status(),
+        200
+    );
+    let created = http
+        .post(format!("{s3}/mpu/k?uploads"))
+        .send()
+        .await
+        .expect("POST")
+        .text()
+        .await
+        .expect("body");
+    let id = created
+        .split("<UploadId>")
+        .nth(1)
+        .and_then(|r| r.split("</UploadId>").next())
+        .expect("an upload id")
+        .to_owned();
+    let part = http
+        .put(format!("{s3}/mpu/k?partNumber=1&uploadId={id}"))
+        .body(vec![5u8; 100_000])
+        .send()
+        .await
+        .expect("PUT part");
+    assert_eq!(part.status(), 200);
+    let etag = part.headers()["etag"].to_str().expect("etag").to_owned();
+    moto.kill();
+    let started = std::time::Instant::now();
+    let r = http
+        .post(format!("{s3}/mpu/k?uploadId={id}"))
+        .header("x-blockcache-durability", "store")
+        .body(format!(
+            "<CompleteMultipartUpload><Part><PartNumber>1</PartNumber><ETag>{etag}</ETag></Part></CompleteMultipartUpload>"
+        ))
+        .send()
+        .await
+        .expect("POST complete");
+    let head_after = started.elapsed();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.expect("body");
+    let done_after = started.elapsed();
+    assert!(
+        head_after < std::time::Duration::from_secs(2)
+            && done_after >= std::time::Duration::from_secs(3),
+        "the head came after {head_after:?}, the result after {done_after:?}"
+    );
+    assert_eq!(code_of(&text), "ServiceUnavailable", "{text}");
+    let r = reqwest::Client::new()
+        .get(format!("{s3}/mpu/k"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(r.status(), 404, "no object from a failed completion");
+    let r = reqwest::Client::new()
+        .get(format!("{s3}/mpu/k?uploadId={id}"))
+        .send()
+        .await
+        .expect("ListParts");
+    assert_eq!(r.status(), 200, "the upload stays for a retry");
+    d.kill9();
+}

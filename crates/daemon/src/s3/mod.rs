@@ -255,7 +255,9 @@ impl Gateway {
             // The name is checked again when the file is named, in the same transaction.
             w.create_only().map_err(internal)?;
         }
-        let mut md5 = Md5::new();
+        // The MD5 is the ETag unless the attributes bring one (a multipart object's), and
+        // what a Content-MD5 is checked against.
+        let mut md5 = (attrs.etag.is_none() || expected_md5.is_some()).then(Md5::new);
         let mut hasher = checksums.hasher();
         let mut body = body;
         let poured: S3Result<()> = async {
@@ -271,7 +273,9 @@ impl Gateway {
                         "the object is larger than --max-file-size ({max} bytes)"
                     ));
                 }
-                md5.update(&chunk);
+                if let Some(m) = md5.as_mut() {
+                    m.update(&chunk);
+                }
                 hasher.update(&chunk);
                 w.write(&chunk)
                     .await
@@ -284,15 +288,18 @@ impl Gateway {
             w.abandon().await;
             return Err(e);
         }
-        let md5 = md5.finalize();
-        let md5_hex = hex::encode(md5);
-        let checked = check_digests(&md5, expected_md5, checksums, hasher, trailers);
+        let md5 = md5.map(Md5::finalize);
+        let checked = check_digests(md5.as_deref(), expected_md5, checksums, hasher, trailers);
         if let Err(e) = checked {
             w.abandon().await;
             return Err(e);
         }
         // A multipart object comes with its ETag; any other's is the MD5 of its bytes.
-        let etag = attrs.etag.clone().unwrap_or(md5_hex);
+        let etag = match (&attrs.etag, md5) {
+            (Some(e), _) => e.clone(),
+            (None, Some(m)) => hex::encode(m),
+            (None, None) => unreachable!("the MD5 is computed when no ETag is given"),
+        };
         let attrs = ObjectAttrs {
             etag: Some(etag.clone()),
             ..attrs
@@ -353,7 +360,7 @@ impl Checksums {
 /// Checks `Content-MD5` and the `x-amz-checksum-*` values (from headers, or from the
 /// trailers of an aws-chunked body) against what the body hashed to.
 fn check_digests(
-    md5: &[u8],
+    md5: Option<&[u8]>,
     expected_md5: Option<&str>,
     mut sent: Checksums,
     hasher: s3s::checksum::ChecksumHasher,
@@ -364,7 +371,7 @@ fn check_digests(
         let decoded = base64::engine::general_purpose::STANDARD
             .decode(expected.trim())
             .map_err(|_| s3_error!(InvalidDigest, "Content-MD5 is not base64"))?;
-        if decoded != md5 {
+        if Some(decoded.as_slice()) != md5 {
             return Err(s3_error!(
                 BadDigest,
                 "the Content-MD5 you sent does not match the bytes received"

@@ -447,37 +447,49 @@ impl Gateway {
                 })
                 .try_flatten(),
         );
-        let (written, _) = self
-            .write_object(
-                &name,
-                StreamingBlob::wrap(body),
-                durability,
-                None,
-                Checksums::default(),
-                None,
-                attrs,
-                matches!(input.if_none_match, Some(ETagCondition::Any)),
-            )
-            .await
-            .map_err(|e| {
-                if e.code() == &s3s::S3ErrorCode::IncompleteBody {
-                    // A part went while it was read: the upload was aborted meanwhile.
-                    no_such_upload(id)
-                } else {
-                    e
-                }
-            })?;
-        // The object is named; the upload is done. Its files go now (a failure leaves them
-        // to the expiry, which finds no record for the parts).
-        if let Err(e) = self.remove_upload(id).await {
-            tracing::warn!(upload = %id, error = ?e, "removing a completed upload's parts failed; the expiry removes them");
-        }
-        let _ = written;
+        // The answer's head goes at once and the work runs while its body is sent: S3's
+        // way (whitespace every 100 ms until the result's XML, or an error's in a 200), so
+        // that a large completion does not run into the client's read timeout. A client
+        // that goes away drops the work: the object is then the old one or the new one.
+        let gateway = Gateway::new(self.state.clone());
+        let create_only = matches!(input.if_none_match, Some(ETagCondition::Any));
+        let id = id.clone();
+        let work = async move {
+            gateway
+                .write_object(
+                    &name,
+                    StreamingBlob::wrap(body),
+                    durability,
+                    None,
+                    Checksums::default(),
+                    None,
+                    attrs,
+                    create_only,
+                )
+                .await
+                .map_err(|e| {
+                    if e.code() == &s3s::S3ErrorCode::IncompleteBody {
+                        // A part went while it was read: the upload was aborted meanwhile.
+                        no_such_upload(&id)
+                    } else {
+                        e
+                    }
+                })?;
+            // The object is named; the upload is done. Its files go now (a failure leaves
+            // them to the expiry, which finds no record for the parts).
+            if let Err(e) = gateway.remove_upload(&id).await {
+                tracing::warn!(upload = %id, error = ?e, "removing a completed upload's parts failed; the expiry removes them");
+            }
+            Ok(CompleteMultipartUploadOutput {
+                bucket: Some(input.bucket.clone()),
+                key: Some(input.key.clone()),
+                location: Some(format!("/{}/{}", input.bucket, input.key)),
+                e_tag: Some(ETag::Strong(etag)),
+                ..Default::default()
+            })
+        };
         Ok(S3Response::new(CompleteMultipartUploadOutput {
-            bucket: Some(input.bucket.clone()),
-            key: Some(input.key.clone()),
-            location: Some(format!("/{}/{}", input.bucket, input.key)),
-            e_tag: Some(ETag::Strong(etag)),
+            future: Some(Box::pin(work)),
             ..Default::default()
         }))
     }
