@@ -72,6 +72,23 @@ impl Client {
         format!("{}/v1/files/{path}", self.base)
     }
 
+    /// What a request that got no answer says: for a refused connection, that no daemon
+    /// listens there and how to point at one; otherwise the error with its causes.
+    fn unreachable(&self, e: &reqwest::Error) -> String {
+        if refused(e) {
+            format!(
+                "cannot reach the daemon at {}: connection refused: is the daemon running? (start it with `blockcache serve`, or point at it with --listen or BLOCKCACHE_LISTEN)",
+                self.base
+            )
+        } else {
+            format!(
+                "cannot reach the daemon at {}: {}",
+                self.base,
+                crate::error::chain(e)
+            )
+        }
+    }
+
     fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
         let r = self.http.request(method, url);
         match &self.token {
@@ -81,10 +98,7 @@ impl Client {
     }
 
     async fn send(&self, r: reqwest::RequestBuilder) -> Result<reqwest::Response, String> {
-        let response = r
-            .send()
-            .await
-            .map_err(|e| format!("cannot reach the daemon at {}: {e}", self.base))?;
+        let response = r.send().await.map_err(|e| self.unreachable(&e))?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -158,6 +172,14 @@ pub async fn put(
     file: Option<PathBuf>,
     durability: Option<String>,
 ) -> Result<(), String> {
+    // What can be checked here is checked before anything is sent: the daemon refuses a
+    // bad request while its body is still being sent, and the client then sees a broken
+    // connection instead of the daemon's answer.
+    blockcache::validate_name(&name).map_err(|e| e.to_string())?;
+    if let Some(d) = &durability {
+        d.parse::<blockcache::Durability>()
+            .map_err(|e| format!("--durability: {e}"))?;
+    }
     let c = Client::new(t);
     let file = file.filter(|p| p.as_os_str() != "-");
     let (reader, len): (Box<dyn tokio::io::AsyncRead + Send + Unpin>, Option<u64>) = match &file {
@@ -165,10 +187,28 @@ pub async fn put(
             let f = tokio::fs::File::open(p)
                 .await
                 .map_err(|e| format!("cannot open {}: {e}", p.display()))?;
-            let len = f.metadata().await.ok().map(|m| m.len());
+            let meta = f
+                .metadata()
+                .await
+                .map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+            if meta.is_dir() {
+                return Err(format!(
+                    "{} is a directory: put stores one file (give a file, or - for standard input)",
+                    p.display()
+                ));
+            }
+            let len = meta.is_file().then(|| meta.len());
             (Box::new(f), len)
         }
-        None => (Box::new(tokio::io::stdin()), None),
+        None => {
+            if std::io::stdin().is_terminal() {
+                return Err(
+                    "no FILE given, and standard input is a terminal: give FILE, or pipe the data into put (put NAME - reads standard input)"
+                        .to_owned(),
+                );
+            }
+            (Box::new(tokio::io::stdin()), None)
+        }
     };
     let bar = progress(len);
     let b = bar.clone();
@@ -306,7 +346,7 @@ pub async fn check(
         .query(&query);
     let response = match request.send().await {
         Err(e) if refused(&e) => return Ok(None),
-        Err(e) => return Err(format!("cannot reach the daemon at {}: {e}", c.base)),
+        Err(e) => return Err(c.unreachable(&e)),
         Ok(r) => r,
     };
     let status = response.status();

@@ -252,6 +252,26 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             s.multipart_expiry
         )));
     }
+    // The addresses first: a port in use stops the start before anything is opened or made.
+    let listen = s.endpoint.listen;
+    let listener_error = |source| ServeError::Listener {
+        addr: listen,
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(listener_error)?;
+    let s3_listener = match s.s3_listen.0 {
+        None => None,
+        Some(s3_addr) => Some(
+            tokio::net::TcpListener::bind(s3_addr)
+                .await
+                .map_err(|source| ServeError::S3Listener {
+                    addr: s3_addr,
+                    source,
+                })?,
+        ),
+    };
     let data_dir_error = |source| ServeError::DataDir {
         path: s.data_dir.clone(),
         source,
@@ -297,14 +317,6 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         .await
         .map_err(ServeError::Namespace)?;
 
-    let listen = s.endpoint.listen;
-    let listener_error = |source| ServeError::Listener {
-        addr: listen,
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(listener_error)?;
     let addr = listener.local_addr().map_err(listener_error)?;
     let fd_limit = connections::raise_fd_limit();
     let max_connections = connections::connection_limit(s.max_connections, fd_limit);
@@ -356,16 +368,12 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             metrics.run_upkeep();
         }
     });
-    let s3 = match s.s3_listen.0 {
-        None => None,
-        Some(s3_addr) => {
+    let s3 = match (s.s3_listen.0, s3_listener) {
+        (Some(s3_addr), Some(s3_listener)) => {
             let s3_error = |source| ServeError::S3Listener {
                 addr: s3_addr,
                 source,
             };
-            let s3_listener = tokio::net::TcpListener::bind(s3_addr)
-                .await
-                .map_err(s3_error)?;
             let bound = s3_listener.local_addr().map_err(s3_error)?;
             let domains: Vec<String> = s
                 .s3_domain
@@ -384,6 +392,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             tracing::info!(addr = %bound, keys = s3_keys.len(), "serving S3");
             Some((s3_listener, router))
         }
+        _ => None,
     };
     // The routers hold their clones of `alive`: the channel closes once they are gone.
     drop(alive);

@@ -4,6 +4,7 @@ mod atomic;
 mod bad_input;
 mod cancel;
 mod check;
+mod cli_messages;
 mod concurrency;
 mod crash;
 mod daemon;

@@ -1,0 +1,77 @@
+//! What the `blockcache` binary says when it is used wrongly: each message names the
+//! problem and what to do, from the real binary (exit code and text).
+
+use blockcache_tests::daemon::{Daemon, run_cli};
+
+fn tmp() -> tempfile::TempDir {
+    tempfile::tempdir().expect("tempdir")
+}
+
+/// `serve` on a port in use says so before it opens or makes anything: no data directory
+/// is created and no "dropped without shutdown" line is logged.
+#[test]
+fn serve_on_a_port_in_use_says_so_before_opening_anything() {
+    let dir = tmp();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8");
+    let (status, _, err) = run_cli(
+        &["serve", "--listen", &addr, "--data-dir", data_arg, "--s3-listen", "off"],
+        None,
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains(&format!("cannot listen on {addr}")) && err.contains("in use"),
+        "{err}"
+    );
+    assert!(!err.contains("dropped without shutdown"), "{err}");
+    assert!(!data.exists(), "the data directory was made before the listener failed");
+}
+
+/// A client pointed at a port where nothing listens says that no daemon answers there and
+/// what to check, not a bare network error.
+#[test]
+fn a_client_at_a_port_without_a_daemon_asks_whether_it_runs() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = free.local_addr().expect("addr").to_string();
+    drop(free);
+    let (status, _, err) = run_cli(&["stats", "--listen", &addr], None);
+    assert!(!status.success());
+    assert!(
+        err.contains("connection refused") && err.contains("is the daemon running"),
+        "{err}"
+    );
+}
+
+/// `put` checks what it can before it sends anything: a FILE that is a directory, a name the
+/// daemon would refuse, a durability that does not exist; each answer names the problem
+/// (these used to be "cannot reach the daemon" in some runs, when the daemon refused the
+/// request while the body was still being sent).
+#[test]
+fn put_refuses_local_mistakes_with_what_is_wrong() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let file = dir.path().join("f.bin");
+    std::fs::write(&file, vec![1u8; 3 << 20]).expect("write");
+    let file = file.to_str().expect("utf-8");
+    let sub = dir.path().to_str().expect("utf-8");
+    for _ in 0..5 {
+        let (status, _, err) = run_cli(&["put", "--listen", d.addr(), "x/y.txt", sub], None);
+        assert!(!status.success());
+        assert!(err.contains("is a directory") && !err.contains("cannot reach"), "{err}");
+        let (status, _, err) = run_cli(&["put", "--listen", d.addr(), "a//b", file], None);
+        assert!(!status.success());
+        assert!(err.contains("invalid file name") && !err.contains("cannot reach"), "{err}");
+        let (status, _, err) = run_cli(
+            &["put", "--listen", d.addr(), "ok", file, "--durability", "remote"],
+            None,
+        );
+        assert!(!status.success());
+        assert!(
+            err.contains("durability") && err.contains("remote") && !err.contains("cannot reach"),
+            "{err}"
+        );
+    }
+    d.stop();
+}
