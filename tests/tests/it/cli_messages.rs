@@ -75,3 +75,31 @@ fn put_refuses_local_mistakes_with_what_is_wrong() {
     }
     d.stop();
 }
+
+/// `put NAME` without FILE on a terminal refuses instead of waiting silently for standard
+/// input (run under `script`, which gives it a terminal).
+#[test]
+fn put_without_a_file_on_a_terminal_says_what_it_would_read() {
+    if std::process::Command::new("script")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("put_without_a_file_on_a_terminal_says_what_it_would_read: skipped: no script(1)");
+        return;
+    }
+    let bin = blockcache_tests::daemon::binary();
+    let out = std::process::Command::new("timeout")
+        .args(["20", "script", "-qec"])
+        .arg(format!("{} put --listen 127.0.0.1:9 some-name", bin.display()))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("standard input is a terminal") && text.contains("give FILE"),
+        "{text}"
+    );
+}
