@@ -184,8 +184,10 @@ fn fail(error: &(dyn std::error::Error + 'static)) -> ExitCode {
 }
 
 fn init_logging(settings: &Settings) -> Result<(), ServeError> {
+    // Colours only for a terminal: a log file gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(settings.log_level.filter())
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let result = match settings.log_format {
         LogFormat::Text => builder.try_init(),
@@ -261,23 +263,28 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(listener_error)?;
-    let s3_listener = match s.s3_listen.0 {
-        None => None,
-        Some(s3_addr) => Some(
-            tokio::net::TcpListener::bind(s3_addr)
-                .await
-                .map_err(|source| ServeError::S3Listener {
+    let s3_listener =
+        match s.s3_listen.0 {
+            None => None,
+            Some(s3_addr) => Some(tokio::net::TcpListener::bind(s3_addr).await.map_err(
+                |source| ServeError::S3Listener {
                     addr: s3_addr,
                     source,
-                })?,
-        ),
-    };
+                },
+            )?),
+        };
     let data_dir_error = |source| ServeError::DataDir {
         path: s.data_dir.clone(),
         source,
     };
     let data_dir = std::path::absolute(&s.data_dir).map_err(data_dir_error)?;
     if s.uses_data_dir() {
+        if std::fs::metadata(&data_dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(data_dir_error(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                "it is a file, not a directory: give a directory, or a path that does not exist yet",
+            )));
+        }
         std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
     }
     let database = s.database(&data_dir);
@@ -311,7 +318,16 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         .await
         .map_err(ServeError::Cache)?;
     let recovery = cache.recovery().clone();
-    tracing::info!(?recovery, "cache open");
+    tracing::info!(
+        clean_files = recovery.clean_files,
+        dirty_files = recovery.dirty_files,
+        unknown_files = recovery.unknown_files.len(),
+        unconfirmed_objects = recovery.unconfirmed_objects,
+        confirmed_in_store = recovery.confirmed_in_store,
+        lost_blocks = recovery.lost_blocks.len(),
+        pending_deletions = recovery.pending_deletions,
+        "cache open"
+    );
     let block_size = cache.config().block_size;
     let ns = Namespace::open(cache, s.max_file_size.0)
         .await

@@ -32,11 +32,31 @@ impl std::str::FromStr for S3Listen {
         if s.trim().eq_ignore_ascii_case("off") {
             return Ok(Self(None));
         }
-        s.trim()
-            .parse()
+        socket_addr(s)
             .map(|a| Self(Some(a)))
-            .map_err(|e| format!("{s:?} is not ADDR:PORT or off ({e})"))
+            .map_err(|e| format!("{e}, or off"))
     }
+}
+
+/// An address to listen on: `ADDR:PORT`, or `HOST:PORT` with a host name that resolves
+/// (`localhost:8640`; the first address it resolves to).
+pub fn socket_addr(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    let s = s.trim();
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    if s.rsplit_once(':')
+        .is_none_or(|(_, port)| port.parse::<u16>().is_err())
+    {
+        return Err(format!("{s:?} is not ADDR:PORT (or HOST:PORT)"));
+    }
+    let mut found = s
+        .to_socket_addrs()
+        .map_err(|e| format!("{s:?}: the host name does not resolve ({e})"))?;
+    found
+        .next()
+        .ok_or_else(|| format!("{s:?}: the host name resolves to no address"))
 }
 
 impl std::fmt::Display for S3Listen {
@@ -311,9 +331,24 @@ impl LogFilter {
 impl std::str::FromStr for LogFilter {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        let help = "write a level (off, error, warn, info, debug, trace) or a filter such as blockcache=debug,warn";
+        // A bare word other than a level is taken by the filter as a target with every
+        // level, which turns all other logging off: "inf" for "info" would silence the
+        // daemon. Targets are written TARGET=LEVEL.
+        for directive in s.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let bare = !directive.contains('=') && !directive.contains('[');
+            let level = ["off", "error", "warn", "info", "debug", "trace"]
+                .iter()
+                .any(|l| directive.eq_ignore_ascii_case(l));
+            if bare && !level {
+                return Err(format!(
+                    "invalid filter {s:?}: {directive:?} is not a level; {help}"
+                ));
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(s)
             .map(|_| Self(s.to_owned()))
-            .map_err(|e| format!("invalid filter {s:?} ({e}); write a level (error, warn, info, debug, trace) or a filter such as blockcache=debug,warn"))
+            .map_err(|e| format!("invalid filter {s:?} ({e}); {help}"))
     }
 }
 
@@ -338,7 +373,8 @@ pub enum LogFormat {
 pub struct Endpoint {
     /// Address of the daemon (ADDR:PORT; port 0 picks a free one)
     #[arg(long, env = "BLOCKCACHE_LISTEN", value_name = "ADDR:PORT",
-          default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+          default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)),
+          value_parser = socket_addr)]
     pub listen: SocketAddr,
     /// Bearer token every route but /healthz requires
     #[arg(
@@ -393,7 +429,7 @@ pub struct Settings {
     /// Metadata database (sqlite://PATH or a path) [default: sqlite://DATA_DIR/meta.db]
     #[arg(long, env = "BLOCKCACHE_DATABASE", value_name = "URL")]
     pub database: Option<String>,
-    /// Object store: file://, memory://, s3://, gs://, az:// [default: file://DATA_DIR/store]
+    /// Object store: file://, memory://, s3://, gs://, az://, or a directory's path [default: file://DATA_DIR/store]
     #[arg(long, env = "BLOCKCACHE_STORE", value_name = "URL")]
     pub store: Option<String>,
     /// Block size, fixed when the volume is created
@@ -631,9 +667,15 @@ impl Settings {
 
     /// The store URL, by default a directory in the data directory `data_dir`.
     pub fn store(&self, data_dir: &Path) -> String {
-        self.store
-            .clone()
-            .unwrap_or_else(|| format!("file://{}", data_dir.join("store").display()))
+        match &self.store {
+            // A plain path is a directory: `file://` with its absolute path.
+            Some(s) if !s.contains("://") => {
+                let path = std::path::absolute(s).unwrap_or_else(|_| PathBuf::from(s));
+                format!("file://{}", path.display())
+            }
+            Some(s) => s.clone(),
+            None => format!("file://{}", data_dir.join("store").display()),
+        }
     }
 
     /// Whether the defaults put something in the data directory.

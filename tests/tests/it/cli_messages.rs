@@ -1,7 +1,7 @@
 //! What the `blockcache` binary says when it is used wrongly: each message names the
 //! problem and what to do, from the real binary (exit code and text).
 
-use blockcache_tests::daemon::{Daemon, run_cli};
+use blockcache_tests::daemon::{Daemon, Launch, run_cli};
 
 fn tmp() -> tempfile::TempDir {
     tempfile::tempdir().expect("tempdir")
@@ -17,7 +17,15 @@ fn serve_on_a_port_in_use_says_so_before_opening_anything() {
     let data = dir.path().join("data");
     let data_arg = data.to_str().expect("utf-8");
     let (status, _, err) = run_cli(
-        &["serve", "--listen", &addr, "--data-dir", data_arg, "--s3-listen", "off"],
+        &[
+            "serve",
+            "--listen",
+            &addr,
+            "--data-dir",
+            data_arg,
+            "--s3-listen",
+            "off",
+        ],
         None,
     );
     assert!(!status.success());
@@ -26,7 +34,10 @@ fn serve_on_a_port_in_use_says_so_before_opening_anything() {
         "{err}"
     );
     assert!(!err.contains("dropped without shutdown"), "{err}");
-    assert!(!data.exists(), "the data directory was made before the listener failed");
+    assert!(
+        !data.exists(),
+        "the data directory was made before the listener failed"
+    );
 }
 
 /// A client pointed at a port where nothing listens says that no daemon answers there and
@@ -59,12 +70,26 @@ fn put_refuses_local_mistakes_with_what_is_wrong() {
     for _ in 0..5 {
         let (status, _, err) = run_cli(&["put", "--listen", d.addr(), "x/y.txt", sub], None);
         assert!(!status.success());
-        assert!(err.contains("is a directory") && !err.contains("cannot reach"), "{err}");
+        assert!(
+            err.contains("is a directory") && !err.contains("cannot reach"),
+            "{err}"
+        );
         let (status, _, err) = run_cli(&["put", "--listen", d.addr(), "a//b", file], None);
         assert!(!status.success());
-        assert!(err.contains("invalid file name") && !err.contains("cannot reach"), "{err}");
+        assert!(
+            err.contains("invalid file name") && !err.contains("cannot reach"),
+            "{err}"
+        );
         let (status, _, err) = run_cli(
-            &["put", "--listen", d.addr(), "ok", file, "--durability", "remote"],
+            &[
+                "put",
+                "--listen",
+                d.addr(),
+                "ok",
+                file,
+                "--durability",
+                "remote",
+            ],
             None,
         );
         assert!(!status.success());
@@ -85,13 +110,18 @@ fn put_without_a_file_on_a_terminal_says_what_it_would_read() {
         .output()
         .is_err()
     {
-        eprintln!("put_without_a_file_on_a_terminal_says_what_it_would_read: skipped: no script(1)");
+        eprintln!(
+            "put_without_a_file_on_a_terminal_says_what_it_would_read: skipped: no script(1)"
+        );
         return;
     }
     let bin = blockcache_tests::daemon::binary();
     let out = std::process::Command::new("timeout")
         .args(["20", "script", "-qec"])
-        .arg(format!("{} put --listen 127.0.0.1:9 some-name", bin.display()))
+        .arg(format!(
+            "{} put --listen 127.0.0.1:9 some-name",
+            bin.display()
+        ))
         .arg("/dev/null")
         .stdin(std::process::Stdio::null())
         .output()
@@ -102,4 +132,72 @@ fn put_without_a_file_on_a_terminal_says_what_it_would_read() {
         text.contains("standard input is a terminal") && text.contains("give FILE"),
         "{text}"
     );
+}
+
+/// Logs written to a file carry no colour codes, and the start-up lines are fields, not a
+/// Rust debug dump.
+#[test]
+fn logs_to_a_file_are_plain_text_with_fields() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let log = d.stop();
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape codes in the log file:\n{log}"
+    );
+    assert!(log.contains("cache open clean_files=0"), "{log}");
+    assert!(!log.contains("Recovery {"), "{log}");
+}
+
+/// A log filter that is not a level (`inf` for `info`) is refused: the filter would take it
+/// for a target and silence everything else.
+#[test]
+fn a_log_level_that_is_not_one_is_refused() {
+    let dir = tmp();
+    let data = dir.path().to_str().expect("utf-8");
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--data-dir",
+            data,
+            "--listen",
+            "127.0.0.1:0",
+            "--log-level",
+            "inf",
+        ],
+        None,
+    );
+    assert!(!status.success());
+    assert!(err.contains("\"inf\" is not a level"), "{err}");
+}
+
+/// `--store` takes a plain directory path as `file://` (it said "relative URL without a
+/// base"), `--listen` takes a host name, and a data directory that is a file says so.
+#[test]
+fn paths_host_names_and_a_file_for_a_directory_are_understood_or_explained() {
+    let dir = tmp();
+    let store = dir.path().join("plain-store");
+    let d = Launch::new(&dir.path().join("data"))
+        .listen("localhost:0")
+        .args(&["--store", store.to_str().expect("utf-8")])
+        .start();
+    d.stop();
+    assert!(
+        store.join("volume").exists(),
+        "the volume record is in the plain path"
+    );
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--data-dir",
+            file.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        None,
+    );
+    assert!(!status.success());
+    assert!(err.contains("it is a file, not a directory"), "{err}");
 }

@@ -52,7 +52,7 @@ pub fn spawn_expiry(
                 return;
             }
             if let Err(e) = gateway.expire_uploads(expiry).await {
-                tracing::warn!(error = %e, "expiring multipart uploads failed; the next round retries");
+                tracing::warn!(code = %e.code().as_str(), error = e.message().unwrap_or_default(), "expiring multipart uploads failed; the next round retries");
             }
         }
     })

@@ -478,7 +478,7 @@ impl Gateway {
             // The object is named; the upload is done. Its files go now (a failure leaves
             // them to the expiry, which finds no record for the parts).
             if let Err(e) = gateway.remove_upload(&id).await {
-                tracing::warn!(upload = %id, error = ?e, "removing a completed upload's parts failed; the expiry removes them");
+                tracing::warn!(upload = %id, code = %e.code().as_str(), error = e.message().unwrap_or_default(), "removing a completed upload's parts failed; the expiry removes them");
             }
             Ok(CompleteMultipartUploadOutput {
                 bucket: Some(input.bucket.clone()),
