@@ -197,7 +197,7 @@ pub async fn put(
                     p.display()
                 ));
             }
-            let len = meta.is_file().then(|| meta.len());
+            let len = meta.is_file().then_some(meta.len());
             (Box::new(f), len)
         }
         None => {
