@@ -270,13 +270,24 @@ async fn guard(State(state): State<Shared>, req: Request, next: Next) -> Respons
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this route needs an Authorization: Bearer token",
-            )
-            .into_response();
+        match given {
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "this route needs an Authorization: Bearer token (the daemon's --auth-token; clients take it from --auth-token or BLOCKCACHE_AUTH_TOKEN)",
+                )
+                .into_response();
+            }
+            Some(g) if !constant_time_eq(g.as_bytes(), token.expose().as_bytes()) => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "wrong_token",
+                    "the bearer token is not the daemon's --auth-token",
+                )
+                .into_response();
+            }
+            Some(_) => {}
         }
     }
     if state.draining.load(Ordering::SeqCst) {

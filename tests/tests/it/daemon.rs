@@ -660,6 +660,10 @@ async fn auth_on_and_off() {
         .await
         .expect("GET");
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A wrong token is told apart from a missing one.
+    let v = r.json::<serde_json::Value>().await.expect("json");
+    assert_eq!(v["error"], "wrong_token", "{v}");
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("not the daemon's")), "{v}");
     let r = d
         .http
         .put(d.url("/v1/files/x"))
