@@ -14,6 +14,7 @@ mod restore;
 mod s3;
 mod server;
 mod settings;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -300,6 +301,8 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         .map_err(ServeError::Metrics)?
         .install_recorder()
         .map_err(ServeError::Metrics)?;
+    let process = metrics_process::Collector::default();
+    telemetry::describe(&process);
 
     let db = Db::open(&database)
         .await
@@ -357,6 +360,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
         token: s.endpoint.auth_token.clone(),
         draining: Default::default(),
         metrics: metrics.clone(),
+        process,
         buffers: Arc::new(tokio::sync::Semaphore::new(buffer_count)),
         buffer_count,
         buffer_timeout: s.buffer_timeout.0,

@@ -37,6 +37,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Renders the Prometheus text format.
     pub metrics: PrometheusHandle,
+    /// Samples the process's metrics (CPU, memory, file descriptors) at each scrape.
+    pub process: metrics_process::Collector,
     /// Block buffers of requests, shared by all of them: a writer holds one for its whole
     /// request, a read piece from its read until it is sent. Bounds the daemon's buffer
     /// memory whatever the number of clients.
@@ -252,9 +254,10 @@ async fn record(req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let started = Instant::now();
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("blockcache_http_requests_total", "route" => route.clone(), "method" => method, "status" => status).increment(1);
-    metrics::histogram!("blockcache_http_request_duration_seconds", "route" => route)
+    let code = response.status().as_u16();
+    let class = format!("{}xx", code / 100);
+    metrics::counter!("blockcache_http_requests_total", "route" => route.clone(), "method" => method.clone(), "status" => code.to_string()).increment(1);
+    metrics::histogram!("blockcache_http_request_duration_seconds", "route" => route, "method" => method, "status" => class)
         .record(started.elapsed().as_secs_f64());
     response
 }
@@ -997,15 +1000,17 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
     Params::parse(&uri, &[])?;
     let u = state.ns.cache().usage().await?;
     let limits = u.limits;
+    // Ratios to four decimals: more digits are noise.
+    let round = |r: f64| (r * 10_000.0).round() / 10_000.0;
     let ratio = if u.unique_bytes == 0 {
         1.0
     } else {
-        u.logical_bytes as f64 / u.unique_bytes as f64
+        round(u.logical_bytes as f64 / u.unique_bytes as f64)
     };
     let compression_ratio = if u.stored_bytes == 0 {
         1.0
     } else {
-        u.unique_bytes as f64 / u.stored_bytes as f64
+        round(u.unique_bytes as f64 / u.stored_bytes as f64)
     };
     let (epoch, fenced) = state.ns.cache().lease_state().unwrap_or((0, None));
     let m = state.ns.cache().metadata_status().await?;
@@ -1024,7 +1029,7 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
         "pending_removals": u.pending_removals,
         "requests": {"buffers": state.buffer_count, "buffers_free": state.buffers.available_permits()},
         "store_up": u.store_up,
-        "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings": u.dedup_savings, "dedup_ratio": ratio, "compression_ratio": compression_ratio},
+        "store": {"logical_bytes": u.logical_bytes, "unique_bytes": u.unique_bytes, "stored_bytes": u.stored_bytes, "dedup_savings_bytes": u.dedup_savings, "dedup_ratio": ratio, "compression_ratio": compression_ratio},
         "counters": {
             "hits": u.hits, "misses": u.misses,
             "uploads": u.uploads, "upload_bytes": u.upload_bytes, "upload_errors": u.upload_errors,
@@ -1068,9 +1073,9 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
             "blockcache_http_buffers_free",
             state.buffers.available_permits() as f64,
         ),
-        ("blockcache_logical_bytes", u.logical_bytes as f64),
-        ("blockcache_unique_bytes", u.unique_bytes as f64),
-        ("blockcache_stored_bytes", u.stored_bytes as f64),
+        ("blockcache_store_logical_bytes", u.logical_bytes as f64),
+        ("blockcache_store_unique_bytes", u.unique_bytes as f64),
+        ("blockcache_store_stored_bytes", u.stored_bytes as f64),
         ("blockcache_store_up", if u.store_up { 1.0 } else { 0.0 }),
         (
             "blockcache_lease_epoch",
@@ -1107,11 +1112,12 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
             "blockcache_metadata_objects_written_total",
             m.objects_written,
         ),
-        ("blockcache_metadata_bytes_written_total", m.bytes_written),
+        ("blockcache_metadata_written_bytes_total", m.bytes_written),
     ];
     for (name, v) in counters {
         metrics::counter!(name).absolute(v);
     }
+    state.process.collect();
     Ok((
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(),

@@ -524,7 +524,7 @@ async fn dedup_shows_in_stats_and_metrics() {
         .expect("text");
     for needle in [
         "blockcache_uploads_total 4",
-        "blockcache_unique_bytes 262144",
+        "blockcache_store_unique_bytes 262144",
         "blockcache_upload_duration_seconds_bucket",
         "blockcache_oldest_dirty_age_seconds",
         "blockcache_http_requests_total{route=\"/v1/stats\",method=\"GET\",status=\"200\"} 1",
@@ -663,7 +663,12 @@ async fn auth_on_and_off() {
     // A wrong token is told apart from a missing one.
     let v = r.json::<serde_json::Value>().await.expect("json");
     assert_eq!(v["error"], "wrong_token", "{v}");
-    assert!(v["message"].as_str().is_some_and(|m| m.contains("not the daemon's")), "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not the daemon's")),
+        "{v}"
+    );
     let r = d
         .http
         .put(d.url("/v1/files/x"))
@@ -1063,5 +1068,108 @@ async fn many_requests_share_a_tiny_buffer_pool_without_deadlock() {
         r.expect("task");
     }
     let d = Arc::try_unwrap(d).ok().expect("sole owner");
+    d.stop();
+}
+
+/// Every metric family of `/metrics` has `# HELP` and `# TYPE`, and its name follows the
+/// Prometheus conventions: snake case under `blockcache_` or `process_`, counters ending in
+/// `_total` and nothing else, units (`_bytes`, `_seconds`) at the end of the name; the build
+/// and the process are there, and request durations carry method and status class.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_described_and_named_by_the_conventions() {
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &["--block-size", "64KiB"]);
+    assert_eq!(
+        d.put("m", vec![1u8; 1000]).await.status(),
+        StatusCode::CREATED
+    );
+    let _ = d.get("m").await;
+    let text = d
+        .http
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let mut help = std::collections::BTreeSet::new();
+    let mut types = std::collections::BTreeMap::new();
+    let mut samples = std::collections::BTreeSet::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["#", "HELP", name, rest @ ..] if !rest.is_empty() => {
+                help.insert(name.to_string());
+            }
+            ["#", "TYPE", name, kind] => {
+                types.insert(name.to_string(), kind.to_string());
+            }
+            _ => {
+                let name = line.split(['{', ' ']).next().unwrap_or_default().to_owned();
+                samples.insert(name);
+            }
+        }
+    }
+    for sample in &samples {
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| {
+                sample
+                    .strip_suffix(s)
+                    .filter(|f| types.get(*f).is_some_and(|t| t == "histogram"))
+            })
+            .unwrap_or(sample);
+        assert!(help.contains(family), "{family} has no HELP:\n{text}");
+        let kind = types
+            .get(family)
+            .unwrap_or_else(|| panic!("{family} has no TYPE"));
+        assert!(
+            family.starts_with("blockcache_") || family.starts_with("process_"),
+            "{family}: not under blockcache_"
+        );
+        assert!(
+            family
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+            "{family}: not snake case"
+        );
+        assert_eq!(
+            kind == "counter",
+            family.ends_with("_total"),
+            "{family} is a {kind}: counters, and only they, end in _total"
+        );
+        let base = family.strip_suffix("_total").unwrap_or(family);
+        for unit in ["bytes", "seconds"] {
+            if base.split('_').any(|w| w == unit) {
+                assert!(
+                    base.ends_with(&format!("_{unit}")),
+                    "{family}: the unit goes last"
+                );
+            }
+        }
+    }
+    for needle in [
+        "blockcache_build_info{version=",
+        "process_resident_memory_bytes ",
+        "process_open_fds ",
+        "process_cpu_seconds_total ",
+        "blockcache_http_request_duration_seconds_count{route=\"/v1/files/{*name}\",method=\"GET\",status=\"2xx\"}",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle}:\n{text}");
+    }
+    // README documents every family.
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .expect("README");
+    for family in types.keys().filter(|f| f.starts_with("blockcache_")) {
+        assert!(
+            readme.contains(&format!("`{family}")),
+            "README does not document {family}"
+        );
+    }
+    let s = d.json("/v1/stats").await;
+    assert!(s["store"]["dedup_savings_bytes"].is_u64(), "{s}");
     d.stop();
 }
