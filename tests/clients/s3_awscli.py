@@ -4,10 +4,12 @@ changes and --delete), a presigned GET, and a wrong key. Run by the test suite
 (`s3_gateway.rs`) with ENDPOINT, ACCESS_KEY, SECRET_KEY and FILES_URL set; exits non-zero
 with the first failure."""
 
+import atexit
 import filecmp
 import hashlib
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,8 @@ def same_trees(a, b):
 
 
 work = tempfile.mkdtemp()
+# Hundreds of MiB: removed however the script ends.
+atexit.register(shutil.rmtree, work, True)
 aws("s3", "mb", "s3://cli")
 
 # Over 100 MiB: the CLI cuts 8 MiB parts and sends up to 10 at once.

@@ -4,9 +4,11 @@ multipart uploads for the larger ones, then a copy back compared byte for byte. 
 test suite (`s3_gateway.rs`) with ENDPOINT, ACCESS_KEY and SECRET_KEY set; exits non-zero
 with the first failure."""
 
+import atexit
 import filecmp
 import os
 import random
+import shutil
 import subprocess
 import tempfile
 
@@ -51,6 +53,8 @@ def same_trees(a, b):
 
 
 work = tempfile.mkdtemp()
+# Hundreds of MiB: removed however the script ends.
+atexit.register(shutil.rmtree, work, True)
 rng = random.Random(11)
 tree = os.path.join(work, "tree")
 for i in range(300):

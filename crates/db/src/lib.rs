@@ -50,6 +50,26 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// The database file could not be opened.
+    #[error("cannot {context} {}: {source}", path.display())]
+    Open {
+        /// What we were doing.
+        context: &'static str,
+        /// The database file.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The directory of the database file could not be created.
+    #[error("cannot create the database's directory {}: {source}", path.display())]
+    Directory {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The schema could not be brought up to date.
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -353,8 +373,23 @@ impl Db {
             .pragma("temp_store", "memory")
             .busy_timeout(Duration::from_secs(30));
         // The lock first: nothing of the volume is read or written by a second process.
-        let file = options.get_filename();
-        let lock = if file.as_os_str().is_empty() || file == std::path::Path::new(":memory:") {
+        let file = options.get_filename().to_owned();
+        let in_memory = file.as_os_str().is_empty() || file == std::path::Path::new(":memory:");
+        if !in_memory && let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Directory {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let opening = |context: &'static str| {
+            let path = file.clone();
+            move |source| Error::Open {
+                context,
+                path,
+                source,
+            }
+        };
+        let lock = if in_memory {
             None
         } else {
             let file = file.to_owned();
@@ -367,13 +402,13 @@ impl Db {
         let writer_options = options.clone().synchronous(SqliteSynchronous::Full);
         let mut writer = SqliteConnection::connect_with(&writer_options)
             .await
-            .map_err(ctx("open the database"))?;
+            .map_err(opening("open the database"))?;
         sqlx::migrate!("../../migrations").run(&mut writer).await?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .connect_with(options.read_only(true))
             .await
-            .map_err(ctx("open the database for reading"))?;
+            .map_err(opening("open for reading the database"))?;
         Ok(Self {
             writer: Mutex::new(writer),
             writer_options,

@@ -702,3 +702,36 @@ async fn a_full_disk_leaves_the_writer_usable_once_space_is_back() {
     db.check_consistency().await.expect("consistent");
     db.close().await;
 }
+
+/// `Db::open` makes the database's directory, and an error names the file or directory it
+/// could not use (it said "(code: 14) unable to open database file" with no path).
+#[tokio::test]
+async fn open_makes_the_directory_and_errors_name_the_path() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nested = dir.path().join("a/b/meta.db");
+    let db = Db::open(nested.to_str().expect("utf-8"))
+        .await
+        .expect("open in a directory that did not exist");
+    db.close().await;
+    assert!(nested.exists());
+    // The parent is a file: the directory cannot be made.
+    let file = dir.path().join("plain");
+    std::fs::write(&file, b"x").expect("write");
+    let under_file = file.join("meta.db");
+    let err = Db::open(under_file.to_str().expect("utf-8"))
+        .await
+        .expect_err("a file for a directory");
+    assert!(
+        err.to_string().contains(&file.display().to_string()),
+        "{err}"
+    );
+    // The database path is a directory: SQLite cannot open it.
+    let is_dir = dir.path().join("a");
+    let err = Db::open(is_dir.to_str().expect("utf-8"))
+        .await
+        .expect_err("a directory for the file");
+    assert!(
+        err.to_string().contains(&is_dir.display().to_string()),
+        "{err}"
+    );
+}
