@@ -2,7 +2,7 @@
 //!
 //! - `ci`: everything CI checks, in order: tidy, `cargo fmt --check`, clippy with
 //!   `-D warnings` on all targets, the test suite (nextest when installed, else `cargo test`),
-//!   and the doc tests.
+//!   the doc tests, and `cargo doc` of the libraries with `-D warnings`.
 //! - `tidy`: repository hygiene: every Rust file starts with a `//!` module comment. The
 //!   test `tests::the_repository_is_tidy` runs the same check, so the test suite covers it.
 //! - `bench [flags]`: builds `blockcache-bench` and the daemon in release mode and runs the
@@ -140,6 +140,20 @@ fn ci() -> Result<(), String> {
         run("cargo", &["test", "--workspace", "--all-features"])?;
     }
     run("cargo", &["test", "--workspace", "--doc"])?;
+    // The libraries' documentation builds without a warning (broken or private links).
+    // `--lib`: the daemon's binary is also named `blockcache`, and its docs would overwrite
+    // the library's.
+    run(
+        "cargo",
+        &[
+            "doc",
+            "--workspace",
+            "--no-deps",
+            "--lib",
+            "--config",
+            "build.rustdocflags=[\"-D\", \"warnings\"]",
+        ],
+    )?;
     println!("ci: all checks passed");
     Ok(())
 }

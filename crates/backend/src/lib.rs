@@ -14,7 +14,7 @@
 //! - `<prefix>/volume`: the volume record ([`volume`]), written once.
 //! - `<prefix>/lease/<epoch>`: the writer lease ([`lease`]).
 //! - `<prefix>/clock/<holder>`: scratch objects that tell the store's clock.
-//! - `<prefix>/data/..`: the objects, each one block: plain, or framed ([`format`]: a
+//! - `<prefix>/data/..`: the objects, each one block: plain, or framed ([`format`](mod@format): a
 //!   header, compression, authenticated encryption). [`Backend::put`] and
 //!   [`Backend::get`] are the only places where stored bytes are produced or consumed.
 
@@ -286,7 +286,7 @@ pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How the objects of a volume are written and read: plain (the block itself) or framed
-/// (a header, compression, encryption; see [`format`]).
+/// (a header, compression, encryption; see [`format`](mod@format)).
 #[derive(Debug, Clone)]
 pub struct StoreFormat {
     /// Encodes and decodes framed objects.

@@ -193,7 +193,7 @@ impl FileWriter {
     }
 
     /// Makes each completed block start its way to the disk at once (an fdatasync in the
-    /// background, at most [`WRITE_BEHIND_DEPTH`] at a time), for a writer that will
+    /// background, at most `WRITE_BEHIND_DEPTH` (4) at a time), for a writer that will
     /// [`finish`](FileWriter::finish) with `local` or `store` durability: the sync there then
     /// finds the data written instead of writing it all while the caller waits. A failed
     /// background sync fails the next write or the finish.
