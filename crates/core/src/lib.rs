@@ -53,3 +53,8 @@ pub use namespace::{
 };
 pub use usage::Usage;
 pub use volume::Secret;
+
+/// The README's Rust snippets, compiled as doc tests so that they keep up with the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeSnippets;
