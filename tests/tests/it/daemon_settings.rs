@@ -475,9 +475,11 @@ fn settings_are_refused_with_their_key_and_allowed_range() {
         }
         assert!(!err.contains("untagged"), "{text:?}: {err}");
     }
-    // A database that cannot be opened is named, even with an `@` in its path.
+    // A database that cannot be opened is named, even with an `@` in its path (its
+    // directory is a file, so it cannot be made).
     let dir = tmp();
-    let db = dir.path().join("no-such@dir/meta.db");
+    std::fs::write(dir.path().join("a-file@here"), b"x").expect("write");
+    let db = dir.path().join("a-file@here/meta.db");
     let db = db.to_str().expect("utf-8");
     let err = refused(&["--block-size", "64KiB", "--database", db]);
     assert!(err.contains(db), "{err}");

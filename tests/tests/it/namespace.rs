@@ -471,3 +471,63 @@ async fn of_writers_racing_to_create_a_free_name_only_one_wins() {
     ns.shutdown().await.expect("shutdown");
     assert_nothing_to_clean(&env).await;
 }
+
+/// `FileWriter` is an `AsyncWrite` and `FileReader` an `AsyncRead` + `AsyncSeek`:
+/// `tokio::io::copy` fills a file (odd chunks, write-behind on, then `write` mixed in), and
+/// reads, seeks and `read_to_end` give its bytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_and_readers_work_with_tokio_io() {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+    let env = Env::new();
+    let ns = ns(&env).await;
+    // Block size 1 KiB: a bit over ten blocks, sent in chunks that straddle blocks.
+    let content = data(77, 10_500);
+    let mut w = ns.create("io/copied").await.expect("create");
+    w.write_behind();
+    let (first, last) = content.split_at(10_000);
+    for piece in first.chunks(333) {
+        let mut piece = piece;
+        tokio::io::copy(&mut piece, &mut w).await.expect("copy");
+    }
+    w.flush().await.expect("flush");
+    w.write(last).await.expect("write after the AsyncWrite");
+    w.shutdown().await.expect("shutdown");
+    let meta = w.finish(Durability::Local).await.expect("finish");
+    assert_eq!(meta.size, content.len() as u64);
+    assert_eq!(get(&ns, "io/copied").await, content);
+
+    let mut r = ns.open_read("io/copied").await.expect("open");
+    let mut all = Vec::new();
+    r.read_to_end(&mut all).await.expect("read to end");
+    assert_eq!(all, content);
+    assert_eq!(
+        r.seek(std::io::SeekFrom::Start(1000)).await.expect("seek"),
+        1000
+    );
+    let mut some = vec![0u8; 100];
+    r.read_exact(&mut some).await.expect("read");
+    assert_eq!(some, content[1000..1100]);
+    assert_eq!(
+        r.seek(std::io::SeekFrom::Current(-50)).await.expect("seek"),
+        1050
+    );
+    r.read_exact(&mut some).await.expect("read");
+    assert_eq!(some, content[1050..1150]);
+    assert_eq!(
+        r.seek(std::io::SeekFrom::End(-10)).await.expect("seek"),
+        10_490
+    );
+    let mut tail = Vec::new();
+    r.read_to_end(&mut tail).await.expect("read");
+    assert_eq!(tail, content[10_490..]);
+    assert!(r.seek(std::io::SeekFrom::Current(-20_000)).await.is_err());
+
+    // From one file into another, all through tokio::io.
+    let mut r = ns.open_read("io/copied").await.expect("open");
+    let mut w = ns.create("io/again").await.expect("create");
+    let copied = tokio::io::copy(&mut r, &mut w).await.expect("copy");
+    assert_eq!(copied, content.len() as u64);
+    w.finish(Durability::None).await.expect("finish");
+    assert_eq!(get(&ns, "io/again").await, content);
+    ns.shutdown().await.expect("shutdown");
+}

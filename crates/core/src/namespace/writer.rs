@@ -1,7 +1,12 @@
 //! [`FileWriter`]: a file written sequentially, block by block, into a staging inode: a
-//! replacement swaps it in at the end, a patch merges it into the file's inode.
+//! replacement swaps it in at the end, a patch merges it into the file's inode. Besides
+//! [`FileWriter::write`] it is a [`tokio::io::AsyncWrite`] (a block in memory at a time), so
+//! `tokio::io::copy` can fill it; [`FileWriter::finish`] still decides its fate.
 
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use sha2::{Digest, Sha256};
@@ -30,7 +35,6 @@ pub(super) enum Mode {
 }
 
 /// Writes a file sequentially, block by block: memory stays at one block whatever the size.
-#[derive(Debug)]
 pub struct FileWriter {
     shared: Arc<Shared>,
     name: String,
@@ -51,6 +55,44 @@ pub struct FileWriter {
     attrs: Option<String>,
     /// Whether the finish names the file only if the name is free ([`FileWriter::create_only`]).
     only_if_free: bool,
+    /// The piece that [`tokio::io::AsyncWrite`] is writing, with its length. Behind a mutex
+    /// only so that the writer stays `Sync`; locked only inside a poll.
+    pending: Mutex<Option<(u64, PendingPut)>>,
+}
+
+impl std::fmt::Debug for FileWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileWriter")
+            .field("name", &self.name)
+            .field("inode", &self.inode)
+            .field("mode", &self.mode)
+            .field("pos", &self.pos)
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A piece being written for [`tokio::io::AsyncWrite`]: gives back its buffer and the sync
+/// started ahead, if any.
+type PendingPut = Pin<Box<dyn Future<Output = Result<(BytesMut, Ahead)>> + Send>>;
+
+/// A sync of a completed block started in the background ([`FileWriter::write_behind`]).
+type Ahead = Option<tokio::task::JoinHandle<Result<()>>>;
+
+/// Writes `piece` (within one block) at `offset` of block `key`; `hash` is its SHA-256 if
+/// it starts at the block's start. With `sync`, starts the block's way to the disk.
+async fn put_piece(
+    inner: Arc<crate::engine::Inner>,
+    key: BlockKey,
+    offset: u64,
+    piece: &[u8],
+    hash: Option<[u8; 32]>,
+    sync: bool,
+) -> Result<Ahead> {
+    let mut handle = inner.handle(key, Access::Write).await?;
+    handle.write_with_hash(offset, piece, hash).await?;
+    // The block's lock is not held while waiting for the disk.
+    Ok(if sync { handle.sync_ahead() } else { None })
 }
 
 /// Longest attributes of a file ([`FileWriter::set_attrs`]).
@@ -80,6 +122,7 @@ impl FileWriter {
             ahead: std::collections::VecDeque::new(),
             attrs: None,
             only_if_free: false,
+            pending: Mutex::new(None),
         }
     }
 
@@ -126,6 +169,7 @@ impl FileWriter {
 
     /// Appends `data`. Whole blocks go to the cache as soon as they are complete.
     pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+        self.settle_pending().await?;
         let end = self.pos + (self.buf.len() + data.len()) as u64;
         if end > self.shared.max_file_size {
             return Err(Error::FileTooLarge {
@@ -177,19 +221,73 @@ impl FileWriter {
     async fn put(&mut self, piece: &[u8], hash: Option<[u8; 32]>) -> Result<()> {
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
-        let mut handle = self.shared.inner.handle(key, Access::Write).await?;
-        handle.write_with_hash(self.pos % bs, piece, hash).await?;
+        let ends_block = (self.pos + piece.len() as u64).is_multiple_of(bs);
+        let sync = self.write_behind && ends_block;
+        let task = put_piece(
+            self.shared.inner.clone(),
+            key,
+            self.pos % bs,
+            piece,
+            hash,
+            sync,
+        )
+        .await?;
         self.pos += piece.len() as u64;
-        if self.write_behind && self.pos.is_multiple_of(bs) {
-            let task = handle.sync_ahead();
-            // The block's lock is not held while waiting for the disk.
-            drop(handle);
+        if sync {
             if self.ahead.len() >= WRITE_BEHIND_DEPTH {
                 self.wait_ahead(1).await?;
             }
             self.ahead.extend(task);
         }
         Ok(())
+    }
+
+    /// Starts writing `piece` (from `pos`, within one block) for [`tokio::io::AsyncWrite`].
+    fn start_put(&mut self, piece: BytesMut, hash: Option<[u8; 32]>) {
+        let bs = self.shared.block_size();
+        let key = BlockKey::new(self.inode, self.pos / bs);
+        let len = piece.len() as u64;
+        let sync = self.write_behind && (self.pos + len).is_multiple_of(bs);
+        let (inner, offset) = (self.shared.inner.clone(), self.pos % bs);
+        let put: PendingPut = Box::pin(async move {
+            let task = put_piece(inner, key, offset, &piece, hash, sync).await?;
+            Ok((piece, task))
+        });
+        *self.pending.get_mut().expect("pending put poisoned") = Some((len, put));
+    }
+
+    /// Drives the piece that [`tokio::io::AsyncWrite`] started, and the oldest background
+    /// sync while more than [`WRITE_BEHIND_DEPTH`] run.
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let pending = self.pending.get_mut().expect("pending put poisoned");
+        if let Some((len, put)) = pending.as_mut() {
+            let len = *len;
+            let done = std::task::ready!(put.as_mut().poll(cx));
+            *pending = None;
+            let (mut piece, task) = done?;
+            self.pos += len;
+            self.ahead.extend(task);
+            piece.clear();
+            if self.buf.capacity() == 0 {
+                self.buf = piece;
+            } else {
+                self.shared.recycle_buffer(piece);
+            }
+        }
+        while self.ahead.len() > WRITE_BEHIND_DEPTH {
+            let front = self.ahead.front_mut().expect("counted");
+            // A task that never ran (the runtime is shutting down) synced nothing.
+            let synced =
+                std::task::ready!(Pin::new(front).poll(cx)).unwrap_or(Err(Error::ShuttingDown));
+            self.ahead.pop_front();
+            synced?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Waits for what [`tokio::io::AsyncWrite`] left running.
+    async fn settle_pending(&mut self) -> Result<()> {
+        std::future::poll_fn(|cx| self.poll_pending(cx)).await
     }
 
     /// Makes each completed block start its way to the disk at once (an fdatasync in the
@@ -285,6 +383,7 @@ impl FileWriter {
     /// a replacement swaps the new content in, a patch is committed and merged into the
     /// file. An error leaves the file as it was.
     pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
+        self.settle_pending().await?;
         if !self.buf.is_empty() {
             let mut piece = std::mem::take(&mut self.buf);
             let hash = self.hasher.take().map(|h| h.finalize().into());
@@ -366,6 +465,71 @@ impl FileWriter {
             }
             Mode::Done => Err(Error::ShuttingDown),
         }
+    }
+}
+
+impl tokio::io::AsyncWrite for FileWriter {
+    /// Takes bytes up to the end of the current block; a completed block is written before
+    /// more are taken (one block of memory).
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        std::task::ready!(this.poll_pending(cx)).map_err(std::io::Error::other)?;
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let filled = this.pos + this.buf.len() as u64;
+        if filled + data.len() as u64 > this.shared.max_file_size {
+            let err = Error::FileTooLarge {
+                name: this.name.clone(),
+                size: filled + data.len() as u64,
+                max: this.shared.max_file_size,
+            };
+            return Poll::Ready(Err(std::io::Error::other(err)));
+        }
+        let bs = this.shared.block_size();
+        let room = (bs - filled % bs) as usize;
+        let n = room.min(data.len());
+        if this.buf.capacity() == 0 {
+            this.buf = this.shared.take_buffer();
+        }
+        if this.buf.is_empty() {
+            this.hasher = filled.is_multiple_of(bs).then(Sha256::new);
+        }
+        this.buf.extend_from_slice(&data[..n]);
+        if let Some(h) = this.hasher.as_mut() {
+            h.update(&data[..n]);
+        }
+        if n == room {
+            let piece = std::mem::take(&mut this.buf);
+            let hash = this.hasher.take().map(|h| h.finalize().into());
+            this.start_put(piece, hash);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes what is buffered (a partial block too) to the cache. The file is still named
+    /// only by [`FileWriter::finish`].
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            std::task::ready!(this.poll_pending(cx)).map_err(std::io::Error::other)?;
+            if this.buf.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            let piece = std::mem::take(&mut this.buf);
+            let hash = this.hasher.take().map(|h| h.finalize().into());
+            this.start_put(piece, hash);
+        }
+    }
+
+    /// As [`poll_flush`](tokio::io::AsyncWrite::poll_flush): naming the file is
+    /// [`FileWriter::finish`]'s, with the durability asked.
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.poll_flush(cx)
     }
 }
 
