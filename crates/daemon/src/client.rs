@@ -137,13 +137,119 @@ async fn print_json(response: reqwest::Response) -> Result<(), String> {
     Ok(())
 }
 
+/// `bytes` in KiB, MiB, ... (two decimals), or as a number with `exact`.
+fn human(bytes: u64, exact: bool) -> String {
+    if exact {
+        bytes.to_string()
+    } else {
+        bytesize::ByteSize(bytes).display().iec().to_string()
+    }
+}
+
 /// `blockcache stats`
-pub async fn stats(t: Target) -> Result<(), String> {
+pub async fn stats(t: Target, json: bool) -> Result<(), String> {
     let c = Client::new(t);
     let r = c
         .send(c.request(reqwest::Method::GET, &format!("{}/v1/stats", c.base)))
         .await?;
-    print_json(r).await
+    if json {
+        return print_json(r).await;
+    }
+    let v: serde_json::Value = r
+        .json()
+        .await
+        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    let b = |x: &serde_json::Value| human(x.as_u64().unwrap_or(0), false);
+    println!(
+        "cache     {} of {} in {} blocks",
+        b(&v["cache"]["bytes"]),
+        b(&v["cache"]["max_bytes"]),
+        v["cache"]["entries"]
+    );
+    println!(
+        "dirty     {} of {} in {} blocks, oldest {:.0} s",
+        b(&v["dirty"]["bytes"]),
+        b(&v["dirty"]["max_bytes"]),
+        v["dirty"]["entries"],
+        v["dirty"]["oldest_age_seconds"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "store     {} (logical {}, unique {}; dedup {}x, compression {}x)",
+        if v["store_up"].as_bool().unwrap_or(false) {
+            "up"
+        } else {
+            "DOWN"
+        },
+        b(&v["store"]["logical_bytes"]),
+        b(&v["store"]["unique_bytes"]),
+        v["store"]["dedup_ratio"],
+        v["store"]["compression_ratio"]
+    );
+    println!(
+        "uploads   {} ({}), {} failed; {} in flight; {} removals pending",
+        v["counters"]["uploads"],
+        b(&v["counters"]["upload_bytes"]),
+        v["counters"]["upload_errors"],
+        v["uploads_in_flight"],
+        v["pending_removals"]
+    );
+    println!(
+        "downloads {} ({}), {} failed; cache hits {}, misses {}",
+        v["counters"]["downloads"],
+        b(&v["counters"]["download_bytes"]),
+        v["counters"]["download_errors"],
+        v["counters"]["hits"],
+        v["counters"]["misses"]
+    );
+    println!(
+        "metadata  generation {}, {} changes pending, {:.0} s behind",
+        v["metadata"]["generation"],
+        v["metadata"]["pending_changes"],
+        v["metadata"]["lag_seconds"].as_f64().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+/// `blockcache stat NAME`
+pub async fn stat(t: Target, name: String, json: bool) -> Result<(), String> {
+    blockcache::validate_name(&name).map_err(|e| e.to_string())?;
+    let c = Client::new(t);
+    let r = c
+        .send(c.request(
+            reqwest::Method::GET,
+            &format!("{}/status", c.file_url(&name)),
+        ))
+        .await?;
+    if json {
+        return print_json(r).await;
+    }
+    let v: serde_json::Value = r
+        .json()
+        .await
+        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    let f = &v["file"];
+    println!("name      {}", f["name"].as_str().unwrap_or(&name));
+    println!(
+        "size      {} ({} bytes)",
+        human(f["size"].as_u64().unwrap_or(0), false),
+        f["size"]
+    );
+    println!("modified  {}", f["mtime"].as_str().unwrap_or(""));
+    println!("etag      {}", f["etag"].as_str().unwrap_or(""));
+    println!(
+        "blocks    {}: {} cached, {} dirty, {} uploading, {} in the store{}",
+        v["blocks"],
+        v["cached"],
+        v["dirty"],
+        v["uploading"],
+        v["uploaded"],
+        if v["in_store"].as_bool().unwrap_or(false) {
+            " (all of it)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 /// `blockcache flush`
@@ -277,11 +383,41 @@ pub async fn rm(t: Target, name: String) -> Result<(), String> {
 }
 
 /// `blockcache ls [PREFIX]`
-pub async fn ls(t: Target, prefix: Option<String>) -> Result<(), String> {
+pub async fn ls(t: Target, prefix: Option<String>, bytes: bool, json: bool) -> Result<(), String> {
     let c = Client::new(t);
+    let mut first = true;
+    if json {
+        print!("[");
+    }
+    let result = list_files(&c, prefix.as_deref().unwrap_or(""), |f| {
+        if json {
+            print!("{}{}", if first { "\n  " } else { ",\n  " }, f);
+            first = false;
+        } else {
+            println!(
+                "{:>12}  {}  {}",
+                human(f["size"].as_u64().unwrap_or(0), bytes),
+                f["mtime"].as_str().unwrap_or(""),
+                f["name"].as_str().unwrap_or("")
+            );
+        }
+    })
+    .await;
+    if json {
+        println!("{}]", if first { "" } else { "\n" });
+    }
+    result
+}
+
+/// Calls `each` with every file whose name starts with `prefix`, page by page.
+async fn list_files(
+    c: &Client,
+    prefix: &str,
+    mut each: impl FnMut(&serde_json::Value),
+) -> Result<(), String> {
     let mut after: Option<String> = None;
     loop {
-        let mut q = vec![("prefix", prefix.clone().unwrap_or_default())];
+        let mut q = vec![("prefix", prefix.to_owned())];
         if let Some(a) = &after {
             q.push(("after", a.clone()));
         }
@@ -296,18 +432,187 @@ pub async fn ls(t: Target, prefix: Option<String>) -> Result<(), String> {
             .await
             .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
         for f in v["files"].as_array().into_iter().flatten() {
-            println!(
-                "{}\t{}\t{}",
-                f["size"],
-                f["mtime"].as_str().unwrap_or(""),
-                f["name"].as_str().unwrap_or("")
-            );
+            each(f);
         }
         match v["next"].as_str() {
             Some(n) => after = Some(n.to_owned()),
             None => return Ok(()),
         }
     }
+}
+
+/// The files under `dir`, as paths relative to it with `/` separators, and their total
+/// size. Symbolic links are not followed; anything but a regular file or a directory is
+/// refused.
+fn walk(dir: &std::path::Path) -> Result<(Vec<(PathBuf, String)>, u64), String> {
+    let mut files = Vec::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let entries =
+            std::fs::read_dir(&d).map_err(|e| format!("cannot list {}: {e}", d.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("cannot list {}: {e}", d.display()))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let rel = path
+                    .strip_prefix(dir)
+                    .ok()
+                    .and_then(|r| r.to_str())
+                    .ok_or_else(|| format!("{}: the name is not UTF-8", path.display()))?
+                    .replace(std::path::MAIN_SEPARATOR, "/");
+                total += entry.metadata().map(|m| m.len()).unwrap_or(0);
+                files.push((path, rel));
+            } else {
+                return Err(format!(
+                    "{}: neither a file nor a directory (symbolic links are not followed)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    files.sort_by(|a, b| a.1.cmp(&b.1));
+    Ok((files, total))
+}
+
+/// `blockcache put -r NAME DIR`: every file under DIR as NAME/PATH, with one progress bar.
+pub async fn put_tree(
+    t: Target,
+    name: String,
+    dir: Option<PathBuf>,
+    durability: Option<String>,
+) -> Result<(), String> {
+    let Some(dir) = dir.filter(|p| p.as_os_str() != "-") else {
+        return Err("put -r takes a directory after NAME".to_owned());
+    };
+    if !dir.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    if let Some(d) = &durability {
+        d.parse::<blockcache::Durability>()
+            .map_err(|e| format!("--durability: {e}"))?;
+    }
+    let base = name.trim_end_matches('/');
+    let (files, total) = walk(&dir)?;
+    // Every name is checked before the first byte goes.
+    let named: Vec<(PathBuf, String)> = files
+        .into_iter()
+        .map(|(path, rel)| {
+            let full = if base.is_empty() {
+                rel
+            } else {
+                format!("{base}/{rel}")
+            };
+            blockcache::validate_name(&full)
+                .map(|()| (path, full))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    let c = Client::new(t);
+    let bar = progress(Some(total));
+    for (path, full) in &named {
+        let f = tokio::fs::File::open(path)
+            .await
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let len = f
+            .metadata()
+            .await
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        let b = bar.clone();
+        let stream = ReaderStream::with_capacity(f, 256 * 1024)
+            .inspect_ok(move |chunk| b.inc(chunk.len() as u64));
+        let mut r = c
+            .request(reqwest::Method::PUT, &c.file_url(full))
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(stream));
+        if let Some(d) = &durability {
+            r = r.query(&[("durability", d)]);
+        }
+        c.send(r)
+            .await
+            .map_err(|e| format!("storing {} as {full}: {e}", path.display()))?;
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "stored {} files ({}) under {}",
+        named.len(),
+        human(total, false),
+        if base.is_empty() { "/" } else { base }
+    );
+    Ok(())
+}
+
+/// `blockcache get -r NAME DIR`: every file named NAME/PATH into DIR/PATH, with one
+/// progress bar.
+pub async fn get_tree(t: Target, name: String, dir: Option<PathBuf>) -> Result<(), String> {
+    let Some(dir) = dir.filter(|p| p.as_os_str() != "-") else {
+        return Err("get -r takes a directory after NAME".to_owned());
+    };
+    let base = name.trim_end_matches('/');
+    let prefix = if base.is_empty() {
+        String::new()
+    } else {
+        format!("{base}/")
+    };
+    let c = Client::new(t);
+    let mut files: Vec<(String, u64)> = Vec::new();
+    list_files(&c, &prefix, |f| {
+        if let Some(n) = f["name"].as_str() {
+            files.push((n.to_owned(), f["size"].as_u64().unwrap_or(0)));
+        }
+    })
+    .await?;
+    let total = files.iter().map(|f| f.1).sum();
+    let bar = progress(Some(total));
+    for (full, _) in &files {
+        let rel = &full[prefix.len()..];
+        // The daemon refuses such names; checked again so that no answer can climb out.
+        if rel
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+        {
+            return Err(format!(
+                "the daemon listed {full:?}, which is no path under {base:?}"
+            ));
+        }
+        let path = rel.split('/').fold(dir.clone(), |p, seg| p.join(seg));
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let response = c
+            .send(c.request(reqwest::Method::GET, &c.file_url(full)))
+            .await?;
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        let mut body = response.bytes_stream();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| format!("the transfer of {full} broke off: {e}"))?;
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            bar.inc(chunk.len() as u64);
+        }
+        out.flush()
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} files ({}) into {}",
+        files.len(),
+        human(total, false),
+        dir.display()
+    );
+    Ok(())
 }
 
 /// Whether `e` failed because nothing listens at the address (connection refused).

@@ -54,8 +54,14 @@ enum Command {
         #[command(flatten)]
         file: SettingsFile,
     },
-    /// Print the usage of a running daemon as JSON.
-    Stats(client::Target),
+    /// Print the usage of a running daemon (a summary, or all of it as JSON).
+    Stats {
+        #[command(flatten)]
+        target: client::Target,
+        /// Print the daemon's JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Wait until everything written to a running daemon is in the store.
     Flush {
         #[command(flatten)]
@@ -76,26 +82,43 @@ enum Command {
     },
     /// Upload dirty data, then empty the cache of a running daemon.
     DropCache(client::Target),
-    /// Store a file from FILE or standard input.
+    /// Store a file from FILE or standard input (with -r, a directory tree under NAME/).
     Put {
         #[command(flatten)]
         target: client::Target,
         /// Name in the daemon
         name: String,
-        /// Local file (default, or "-": standard input)
+        /// Local file (default, or "-": standard input); with -r, a directory
         file: Option<PathBuf>,
         /// none, local or store (default: the daemon's)
         #[arg(long)]
         durability: Option<String>,
+        /// Store every file under the directory FILE as NAME/PATH
+        #[arg(short, long)]
+        recursive: bool,
     },
-    /// Write a file to FILE or standard output.
+    /// Write a file to FILE or standard output (with -r, every file under NAME/ into a
+    /// directory).
     Get {
         #[command(flatten)]
         target: client::Target,
         /// Name in the daemon
         name: String,
-        /// Local file (default, or "-": standard output)
+        /// Local file (default, or "-": standard output); with -r, a directory
         file: Option<PathBuf>,
+        /// Write every file named NAME/PATH to the directory FILE as PATH
+        #[arg(short, long)]
+        recursive: bool,
+    },
+    /// Print what the daemon knows of one file: size, time, ETag, where its blocks are.
+    Stat {
+        #[command(flatten)]
+        target: client::Target,
+        /// Name in the daemon
+        name: String,
+        /// Print the daemon's JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a file.
     Rm {
@@ -110,6 +133,17 @@ enum Command {
         target: client::Target,
         /// Only names starting with this
         prefix: Option<String>,
+        /// Sizes in bytes rather than KiB, MiB, ...
+        #[arg(long)]
+        bytes: bool,
+        /// One JSON array of the files (name, size, mtime, etag)
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell
+        shell: clap_complete::Shell,
     },
     /// Build a new data directory from the store alone (the machine's disk is lost).
     Restore(restore::RestoreArgs),
@@ -130,6 +164,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "blockcache",
+            &mut std::io::stdout(),
+        );
+        return ExitCode::SUCCESS;
+    }
     if let Command::Check { args, settings, .. } = cli.command {
         let code = runtime.block_on(check::run(settings, args));
         runtime.shutdown_background();
@@ -140,7 +184,7 @@ fn main() -> ExitCode {
             Command::Serve { settings, .. } => {
                 return serve(settings).await.map_err(Failure::Serve);
             }
-            Command::Stats(t) => client::stats(t).await,
+            Command::Stats { target, json } => client::stats(target, json).await,
             Command::Flush { target, name } => client::flush(target, name).await,
             Command::DropCache(t) => client::drop_cache(t).await,
             Command::Put {
@@ -148,12 +192,39 @@ fn main() -> ExitCode {
                 name,
                 file,
                 durability,
+                recursive: false,
             } => client::put(target, name, file, durability).await,
-            Command::Get { target, name, file } => client::get(target, name, file).await,
+            Command::Put {
+                target,
+                name,
+                file,
+                durability,
+                recursive: true,
+            } => client::put_tree(target, name, file, durability).await,
+            Command::Get {
+                target,
+                name,
+                file,
+                recursive: false,
+            } => client::get(target, name, file).await,
+            Command::Get {
+                target,
+                name,
+                file,
+                recursive: true,
+            } => client::get_tree(target, name, file).await,
+            Command::Stat { target, name, json } => client::stat(target, name, json).await,
             Command::Rm { target, name } => client::rm(target, name).await,
-            Command::Ls { target, prefix } => client::ls(target, prefix).await,
+            Command::Ls {
+                target,
+                prefix,
+                bytes,
+                json,
+            } => client::ls(target, prefix, bytes, json).await,
             Command::Restore(args) => restore::run(args).await,
-            Command::Check { .. } => unreachable!("handled above"),
+            Command::Check { .. } | Command::Completions { .. } => {
+                unreachable!("handled above")
+            }
         };
         client.map_err(Failure::Client)
     });

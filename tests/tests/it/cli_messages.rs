@@ -201,3 +201,115 @@ fn paths_host_names_and_a_file_for_a_directory_are_understood_or_explained() {
     assert!(!status.success());
     assert!(err.contains("it is a file, not a directory"), "{err}");
 }
+
+/// The clients users of rclone, mc and the AWS CLI expect: `put -r` and `get -r` of a tree
+/// with one progress bar, `ls` with human sizes and `--json`, `stat`, `stats` as a summary or
+/// JSON, and shell completions.
+#[test]
+fn trees_listings_stat_stats_and_completions() {
+    let dir = tmp();
+    let d = Daemon::start(&dir.path().join("data"), &[]);
+    let tree = dir.path().join("tree");
+    for i in 0..25usize {
+        let sub = tree.join(format!("d{}", i % 4)).join(format!("e{}", i % 3));
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        std::fs::write(sub.join(format!("f{i}.bin")), vec![i as u8; i * 1000]).expect("write");
+    }
+    let tree_arg = tree.to_str().expect("utf-8");
+    let (status, _, err) = run_cli(
+        &["put", "--listen", d.addr(), "-r", "backup/t", tree_arg],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    assert!(err.contains("stored 25 files"), "{err}");
+
+    let (status, out, err) = run_cli(&["ls", "--listen", d.addr(), "--json", "backup/"], None);
+    assert!(status.success(), "{err}");
+    let listed: serde_json::Value = serde_json::from_slice(&out).expect("ls --json is JSON");
+    let names: Vec<&str> = listed
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter_map(|f| f["name"].as_str())
+        .collect();
+    assert_eq!(names.len(), 25, "{names:?}");
+    assert!(names.contains(&"backup/t/d1/e1/f1.bin"), "{names:?}");
+    let (status, out, _) = run_cli(&["ls", "--listen", d.addr(), "backup/t/d0/e0/"], None);
+    assert!(status.success());
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("KiB") && text.contains("backup/t/d0/e0/f12.bin"),
+        "{text}"
+    );
+    let (_, out, _) = run_cli(
+        &["ls", "--listen", d.addr(), "--json", "nothing-here/"],
+        None,
+    );
+    let empty: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+    assert_eq!(empty, serde_json::json!([]));
+
+    let back = dir.path().join("back");
+    let back_arg = back.to_str().expect("utf-8");
+    let (status, _, err) = run_cli(
+        &["get", "--listen", d.addr(), "-r", "backup/t", back_arg],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    for i in 0..25usize {
+        let rel = format!("d{}/e{}/f{i}.bin", i % 4, i % 3);
+        assert_eq!(
+            std::fs::read(back.join(&rel)).expect("read back"),
+            std::fs::read(tree.join(&rel)).expect("read"),
+            "{rel}"
+        );
+    }
+
+    let (status, out, err) = run_cli(
+        &["stat", "--listen", d.addr(), "backup/t/d1/e1/f13.bin"],
+        None,
+    );
+    assert!(status.success(), "{err}");
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("13000 bytes") && text.contains("etag"),
+        "{text}"
+    );
+    let (status, out, _) = run_cli(
+        &[
+            "stat",
+            "--listen",
+            d.addr(),
+            "--json",
+            "backup/t/d1/e1/f13.bin",
+        ],
+        None,
+    );
+    assert!(status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+    assert_eq!(v["file"]["size"], 13000);
+    let (status, _, err) = run_cli(&["stat", "--listen", d.addr(), "no/such"], None);
+    assert!(!status.success() && err.contains("404"), "{err}");
+
+    let (status, out, _) = run_cli(&["stats", "--listen", d.addr()], None);
+    assert!(status.success());
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("cache ") && text.contains("dirty ") && text.contains("store "),
+        "{text}"
+    );
+    let (status, out, _) = run_cli(&["stats", "--listen", d.addr(), "--json"], None);
+    assert!(status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("JSON");
+    assert!(v["cache"]["bytes"].is_u64(), "{v}");
+
+    for shell in ["bash", "zsh", "fish"] {
+        let (status, out, err) = run_cli(&["completions", shell], None);
+        assert!(status.success(), "{shell}: {err}");
+        let text = String::from_utf8_lossy(&out);
+        assert!(
+            text.contains("blockcache") && text.contains("serve"),
+            "{shell}: {text}"
+        );
+    }
+    d.stop();
+}

@@ -821,7 +821,7 @@ async fn cli_against_a_live_daemon() {
     let (status, out, err) = run_cli(&["get", "--listen", &addr, "cli/one"], None);
     assert!(status.success(), "{err}");
     assert_eq!(out, content);
-    let (status, out, _) = run_cli(&["ls", "--listen", &addr, "cli/"], None);
+    let (status, out, _) = run_cli(&["ls", "--listen", &addr, "--bytes", "cli/"], None);
     assert!(status.success());
     let out = String::from_utf8_lossy(&out);
     assert!(
@@ -834,7 +834,7 @@ async fn cli_against_a_live_daemon() {
     assert!(status.success() && String::from_utf8_lossy(&out).contains("flushed"));
     let (status, _, _) = run_cli(&["drop-cache", "--listen", &addr], None);
     assert!(status.success());
-    let (status, out, _) = run_cli(&["stats", "--listen", &addr], None);
+    let (status, out, _) = run_cli(&["stats", "--listen", &addr, "--json"], None);
     assert!(status.success());
     let stats: serde_json::Value = serde_json::from_slice(&out).expect("stats json");
     assert_eq!(stats["cache"]["entries"], 0);

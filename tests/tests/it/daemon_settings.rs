@@ -51,7 +51,7 @@ async fn settings_come_from_the_file_then_the_environment_then_flags() {
     )
     .expect("write");
     let client_conf = client_conf.to_str().expect("utf-8");
-    let (status, out, err) = run_cli(&["stats", "--config", client_conf], None);
+    let (status, out, err) = run_cli(&["stats", "--config", client_conf, "--json"], None);
     assert!(status.success(), "{err}");
     assert!(String::from_utf8_lossy(&out).contains("max_entries"));
     let (status, _, err) = run_cli_env(
