@@ -313,3 +313,68 @@ fn trees_listings_stat_stats_and_completions() {
     }
     d.stop();
 }
+
+/// A data directory that cannot be written (a read-only file system) and a cache smaller
+/// than a block are refused with the path or the flag named, and the cause.
+#[test]
+fn an_unwritable_data_directory_and_a_tiny_cache_are_named() {
+    let dir = tmp();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().expect("utf-8");
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--data-dir",
+            data_arg,
+            "--listen",
+            "127.0.0.1:0",
+            "--max-cache-size",
+            "100KiB",
+        ],
+        None,
+    );
+    assert!(!status.success());
+    assert!(
+        err.contains("max-cache-size") && err.contains("block-size"),
+        "{err}"
+    );
+    let fs = match blockcache_tests::tmpfs::Tmpfs::mount("8m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!(
+                "an_unwritable_data_directory_and_a_tiny_cache_are_named: read-only part skipped: {why}"
+            );
+            return;
+        }
+    };
+    let vol = fs.path().join("vol");
+    std::fs::create_dir(&vol).expect("mkdir");
+    let remount = |mode: &str| {
+        std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(fs.path())
+            .status()
+            .expect("run mount")
+            .success()
+    };
+    assert!(remount("ro"), "remount read-only");
+    let vol_arg = vol.to_str().expect("utf-8");
+    let (status, _, err) = run_cli(
+        &[
+            "serve",
+            "--data-dir",
+            vol_arg,
+            "--listen",
+            "127.0.0.1:0",
+            "--s3-listen",
+            "off",
+        ],
+        None,
+    );
+    assert!(remount("rw"), "remount read-write");
+    assert!(!status.success());
+    assert!(
+        err.contains(vol_arg) && err.contains("Read-only file system"),
+        "{err}"
+    );
+}
