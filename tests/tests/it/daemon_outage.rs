@@ -234,6 +234,27 @@ async fn a_store_that_dies_gives_fast_answers_and_one_log_line_each_way() {
         log.lines().count() < 40,
         "the outage floods the log:\n{log}"
     );
+    // Every warning or error about a failure carries its cause, not only what failed.
+    for line in log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+    {
+        // Past the level: the cause is an `error=` field or inline after the message.
+        let text = line
+            .split_once(" ERROR ")
+            .or_else(|| line.split_once(" WARN "))
+            .map_or(line, |(_, t)| t);
+        if text.contains("fail") || text.contains("unreachable") {
+            assert!(
+                text.to_ascii_lowercase().contains("error"),
+                "a failure logged without its cause: {line}"
+            );
+        }
+        assert!(
+            !line.contains("stays dirty\"") && !line.trim_end().ends_with("stays dirty"),
+            "an upload failure logged without its cause: {line}"
+        );
+    }
 
     // The store comes back on the same port: one line says so, the gauge follows, and
     // everything acknowledged reaches it.
