@@ -232,6 +232,26 @@ check(error_code(s3.abort_multipart_upload, Bucket="alpha", Key="mp/aborted", Up
       "abort twice")
 check(error_code(s3.upload_part, Bucket="alpha", Key="k", UploadId="../../etc", PartNumber=1, Body=b"x")[0]
       == "NoSuchUpload", "bogus upload id")
+# Listing uploads with a delimiter, one per page: a common prefix is listed once.
+s3.create_bucket(Bucket="uploads")
+for k in ("a/x", "a/y", "b"):
+    s3.create_multipart_upload(Bucket="uploads", Key=k)
+seen, marker = [], {}
+for _ in range(10):
+    page = s3.list_multipart_uploads(Bucket="uploads", Delimiter="/", MaxUploads=1, **marker)
+    seen += [p["Prefix"] for p in page.get("CommonPrefixes", [])] + [u["Key"] for u in page.get("Uploads", [])]
+    if not page["IsTruncated"]:
+        break
+    marker = {"KeyMarker": page["NextKeyMarker"]}
+    if page.get("NextUploadIdMarker"):
+        marker["UploadIdMarker"] = page["NextUploadIdMarker"]
+check(seen == ["a/", "b"], f"uploads by pages: {seen}")
+# Deleting the bucket aborts its uploads: made again, it has none.
+s3.delete_bucket(Bucket="uploads")
+s3.create_bucket(Bucket="uploads")
+check(s3.list_multipart_uploads(Bucket="uploads").get("Uploads", []) == [], "uploads of a deleted bucket")
+s3.delete_bucket(Bucket="uploads")
+
 # A bigger upload through boto3's transfer manager: parallel parts of 5 MiB.
 from boto3.s3.transfer import TransferConfig
 big = os.urandom(23 * MiB)

@@ -59,6 +59,15 @@ pub enum Error {
         /// The name.
         name: String,
     },
+    /// A write of this writer failed earlier: what it holds is not what was written to it,
+    /// so it can only be given up (the file keeps its old content).
+    #[error(
+        "an earlier write to {name:?} failed: the writer can only be given up, and the file keeps its old content"
+    )]
+    WriterFailed {
+        /// The file's name.
+        name: String,
+    },
     /// File attributes that the namespace does not accept.
     #[error("invalid file attributes: {0}")]
     InvalidAttrs(String),

@@ -69,7 +69,17 @@ pub enum NoBuffer {
 /// A block buffer of `state.buffers` (for the file API and the S3 endpoint alike), waited
 /// for at most `state.buffer_timeout`.
 pub async fn take_buffer(state: &AppState) -> Result<tokio::sync::OwnedSemaphorePermit, NoBuffer> {
-    let wait = state.buffers.clone().acquire_owned();
+    take_buffers(state, 1).await
+}
+
+/// `n` block buffers of `state.buffers` at once (a copy inside the daemon holds one to read
+/// and one to write: taken together, so that copies waiting for their second one cannot
+/// hold every first one), waited for at most `state.buffer_timeout`.
+pub async fn take_buffers(
+    state: &AppState,
+    n: u32,
+) -> Result<tokio::sync::OwnedSemaphorePermit, NoBuffer> {
+    let wait = state.buffers.clone().acquire_many_owned(n);
     match tokio::time::timeout(state.buffer_timeout, wait).await {
         Ok(Ok(permit)) => Ok(permit),
         Ok(Err(_)) => Err(NoBuffer::ShuttingDown),

@@ -531,3 +531,41 @@ async fn writers_and_readers_work_with_tokio_io() {
     assert_eq!(get(&ns, "io/again").await, content);
     ns.shutdown().await.expect("shutdown");
 }
+
+/// A writer whose write failed refuses to finish (`WriterFailed`), through `write` and
+/// through `AsyncWrite`, and the file keeps its old content: before, a caller that went on
+/// after the error named a file missing what failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_whose_write_failed_cannot_finish() {
+    use tokio::io::AsyncWriteExt;
+    let env = Env::new();
+    let ns = Namespace::open(env.open().await, 5000)
+        .await
+        .expect("namespace");
+    let old = data(5, 3000);
+    put(&ns, "f", &old, 1000).await;
+    let mut w = ns.create("f").await.expect("create");
+    w.write(&data(6, 4000)).await.expect("within the limit");
+    let err = w.write(&data(7, 2000)).await.expect_err("over the limit");
+    assert!(matches!(err, Error::FileTooLarge { .. }), "{err}");
+    let err = w.write(b"more").await.expect_err("after a failure");
+    assert!(matches!(err, Error::WriterFailed { .. }), "{err}");
+    let err = w
+        .finish(Durability::Local)
+        .await
+        .expect_err("finish after a failure");
+    assert!(matches!(err, Error::WriterFailed { .. }), "{err}");
+    assert_eq!(get(&ns, "f").await, old);
+
+    let mut w = ns.create("f").await.expect("create");
+    let mut source: &[u8] = &data(8, 6000);
+    assert!(tokio::io::copy(&mut source, &mut w).await.is_err());
+    assert!(w.write_all(b"x").await.is_err());
+    let err = w
+        .finish(Durability::Local)
+        .await
+        .expect_err("finish after a failure");
+    assert!(matches!(err, Error::WriterFailed { .. }), "{err}");
+    assert_eq!(get(&ns, "f").await, old);
+    ns.shutdown().await.expect("shutdown");
+}

@@ -58,6 +58,8 @@ pub struct FileWriter {
     /// The piece that [`tokio::io::AsyncWrite`] is writing, with its length. Behind a mutex
     /// only so that the writer stays `Sync`; locked only inside a poll.
     pending: Mutex<Option<(u64, PendingPut)>>,
+    /// Set by a failed write: the writer then refuses everything but being given up.
+    failed: bool,
 }
 
 impl std::fmt::Debug for FileWriter {
@@ -123,7 +125,18 @@ impl FileWriter {
             attrs: None,
             only_if_free: false,
             pending: Mutex::new(None),
+            failed: false,
         }
+    }
+
+    /// `Err` once a write failed ([`Error::WriterFailed`]).
+    fn check_failed(&self) -> Result<()> {
+        if self.failed {
+            return Err(Error::WriterFailed {
+                name: self.name.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Makes [`FileWriter::finish`] name the file only if no file has the name then: the
@@ -167,8 +180,18 @@ impl FileWriter {
         self.pos + self.buf.len() as u64 - self.start
     }
 
-    /// Appends `data`. Whole blocks go to the cache as soon as they are complete.
-    pub async fn write(&mut self, mut data: &[u8]) -> Result<()> {
+    /// Appends `data`. Whole blocks go to the cache as soon as they are complete. After an
+    /// error the writer can only be given up: later calls fail with [`Error::WriterFailed`].
+    pub async fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.check_failed()?;
+        let written = self.write_inner(data).await;
+        if written.is_err() {
+            self.failed = true;
+        }
+        written
+    }
+
+    async fn write_inner(&mut self, mut data: &[u8]) -> Result<()> {
         self.settle_pending().await?;
         let end = self.pos + (self.buf.len() + data.len()) as u64;
         if end > self.shared.max_file_size {
@@ -259,6 +282,17 @@ impl FileWriter {
     /// Drives the piece that [`tokio::io::AsyncWrite`] started, and the oldest background
     /// sync while more than [`WRITE_BEHIND_DEPTH`] run.
     fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let polled = self.poll_pending_inner(cx);
+        if let Poll::Ready(Err(_)) = &polled {
+            self.failed = true;
+        }
+        polled
+    }
+
+    fn poll_pending_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if self.failed {
+            return Poll::Ready(self.check_failed());
+        }
         let pending = self.pending.get_mut().expect("pending put poisoned");
         if let Some((len, put)) = pending.as_mut() {
             let len = *len;
@@ -383,6 +417,8 @@ impl FileWriter {
     /// a replacement swaps the new content in, a patch is committed and merged into the
     /// file. An error leaves the file as it was.
     pub async fn finish(mut self, durability: Durability) -> Result<FileMeta> {
+        // Dropped on an error: the staging inode is cleaned, the file keeps its content.
+        self.check_failed()?;
         self.settle_pending().await?;
         if !self.buf.is_empty() {
             let mut piece = std::mem::take(&mut self.buf);
@@ -488,6 +524,7 @@ impl tokio::io::AsyncWrite for FileWriter {
                 size: filled + data.len() as u64,
                 max: this.shared.max_file_size,
             };
+            this.failed = true;
             return Poll::Ready(Err(std::io::Error::other(err)));
         }
         let bs = this.shared.block_size();
@@ -511,19 +548,13 @@ impl tokio::io::AsyncWrite for FileWriter {
         Poll::Ready(Ok(n))
     }
 
-    /// Writes what is buffered (a partial block too) to the cache. The file is still named
-    /// only by [`FileWriter::finish`].
+    /// Waits for the completed blocks being written. A partial block stays buffered until
+    /// it is complete or [`FileWriter::finish`] writes it: nothing is visible before the
+    /// finish anyway, and `tokio::io::copy` flushes whenever its source stalls, which would
+    /// otherwise cut blocks into pieces that lose their hash.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        loop {
-            std::task::ready!(this.poll_pending(cx)).map_err(std::io::Error::other)?;
-            if this.buf.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
-            let piece = std::mem::take(&mut this.buf);
-            let hash = this.hasher.take().map(|h| h.finalize().into());
-            this.start_put(piece, hash);
-        }
+        this.poll_pending(cx).map_err(std::io::Error::other)
     }
 
     /// As [`poll_flush`](tokio::io::AsyncWrite::poll_flush): naming the file is

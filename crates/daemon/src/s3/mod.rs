@@ -171,9 +171,9 @@ impl Gateway {
         }
     }
 
-    /// A block buffer of the daemon's request memory, as the file API takes one.
-    async fn buffer(&self) -> S3Result<tokio::sync::OwnedSemaphorePermit> {
-        crate::server::take_buffer(&self.state)
+    /// `n` block buffers of the daemon's request memory, as the file API takes them.
+    async fn buffers(&self, n: u32) -> S3Result<tokio::sync::OwnedSemaphorePermit> {
+        crate::server::take_buffers(&self.state, n)
             .await
             .map_err(|e| match e {
                 NoBuffer::ShuttingDown => {
@@ -227,7 +227,10 @@ impl Gateway {
 
     /// Streams `body` into a new version of `name`, checking the digests the client sent;
     /// names it only if they match. Returns the file and its ETag (the one `attrs` has,
-    /// else the MD5 of its bytes).
+    /// else the MD5 of its bytes). With `copy`, the body is files of the daemon read by
+    /// [`stream_of`] unmetered: two buffers are taken at once, one for the reads, and a
+    /// failed read is the daemon's (`ServiceUnavailable`, or `InvalidPart` for a part that
+    /// changed), not a client's incomplete body.
     #[allow(clippy::too_many_arguments)]
     async fn write_object(
         &self,
@@ -239,9 +242,10 @@ impl Gateway {
         trailers: Option<s3s::TrailingHeaders>,
         attrs: ObjectAttrs,
         create_only: bool,
+        copy: bool,
     ) -> S3Result<(FileMeta, String)> {
         let max = self.state.ns.max_file_size();
-        let _buffer = self.buffer().await?;
+        let _buffer = self.buffers(if copy { 2 } else { 1 }).await?;
         let mut w = self
             .state
             .ns
@@ -264,7 +268,15 @@ impl Gateway {
             let mut written = 0u64;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(|e| {
-                    s3_error!(IncompleteBody, "reading the request body failed: {e}")
+                    if !copy {
+                        return s3_error!(IncompleteBody, "reading the request body failed: {e}");
+                    }
+                    let source = e.downcast_ref::<std::io::Error>().map(std::io::Error::kind);
+                    if source == Some(std::io::ErrorKind::InvalidData) {
+                        s3_error!(InvalidPart, "{e}")
+                    } else {
+                        s3_error!(ServiceUnavailable, "reading the source failed: {e}; retry")
+                    }
                 })?;
                 written += chunk.len() as u64;
                 if written > max {
@@ -607,11 +619,14 @@ fn preconditions(
     Ok(())
 }
 
-/// The bytes `range` of the file `reader` reads, one block at a time.
+/// The bytes `range` of the file `reader` reads, one block at a time. `metered`: each piece
+/// takes a buffer of the request memory while it is read (a GET); else the caller holds one
+/// for the reads (a copy, see [`Gateway::write_object`]).
 fn stream_of(
     reader: FileReader,
     range: std::ops::Range<u64>,
     state: Arc<AppState>,
+    metered: bool,
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
     let block = reader.block_size().max(1);
     let reader = Arc::new(reader);
@@ -626,9 +641,15 @@ fn stream_of(
             }
             // Up to the end of the block `pos` is in.
             let len = (block - pos % block).min(end - pos);
-            let permit = crate::server::take_buffer(&state)
-                .await
-                .map_err(|e| std::io::Error::other(format!("no request buffer: {e:?}")))?;
+            let permit = if metered {
+                Some(
+                    crate::server::take_buffer(&state)
+                        .await
+                        .map_err(|e| std::io::Error::other(format!("no request buffer: {e:?}")))?,
+                )
+            } else {
+                None
+            };
             let bytes = reader
                 .read(pos, len as usize)
                 .await
@@ -897,6 +918,7 @@ impl Gateway {
             Ok(_) | Err(Error::NotFound { .. }) => {}
             Err(e) => return Err(internal(e)),
         }
+        self.abort_uploads_of(&bucket).await?;
         Ok(S3Response::new(DeleteBucketOutput::default()))
     }
 
@@ -948,6 +970,7 @@ impl Gateway {
                 trailers,
                 attrs,
                 matches!(input.if_none_match, Some(ETagCondition::Any)),
+                false,
             )
             .await?;
         Ok(S3Response::new(PutObjectOutput {
@@ -977,7 +1000,7 @@ impl Gateway {
         let (range, content_range, parts_count) =
             requested_bytes(&attrs, meta.size, input.range.as_ref(), input.part_number)?;
         let length = range.end - range.start;
-        let stream = stream_of(reader, range, self.state.clone());
+        let stream = stream_of(reader, range, self.state.clone(), true);
         Ok(S3Response::new(GetObjectOutput {
             parts_count,
             body: Some(StreamingBlob::wrap(stream)),
@@ -1149,7 +1172,7 @@ impl Gateway {
             }
         };
         let size = meta.size;
-        let stream = stream_of(reader, 0..size, self.state.clone());
+        let stream = stream_of(reader, 0..size, self.state.clone(), false);
         let (written, md5) = self
             .write_object(
                 &dest,
@@ -1160,6 +1183,7 @@ impl Gateway {
                 None,
                 attrs,
                 false,
+                true,
             )
             .await?;
         Ok(S3Response::new(CopyObjectOutput {

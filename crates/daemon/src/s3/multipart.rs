@@ -262,6 +262,7 @@ impl Gateway {
                 trailers,
                 ObjectAttrs::default(),
                 false,
+                false,
             )
             .await?;
         self.keep_part_if_upload(&input.upload_id, &part).await?;
@@ -318,7 +319,7 @@ impl Gateway {
             Some(r) => copy_range(r, meta.size)?,
         };
         let part = part_name(&input.upload_id, input.part_number);
-        let stream = stream_of(reader, range, self.state.clone());
+        let stream = stream_of(reader, range, self.state.clone(), false);
         let (written, md5) = self
             .write_object(
                 &part,
@@ -329,6 +330,7 @@ impl Gateway {
                 None,
                 ObjectAttrs::default(),
                 false,
+                true,
             )
             .await?;
         self.keep_part_if_upload(&input.upload_id, &part).await?;
@@ -429,20 +431,43 @@ impl Gateway {
             part_size: uniform.then_some(first),
         };
         let name = object_name(&input.bucket, &input.key)?;
-        let sources = futures::stream::iter(parts.into_iter().map(|p| p.name));
+        let sources = futures::stream::iter(parts);
         let state = self.state.clone();
         let body = sync_wrapper::SyncStream::new(
             sources
-                .then(move |part| {
+                .then(move |checked| {
                     let state = state.clone();
                     async move {
-                        let reader = state
-                            .ns
-                            .open_read(&part)
-                            .await
-                            .map_err(|e| std::io::Error::other(crate::error::chain(&e)))?;
-                        let size = reader.meta().size;
-                        Ok::<_, std::io::Error>(stream_of(reader, 0..size, state))
+                        let reader =
+                            state
+                                .ns
+                                .open_read(&checked.name)
+                                .await
+                                .map_err(|e| match e {
+                                    Error::NotFound { .. } => std::io::Error::new(
+                                        std::io::ErrorKind::InvalidData,
+                                        format!(
+                                            "a part ({}) went while the upload was completed",
+                                            checked.name
+                                        ),
+                                    ),
+                                    e => std::io::Error::other(crate::error::chain(&e)),
+                                })?;
+                        // The version whose ETag was checked, or none: a part sent again
+                        // meanwhile would make the object differ from its ETag.
+                        if reader.meta().inode != checked.inode
+                            || reader.meta().size != checked.size
+                        {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                format!(
+                                    "a part ({}) was sent again while the upload was completed",
+                                    checked.name
+                                ),
+                            ));
+                        }
+                        let size = checked.size;
+                        Ok::<_, std::io::Error>(stream_of(reader, 0..size, state, false))
                     }
                 })
                 .try_flatten(),
@@ -455,7 +480,7 @@ impl Gateway {
         let create_only = matches!(input.if_none_match, Some(ETagCondition::Any));
         let id = id.clone();
         let work = async move {
-            gateway
+            let written = gateway
                 .write_object(
                     &name,
                     StreamingBlob::wrap(body),
@@ -465,16 +490,19 @@ impl Gateway {
                     None,
                     attrs,
                     create_only,
+                    true,
                 )
-                .await
-                .map_err(|e| {
-                    if e.code() == &s3s::S3ErrorCode::IncompleteBody {
-                        // A part went while it was read: the upload was aborted meanwhile.
-                        no_such_upload(&id)
-                    } else {
-                        e
-                    }
-                })?;
+                .await;
+            if let Err(e) = written {
+                // A part gone because the upload was aborted meanwhile is `NoSuchUpload`;
+                // anything else is told as it is (clients abort an upload they are told
+                // is gone, so only an upload that is gone is).
+                let gone = matches!(
+                    gateway.state.ns.stat(&record_name(&id)).await,
+                    Err(Error::NotFound { .. })
+                );
+                return Err(if gone { no_such_upload(&id) } else { e });
+            }
             // The object is named; the upload is done. Its files go now (a failure leaves
             // them to the expiry, which finds no record for the parts).
             if let Err(e) = gateway.remove_upload(&id).await {
@@ -547,6 +575,7 @@ impl Gateway {
             })
             .collect();
         let next = parts.last().and_then(|p| p.part_number);
+        let truncated = truncated && next.is_some();
         Ok(S3Response::new(ListPartsOutput {
             bucket: Some(input.bucket),
             key: Some(input.key),
@@ -614,6 +643,15 @@ impl Gateway {
         let mut truncated = false;
         let mut next: Option<(String, Option<String>)> = None;
         for (key, id, initiated) in all {
+            // A marker that is a common prefix (the last entry of a page that ended on one):
+            // every key under it was rolled up in it already.
+            if let (Some(km), Some(d)) = (&key_marker, &delimiter)
+                && km.ends_with(d.as_str())
+                && km.len() > prefix.len()
+                && key.starts_with(km.as_str())
+            {
+                continue;
+            }
             if let Some(km) = &key_marker {
                 let past = match &id_marker {
                     Some(im) => key.as_str() > km.as_str() || (&key == km && &id > im),
@@ -669,6 +707,40 @@ impl Gateway {
             encoding_type: input.encoding_type,
             ..Default::default()
         }))
+    }
+
+    /// Aborts every upload into `bucket` (when the bucket is deleted: a bucket made again
+    /// with the name starts with none).
+    pub(super) async fn abort_uploads_of(&self, bucket: &str) -> S3Result<()> {
+        let mut ids = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .state
+                .ns
+                .list(UPLOADS, after.as_deref(), LIST_STEP)
+                .await
+                .map_err(internal)?;
+            let done = page.len() < LIST_STEP as usize;
+            for f in page {
+                after = Some(f.name.clone());
+                let of_bucket = f
+                    .attrs
+                    .as_deref()
+                    .and_then(|a| serde_json::from_str::<UploadRecord>(a).ok())
+                    .is_some_and(|r| r.bucket == bucket);
+                if of_bucket {
+                    ids.push(f.name[UPLOADS.len()..].to_owned());
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        for id in ids {
+            self.remove_upload(&id).await?;
+        }
+        Ok(())
     }
 
     /// Aborts the uploads initiated more than `expiry` ago, and removes parts whose upload
