@@ -543,9 +543,11 @@ async fn a_completion_answers_at_once_and_its_result_when_the_work_is_done() {
     assert_eq!(r.status(), 200);
     let text = r.text().await.expect("body");
     let done_after = started.elapsed();
+    // The work fails once the dead store is given up on (a second or more); the head
+    // comes at once, well before.
+    let half_second = std::time::Duration::from_millis(500);
     assert!(
-        head_after < std::time::Duration::from_secs(2)
-            && done_after >= std::time::Duration::from_secs(3),
+        head_after < half_second && done_after > head_after + half_second,
         "the head came after {head_after:?}, the result after {done_after:?}"
     );
     assert_eq!(code_of(&text), "ServiceUnavailable", "{text}");
