@@ -17,6 +17,9 @@ pub struct Daemon {
     child: Child,
     /// `http://127.0.0.1:PORT`.
     pub base: String,
+    /// The daemon's standard output, kept open: a daemon that prints to a closed pipe
+    /// panics.
+    _stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl Daemon {
@@ -56,8 +59,8 @@ fn binary() -> Result<PathBuf, Error> {
     Ok(bin)
 }
 
-/// Starts the release daemon on a free port with its data under `dir` and no background
-/// uploads (`--upload-delay off`).
+/// Starts the release daemon on a free port with its data under `dir`, no background
+/// uploads (`--upload-delay off`) and no S3 endpoint.
 pub fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Daemon, Error> {
     use std::io::BufRead;
     let mut child = Command::new(binary()?)
@@ -69,18 +72,25 @@ pub fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result
         .args(["--block-size", &block_size.to_string()])
         .args(["--max-cache-size", &cache_bytes.to_string()])
         .args(["--log-level", "warn"])
+        // The endpoint is on by default, on a fixed port that another daemon may hold.
+        .args(["--s3-listen", "off"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut stdout = std::io::BufReader::new(stdout);
     let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    stdout.read_line(&mut line)?;
     let base = line
         .trim()
         .strip_prefix("blockcache listening on ")
         .ok_or_else(|| format!("the daemon did not start: {line:?}"))?
         .to_owned();
-    Ok(Daemon { child, base })
+    Ok(Daemon {
+        child,
+        base,
+        _stdout: stdout,
+    })
 }
 
 /// `r` if it is a success, else an error with its status and body.
