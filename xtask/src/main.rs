@@ -8,7 +8,7 @@
 //! - `bench [flags]`: builds `blockcache-bench` and the daemon in release mode and runs the
 //!   benchmark; flags pass through (`--data-mib`, `--runs`, `--block-sizes`, `--dup`,
 //!   `--meta-blocks`, `--daemon-block-size`, `--rss-factor`, `--format-mib`, `--format-configs`,
-//!   `--only patch|format`, `--dir`, `--out`).
+//!   `--only patch|format|metadata|daemon`, `--dir`, `--out`).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 use std::path::{Path, PathBuf};

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+use crate::daemon::{self, Api};
 use crate::{Args, Error, Stat, label};
 
 struct Bar {
@@ -17,6 +18,7 @@ struct Bar {
 }
 
 const PATCH: RGBColor = RGBColor(0x93, 0x78, 0x60);
+const S3: RGBColor = RGBColor(0xc4, 0x4e, 0x52);
 
 const COLOURS: [RGBColor; 4] = [
     RGBColor(0x4c, 0x72, 0xb0),
@@ -58,15 +60,18 @@ fn bars(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) -> Vec<Ba
             );
         }
     }
-    let l = label(args.daemon_block_size);
-    for n in [1, 8] {
-        for (name, key, rkey) in &phases[1..] {
-            push(
-                format!("{l} daemon x{n} {name}"),
-                get(&format!("daemon{n}/{l}"), key),
-                get(&format!("reference/{l}"), rkey),
-                COLOURS[3],
-            );
+    let dbs = args.daemon_block_size;
+    let l = label(dbs);
+    for n in daemon::CLIENTS {
+        for (api, name, colour) in [(Api::Http, "daemon", COLOURS[3]), (Api::S3, "S3", S3)] {
+            for (phase, key, rkey) in &phases[1..] {
+                push(
+                    format!("{l} {name} x{n} {phase}"),
+                    get(&daemon::group(n, api, dbs), key),
+                    get(&format!("reference/{l}"), rkey),
+                    colour,
+                );
+            }
         }
     }
     // The patch workload's ratios are taken in each run (figure and reference measured

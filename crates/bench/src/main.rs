@@ -10,8 +10,11 @@
 //!   duplicates, then: write (+ sync: local durability), flush (until in the store), cold
 //!   read (after dropping the cache), hot read, remove (until the store is empty);
 //! - metadata: many 4 KiB blocks: commits per second (flush) and removes per second;
-//! - daemon: the same files through the HTTP API of the release `blockcache` binary with 1
-//!   and 8 concurrent clients (write + flush, cold read, hot read);
+//! - daemon (`daemon.rs`): the same files through the HTTP API of the release `blockcache`
+//!   binary with 1 and 8 concurrent clients (write + flush, cold read, hot read), and the same
+//!   again through its S3 endpoint (object_store's S3 client: PutObject, GetObject), each
+//!   against the file API with as many clients in the same run (S3 / file API, run by run);
+//!   `--only daemon` runs this workload alone;
 //! - patch (`patch.rs`): files of 8 MiB written, stored and cached, changed in place by one
 //!   writer through the `Namespace` and through the daemon at the daemon's block size: 4 KiB
 //!   patches (`local`, then `none`), block-sized patches, truncations, each against
@@ -29,6 +32,8 @@
 //!
 //! `BLOCKCACHE_BENCH_LOG=<filter>` (e.g. `blockcache=debug`) prints the engine's spans with
 //! their timings on standard error, for profiling a phase.
+//! `BLOCKCACHE_BENCH_S3_UNSIGNED=1` has the S3 client send unsigned payloads (no SHA-256 of
+//! each body on either side).
 #![allow(clippy::print_stdout, clippy::print_stderr)]
 
 mod chart;
@@ -89,7 +94,7 @@ struct Args {
 }
 
 /// The workloads `--only` accepts.
-const ONLY: [&str; 3] = ["patch", "format", "metadata"];
+const ONLY: [&str; 4] = ["patch", "format", "metadata", "daemon"];
 
 fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -183,7 +188,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
@@ -296,6 +301,13 @@ impl Spares {
 /// write+flush: a profiler attached to the whole run then sees that phase alone.
 fn write_only() -> bool {
     std::env::var_os("BLOCKCACHE_BENCH_WRITE_ONLY").is_some()
+}
+
+/// With `BLOCKCACHE_BENCH_S3_UNSIGNED` set, the S3 client sends `UNSIGNED-PAYLOAD` instead
+/// of each body's SHA-256 (object_store's default), which it then need not compute, nor the
+/// endpoint check: for telling that cost apart from the endpoint's own.
+fn s3_unsigned_payload() -> bool {
+    std::env::var_os("BLOCKCACHE_BENCH_S3_UNSIGNED").is_some()
 }
 
 /// CPU seconds (user and system, all threads) a process has used so far, from
@@ -875,8 +887,10 @@ fn main() -> Result<(), Error> {
             "library" => runtime.block_on(library(&args))?,
             "metadata" => runtime.block_on(metadata(&args))?,
             "reference" => reference(&args)?,
-            "daemon1" => runtime.block_on(daemon::daemon(&args, 1))?,
-            "daemon8" => runtime.block_on(daemon::daemon(&args, 8))?,
+            "daemon1" => runtime.block_on(daemon::daemon(&args, 1, daemon::Api::Http))?,
+            "daemon8" => runtime.block_on(daemon::daemon(&args, 8, daemon::Api::Http))?,
+            "daemon1-s3" => runtime.block_on(daemon::daemon(&args, 1, daemon::Api::S3))?,
+            "daemon8-s3" => runtime.block_on(daemon::daemon(&args, 8, daemon::Api::S3))?,
             "patch" => runtime.block_on(patch::library(&args))?,
             "daemon-patch" => runtime.block_on(patch::daemon(&args))?,
             "ship" => {
@@ -903,6 +917,26 @@ fn main() -> Result<(), Error> {
         };
     let child = |group: String, kind: &str, bs: u64, mib: u64| -> Result<(), Error> {
         child_with(group, kind, bs, mib, &[])
+    };
+    // The daemon workload: for each number of clients, the file API and the S3 endpoint one
+    // after the other, the one first alternating between runs.
+    let daemons = |run: usize| -> Result<(), Error> {
+        let dbs = args.daemon_block_size;
+        for n in daemon::CLIENTS {
+            let mut apis = [daemon::Api::Http, daemon::Api::S3];
+            if run % 2 == 1 {
+                apis.reverse();
+            }
+            for api in apis {
+                child(
+                    daemon::group(n, api, dbs),
+                    &daemon::kind(n, api),
+                    dbs,
+                    args.daemon_data_mib,
+                )?;
+            }
+        }
+        Ok(())
     };
     for run in 0..args.runs {
         eprintln!(
@@ -941,18 +975,7 @@ fn main() -> Result<(), Error> {
                     args.data_mib,
                 )?;
             }
-            child(
-                format!("daemon1/{}", label(dbs)),
-                "daemon1",
-                dbs,
-                args.daemon_data_mib,
-            )?;
-            child(
-                format!("daemon8/{}", label(dbs)),
-                "daemon8",
-                dbs,
-                args.daemon_data_mib,
-            )?;
+            daemons(run)?;
             // Peak RSS must not grow with the data: the same workload on more data.
             child(
                 format!("library-x{}/{}", args.rss_factor, label(dbs)),
@@ -969,6 +992,9 @@ fn main() -> Result<(), Error> {
                     args.daemon_data_mib,
                 )?;
             }
+        }
+        if !all && only("daemon") {
+            daemons(run)?;
         }
         if only("patch") {
             let dbs = args.daemon_block_size;
@@ -1035,10 +1061,14 @@ fn main() -> Result<(), Error> {
     let mut results = results.into_inner();
     format::add_ratios(&mut results);
     metadata::add_ratios(&mut results, &args.block_sizes);
+    daemon::add_ratios(&mut results, args.daemon_block_size);
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =
         results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
     if all {
         print_table(&args, &stats);
+    }
+    if only("daemon") {
+        daemon::print(&args, &stats);
     }
     if only("patch") {
         patch::print(&args, &stats);
@@ -1061,6 +1091,8 @@ fn main() -> Result<(), Error> {
         "only": args.only,
         "data_mib": args.data_mib,
         "daemon_data_mib": args.daemon_data_mib,
+        "daemon_block_size": args.daemon_block_size,
+        "s3_unsigned_payload": s3_unsigned_payload(),
         "runs": args.runs,
         "dup": args.dup,
         "meta_blocks": args.meta_blocks,
