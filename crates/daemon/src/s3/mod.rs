@@ -70,6 +70,9 @@ const MAX_KEYS: i32 = 1000;
 /// Rows read from the database per step of a listing.
 const LIST_STEP: u32 = 1000;
 
+/// Chunks of a request body waiting for its digest thread.
+const DIGEST_QUEUE: usize = 2;
+
 /// Most keys one DeleteObjects request names (S3's limit).
 const MAX_DELETE: usize = 1000;
 
@@ -261,8 +264,22 @@ impl Gateway {
         }
         // The MD5 is the ETag unless the attributes bring one (a multipart object's), and
         // what a Content-MD5 is checked against.
-        let mut md5 = (attrs.etag.is_none() || expected_md5.is_some()).then(Md5::new);
+        let md5 = (attrs.etag.is_none() || expected_md5.is_some()).then(Md5::new);
+        // The digests are computed on a thread of their own while the bytes go to the
+        // cache (the MD5 alone costs about as much as the rest of a PUT): the chunks are
+        // shared, not copied, and at most `DIGEST_QUEUE` wait for it.
+        let (digest_tx, mut digest_rx) = tokio::sync::mpsc::channel::<Bytes>(DIGEST_QUEUE);
         let mut hasher = checksums.hasher();
+        let digests = tokio::task::spawn_blocking(move || {
+            let mut md5 = md5;
+            while let Some(chunk) = digest_rx.blocking_recv() {
+                if let Some(m) = md5.as_mut() {
+                    m.update(&chunk);
+                }
+                hasher.update(&chunk);
+            }
+            (md5, hasher)
+        });
         let mut body = body;
         let poured: S3Result<()> = async {
             let mut written = 0u64;
@@ -285,10 +302,8 @@ impl Gateway {
                         "the object is larger than --max-file-size ({max} bytes)"
                     ));
                 }
-                if let Some(m) = md5.as_mut() {
-                    m.update(&chunk);
-                }
-                hasher.update(&chunk);
+                // The digest thread only ends when the sender goes.
+                let _ = digest_tx.send(chunk.clone()).await;
                 w.write(&chunk)
                     .await
                     .map_err(|e| object_error(e, "", name))?;
@@ -296,10 +311,15 @@ impl Gateway {
             Ok(())
         }
         .await;
+        drop(digest_tx);
         if let Err(e) = poured {
             w.abandon().await;
             return Err(e);
         }
+        let Ok((md5, hasher)) = digests.await else {
+            w.abandon().await;
+            return Err(s3_error!(ServiceUnavailable, "the daemon is shutting down"));
+        };
         let md5 = md5.map(Md5::finalize);
         let checked = check_digests(md5.as_deref(), expected_md5, checksums, hasher, trailers);
         if let Err(e) = checked {
