@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use blockcache::{Durability, Error, FileMeta, FileReader};
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
 use md5::{Digest, Md5};
 use s3s::dto::*;
 use s3s::{S3, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, s3_error};
@@ -69,6 +69,9 @@ const MAX_KEYS: i32 = 1000;
 
 /// Rows read from the database per step of a listing.
 const LIST_STEP: u32 = 1000;
+
+/// Blocks a GetObject reads ahead of the one being sent (the file API's GET reads as many).
+const READ_AHEAD: usize = 4;
 
 /// Chunks of a request body waiting for its digest thread.
 const DIGEST_QUEUE: usize = 2;
@@ -639,9 +642,11 @@ fn preconditions(
     Ok(())
 }
 
-/// The bytes `range` of the file `reader` reads, one block at a time. `metered`: each piece
-/// takes a buffer of the request memory while it is read (a GET); else the caller holds one
-/// for the reads (a copy, see [`Gateway::write_object`]).
+/// The bytes `range` of the file `reader` reads, one block at a time. `metered` (a GET):
+/// up to [`READ_AHEAD`] blocks are read ahead, each holding a buffer of the request memory
+/// from its read until it is handed on, taken in piece order (as the file API's GET does).
+/// Otherwise (a copy, see [`Gateway::write_object`]) one block at a time, under the buffer
+/// the caller holds for the reads.
 fn stream_of(
     reader: FileReader,
     range: std::ops::Range<u64>,
@@ -650,37 +655,43 @@ fn stream_of(
 ) -> impl Stream<Item = Result<Bytes, std::io::Error>> + Send + Sync + 'static {
     let block = reader.block_size().max(1);
     let reader = Arc::new(reader);
+    let end = range.end;
+    // Block-aligned pieces, generated as they are needed.
+    let pieces = std::iter::successors(Some(range.start), move |&p| Some(p + (block - p % block)))
+        .take_while(move |&p| p < end)
+        .map(move |p| (p, (block - p % block).min(end - p) as usize));
+    let stream = futures::stream::iter(pieces)
+        .then(move |(pos, len)| {
+            let state = state.clone();
+            async move {
+                let permit =
+                    if metered {
+                        Some(crate::server::take_buffer(&state).await.map_err(|e| {
+                            std::io::Error::other(format!("no request buffer: {e:?}"))
+                        })?)
+                    } else {
+                        None
+                    };
+                Ok::<_, std::io::Error>((pos, len, permit))
+            }
+        })
+        .map_ok(move |(pos, len, permit)| {
+            let reader = reader.clone();
+            async move {
+                let bytes = reader
+                    .read(pos, len)
+                    .await
+                    .map_err(|e| std::io::Error::other(crate::error::chain(&e)))?;
+                if bytes.len() != len {
+                    return Err(std::io::Error::other("the file changed size while read"));
+                }
+                Ok((bytes, permit))
+            }
+        })
+        .try_buffered(if metered { READ_AHEAD } else { 1 })
+        .map_ok(|(bytes, _permit)| bytes);
     // The engine's futures are not `Sync`; the stream is only ever polled by one task.
-    sync_wrapper::SyncStream::new(futures::stream::try_unfold(range.start, move |pos| {
-        let reader = reader.clone();
-        let state = state.clone();
-        let end = range.end;
-        async move {
-            if pos >= end {
-                return Ok(None);
-            }
-            // Up to the end of the block `pos` is in.
-            let len = (block - pos % block).min(end - pos);
-            let permit = if metered {
-                Some(
-                    crate::server::take_buffer(&state)
-                        .await
-                        .map_err(|e| std::io::Error::other(format!("no request buffer: {e:?}")))?,
-                )
-            } else {
-                None
-            };
-            let bytes = reader
-                .read(pos, len as usize)
-                .await
-                .map_err(|e| std::io::Error::other(crate::error::chain(&e)))?;
-            drop(permit);
-            if bytes.len() as u64 != len {
-                return Err(std::io::Error::other("the file changed size while read"));
-            }
-            Ok(Some((bytes, pos + len)))
-        }
-    }))
+    sync_wrapper::SyncStream::new(stream)
 }
 
 fn object_entry(meta: &FileMeta, key: String) -> Object {
