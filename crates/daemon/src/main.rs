@@ -268,6 +268,17 @@ fn init_logging(settings: &Settings) -> Result<(), ServeError> {
     result.map_err(ServeError::Logging)
 }
 
+/// Prints a line of the daemon's start on standard output, for whoever started it. A
+/// standard output that is closed or whose reader is gone (a supervisor that does not
+/// read it) is no reason to stop: `println!` would panic on it.
+fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}").and_then(|()| out.flush()) {
+        tracing::debug!(error = %e, "standard output is gone; the line went to the log only");
+    }
+}
+
 /// `url` without the credentials it may carry, for logs and errors.
 fn redact(url: &str) -> String {
     match url::Url::parse(url) {
@@ -441,7 +452,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
     // every clone of the state.
     let (alive, mut all_gone) = tokio::sync::mpsc::channel::<()>(1);
     let app = server::router(state.clone()).layer(axum::Extension(alive.clone()));
-    println!("blockcache listening on http://{addr}");
+    announce(&format!("blockcache listening on http://{addr}"));
     tracing::info!(
         %addr,
         store = %redact(&store),
@@ -479,7 +490,7 @@ async fn serve(s: Settings) -> Result<(), ServeError> {
             let router = s3::router(state.clone(), &s3_keys, &domains)
                 .map_err(ServeError::Settings)?
                 .layer(axum::Extension(alive.clone()));
-            println!("blockcache S3 endpoint on http://{bound}");
+            announce(&format!("blockcache S3 endpoint on http://{bound}"));
             tracing::info!(addr = %bound, keys = s3_keys.len(), "serving S3");
             Some((s3_listener, router))
         }

@@ -378,3 +378,59 @@ fn an_unwritable_data_directory_and_a_tiny_cache_are_named() {
         "{err}"
     );
 }
+
+/// A daemon whose standard output nobody reads (its reader gone before the start-up lines)
+/// serves on: printing them used to panic on the broken pipe.
+#[test]
+fn a_daemon_whose_stdout_is_gone_serves_on() {
+    let dir = tmp();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = std::process::Command::new(blockcache_tests::daemon::binary())
+        .args([
+            "serve",
+            "--listen",
+            &addr,
+            "--s3-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    // The reading end goes at once: the daemon's lines meet a broken pipe.
+    drop(child.stdout.take());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let healthy = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the daemon exited with {status}");
+        }
+        let ok = std::net::TcpStream::connect(&addr).ok().and_then(|mut s| {
+            use std::io::{Read, Write};
+            s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
+            let mut answer = String::new();
+            s.read_to_string(&mut answer).ok()?;
+            Some(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
+        });
+        if ok == Some(true) {
+            break true;
+        }
+        if std::time::Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // Still alive after the lines were printed.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let alive = child.try_wait().expect("poll").is_none();
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+    assert!(healthy && alive, "healthy {healthy}, alive {alive}");
+}
