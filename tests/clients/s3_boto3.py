@@ -214,6 +214,9 @@ check(h["ETag"] == want and h["ContentLength"] == len(whole), "multipart head ri
 g = s3.get_object(Bucket="alpha", Key="mp/big", PartNumber=2)
 check(g["Body"].read() == p2b and g["PartsCount"] == 3, "get part 2")
 check(error_code(s3.get_object, Bucket="alpha", Key="mp/big", PartNumber=4)[0] == "InvalidPartNumber", "part 4")
+h = s3.head_object(Bucket="alpha", Key="mp/big", PartNumber=2)
+check(h["ResponseMetadata"]["HTTPStatusCode"] == 206 and h["ContentLength"] == len(p2b) and h["PartsCount"] == 3,
+      f"head part 2: {h['ResponseMetadata']['HTTPStatusCode']} {h.get('ContentLength')}")
 with urllib.request.urlopen(f"{files_url}/v1/files/alpha/mp/big") as f:
     check(f.read() == whole, "multipart object through the file API")
 check(s3.list_multipart_uploads(Bucket="alpha").get("Uploads", []) == [], "upload gone after completion")

@@ -1065,6 +1065,8 @@ impl Gateway {
         let (range, content_range, parts_count) =
             requested_bytes(&attrs, meta.size, input.range.as_ref(), input.part_number)?;
         let length = range.end - range.start;
+        // A part or a range answers 206 (set by `refuse_while_draining`: s3s 0.14 sets it
+        // for GET only, and drops a status given here).
         Ok(S3Response::new(HeadObjectOutput {
             parts_count,
             content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
@@ -1474,7 +1476,17 @@ async fn refuse_while_draining(
         && headers
             .get(axum::http::header::CONTENT_LENGTH)
             .is_some_and(|v| v.as_bytes() == b"0");
+    let head = req.method() == axum::http::Method::HEAD;
     let mut response = next.run(req).await;
+    // A HEAD of a range or a part answers 206, as the GET would.
+    if head
+        && response.status() == axum::http::StatusCode::OK
+        && response
+            .headers()
+            .contains_key(axum::http::header::CONTENT_RANGE)
+    {
+        *response.status_mut() = axum::http::StatusCode::PARTIAL_CONTENT;
+    }
     if empty_with_expect {
         response.headers_mut().insert(
             axum::http::header::CONNECTION,
