@@ -801,7 +801,10 @@ macro_rules! operations {
                 ) -> S3Result<S3Response<$output>> {
                     let started = std::time::Instant::now();
                     let result = Gateway::$method(self, req).await;
-                    observe($name, started, result.as_ref().err());
+                    // A completion answered early counts when its work ends (it does so).
+                    if !(result.is_ok() && $name == DEFERRED) {
+                        observe($name, started, result.as_ref().err());
+                    }
                     result
                 }
             )*
@@ -832,8 +835,16 @@ operations! {
     list_multipart_uploads: ListMultipartUploadsInput -> ListMultipartUploadsOutput = "ListMultipartUploads";
 }
 
+/// The operation whose success is counted by its own work, which ends after the answer's
+/// head ([`Gateway::complete_multipart_upload`]).
+const DEFERRED: &str = "CompleteMultipartUpload";
+
 /// Counts and times one S3 request.
-fn observe(operation: &'static str, started: std::time::Instant, error: Option<&S3Error>) {
+pub(super) fn observe(
+    operation: &'static str,
+    started: std::time::Instant,
+    error: Option<&S3Error>,
+) {
     let code = error.map_or_else(|| "OK".to_owned(), |e| e.code().as_str().to_owned());
     metrics::counter!("blockcache_s3_requests_total", "operation" => operation, "code" => code)
         .increment(1);

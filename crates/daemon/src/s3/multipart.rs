@@ -479,7 +479,46 @@ impl Gateway {
         let gateway = Gateway::new(self.state.clone());
         let create_only = matches!(input.if_none_match, Some(ETagCondition::Any));
         let id = id.clone();
+        let (bucket, key) = (input.bucket.clone(), input.key.clone());
+        let started = std::time::Instant::now();
         let work = async move {
+            let result = gateway
+                .finish_completion(
+                    name,
+                    body,
+                    durability,
+                    attrs,
+                    create_only,
+                    &id,
+                    (bucket, key),
+                    etag,
+                )
+                .await;
+            super::observe("CompleteMultipartUpload", started, result.as_ref().err());
+            result
+        };
+        Ok(S3Response::new(CompleteMultipartUploadOutput {
+            future: Some(Box::pin(work)),
+            ..Default::default()
+        }))
+    }
+
+    /// The work of a completion, after its answer's head: the object written and named,
+    /// then the upload's files removed.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_completion(
+        &self,
+        name: String,
+        body: impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send + Sync + 'static,
+        durability: Durability,
+        attrs: ObjectAttrs,
+        create_only: bool,
+        id: &str,
+        (bucket, key): (String, String),
+        etag: String,
+    ) -> S3Result<CompleteMultipartUploadOutput> {
+        let gateway = self;
+        {
             let written = gateway
                 .write_object(
                     &name,
@@ -509,17 +548,13 @@ impl Gateway {
                 tracing::warn!(upload = %id, code = %e.code().as_str(), error = e.message().unwrap_or_default(), "removing a completed upload's parts failed; the expiry removes them");
             }
             Ok(CompleteMultipartUploadOutput {
-                bucket: Some(input.bucket.clone()),
-                key: Some(input.key.clone()),
-                location: Some(format!("/{}/{}", input.bucket, input.key)),
+                location: Some(format!("/{bucket}/{key}")),
+                bucket: Some(bucket),
+                key: Some(key),
                 e_tag: Some(ETag::Strong(etag)),
                 ..Default::default()
             })
-        };
-        Ok(S3Response::new(CompleteMultipartUploadOutput {
-            future: Some(Box::pin(work)),
-            ..Default::default()
-        }))
+        }
     }
 
     pub(super) async fn abort_multipart_upload(
