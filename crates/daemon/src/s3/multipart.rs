@@ -537,14 +537,14 @@ impl Gateway {
                 // anything else is told as it is (clients abort an upload they are told
                 // is gone, so only an upload that is gone is).
                 let gone = matches!(
-                    gateway.state.ns.stat(&record_name(&id)).await,
+                    gateway.state.ns.stat(&record_name(id)).await,
                     Err(Error::NotFound { .. })
                 );
-                return Err(if gone { no_such_upload(&id) } else { e });
+                return Err(if gone { no_such_upload(id) } else { e });
             }
             // The object is named; the upload is done. Its files go now (a failure leaves
             // them to the expiry, which finds no record for the parts).
-            if let Err(e) = gateway.remove_upload(&id).await {
+            if let Err(e) = gateway.remove_upload(id).await {
                 tracing::warn!(upload = %id, code = %e.code().as_str(), error = e.message().unwrap_or_default(), "removing a completed upload's parts failed; the expiry removes them");
             }
             Ok(CompleteMultipartUploadOutput {
