@@ -571,7 +571,9 @@ pub async fn get_tree(t: Target, name: String, dir: Option<PathBuf>) -> Result<(
     let total = files.iter().map(|f| f.1).sum();
     let bar = progress(Some(total));
     for (full, _) in &files {
-        let rel = &full[prefix.len()..];
+        let Some(rel) = full.strip_prefix(&prefix) else {
+            return Err(format!("the daemon listed {full:?}, which is not under {prefix:?}"));
+        };
         // The daemon refuses such names; checked again so that no answer can climb out.
         if rel
             .split('/')
