@@ -268,14 +268,16 @@ impl Gateway {
         // The MD5 is the ETag unless the attributes bring one (a multipart object's), and
         // what a Content-MD5 is checked against.
         let md5 = (attrs.etag.is_none() || expected_md5.is_some()).then(Md5::new);
-        // The digests are computed on a thread of their own while the bytes go to the
-        // cache (the MD5 alone costs about as much as the rest of a PUT): the chunks are
-        // shared, not copied, and at most `DIGEST_QUEUE` wait for it.
+        // The digests are computed by a task of their own, in parallel with the request's
+        // (the MD5 alone costs about as much as the rest of a PUT): the chunks are shared,
+        // not copied, and at most `DIGEST_QUEUE` wait for it. A task of the runtime, not of
+        // its blocking pool: a blocking thread per request could take every thread of the
+        // pool, which the engine's file I/O needs for the request to go on.
         let (digest_tx, mut digest_rx) = tokio::sync::mpsc::channel::<Bytes>(DIGEST_QUEUE);
         let mut hasher = checksums.hasher();
-        let digests = tokio::task::spawn_blocking(move || {
+        let digests = tokio::spawn(async move {
             let mut md5 = md5;
-            while let Some(chunk) = digest_rx.blocking_recv() {
+            while let Some(chunk) = digest_rx.recv().await {
                 if let Some(m) = md5.as_mut() {
                     m.update(&chunk);
                 }
