@@ -572,7 +572,9 @@ pub async fn get_tree(t: Target, name: String, dir: Option<PathBuf>) -> Result<(
     let bar = progress(Some(total));
     for (full, _) in &files {
         let Some(rel) = full.strip_prefix(&prefix) else {
-            return Err(format!("the daemon listed {full:?}, which is not under {prefix:?}"));
+            return Err(format!(
+                "the daemon listed {full:?}, which is not under {prefix:?}"
+            ));
         };
         // The daemon refuses such names; checked again so that no answer can climb out.
         if rel
