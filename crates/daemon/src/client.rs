@@ -128,11 +128,16 @@ fn progress(len: Option<u64>) -> ProgressBar {
     }
 }
 
-async fn print_json(response: reqwest::Response) -> Result<(), String> {
-    let v: serde_json::Value = response
+/// The JSON of an answer of the daemon.
+async fn json_of(response: reqwest::Response) -> Result<serde_json::Value, String> {
+    response
         .json()
         .await
-        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+        .map_err(|e| format!("the daemon sent a bad answer: {e}"))
+}
+
+async fn print_json(response: reqwest::Response) -> Result<(), String> {
+    let v = json_of(response).await?;
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     Ok(())
 }
@@ -155,10 +160,7 @@ pub async fn stats(t: Target, json: bool) -> Result<(), String> {
     if json {
         return print_json(r).await;
     }
-    let v: serde_json::Value = r
-        .json()
-        .await
-        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    let v = json_of(r).await?;
     let b = |x: &serde_json::Value| human(x.as_u64().unwrap_or(0), false);
     println!(
         "cache     {} of {} in {} blocks",
@@ -223,10 +225,7 @@ pub async fn stat(t: Target, name: String, json: bool) -> Result<(), String> {
     if json {
         return print_json(r).await;
     }
-    let v: serde_json::Value = r
-        .json()
-        .await
-        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    let v = json_of(r).await?;
     let f = &v["file"];
     println!("name      {}", f["name"].as_str().unwrap_or(&name));
     println!(
@@ -331,10 +330,7 @@ pub async fn put(
     }
     let response = c.send(r).await;
     bar.finish_and_clear();
-    let v: serde_json::Value = response?
-        .json()
-        .await
-        .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+    let v = json_of(response?).await?;
     eprintln!(
         "stored {name}: {} bytes, etag {}",
         v["size"],
@@ -427,10 +423,7 @@ async fn list_files(
                     .query(&q),
             )
             .await?;
-        let v: serde_json::Value = r
-            .json()
-            .await
-            .map_err(|e| format!("the daemon sent a bad answer: {e}"))?;
+        let v = json_of(r).await?;
         for f in v["files"].as_array().into_iter().flatten() {
             each(f);
         }

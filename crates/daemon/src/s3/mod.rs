@@ -177,6 +177,38 @@ impl Gateway {
         }
     }
 
+    /// The source of a CopyObject or UploadPartCopy, opened (so the version read is the one
+    /// checked), if its `x-amz-copy-source-if-match` / `-if-none-match` conditions hold.
+    async fn open_copy_source(
+        &self,
+        source: &CopySource,
+        if_match: Option<&ETagCondition>,
+        if_none_match: Option<&ETagCondition>,
+    ) -> S3Result<FileReader> {
+        let CopySource::Bucket { bucket, key, .. } = source else {
+            return Err(s3_error!(
+                NotImplemented,
+                "copies from access points or outposts are not supported"
+            ));
+        };
+        let reader = self.open_object(bucket, key).await?;
+        let meta = reader.meta();
+        let etag = ObjectAttrs::of(meta).etag(meta);
+        if if_match.is_some_and(|c| !etag_matches(c, &etag)) {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "x-amz-copy-source-if-match: the ETag differs"
+            ));
+        }
+        if if_none_match.is_some_and(|c| etag_matches(c, &etag)) {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "x-amz-copy-source-if-none-match: the ETag matches"
+            ));
+        }
+        Ok(reader)
+    }
+
     /// `n` block buffers of the daemon's request memory, as the file API takes them.
     async fn buffers(&self, n: u32) -> S3Result<tokio::sync::OwnedSemaphorePermit> {
         crate::server::take_buffers(&self.state, n)
@@ -1161,37 +1193,17 @@ impl Gateway {
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         let durability = durability_of(&req.headers, self.state.durability)?;
         let input = req.input;
-        let (src_bucket, src_key) = match &input.copy_source {
-            CopySource::Bucket { bucket, key, .. } => (bucket.to_string(), key.to_string()),
-            _ => {
-                return Err(s3_error!(
-                    NotImplemented,
-                    "copies from access points or outposts are not supported"
-                ));
-            }
-        };
         self.bucket_exists(&input.bucket).await?;
         let dest = object_name(&input.bucket, &input.key)?;
-        let reader = self.open_object(&src_bucket, &src_key).await?;
+        let reader = self
+            .open_copy_source(
+                &input.copy_source,
+                input.copy_source_if_match.as_ref(),
+                input.copy_source_if_none_match.as_ref(),
+            )
+            .await?;
         let meta = reader.meta().clone();
         let src_attrs = ObjectAttrs::of(&meta);
-        let etag = src_attrs.etag(&meta);
-        if let Some(c) = &input.copy_source_if_match
-            && !etag_matches(c, &etag)
-        {
-            return Err(s3_error!(
-                PreconditionFailed,
-                "x-amz-copy-source-if-match: the ETag differs"
-            ));
-        }
-        if let Some(c) = &input.copy_source_if_none_match
-            && etag_matches(c, &etag)
-        {
-            return Err(s3_error!(
-                PreconditionFailed,
-                "x-amz-copy-source-if-none-match: the ETag matches"
-            ));
-        }
         let replace = input
             .metadata_directive
             .as_ref()

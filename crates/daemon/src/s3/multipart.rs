@@ -17,8 +17,8 @@ use s3s::{S3Request, S3Response, S3Result, s3_error};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Checksums, Gateway, LIST_STEP, ObjectAttrs, durability_of, etag_matches, internal, object_name,
-    stream_of, timestamp,
+    Checksums, Gateway, LIST_STEP, ObjectAttrs, durability_of, internal, object_name, stream_of,
+    timestamp,
 };
 
 /// The prefix of the files of incomplete uploads.
@@ -101,7 +101,44 @@ fn multipart_etag(part_etags: &[String]) -> S3Result<String> {
     ))
 }
 
+/// An incomplete upload, as its record file says.
+struct Upload {
+    id: String,
+    initiated: SystemTime,
+    /// `None` for a record whose attributes cannot be read (written by hand).
+    record: Option<UploadRecord>,
+}
+
 impl Gateway {
+    /// Every incomplete upload of the volume, in order of id.
+    async fn uploads(&self) -> S3Result<Vec<Upload>> {
+        let mut all = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .state
+                .ns
+                .list(UPLOADS, after.as_deref(), LIST_STEP)
+                .await
+                .map_err(internal)?;
+            let done = page.len() < LIST_STEP as usize;
+            after = page.last().map(|f| f.name.clone());
+            all.extend(page.into_iter().map(|f| {
+                Upload {
+                    id: f.name[UPLOADS.len()..].to_owned(),
+                    initiated: f.mtime,
+                    record: f
+                        .attrs
+                        .as_deref()
+                        .and_then(|a| serde_json::from_str(a).ok()),
+                }
+            }));
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
     /// The upload `id` of `bucket`/`key`: `NoSuchUpload` unless it exists for them.
     async fn upload_of(&self, bucket: &str, key: &str, id: &str) -> S3Result<UploadRecord> {
         self.bucket_exists(bucket).await?;
@@ -286,34 +323,14 @@ impl Gateway {
         check_part_number(input.part_number)?;
         self.upload_of(&input.bucket, &input.key, &input.upload_id)
             .await?;
-        let (src_bucket, src_key) = match &input.copy_source {
-            CopySource::Bucket { bucket, key, .. } => (bucket.to_string(), key.to_string()),
-            _ => {
-                return Err(s3_error!(
-                    NotImplemented,
-                    "copies from access points or outposts are not supported"
-                ));
-            }
-        };
-        let reader = self.open_object(&src_bucket, &src_key).await?;
+        let reader = self
+            .open_copy_source(
+                &input.copy_source,
+                input.copy_source_if_match.as_ref(),
+                input.copy_source_if_none_match.as_ref(),
+            )
+            .await?;
         let meta = reader.meta().clone();
-        let etag = ObjectAttrs::of(&meta).etag(&meta);
-        if let Some(c) = &input.copy_source_if_match
-            && !etag_matches(c, &etag)
-        {
-            return Err(s3_error!(
-                PreconditionFailed,
-                "x-amz-copy-source-if-match: the ETag differs"
-            ));
-        }
-        if let Some(c) = &input.copy_source_if_none_match
-            && etag_matches(c, &etag)
-        {
-            return Err(s3_error!(
-                PreconditionFailed,
-                "x-amz-copy-source-if-none-match: the ETag matches"
-            ));
-        }
         let range = match &input.copy_source_range {
             None => 0..meta.size,
             Some(r) => copy_range(r, meta.size)?,
@@ -643,33 +660,19 @@ impl Gateway {
             Some(n) => n.min(MAX_PAGE),
         } as usize;
         // The bucket's uploads under the prefix, in order of key, then of upload id.
-        let mut all: Vec<(String, String, SystemTime)> = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .state
-                .ns
-                .list(UPLOADS, after.as_deref(), LIST_STEP)
-                .await
-                .map_err(internal)?;
-            let done = page.len() < LIST_STEP as usize;
-            for f in page {
-                after = Some(f.name.clone());
-                let Some(r) = f
-                    .attrs
-                    .as_deref()
-                    .and_then(|a| serde_json::from_str::<UploadRecord>(a).ok())
-                else {
-                    continue;
-                };
-                if r.bucket == input.bucket && r.key.starts_with(&prefix) {
-                    all.push((r.key, f.name[UPLOADS.len()..].to_owned(), f.mtime));
-                }
-            }
-            if done {
-                break;
-            }
-        }
+        let mut all: Vec<(String, String, SystemTime)> = self
+            .uploads()
+            .await?
+            .into_iter()
+            .filter_map(|u| {
+                let r = u.record?;
+                (r.bucket == input.bucket && r.key.starts_with(&prefix)).then_some((
+                    r.key,
+                    u.id,
+                    u.initiated,
+                ))
+            })
+            .collect();
         all.sort();
         let key_marker = input.key_marker.clone().filter(|k| !k.is_empty());
         let id_marker = input.upload_id_marker.clone().filter(|k| !k.is_empty());
@@ -747,33 +750,10 @@ impl Gateway {
     /// Aborts every upload into `bucket` (when the bucket is deleted: a bucket made again
     /// with the name starts with none).
     pub(super) async fn abort_uploads_of(&self, bucket: &str) -> S3Result<()> {
-        let mut ids = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .state
-                .ns
-                .list(UPLOADS, after.as_deref(), LIST_STEP)
-                .await
-                .map_err(internal)?;
-            let done = page.len() < LIST_STEP as usize;
-            for f in page {
-                after = Some(f.name.clone());
-                let of_bucket = f
-                    .attrs
-                    .as_deref()
-                    .and_then(|a| serde_json::from_str::<UploadRecord>(a).ok())
-                    .is_some_and(|r| r.bucket == bucket);
-                if of_bucket {
-                    ids.push(f.name[UPLOADS.len()..].to_owned());
-                }
+        for u in self.uploads().await? {
+            if u.record.is_some_and(|r| r.bucket == bucket) {
+                self.remove_upload(&u.id).await?;
             }
-            if done {
-                break;
-            }
-        }
-        for id in ids {
-            self.remove_upload(&id).await?;
         }
         Ok(())
     }
@@ -784,26 +764,13 @@ impl Gateway {
     pub async fn expire_uploads(&self, expiry: Duration) -> S3Result<usize> {
         let now = SystemTime::now();
         let old = |t: SystemTime| now.duration_since(t).is_ok_and(|age| age >= expiry);
-        let mut expired = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let page = self
-                .state
-                .ns
-                .list(UPLOADS, after.as_deref(), LIST_STEP)
-                .await
-                .map_err(internal)?;
-            let done = page.len() < LIST_STEP as usize;
-            for f in page {
-                after = Some(f.name.clone());
-                if old(f.mtime) {
-                    expired.push(f.name[UPLOADS.len()..].to_owned());
-                }
-            }
-            if done {
-                break;
-            }
-        }
+        let expired: Vec<String> = self
+            .uploads()
+            .await?
+            .into_iter()
+            .filter(|u| old(u.initiated))
+            .map(|u| u.id)
+            .collect();
         for id in &expired {
             self.remove_upload(id).await?;
             tracing::info!(upload = %id, "aborted a multipart upload older than --multipart-expiry");
