@@ -399,38 +399,52 @@ fn a_daemon_whose_stdout_is_gone_serves_on() {
             "--data-dir",
         ])
         .arg(dir.path())
+        .env("BLOCKCACHE_LOG_LEVEL", "info")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn");
     // The reading end goes at once: the daemon's lines meet a broken pipe.
     drop(child.stdout.take());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let healthy = loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("the daemon exited with {status}");
+    // Its log says when the start is over: the "serving S3" line comes after both lines.
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let done = line.contains("serving S3") || line.contains("panicked");
+            let _ = tx.send(line);
+            if done {
+                return;
+            }
         }
-        let ok = std::net::TcpStream::connect(&addr).ok().and_then(|mut s| {
-            use std::io::{Read, Write};
-            s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
-            let mut answer = String::new();
-            s.read_to_string(&mut answer).ok()?;
-            Some(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
-        });
-        if ok == Some(true) {
-            break true;
+    });
+    let mut log = Vec::new();
+    let started = loop {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) if line.contains("serving S3") => break true,
+            Ok(line) => log.push(line),
+            Err(_) => break false,
         }
-        if std::time::Instant::now() > deadline {
-            break false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
     };
-    // Still alive after the lines were printed.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let healthy = std::net::TcpStream::connect(&addr).ok().and_then(|mut s| {
+        use std::io::{Read, Write};
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        Some(answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"))
+    }) == Some(true);
     let alive = child.try_wait().expect("poll").is_none();
     let _ = std::process::Command::new("kill")
         .arg(child.id().to_string())
         .status();
     let _ = child.wait();
-    assert!(healthy && alive, "healthy {healthy}, alive {alive}");
+    assert!(
+        started && healthy && alive,
+        "started {started}, healthy {healthy}, alive {alive}; log:\n{}",
+        log.join("\n")
+    );
 }

@@ -38,6 +38,18 @@ fn start(dir: &Path) -> Daemon {
     )
 }
 
+/// Checks `done` until it holds (`Some`) or `limit` passed (`None`), every 50 ms.
+fn wait_until(limit: std::time::Duration, mut done: impl FnMut() -> bool) -> Option<()> {
+    let deadline = std::time::Instant::now() + limit;
+    while !done() {
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(())
+}
+
 /// The client script `name` under `tests/clients`.
 fn client_script(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -187,18 +199,23 @@ fn after_a_sigkill_during_uploads_and_a_sync_every_acknowledged_object_is_there(
             .stderr(Stdio::null())
             .spawn()
             .expect("start the load");
-        std::thread::sleep(std::time::Duration::from_millis(3000 + 1500 * round));
+        // The kill comes once the load has had this many steps acknowledged (more in the
+        // second round), whatever the machine's speed.
+        let acknowledged =
+            |n: usize| std::fs::read_to_string(&journal).is_ok_and(|j| j.lines().count() >= n);
+        let wanted = 40 + 60 * round as usize;
+        wait_until(std::time::Duration::from_secs(120), || acknowledged(wanted))
+            .unwrap_or_else(|| panic!("the load got fewer than {wanted} acknowledgements"));
         d.kill9();
         // The load stops at its clients' first error; it gets a minute.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        while load.try_wait().expect("poll the load").is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = load.kill();
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
+        let pid = load.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(load.wait());
+        });
+        if rx.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
         }
-        let _ = load.wait();
         let d = start(dir.path());
         run_client_env(
             &d,
@@ -261,8 +278,11 @@ fn an_incomplete_upload_survives_restarts_until_it_expires() {
     d.kill9();
     let d = keep(dir.path());
     assert_eq!(uploads_step(&d, &["present", &id]), "ok");
+    // A second upload whose record goes (as a crash between a completion and its removals
+    // leaves it): its parts are the expiry's to remove.
+    let orphan = uploads_step(&d, &["begin-more"]);
+    assert_eq!(uploads_step(&d, &["forget", &orphan]), "ok");
     d.stop();
-    std::thread::sleep(std::time::Duration::from_millis(1100));
     let d = Daemon::start(
         dir.path(),
         &[
@@ -276,17 +296,15 @@ fn an_incomplete_upload_survives_restarts_until_it_expires() {
             "1s",
         ],
     );
-    // The first sweep runs at the start; give it a moment.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while !d.log_text().contains("older than --multipart-expiry") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no expiry; log:\n{}",
-            d.log_text()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    // Sweeps run at the start and every second: one finds the upload older than 1 s.
+    wait_until(std::time::Duration::from_secs(30), || {
+        d.log_text().contains("older than --multipart-expiry")
+            && d.log_text()
+                .contains("removing the parts of an upload that is gone")
+    })
+    .unwrap_or_else(|| panic!("no expiry; log:\n{}", d.log_text()));
     assert_eq!(uploads_step(&d, &["gone", &id]), "ok");
+    assert_eq!(uploads_step(&d, &["gone", &orphan]), "ok");
     d.stop();
 }
 
