@@ -5,7 +5,6 @@ changes and --delete), a presigned GET, and a wrong key. Run by the test suite
 with the first failure."""
 
 import atexit
-import filecmp
 import hashlib
 import os
 import random
@@ -14,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+
+from tree_compare import same_trees
 
 endpoint = os.environ["ENDPOINT"]
 files_url = os.environ["FILES_URL"]
@@ -49,15 +50,6 @@ def md5_of(path):
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def same_trees(a, b):
-    c = filecmp.dircmp(a, b)
-    if c.left_only or c.right_only or c.diff_files or c.funny_files:
-        return False
-    _, mismatch, errors = filecmp.cmpfiles(a, b, c.common_files, shallow=False)
-    return not mismatch and not errors and all(same_trees(os.path.join(a, d), os.path.join(b, d))
-                                               for d in c.common_dirs)
 
 
 work = tempfile.mkdtemp()

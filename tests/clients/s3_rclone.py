@@ -5,12 +5,13 @@ test suite (`s3_gateway.rs`) with ENDPOINT, ACCESS_KEY and SECRET_KEY set; exits
 with the first failure."""
 
 import atexit
-import filecmp
 import os
 import random
 import shutil
 import subprocess
 import tempfile
+
+from tree_compare import same_trees
 
 env = dict(os.environ)
 # rclone's S3 client refuses a CA bundle given by environment (the endpoint is plain HTTP).
@@ -41,15 +42,6 @@ def rclone(*args, ok=True):
 def check(cond, what):
     if not cond:
         raise AssertionError(what)
-
-
-def same_trees(a, b):
-    c = filecmp.dircmp(a, b)
-    if c.left_only or c.right_only or c.diff_files or c.funny_files:
-        return False
-    _, mismatch, errors = filecmp.cmpfiles(a, b, c.common_files, shallow=False)
-    return not mismatch and not errors and all(same_trees(os.path.join(a, d), os.path.join(b, d))
-                                               for d in c.common_dirs)
 
 
 work = tempfile.mkdtemp()

@@ -315,6 +315,28 @@ fn start_keyless(dir: &Path, args: &[&str]) -> Daemon {
     Daemon::start(dir, &all)
 }
 
+/// A daemon with a keyless S3 endpoint over a moto store (bucket `bkt`), `args` on top, and
+/// the S3 bucket `bucket` made: the moto server (to kill), the daemon, its S3 URL.
+async fn keyless_over_moto(
+    dir: &Path,
+    args: &[&str],
+    bucket: &str,
+) -> (blockcache_tests::moto::Moto, Daemon, String) {
+    let moto = blockcache_tests::moto::Moto::start(dir);
+    moto.create_bucket("bkt").await;
+    let mut all = vec!["--s3-listen", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    let d = moto.launch(dir, "s3://bkt/vol").args(&all).start();
+    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+    let made = reqwest::Client::new()
+        .put(format!("{s3}/{bucket}"))
+        .send()
+        .await
+        .expect("PUT");
+    assert_eq!(made.status(), 200, "create the bucket {bucket}");
+    (moto, d, s3)
+}
+
 /// The error code of an S3 XML answer.
 fn code_of(xml: &str) -> &str {
     xml.split("<Code>")
@@ -427,18 +449,14 @@ async fn an_object_over_the_largest_size_gets_entity_too_large_and_the_old_one_s
 /// the store timeout (it waited for the budget), not a hang and not a dropped write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_waiting_for_a_full_dirty_budget_gets_slow_down() {
-    use blockcache_tests::moto::{Moto, available_or_skip};
+    use blockcache_tests::moto::available_or_skip;
     if !available_or_skip("a_writer_waiting_for_a_full_dirty_budget_gets_slow_down") {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
-    let mut moto = Moto::start(dir.path());
-    moto.create_bucket("bkt").await;
-    let d = moto
-        .launch(dir.path(), "s3://bkt/vol")
-        .args(&[
-            "--s3-listen",
-            "127.0.0.1:0",
+    let (mut moto, d, s3) = keyless_over_moto(
+        dir.path(),
+        &[
             "--block-size",
             "64KiB",
             "--store-timeout",
@@ -447,18 +465,11 @@ async fn a_writer_waiting_for_a_full_dirty_budget_gets_slow_down() {
             "off",
             "--max-dirty",
             "256KiB",
-        ])
-        .start();
-    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+        ],
+        "slow",
+    )
+    .await;
     let http = reqwest::Client::new();
-    assert_eq!(
-        http.put(format!("{s3}/slow"))
-            .send()
-            .await
-            .expect("PUT")
-            .status(),
-        200
-    );
     moto.kill();
     let started = std::time::Instant::now();
     let r = http
@@ -496,34 +507,18 @@ async fn a_writer_waiting_for_a_full_dirty_budget_gets_slow_down() {
 /// head comes long before, the error says why, and the upload stays for a retry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_completion_answers_at_once_and_its_result_when_the_work_is_done() {
-    use blockcache_tests::moto::{Moto, available_or_skip};
+    use blockcache_tests::moto::available_or_skip;
     if !available_or_skip("a_completion_answers_at_once_and_its_result_when_the_work_is_done") {
         return;
     }
     let dir = tempfile::tempdir().expect("tmp");
-    let mut moto = Moto::start(dir.path());
-    moto.create_bucket("bkt").await;
-    let d = moto
-        .launch(dir.path(), "s3://bkt/vol")
-        .args(&[
-            "--s3-listen",
-            "127.0.0.1:0",
-            "--store-timeout",
-            "4s",
-            "--upload-delay",
-            "off",
-        ])
-        .start();
-    let s3 = d.s3.clone().expect("the S3 endpoint is on");
+    let (mut moto, d, s3) = keyless_over_moto(
+        dir.path(),
+        &["--store-timeout", "4s", "--upload-delay", "off"],
+        "mpu",
+    )
+    .await;
     let http = reqwest::Client::new();
-    assert_eq!(
-        http.put(format!("{s3}/mpu"))
-            .send()
-            .await
-            .expect("PUT")
-            .status(),
-        200
-    );
     let created = http
         .post(format!("{s3}/mpu/k?uploads"))
         .send()
