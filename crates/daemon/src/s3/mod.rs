@@ -596,6 +596,48 @@ fn byte_range(
     Ok((range, Some(content_range)))
 }
 
+/// What a GET or HEAD asks besides the object: conditions, and a range or a part.
+struct Asked<'a> {
+    if_match: Option<&'a ETagCondition>,
+    if_unmodified_since: Option<&'a Timestamp>,
+    if_none_match: Option<&'a ETagCondition>,
+    if_modified_since: Option<&'a Timestamp>,
+    range: Option<&'a Range>,
+    part: Option<i32>,
+}
+
+/// The answer's head of a GET or HEAD of the object `meta` (the same for both), with the
+/// bytes a GET sends; `Err` when a condition fails or the range or part does not exist.
+fn object_head(
+    meta: &FileMeta,
+    asked: Asked<'_>,
+) -> S3Result<(HeadObjectOutput, std::ops::Range<u64>)> {
+    let attrs = ObjectAttrs::of(meta);
+    let etag = attrs.etag(meta);
+    preconditions(
+        &etag,
+        meta.mtime,
+        asked.if_match,
+        asked.if_unmodified_since,
+        asked.if_none_match,
+        asked.if_modified_since,
+    )?;
+    let (range, content_range, parts_count) =
+        requested_bytes(&attrs, meta.size, asked.range, asked.part)?;
+    let head = HeadObjectOutput {
+        parts_count,
+        content_length: Some(i64::try_from(range.end - range.start).unwrap_or(i64::MAX)),
+        content_range,
+        accept_ranges: Some("bytes".to_owned()),
+        e_tag: Some(etag),
+        last_modified: Some(timestamp(meta.mtime)),
+        content_type: attrs.content_type.clone(),
+        metadata: attrs.metadata(),
+        ..Default::default()
+    };
+    Ok((head, range))
+}
+
 /// The bytes a GET or HEAD asks of an object of `size` bytes (a `Range`, or a part by its
 /// number), with the `Content-Range` and, for a part, the object's number of parts.
 fn requested_bytes(
@@ -1062,31 +1104,28 @@ impl Gateway {
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let input = req.input;
         let reader = self.open_object(&input.bucket, &input.key).await?;
-        let meta = reader.meta().clone();
-        let attrs = ObjectAttrs::of(&meta);
-        let etag = attrs.etag(&meta);
-        preconditions(
-            &etag,
-            meta.mtime,
-            input.if_match.as_ref(),
-            input.if_unmodified_since.as_ref(),
-            input.if_none_match.as_ref(),
-            input.if_modified_since.as_ref(),
+        let (head, range) = object_head(
+            reader.meta(),
+            Asked {
+                if_match: input.if_match.as_ref(),
+                if_unmodified_since: input.if_unmodified_since.as_ref(),
+                if_none_match: input.if_none_match.as_ref(),
+                if_modified_since: input.if_modified_since.as_ref(),
+                range: input.range.as_ref(),
+                part: input.part_number,
+            },
         )?;
-        let (range, content_range, parts_count) =
-            requested_bytes(&attrs, meta.size, input.range.as_ref(), input.part_number)?;
-        let length = range.end - range.start;
         let stream = stream_of(reader, range, self.state.clone(), true);
         Ok(S3Response::new(GetObjectOutput {
-            parts_count,
             body: Some(StreamingBlob::wrap(stream)),
-            content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
-            content_range,
-            accept_ranges: Some("bytes".to_owned()),
-            e_tag: Some(etag),
-            last_modified: Some(timestamp(meta.mtime)),
-            content_type: attrs.content_type.clone(),
-            metadata: attrs.metadata(),
+            parts_count: head.parts_count,
+            content_length: head.content_length,
+            content_range: head.content_range,
+            accept_ranges: head.accept_ranges,
+            e_tag: head.e_tag,
+            last_modified: head.last_modified,
+            content_type: head.content_type,
+            metadata: head.metadata,
             ..Default::default()
         }))
     }
@@ -1097,32 +1136,20 @@ impl Gateway {
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         let input = req.input;
         let meta = self.stat_object(&input.bucket, &input.key).await?;
-        let attrs = ObjectAttrs::of(&meta);
-        let etag = attrs.etag(&meta);
-        preconditions(
-            &etag,
-            meta.mtime,
-            input.if_match.as_ref(),
-            input.if_unmodified_since.as_ref(),
-            input.if_none_match.as_ref(),
-            input.if_modified_since.as_ref(),
-        )?;
-        let (range, content_range, parts_count) =
-            requested_bytes(&attrs, meta.size, input.range.as_ref(), input.part_number)?;
-        let length = range.end - range.start;
         // A part or a range answers 206 (set by `refuse_while_draining`: s3s 0.14 sets it
         // for GET only, and drops a status given here).
-        Ok(S3Response::new(HeadObjectOutput {
-            parts_count,
-            content_length: Some(i64::try_from(length).unwrap_or(i64::MAX)),
-            content_range,
-            accept_ranges: Some("bytes".to_owned()),
-            e_tag: Some(etag),
-            last_modified: Some(timestamp(meta.mtime)),
-            content_type: attrs.content_type.clone(),
-            metadata: attrs.metadata(),
-            ..Default::default()
-        }))
+        let (head, _) = object_head(
+            &meta,
+            Asked {
+                if_match: input.if_match.as_ref(),
+                if_unmodified_since: input.if_unmodified_since.as_ref(),
+                if_none_match: input.if_none_match.as_ref(),
+                if_modified_since: input.if_modified_since.as_ref(),
+                range: input.range.as_ref(),
+                part: input.part_number,
+            },
+        )?;
+        Ok(S3Response::new(head))
     }
 
     async fn delete_object(
