@@ -144,6 +144,33 @@ impl Open {
     }
 }
 
+/// A request with an empty body sent with `Expect: 100-continue` gets its answer without a
+/// "100 Continue" (hyper skips it: there is nothing to send). botocore (the AWS CLI, boto3)
+/// then takes the answer as a refusal of the body, and the next request it sends on that
+/// connection waits for its answer until the connection times out (30 s per empty file of
+/// an `aws s3 sync`). Such a connection closes after its answer. A middleware of both
+/// listeners' routers.
+pub async fn close_after_empty_expect(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let headers = req.headers();
+    let empty_with_expect = headers
+        .get(axum::http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+        && headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() == b"0");
+    let mut response = next.run(req).await;
+    if empty_with_expect {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

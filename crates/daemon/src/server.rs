@@ -251,6 +251,9 @@ pub fn router(state: Shared) -> Router {
         })
         .layer(middleware::from_fn_with_state(state.clone(), guard))
         .layer(middleware::from_fn(record))
+        .layer(middleware::from_fn(
+            crate::connections::close_after_empty_expect,
+        ))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }

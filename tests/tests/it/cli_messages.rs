@@ -448,3 +448,29 @@ fn a_daemon_whose_stdout_is_gone_serves_on() {
         log.join("\n")
     );
 }
+
+/// The file API closes a connection after answering an empty body sent with
+/// `Expect: 100-continue`, as the S3 endpoint does: botocore-based clients otherwise wait
+/// out the idle timeout on their next request on it.
+#[test]
+fn an_empty_body_sent_with_expect_closes_its_connection() {
+    use std::io::{Read, Write};
+    let dir = tmp();
+    let d = Daemon::start(dir.path(), &[]);
+    let mut s = std::net::TcpStream::connect(d.addr()).expect("connect");
+    s.write_all(
+        b"PUT /v1/files/empty HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+    )
+    .expect("send");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .expect("timeout");
+    let mut answer = String::new();
+    // The connection closes after the answer: reading to the end returns.
+    s.read_to_string(&mut answer).expect("read to the close");
+    assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    d.stop();
+}

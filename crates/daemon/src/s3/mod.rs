@@ -1414,10 +1414,14 @@ pub fn router(
     } else {
         router
     };
-    Ok(router.layer(axum::middleware::from_fn_with_state(
-        state,
-        refuse_while_draining,
-    )))
+    Ok(router
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            refuse_while_draining,
+        ))
+        .layer(axum::middleware::from_fn(
+            crate::connections::close_after_empty_expect,
+        )))
 }
 
 /// Query parameters of a presigned URL (SigV4 and SigV2).
@@ -1516,18 +1520,6 @@ async fn refuse_while_draining(
     {
         *req.body_mut() = axum::body::Body::empty();
     }
-    let headers = req.headers();
-    // An empty body sent with `Expect: 100-continue` gets its answer without a "100
-    // Continue" (hyper skips it: there is nothing to send). botocore (the AWS CLI, boto3)
-    // then takes the answer as a refusal of the body, and the next request it sends on
-    // that connection waits for its answer until the connection times out (30 s per empty
-    // file of an `aws s3 sync`). Closing such a connection after its answer avoids it.
-    let empty_with_expect = headers
-        .get(axum::http::header::EXPECT)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
-        && headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .is_some_and(|v| v.as_bytes() == b"0");
     let head = req.method() == axum::http::Method::HEAD;
     let mut response = next.run(req).await;
     // A HEAD of a range or a part answers 206, as the GET would.
@@ -1538,12 +1530,6 @@ async fn refuse_while_draining(
             .contains_key(axum::http::header::CONTENT_RANGE)
     {
         *response.status_mut() = axum::http::StatusCode::PARTIAL_CONTENT;
-    }
-    if empty_with_expect {
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
     }
     response
 }
