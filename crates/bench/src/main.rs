@@ -27,6 +27,10 @@
 //!   after one small change, and the restore time, on volumes of 10,000 and 100,000 files,
 //!   against a copy of the database file; the time the library workload spends shipping, and
 //!   (`--baseline-bench`) its write+flush against a build without shipping;
+//! - remote (`remote.rs`, `--only remote`): the file namespace in front of a real S3 server
+//!   (s3s-fs, in a process of its own) behind a delaying proxy at several round trips and a
+//!   bandwidth cap: write+flush, cold reads by 1 and 8 readers, hot read, as ratios to
+//!   loopback, with the requests and the egress against the unique bytes;
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
 //!
@@ -41,6 +45,7 @@ mod daemon;
 mod format;
 mod metadata;
 mod patch;
+mod remote;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -91,10 +96,14 @@ struct Args {
     /// Another build of this benchmark whose library workload runs alternately with this
     /// one's in the metadata workload (a build without metadata shipping).
     baseline_bench: Option<PathBuf>,
+    /// The remote workload's S3 server (child `s3-server`): the round trip its proxy adds.
+    rtt_ms: u64,
+    /// ... and its bandwidth cap in Mbit/s (0: none).
+    rate_mbit: u64,
 }
 
 /// The workloads `--only` accepts.
-const ONLY: [&str; 4] = ["patch", "format", "metadata", "daemon"];
+const ONLY: [&str; 5] = ["patch", "format", "metadata", "daemon", "remote"];
 
 fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -132,6 +141,8 @@ fn parse_args() -> Result<Args, Error> {
         content: "random".to_owned(),
         ship_files: metadata::DEFAULT_FILES.to_vec(),
         baseline_bench: None,
+        rtt_ms: 0,
+        rate_mbit: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -177,6 +188,8 @@ fn parse_args() -> Result<Args, Error> {
                     .collect::<Result<_, _>>()?
             }
             "--baseline-bench" => a.baseline_bench = Some(value()?.into()),
+            "--rtt-ms" => a.rtt_ms = value()?.parse()?,
+            "--rate-mbit" => a.rate_mbit = value()?.parse()?,
             "--only" => {
                 let only = value()?;
                 if !ONLY.contains(&only.as_str()) {
@@ -188,7 +201,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon|remote] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
@@ -772,7 +785,19 @@ fn run_child(
     data_mib: u64,
     extra: &[&str],
 ) -> Result<Sample, Error> {
-    run_child_of(None, args, kind, block_size, data_mib, extra)
+    run_child_of(None, args, kind, block_size, data_mib, extra, &[])
+}
+
+/// [`run_child`] with `env` added to the child's environment.
+fn run_child_env(
+    args: &Args,
+    kind: &str,
+    block_size: u64,
+    data_mib: u64,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Sample, Error> {
+    run_child_of(None, args, kind, block_size, data_mib, extra, env)
 }
 
 /// [`run_child`] of the benchmark `exe` (this one if `None`).
@@ -783,6 +808,7 @@ fn run_child_of(
     block_size: u64,
     data_mib: u64,
     extra: &[&str],
+    env: &[(&str, &str)],
 ) -> Result<Sample, Error> {
     // Start every configuration from a quiet disk: write back what earlier configurations
     // (and builds) left dirty, so their writeback does not land in this one's fsyncs.
@@ -810,6 +836,7 @@ fn run_child_of(
             &args.dir.display().to_string(),
         ])
         .args(extra)
+        .envs(env.iter().copied())
         .output()?;
     if !output.status.success() {
         return Err(format!(
@@ -871,6 +898,9 @@ fn main() -> Result<(), Error> {
             .with_writer(std::io::stderr)
             .init();
     }
+    if args.child.as_deref() == Some("s3-server") {
+        return remote::server(&args);
+    }
     if let Some(kind) = args.child.clone() {
         // The daemon's client runs on one thread: it only moves bytes to sockets, and a
         // second thread would add wakeups on the cores the daemon needs.
@@ -893,6 +923,7 @@ fn main() -> Result<(), Error> {
             "daemon8-s3" => runtime.block_on(daemon::daemon(&args, 8, daemon::Api::S3))?,
             "patch" => runtime.block_on(patch::library(&args))?,
             "daemon-patch" => runtime.block_on(patch::daemon(&args))?,
+            "remote" => runtime.block_on(remote::remote(&args))?,
             "ship" => {
                 let files = *args.ship_files.first().ok_or("--ship-files is empty")?;
                 runtime.block_on(metadata::ship(&args, files))?
@@ -1028,11 +1059,14 @@ fn main() -> Result<(), Error> {
                         continue;
                     }
                     let t = Instant::now();
-                    let sample = run_child_of(exe, &args, "library", bs, args.data_mib, &[])?;
+                    let sample = run_child_of(exe, &args, "library", bs, args.data_mib, &[], &[])?;
                     eprintln!("  {group}: {:.1} s", t.elapsed().as_secs_f64());
                     results.borrow_mut().entry(group).or_default().push(sample);
                 }
             }
+        }
+        if only("remote") {
+            remote::run_all(&args, run, &results)?;
         }
         if only("format") {
             for content in format::CONTENTS {
@@ -1062,6 +1096,7 @@ fn main() -> Result<(), Error> {
     format::add_ratios(&mut results);
     metadata::add_ratios(&mut results, &args.block_sizes);
     daemon::add_ratios(&mut results, args.daemon_block_size);
+    remote::add_ratios(&mut results, args.block_size);
     let stats: BTreeMap<String, BTreeMap<String, Stat>> =
         results.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
     if all {
@@ -1072,6 +1107,9 @@ fn main() -> Result<(), Error> {
     }
     if only("patch") {
         patch::print(&args, &stats);
+    }
+    if only("remote") {
+        remote::print(&args, &stats);
     }
     if only("format") {
         format::print(&args, &stats);
