@@ -45,6 +45,9 @@ pub struct Usage {
     pub downloads: u64,
     /// Bytes downloaded.
     pub download_bytes: u64,
+    /// Misses served without a download: the block's object was already cached for another
+    /// block, whose file the missing block now shares (a hard link).
+    pub download_dedup_hits: u64,
     /// Downloads that failed or returned corrupted data.
     pub download_errors: u64,
     /// Commits that deduplicated against an existing object.

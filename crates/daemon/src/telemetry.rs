@@ -153,6 +153,11 @@ pub const USAGE_COUNTERS: &[(&str, Unit, &str)] = &[
         "Blocks whose content the volume already held.",
     ),
     (
+        "blockcache_download_dedup_hits_total",
+        Unit::Count,
+        "Misses served by sharing the cached file of another block with the same object, without a download.",
+    ),
+    (
         "blockcache_deletes_total",
         Unit::Count,
         "Objects deleted from the store.",

@@ -544,6 +544,20 @@ impl Db {
         row.as_ref().map(object_from_row).transpose()
     }
 
+    /// Up to `limit` blocks (inode, block number) mapped to object `obj_id`.
+    pub async fn blocks_of_object(&self, obj_id: u64, limit: u32) -> Result<Vec<(u64, u64)>> {
+        let rows: Vec<(i64, i64)> =
+            sqlx::query_as("SELECT inode, blockno FROM blocks WHERE obj_id = ? LIMIT ?")
+                .bind(to_i64(obj_id)?)
+                .bind(i64::from(limit))
+                .fetch_all(&self.readers)
+                .await
+                .map_err(ctx("list the blocks of an object"))?;
+        rows.into_iter()
+            .map(|(i, b)| Ok((to_u64(i, "inode")?, to_u64(b, "block number")?)))
+            .collect()
+    }
+
     /// Block numbers of `inode` in `range` that have a mapping.
     pub async fn mapped_blocks(&self, inode: u64, range: Range<u64>) -> Result<Vec<u64>> {
         let rows: Vec<i64> = sqlx::query_scalar(

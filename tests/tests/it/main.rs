@@ -22,6 +22,7 @@ mod metadata;
 mod model;
 mod namespace;
 mod owner;
+mod read_dedup;
 mod restore_drill;
 mod s3_gateway;
 mod s3_store;

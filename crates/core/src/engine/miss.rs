@@ -11,7 +11,7 @@ use super::handle::{BlockHandle, Intent};
 use super::state::Origin;
 use super::upload::wait_done;
 use crate::cache_dir::{self, Marker, Stamp};
-use crate::{Error, Result};
+use crate::{BlockKey, Error, Result};
 
 /// A download, checked against the metadata and written into the cache.
 enum Fetched {
@@ -29,6 +29,40 @@ fn mismatch(actual: &[u8; 32], expected: &[u8; 32]) -> String {
         hex::encode(actual),
         hex::encode(expected)
     )
+}
+
+/// Checks the clean file of `key`, just linked from elsewhere, against the object's length
+/// and SHA-256.
+fn check_linked(
+    dir: &cache_dir::CacheDir,
+    key: BlockKey,
+    len: u64,
+    hash: [u8; 32],
+) -> std::io::Result<Fetched> {
+    let file = dir.open(key, Marker::Clean)?;
+    let meta = file.metadata()?;
+    let actual = meta.len();
+    if actual != len {
+        return Ok(Fetched::Mismatch(format!(
+            "{actual} bytes instead of {len}"
+        )));
+    }
+    let digest = cache_dir::hash_open(&file, len)?;
+    if digest != hash {
+        return Ok(Fetched::Mismatch(mismatch(&digest, &hash)));
+    }
+    Ok(Fetched::Installed(file, Stamp::of(&meta)))
+}
+
+/// Hard-links `source` as `dest`; a file in the way is unlinked first (never truncated).
+fn link_replacing(source: &std::path::Path, dest: &std::path::Path) -> std::io::Result<()> {
+    std::fs::hard_link(source, dest).or_else(|e| {
+        if e.kind() != std::io::ErrorKind::AlreadyExists {
+            return Err(e);
+        }
+        std::fs::remove_file(dest)?;
+        std::fs::hard_link(source, dest)
+    })
 }
 
 impl BlockHandle {
@@ -119,20 +153,28 @@ impl BlockHandle {
             // The object is still being uploaded for another block: wait for it.
             wait_done(done).await.map_err(|_| lost())?;
         }
+        // One miss per object at a time: the misses of other blocks of this object wait
+        // here, then share this one's file instead of downloading the object again.
+        let _object = inner.object_locks.lock(object.id).await;
         // Room for the block, given back if this fails or the caller gives up.
         let room = inner.make_room(object.length, 1).await?;
-        let linked = if inner.backend.can_link() {
-            self.link_download(&object, hash).await?
+        let mut downloaded = false;
+        let (fetched, action) = if let Some(shared) = self.share_cached(&object, hash).await? {
+            Counters::add(&inner.counters.download_dedup_hits, 1);
+            (Ok(shared), "link a cached copy of the object")
+        } else if let Some(linked) = match inner.backend.can_link() {
+            true => self.link_download(&object, hash).await?,
+            false => None,
+        } {
+            downloaded = true;
+            (linked, "link the object into the cache")
         } else {
-            None
-        };
-        let (fetched, action) = match linked {
-            Some(fetched) => (fetched, "link the object into the cache"),
-            // Not linkable: fetch the bytes.
-            None => (
+            // Neither: fetch the bytes.
+            downloaded = true;
+            (
                 self.fetch_download(&object, hash).await?,
                 "store downloaded block",
-            ),
+            )
         };
         {
             // The reservation becomes the entry in one critical section.
@@ -161,10 +203,64 @@ impl BlockHandle {
                 ));
             }
         };
-        Counters::add(&inner.counters.downloads, 1);
-        Counters::add(&inner.counters.download_bytes, object.length);
+        if downloaded {
+            Counters::add(&inner.counters.downloads, 1);
+            Counters::add(&inner.counters.download_bytes, object.length);
+        }
         self.file = Some(file);
         Ok(())
+    }
+
+    /// A miss whose object is cached for another block (room is reserved): the clean cache
+    /// file becomes a hard link to that block's file, so the object is neither downloaded
+    /// again nor stored twice in the cache, then it is checked like a download (length and
+    /// SHA-256), since the other block may have changed meanwhile. A later change of either
+    /// block gives it a file of its own first (invariant 11). `None` when no cached block of
+    /// the object could be shared.
+    async fn share_cached(
+        &mut self,
+        object: &blockcache_db::Object,
+        hash: [u8; 32],
+    ) -> Result<Option<Fetched>> {
+        /// Blocks of the object looked at: enough to find a cached one, when it is usual for
+        /// an object to be cached for the blocks read together.
+        const CANDIDATES: u32 = 16;
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        let blocks = inner.db.blocks_of_object(object.id, CANDIDATES).await?;
+        let sources: Vec<_> = {
+            let st = inner.lock_state();
+            blocks
+                .into_iter()
+                .map(|(inode, blockno)| BlockKey::new(inode, blockno))
+                .filter(|k| *k != key)
+                .filter_map(|k| {
+                    st.get(k)
+                        .filter(|c| !c.dirty && c.verified && c.size == object.length)
+                        .map(|c| inner.dir.file(k, c.marker))
+                })
+                .collect()
+        };
+        if sources.is_empty() {
+            return Ok(None);
+        }
+        let (dir, len) = (inner.dir.clone(), object.length);
+        let shared = tokio::task::spawn_blocking(move || {
+            let path = dir.file(key, Marker::Clean);
+            sources.into_iter().find_map(|source| {
+                link_replacing(&source, &path).ok()?;
+                match check_linked(&dir, key, len, hash) {
+                    Ok(fetched @ Fetched::Installed(..)) => Some(fetched),
+                    _ => {
+                        let _ = std::fs::remove_file(&path);
+                        None
+                    }
+                }
+            })
+        })
+        .await
+        .expect("link task panicked");
+        Ok(shared)
     }
 
     /// Fetches the object and writes it under the block's clean name (room is reserved).
@@ -251,21 +347,7 @@ impl BlockHandle {
             if !backend.link_out(id, &path).unwrap_or(false) {
                 return None;
             }
-            let checked = (|| -> std::io::Result<Fetched> {
-                let file = dir.open(key, Marker::Clean)?;
-                let meta = file.metadata()?;
-                let actual = meta.len();
-                if actual != len {
-                    return Ok(Fetched::Mismatch(format!(
-                        "{actual} bytes instead of {len}"
-                    )));
-                }
-                let digest = cache_dir::hash_open(&file, len)?;
-                if digest != hash {
-                    return Ok(Fetched::Mismatch(mismatch(&digest, &hash)));
-                }
-                Ok(Fetched::Installed(file, Stamp::of(&meta)))
-            })();
+            let checked = check_linked(&dir, key, len, hash);
             if !matches!(checked, Ok(Fetched::Installed(..))) {
                 let _ = std::fs::remove_file(&path);
             }

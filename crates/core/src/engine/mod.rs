@@ -76,6 +76,7 @@ struct Counters {
     upload_errors: AtomicU64,
     downloads: AtomicU64,
     download_bytes: AtomicU64,
+    download_dedup_hits: AtomicU64,
     download_errors: AtomicU64,
     /// Clean cache files that no longer matched their object and were discarded.
     corrupt_cache_files: AtomicU64,
@@ -115,6 +116,9 @@ pub(crate) struct Inner {
     db: Arc<Db>,
     backend: Backend,
     locks: Arc<KeyedLocks>,
+    /// One miss per object at a time (taken under a block lock, never the other way round):
+    /// the misses of other blocks of the same object wait, then share the first one's file.
+    object_locks: Arc<KeyedLocks<u64>>,
     state: Mutex<State>,
     budget: Arc<Budget>,
     /// Wakes the commit task: writers wait for the dirty budget.
@@ -173,6 +177,7 @@ impl Inner {
             db: Arc::new(db),
             backend,
             locks: Arc::new(KeyedLocks::default()),
+            object_locks: Arc::new(KeyedLocks::default()),
             state: Mutex::new(State::new(config.max_bytes, config.max_entries)),
             budget: Arc::new(Budget::new(config.max_dirty_bytes)),
             pressure: Notify::new(),
@@ -371,6 +376,7 @@ impl Inner {
             upload_errors: get(&c.upload_errors),
             downloads: get(&c.downloads),
             download_bytes: get(&c.download_bytes),
+            download_dedup_hits: get(&c.download_dedup_hits),
             download_errors: get(&c.download_errors),
             dedup_hits: get(&c.dedup_hits),
             deletes: get(&c.deletes),
