@@ -22,7 +22,8 @@ pub struct Config {
     pub max_entries: u64,
     /// Most dirty bytes; writers wait above it.
     pub max_dirty_bytes: u64,
-    /// Concurrent uploads.
+    /// Most uploads at once: how many run adapts between 8 and this (at most 64 MiB of
+    /// blocks) to the store's latency.
     pub upload_tasks: usize,
     /// Blocks are committed and uploaded in the background once unmodified for this long;
     /// `None` leaves uploads to `commit`, `flush`, eviction and dirty-budget pressure.
@@ -67,7 +68,7 @@ impl Config {
             max_bytes: 1 << 30,
             max_entries: 65_536,
             max_dirty_bytes: 256 << 20,
-            upload_tasks: 8,
+            upload_tasks: 64,
             upload_delay: Some(Duration::from_secs(10)),
             shutdown_grace: Duration::from_secs(30),
             dirty_wait: Some(Duration::from_secs(30)),

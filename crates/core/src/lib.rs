@@ -33,6 +33,7 @@ mod key;
 mod keylock;
 mod metadata;
 mod namespace;
+mod pace;
 pub mod restore;
 mod tasks;
 mod usage;

@@ -14,6 +14,7 @@ use crate::engine::{
     syncs_each_object,
 };
 use crate::error::UploadFailure;
+use crate::pace::UploadPace;
 
 /// Most objects deleted in one bulk request.
 const REMOVAL_BATCH: usize = 1000;
@@ -28,9 +29,14 @@ const CONFIRM_BATCH: usize = 1024;
 pub(crate) fn start(inner: &Arc<Inner>, queues: crate::engine::Queues, intake: CancellationToken) {
     let tracker = inner.tracker();
     let jobs = Arc::new(Mutex::new(queues.uploads));
-    for _ in 0..inner.config().upload_tasks {
+    let pace = Arc::new(UploadPace::new(
+        inner.config().upload_tasks,
+        inner.config().block_size,
+    ));
+    for _ in 0..pace.ceiling() {
         tracker.spawn(upload_worker(
             jobs.clone(),
+            pace.clone(),
             inner.backend().clone(),
             inner.cancel_token().child_token(),
         ));
@@ -97,20 +103,27 @@ async fn store_watch(inner: Arc<Inner>) {
     }
 }
 
-/// One upload worker: takes jobs from the shared bounded queue and replies through each
-/// job's oneshot. Shared by `upload_tasks` workers (the replacement of S3QL's Distributor).
+/// One upload worker: waits for its turn (`pace.rs`: how many uploads run at once adapts to
+/// the store's latency), takes a job from the shared bounded queue and replies through the
+/// job's oneshot. The workers share the queue (the replacement of S3QL's Distributor).
 async fn upload_worker(
     jobs: Arc<Mutex<mpsc::Receiver<UploadJob>>>,
+    pace: Arc<UploadPace>,
     backend: Backend,
     cancel: CancellationToken,
 ) {
     loop {
-        let job = {
+        let turn = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            turn = pace.turn() => turn,
+        };
+        let (job, backlog) = {
             let mut jobs = jobs.lock().await;
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => return,
-                job = jobs.recv() => job,
+                job = jobs.recv() => (job, !jobs.is_empty()),
             }
         };
         let Some(job) = job else { return };
@@ -133,8 +146,12 @@ async fn upload_worker(
                 result = Err(UploadFailure::Store(e));
             }
         }
+        let took = started.elapsed().as_secs_f64();
         metrics::histogram!("blockcache_upload_duration_seconds", "outcome" => outcome_label(&result))
-            .record(started.elapsed().as_secs_f64());
+            .record(took);
+        if result.is_ok() {
+            pace.done(turn, took, backlog);
+        }
         // The receiver is gone only if its recording task was cancelled; nothing to do then.
         let _ = job.reply.send(result);
     }

@@ -448,7 +448,7 @@ pub struct Settings {
     #[arg(long, env = "BLOCKCACHE_MAX_DIRTY", value_name = "SIZE",
           default_value_t = Size(ENGINE.max_dirty_bytes), value_parser = Size::between(1, u64::MAX))]
     pub max_dirty: Size,
-    /// Concurrent uploads
+    /// Most uploads at once; how many run adapts between 8 and this to the store's latency
     #[arg(long, env = "BLOCKCACHE_UPLOAD_TASKS", value_name = "N",
           default_value_t = ENGINE.upload_tasks, value_parser = integer_between::<usize>(1, MAX_UPLOAD_TASKS))]
     pub upload_tasks: usize,

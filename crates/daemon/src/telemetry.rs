@@ -211,6 +211,11 @@ pub fn describe(process: &metrics_process::Collector) {
         Unit::Seconds,
         "Time of S3 requests to their answer's head, by operation."
     );
+    describe_gauge!(
+        "blockcache_upload_concurrency",
+        Unit::Count,
+        "Uploads allowed at once, as adapted to the store's latency (between 8 and --upload-tasks)."
+    );
     describe_histogram!(
         "blockcache_upload_duration_seconds",
         Unit::Seconds,

@@ -23,6 +23,7 @@ mod model;
 mod namespace;
 mod owner;
 mod read_dedup;
+mod readahead;
 mod restore_drill;
 mod s3_gateway;
 mod s3_store;

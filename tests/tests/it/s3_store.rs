@@ -102,8 +102,17 @@ async fn blocks_round_trip_through_s3_with_dedup_cold_reads_and_restarts() {
             data(b % 4, 4096)
         );
     }
+    // One download per object: the other blocks share the cached copy.
     let usage = cache.usage().await.expect("usage");
-    assert_eq!((usage.downloads, usage.dedup_savings), (12, 8 * 4096));
+    assert_eq!(
+        (
+            usage.downloads,
+            usage.download_dedup_hits,
+            usage.dedup_savings
+        ),
+        (4, 8, 8 * 4096)
+    );
+    assert_eq!(v.faults.calls(Op::Get), 4, "one GET per object");
     cache.shutdown().await.expect("shutdown");
     // After a restart (the next epoch), old objects read back and new ones get new keys.
     let cache = v.open().await;

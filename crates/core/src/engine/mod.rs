@@ -29,6 +29,7 @@ mod flush;
 mod handle;
 mod miss;
 mod owner;
+mod prefetch;
 mod recovery;
 mod remove;
 mod settle;
@@ -119,6 +120,8 @@ pub(crate) struct Inner {
     /// One miss per object at a time (taken under a block lock, never the other way round):
     /// the misses of other blocks of the same object wait, then share the first one's file.
     object_locks: Arc<KeyedLocks<u64>>,
+    /// Prefetches that may run at once (`prefetch.rs`).
+    prefetch_slots: Arc<tokio::sync::Semaphore>,
     state: Mutex<State>,
     budget: Arc<Budget>,
     /// Wakes the commit task: writers wait for the dirty budget.
@@ -169,7 +172,8 @@ impl Inner {
         db.check_block_size(config.block_size).await?;
         let cancel = CancellationToken::new();
         let backend = backend.with_cancel(cancel.child_token());
-        let (upload_tx, uploads) = mpsc::channel(config.upload_tasks);
+        // The queue only keeps the workers fed: its jobs hold their bytes.
+        let (upload_tx, uploads) = mpsc::channel(crate::pace::FLOOR.min(config.upload_tasks));
         let (removal_tx, removals) = mpsc::channel(QUEUE_DEPTH);
         let (confirm_tx, confirmations) = mpsc::channel(QUEUE_DEPTH);
         let inner = Arc::new(Self {
@@ -178,6 +182,7 @@ impl Inner {
             backend,
             locks: Arc::new(KeyedLocks::default()),
             object_locks: Arc::new(KeyedLocks::default()),
+            prefetch_slots: Arc::new(tokio::sync::Semaphore::new(prefetch::PREFETCH_SLOTS)),
             state: Mutex::new(State::new(config.max_bytes, config.max_entries)),
             budget: Arc::new(Budget::new(config.max_dirty_bytes)),
             pressure: Notify::new(),

@@ -1,10 +1,22 @@
 //! [`FileReader`]: reads of one version of a file, which it keeps alive. Besides reads at an
 //! offset it is a [`tokio::io::AsyncRead`] and [`tokio::io::AsyncSeek`] (a block read at a
 //! time), so `tokio::io::copy` and friends work on it.
+//!
+//! Readahead: a reader whose reads follow each other keeps the blocks after the one it reads
+//! loading into the cache in the background (`Inner::prefetch`), so that a far store's
+//! latency is paid once per window, not once per block. A read from the file's start, or
+//! one that follows the previous read, starts a window of [`FIRST_WINDOW`] blocks; the next
+//! sequential read widens it to half the window the last sequential reader grew to (so each
+//! file does not learn the store's latency again), and it doubles each time the reader
+//! catches up with it (the block it reads is not cached yet), until the downloads in flight
+//! cover the link's bandwidth-delay product, at most [`MAX_AHEAD_BYTES`] or an eighth of the
+//! cache. A read elsewhere ends it: random access prefetches nothing. Prefetched blocks are clean cache entries like any other, so the
+//! memory they take is the cache's disk, not buffers.
 
 use std::future::Future;
 use std::io::SeekFrom;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -12,7 +24,25 @@ use bytes::{Buf, Bytes};
 
 use super::FileMeta;
 use super::shared::{PinGuard, Shared};
-use crate::Result;
+use crate::{BlockKey, Result};
+
+/// The readahead window on the second sequential read, in blocks.
+const FIRST_WINDOW: u64 = 4;
+/// The most one reader keeps loading ahead of itself.
+const MAX_AHEAD_BYTES: u64 = 64 << 20;
+
+/// One reader's readahead.
+#[derive(Debug, Default)]
+struct ReadAhead {
+    /// Whether a read was seen.
+    started: bool,
+    /// Where the next sequential read would start.
+    next: u64,
+    /// Blocks kept loading ahead of the reader; 0 while it reads elsewhere.
+    window: u64,
+    /// The first block not asked for yet.
+    asked_until: u64,
+}
 
 /// A read in flight for [`tokio::io::AsyncRead`].
 type PendingRead = Pin<Box<dyn Future<Output = Result<Bytes>> + Send>>;
@@ -29,6 +59,9 @@ pub struct FileReader {
     /// The read in flight, if any. Behind a mutex only so that the reader stays `Sync`; it is
     /// only ever locked inside a poll, never across an await.
     pending: Mutex<Option<PendingRead>>,
+    /// Behind a mutex only so that reads can take `&self`; never held across an await nor
+    /// while another lock is taken.
+    ahead: Mutex<ReadAhead>,
 }
 
 impl std::fmt::Debug for FileReader {
@@ -49,6 +82,7 @@ impl FileReader {
             pos: 0,
             buffered: Bytes::new(),
             pending: Mutex::new(None),
+            ahead: Mutex::new(ReadAhead::default()),
         }
     }
 
@@ -59,9 +93,62 @@ impl FileReader {
 
     /// Reads up to `len` bytes at `offset` (fewer at the end of the file, as opened).
     pub async fn read(&self, offset: u64, len: usize) -> Result<Bytes> {
+        self.read_ahead(offset, len as u64);
         self.shared
             .read(self.meta.inode, self.meta.size, offset, len)
             .await
+    }
+
+    /// Notes a read of `len` bytes at `offset` and, for a sequential reader, asks for the
+    /// blocks of its window that were not asked for yet (see the module's doc).
+    fn read_ahead(&self, offset: u64, len: u64) {
+        let size = self.meta.size;
+        let end = offset.saturating_add(len).min(size);
+        if end <= offset {
+            return;
+        }
+        let inner = &self.shared.inner;
+        let bs = self.shared.block_size().max(1);
+        let inode = self.meta.inode;
+        let (sequential, window, asked_until) = {
+            let mut ra = self.ahead.lock().expect("readahead poisoned");
+            // Reads a block apart count as one stream: concurrent reads of one reader may
+            // arrive slightly out of order.
+            let sequential = offset.abs_diff(ra.next) <= bs && (ra.started || offset == 0);
+            ra.started = true;
+            ra.next = end;
+            if !sequential {
+                ra.window = 0;
+                ra.asked_until = 0;
+            }
+            (sequential, ra.window, ra.asked_until)
+        };
+        if !sequential {
+            return;
+        }
+        let max_window = (MAX_AHEAD_BYTES.min(inner.config().max_bytes / 8) / bs).max(1);
+        let hint = &self.shared.readahead_hint;
+        let window = if window == 0 {
+            FIRST_WINDOW.max(hint.load(Ordering::Relaxed) / 2)
+        } else if !inner.is_cached(BlockKey::new(inode, offset / bs)) {
+            // The reader caught up with the window: more downloads must be in flight.
+            let grown = (window * 2).max(hint.load(Ordering::Relaxed) / 2);
+            hint.store(grown.min(max_window), Ordering::Relaxed);
+            grown
+        } else {
+            window.max(hint.load(Ordering::Relaxed) / 2)
+        }
+        .min(max_window);
+        let current = (end - 1) / bs;
+        let last = (size - 1) / bs;
+        let to = current.saturating_add(window).min(last);
+        let mut next = asked_until.max(current + 1);
+        while next <= to && inner.prefetch(BlockKey::new(inode, next)) {
+            next += 1;
+        }
+        let mut ra = self.ahead.lock().expect("readahead poisoned");
+        ra.window = window;
+        ra.asked_until = ra.asked_until.max(next);
     }
 
     /// The volume's block size: reads of whole aligned blocks are served without copies.
@@ -88,9 +175,19 @@ impl tokio::io::AsyncRead for FileReader {
             if this.pos >= this.meta.size || buf.remaining() == 0 {
                 return Poll::Ready(Ok(()));
             }
+            if this
+                .pending
+                .get_mut()
+                .expect("pending read poisoned")
+                .is_none()
+            {
+                // Up to the end of the block `pos` is in: one block of memory at a time.
+                let bs = this.shared.block_size().max(1);
+                let len = (bs - this.pos % bs).min(this.meta.size - this.pos);
+                this.read_ahead(this.pos, len);
+            }
             let pending = this.pending.get_mut().expect("pending read poisoned");
             let read = pending.get_or_insert_with(|| {
-                // Up to the end of the block `pos` is in: one block of memory at a time.
                 let bs = this.shared.block_size().max(1);
                 let len = (bs - this.pos % bs).min(this.meta.size - this.pos) as usize;
                 let (shared, inode, size, pos) = (

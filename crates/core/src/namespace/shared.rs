@@ -32,6 +32,9 @@ pub(super) struct Shared {
     /// The same tasks by the order they started in, for [`Namespace::wait_for_cleanups`].
     pub(super) cleanup_tickets: tokio::sync::watch::Sender<Tickets>,
     pub(super) max_file_size: u64,
+    /// The readahead window (blocks) a sequential reader last grew to: a new reader starts
+    /// from half of it, so each file does not learn the store's latency again (`reader.rs`).
+    pub(super) readahead_hint: std::sync::atomic::AtomicU64,
     /// Staging inodes allocated ahead and not yet taken by a writer, the next one last.
     pub(super) spare_inodes: Mutex<Vec<u64>>,
     /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
@@ -86,6 +89,7 @@ impl Shared {
             cleanups: TaskTracker::new(),
             cleanup_tickets: tokio::sync::watch::Sender::new(Tickets::default()),
             max_file_size,
+            readahead_hint: std::sync::atomic::AtomicU64::new(0),
             spare_inodes: Mutex::new(Vec::new()),
             spare_buffers: Mutex::new(Vec::new()),
             unapplied: Mutex::new(HashMap::new()),

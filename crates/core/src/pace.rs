@@ -1,0 +1,158 @@
+//! How many uploads run at once: between a floor and a ceiling, adapted to the store's
+//! latency as it is measured (`UploadPace`).
+//!
+//! A far store needs many uploads in flight to be busy (each waits a round trip), a near one
+//! few (more only contend for the same disk and cores): the right number depends on the
+//! latency, which the user should not have to tune. Like TCP Vegas, the pace compares each
+//! upload's duration with the fastest one seen lately. While uploads take little longer than
+//! the fastest (the link is not queuing) and jobs wait for a worker, one more upload may
+//! run; once they take several times longer (the link or the store is saturated and more
+//! concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
+//! far one climbs towards the ceiling, until its bandwidth is used.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Uploads that may always run at once (the fixed number before the pace adapted).
+pub(crate) const FLOOR: usize = 8;
+/// Most bytes of uploads in flight: the ceiling is lowered for large blocks, whose bytes
+/// each upload holds in memory.
+const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
+/// A duration below this multiple of the fastest lets one more upload run...
+const GROW_BELOW: f64 = 1.5;
+/// ... and one above this multiple stops one.
+const SHRINK_ABOVE: f64 = 3.0;
+/// The weight of each new duration in the recent average.
+const RECENT_WEIGHT: f64 = 0.2;
+/// How fast the fastest duration forgets (per upload), so that a store that moved farther
+/// away is learned again.
+const FASTEST_DRIFT: f64 = 1.001;
+
+/// The upload workers' permits and the measure that sizes them.
+#[derive(Debug)]
+pub(crate) struct UploadPace {
+    permits: Arc<Semaphore>,
+    floor: usize,
+    ceiling: usize,
+    measure: Mutex<Measure>,
+}
+
+#[derive(Debug)]
+struct Measure {
+    /// Uploads allowed at once: the permits handed out and available.
+    limit: usize,
+    /// The fastest recent upload (seconds).
+    fastest: Option<f64>,
+    /// The average of recent uploads (seconds).
+    recent: Option<f64>,
+}
+
+impl UploadPace {
+    /// A pace between [`FLOOR`] and `upload_tasks` (at most [`MAX_BYTES_IN_FLIGHT`] of
+    /// `block_size` blocks, but never under the floor), starting at the floor.
+    pub(crate) fn new(upload_tasks: usize, block_size: u64) -> Self {
+        let by_memory =
+            usize::try_from(MAX_BYTES_IN_FLIGHT / block_size.max(1)).unwrap_or(usize::MAX);
+        let ceiling = upload_tasks.min(by_memory.max(FLOOR));
+        let floor = FLOOR.min(ceiling);
+        Self {
+            permits: Arc::new(Semaphore::new(floor)),
+            floor,
+            ceiling,
+            measure: Mutex::new(Measure {
+                limit: floor,
+                fastest: None,
+                recent: None,
+            }),
+        }
+    }
+
+    /// The most uploads that may ever run at once: the number of workers to start.
+    pub(crate) fn ceiling(&self) -> usize {
+        self.ceiling
+    }
+
+    /// Uploads allowed at once now.
+    #[cfg(test)]
+    pub(crate) fn limit(&self) -> usize {
+        self.measure.lock().expect("pace poisoned").limit
+    }
+
+    /// Waits for a turn to upload. Cancel-safe.
+    pub(crate) async fn turn(&self) -> OwnedSemaphorePermit {
+        Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the pace's semaphore is never closed")
+    }
+
+    /// Records an upload that took `secs`, while other jobs were waiting (`backlog`) or not,
+    /// and gives its turn back, or keeps it when the limit goes down.
+    pub(crate) fn done(&self, turn: OwnedSemaphorePermit, secs: f64, backlog: bool) {
+        let mut m = self.measure.lock().expect("pace poisoned");
+        let fastest = m.fastest.map_or(secs, |f| (f * FASTEST_DRIFT).min(secs));
+        let recent = m.recent.map_or(secs, |r| r + RECENT_WEIGHT * (secs - r));
+        m.fastest = Some(fastest);
+        m.recent = Some(recent);
+        let mut grow = false;
+        if recent > SHRINK_ABOVE * fastest && m.limit > self.floor {
+            m.limit -= 1;
+            // This turn is not given back: one fewer upload runs.
+            turn.forget();
+        } else {
+            grow = recent < GROW_BELOW * fastest && backlog && m.limit < self.ceiling;
+            if grow {
+                m.limit += 1;
+            }
+            drop(turn);
+        }
+        let limit = m.limit;
+        drop(m);
+        if grow {
+            self.permits.add_permits(1);
+        }
+        metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn upload(pace: &UploadPace, secs: f64, backlog: bool) {
+        let turn = pace.turn().await;
+        pace.done(turn, secs, backlog);
+    }
+
+    #[tokio::test]
+    async fn a_far_store_climbs_to_the_ceiling_and_a_saturated_one_falls_back() {
+        let pace = UploadPace::new(64, 1 << 20);
+        assert_eq!((pace.limit(), pace.ceiling()), (FLOOR, 64));
+        // Uploads that all take one round trip, with jobs waiting: one more each time.
+        for _ in 0..100 {
+            upload(&pace, 0.1, true).await;
+        }
+        assert_eq!(pace.limit(), 64);
+        assert_eq!(pace.permits.available_permits(), 64);
+        // Saturated: each upload takes much longer than the fastest.
+        for _ in 0..100 {
+            upload(&pace, 0.5, true).await;
+        }
+        assert!(pace.limit() < 64, "limit {}", pace.limit());
+        assert_eq!(pace.permits.available_permits(), pace.limit());
+    }
+
+    #[tokio::test]
+    async fn no_backlog_no_growth_and_large_blocks_lower_the_ceiling() {
+        let pace = UploadPace::new(64, 1 << 20);
+        for _ in 0..50 {
+            upload(&pace, 0.1, false).await;
+        }
+        assert_eq!(pace.limit(), FLOOR);
+        assert_eq!(UploadPace::new(64, 4 << 20).ceiling(), 16);
+        assert_eq!(UploadPace::new(64, 64 << 20).ceiling(), FLOOR);
+        assert_eq!(UploadPace::new(2, 1 << 20).ceiling(), 2);
+        assert_eq!(UploadPace::new(2, 1 << 20).limit(), 2);
+    }
+}
