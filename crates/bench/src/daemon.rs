@@ -31,6 +31,11 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Stops the daemon with SIGTERM (it flushes, then exits) and checks that it exited 0.
     pub fn stop(mut self) -> Result<(), Error> {
         let stop = Command::new("kill")
@@ -70,7 +75,16 @@ fn binary() -> Result<PathBuf, Error> {
 /// Starts the release daemon on a free port with its data under `dir`, no background
 /// uploads (`--upload-delay off`) and no S3 endpoint.
 pub fn start(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Daemon, Error> {
-    spawn(dir, block_size, cache_bytes, false)
+    spawn(dir, block_size, cache_bytes, false, true)
+}
+
+/// [`start`] with the default upload delay (background uploads of blocks 10 s old).
+pub fn start_defaults(
+    dir: &std::path::Path,
+    block_size: u64,
+    cache_bytes: u64,
+) -> Result<Daemon, Error> {
+    spawn(dir, block_size, cache_bytes, false, false)
 }
 
 /// The access key of the S3 endpoint [`start_s3`] starts.
@@ -83,7 +97,7 @@ const S3_BUCKET: &str = "bench";
 /// [`start`], with the S3 endpoint on another free port (with keys: an endpoint without
 /// them refuses signed requests).
 pub fn start_s3(dir: &std::path::Path, block_size: u64, cache_bytes: u64) -> Result<Daemon, Error> {
-    spawn(dir, block_size, cache_bytes, true)
+    spawn(dir, block_size, cache_bytes, true, true)
 }
 
 fn spawn(
@@ -91,10 +105,15 @@ fn spawn(
     block_size: u64,
     cache_bytes: u64,
     s3: bool,
+    no_background_uploads: bool,
 ) -> Result<Daemon, Error> {
     use std::io::BufRead;
     let mut cmd = Command::new(binary()?);
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--upload-delay", "off"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0"]);
+    if no_background_uploads {
+        cmd.args(["--upload-delay", "off"]);
+    }
+    cmd
         // A plain volume, as the library workload it is compared with (see `open`).
         .args(["--compression", "none"])
         .arg("--data-dir")

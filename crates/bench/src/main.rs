@@ -31,6 +31,9 @@
 //!   (s3s-fs, in a process of its own) behind a delaying proxy at several round trips and a
 //!   bandwidth cap: write+flush, cold reads by 1 and 8 readers, hot read, as ratios to
 //!   loopback, with the requests and the egress against the unique bytes;
+//! - plain (`plain.rs`, `--only plain`): one plain blocking HTTP client on one connection
+//!   sending 64 MiB files one after another through the daemon (default durability), then
+//!   reading them hot, against copy+sync and page-cache reads of the same bytes;
 //! - references: SHA-256 on one core and on all cores; copying the same bytes into a directory
 //!   on the same disk with fsync; reading them back.
 //!
@@ -45,6 +48,7 @@ mod daemon;
 mod format;
 mod metadata;
 mod patch;
+mod plain;
 mod remote;
 
 use std::collections::BTreeMap;
@@ -103,7 +107,7 @@ struct Args {
 }
 
 /// The workloads `--only` accepts.
-const ONLY: [&str; 5] = ["patch", "format", "metadata", "daemon", "remote"];
+const ONLY: [&str; 6] = ["patch", "format", "metadata", "daemon", "remote", "plain"];
 
 fn parse_size(s: &str) -> Result<u64, Error> {
     let s = s.trim();
@@ -201,7 +205,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon|remote] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon|remote|plain] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }
@@ -924,6 +928,7 @@ fn main() -> Result<(), Error> {
             "patch" => runtime.block_on(patch::library(&args))?,
             "daemon-patch" => runtime.block_on(patch::daemon(&args))?,
             "remote" => runtime.block_on(remote::remote(&args))?,
+            "plain" => plain::plain(&args)?,
             "ship" => {
                 let files = *args.ship_files.first().ok_or("--ship-files is empty")?;
                 runtime.block_on(metadata::ship(&args, files))?
@@ -1068,6 +1073,11 @@ fn main() -> Result<(), Error> {
         if only("remote") {
             remote::run_all(&args, run, &results)?;
         }
+        if only("plain") {
+            for bs in plain::BLOCK_SIZES {
+                child(plain::group(bs), "plain", bs, args.data_mib.max(64))?;
+            }
+        }
         if only("format") {
             for content in format::CONTENTS {
                 for spec in &args.format_configs {
@@ -1110,6 +1120,9 @@ fn main() -> Result<(), Error> {
     }
     if only("remote") {
         remote::print(&args, &stats);
+    }
+    if only("plain") {
+        plain::print(&args, &stats);
     }
     if only("format") {
         format::print(&args, &stats);
