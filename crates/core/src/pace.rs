@@ -9,6 +9,11 @@
 //! run; once they take several times longer (the link or the store is saturated and more
 //! concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
 //! far one climbs towards the ceiling, until its bandwidth is used.
+//!
+//! Durations are compared within a size class (objects of one power of two of bytes), since
+//! a small object is always faster than a large one. The fastest duration of a class is its
+//! minimum; it only forgets (creeps up) while the pace is at its floor and uploads are still
+//! slow, which is a store that moved farther away, not a saturated one.
 
 use std::sync::{Arc, Mutex};
 
@@ -25,9 +30,11 @@ const GROW_BELOW: f64 = 1.5;
 const SHRINK_ABOVE: f64 = 3.0;
 /// The weight of each new duration in the recent average.
 const RECENT_WEIGHT: f64 = 0.2;
-/// How fast the fastest duration forgets (per upload), so that a store that moved farther
-/// away is learned again.
-const FASTEST_DRIFT: f64 = 1.001;
+/// How fast the fastest duration forgets (per slow upload at the floor), so that a store
+/// that moved farther away is learned again.
+const FASTEST_DRIFT: f64 = 1.01;
+/// Size classes: objects of up to 2^0 .. 2^63 bytes.
+const CLASSES: usize = 64;
 
 /// The upload workers' permits and the measure that sizes them.
 #[derive(Debug)]
@@ -42,9 +49,9 @@ pub(crate) struct UploadPace {
 struct Measure {
     /// Uploads allowed at once: the permits handed out and available.
     limit: usize,
-    /// The fastest recent upload (seconds).
-    fastest: Option<f64>,
-    /// The average of recent uploads (seconds).
+    /// The fastest upload of each size class (seconds).
+    fastest: [Option<f64>; CLASSES],
+    /// The average of recent uploads' durations, each over its class's fastest.
     recent: Option<f64>,
 }
 
@@ -62,7 +69,7 @@ impl UploadPace {
             ceiling,
             measure: Mutex::new(Measure {
                 limit: floor,
-                fastest: None,
+                fastest: [None; CLASSES],
                 recent: None,
             }),
         }
@@ -87,21 +94,29 @@ impl UploadPace {
             .expect("the pace's semaphore is never closed")
     }
 
-    /// Records an upload that took `secs`, while other jobs were waiting (`backlog`) or not,
-    /// and gives its turn back, or keeps it when the limit goes down.
-    pub(crate) fn done(&self, turn: OwnedSemaphorePermit, secs: f64, backlog: bool) {
+    /// Records an upload of `len` bytes that took `secs`, while other jobs were waiting
+    /// (`backlog`) or not, and gives its turn back, or keeps it when the limit goes down.
+    pub(crate) fn done(&self, turn: OwnedSemaphorePermit, len: u64, secs: f64, backlog: bool) {
+        let secs = secs.max(1e-6);
+        let class = (u64::BITS - len.leading_zeros()) as usize % CLASSES;
         let mut m = self.measure.lock().expect("pace poisoned");
-        let fastest = m.fastest.map_or(secs, |f| (f * FASTEST_DRIFT).min(secs));
-        let recent = m.recent.map_or(secs, |r| r + RECENT_WEIGHT * (secs - r));
-        m.fastest = Some(fastest);
+        let fastest = m.fastest[class].map_or(secs, |f| f.min(secs));
+        let ratio = secs / fastest;
+        let recent = m.recent.map_or(ratio, |r| r + RECENT_WEIGHT * (ratio - r));
         m.recent = Some(recent);
+        m.fastest[class] = Some(if m.limit == self.floor && recent > SHRINK_ABOVE {
+            // Slow even at the floor: the store is farther than it was.
+            (fastest * FASTEST_DRIFT).min(secs)
+        } else {
+            fastest
+        });
         let mut grow = false;
-        if recent > SHRINK_ABOVE * fastest && m.limit > self.floor {
+        if recent > SHRINK_ABOVE && m.limit > self.floor {
             m.limit -= 1;
             // This turn is not given back: one fewer upload runs.
             turn.forget();
         } else {
-            grow = recent < GROW_BELOW * fastest && backlog && m.limit < self.ceiling;
+            grow = recent < GROW_BELOW && backlog && m.limit < self.ceiling;
             if grow {
                 m.limit += 1;
             }
@@ -122,7 +137,36 @@ mod tests {
 
     async fn upload(pace: &UploadPace, secs: f64, backlog: bool) {
         let turn = pace.turn().await;
-        pace.done(turn, secs, backlog);
+        pace.done(turn, 1 << 20, secs, backlog);
+    }
+
+    /// A link that carries `per_sec` uploads a second after a round trip of `rtt`: with
+    /// `limit` uploads in flight, each takes the longer of the round trip and the time the
+    /// link needs for all of them. Returns the limit after `n` uploads, and one in ten is a
+    /// small object (a file's tail) when `tails`.
+    async fn simulate(pace: &UploadPace, rtt: f64, per_sec: f64, n: usize, tails: bool) -> usize {
+        for i in 0..n {
+            let limit = pace.limit() as f64;
+            let turn = pace.turn().await;
+            let (len, secs) = if tails && i % 10 == 0 {
+                (4 << 10, rtt)
+            } else {
+                (1 << 20, rtt.max(limit / per_sec))
+            };
+            pace.done(turn, len, secs, true);
+        }
+        pace.limit()
+    }
+
+    #[tokio::test]
+    async fn a_saturated_link_keeps_the_pace_near_its_bandwidth_delay_product() {
+        // 100 uploads a second at 0.1 s: 10 in flight fill it.
+        let pace = UploadPace::new(64, 1 << 20);
+        let limit = simulate(&pace, 0.1, 100.0, 5000, false).await;
+        assert!((10..=30).contains(&limit), "limit {limit}");
+        // A latency-bound far store with small tails among its objects climbs to the top.
+        let pace = UploadPace::new(64, 1 << 20);
+        assert_eq!(simulate(&pace, 0.1, 1e6, 2000, true).await, 64);
     }
 
     #[tokio::test]

@@ -150,7 +150,7 @@ async fn upload_worker(
         metrics::histogram!("blockcache_upload_duration_seconds", "outcome" => outcome_label(&result))
             .record(took);
         if result.is_ok() {
-            pace.done(turn, took, backlog);
+            pace.done(turn, len, took, backlog);
         }
         // The receiver is gone only if its recording task was cancelled; nothing to do then.
         let _ = job.reply.send(result);

@@ -87,6 +87,23 @@ pub async fn take_buffers(
     }
 }
 
+/// A second block buffer for writer `w`, if more than three quarters of the buffers are
+/// free right now: `w` then writes each completed block while it takes the next one
+/// ([`blockcache::FileWriter::overlap_writes`]), which makes a lone writer up to twice as
+/// fast. Nobody waits for it, and second buffers never take the last three quarters, so a
+/// busy daemon's writers keep one block each and new requests are hardly kept waiting.
+pub fn overlap_if_free(
+    state: &AppState,
+    w: &mut blockcache::FileWriter,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if state.buffers.available_permits() <= state.buffer_count / 4 * 3 {
+        return None;
+    }
+    let second = state.buffers.clone().try_acquire_owned().ok()?;
+    w.overlap_writes();
+    Some(second)
+}
+
 /// A block buffer ([`take_buffer`]): past `--buffer-timeout`, a 503 with `Retry-After`.
 async fn buffer(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
     match take_buffer(state).await {
@@ -605,6 +622,7 @@ async fn put_file(
     if durability != Durability::None {
         w.write_behind();
     }
+    let _second = overlap_if_free(state, &mut w);
     if let Err(e) = pour(&mut w, body).await {
         // Nothing of the refused body stays behind once the client has the answer.
         w.abandon().await;
@@ -645,6 +663,7 @@ async fn patch_file(
     if durability != Durability::None {
         w.write_behind();
     }
+    let _second = overlap_if_free(state, &mut w);
     pour(&mut w, body).await?;
     let meta = w.finish(durability).await?;
     Ok(with_meta_headers(

@@ -98,3 +98,36 @@ async fn a_damaged_cached_copy_is_not_shared() {
     assert_eq!(env.faults.calls(Op::Get), 2);
     cache.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_of_many_blocks_is_shared_beyond_the_first_ones_the_database_names() {
+    let env = Env::new();
+    let cache = std::sync::Arc::new(env.open().await);
+    let same = data(13, 1000);
+    // 20 blocks of a low inode come first in the database's order; the 8 read are after.
+    for b in 0..20 {
+        cache.write(10, b, 0, &same).await.expect("write");
+    }
+    for b in 0..8 {
+        cache.write(50, b, 0, &same).await.expect("write");
+    }
+    cache.flush().await.expect("flush");
+    cache.clear().await.expect("clear");
+    let reads = (0..8).map(|b| {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.read(50, b, 0, 1000).await.expect("read") })
+    });
+    for got in futures::future::join_all(reads).await {
+        assert_eq!(got.expect("read task"), same);
+    }
+    assert_eq!(
+        env.faults.calls(Op::Get),
+        1,
+        "one download for eight misses"
+    );
+    std::sync::Arc::into_inner(cache)
+        .expect("cache shared")
+        .shutdown()
+        .await
+        .expect("shutdown");
+}

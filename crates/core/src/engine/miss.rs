@@ -31,6 +31,10 @@ fn mismatch(actual: &[u8; 32], expected: &[u8; 32]) -> String {
     )
 }
 
+/// Blocks of an object looked up in the database for a cached copy, after the one that
+/// last brought it in.
+const SHARE_CANDIDATES: u32 = 16;
+
 /// Checks the clean file of `key`, just linked from elsewhere, against the object's length
 /// and SHA-256.
 fn check_linked(
@@ -206,6 +210,7 @@ impl BlockHandle {
         if downloaded {
             Counters::add(&inner.counters.downloads, 1);
             Counters::add(&inner.counters.download_bytes, object.length);
+            inner.note_copy(object.id, key);
         }
         self.file = Some(file);
         Ok(())
@@ -214,42 +219,49 @@ impl BlockHandle {
     /// A miss whose object is cached for another block (room is reserved): the clean cache
     /// file becomes a hard link to that block's file, so the object is neither downloaded
     /// again nor stored twice in the cache, then it is checked like a download (length and
-    /// SHA-256), since the other block may have changed meanwhile. A later change of either
-    /// block gives it a file of its own first (invariant 11). `None` when no cached block of
-    /// the object could be shared.
+    /// SHA-256). A later change of either block gives it a file of its own first (invariant
+    /// 11). `None` when no cached block of the object could be shared.
+    ///
+    /// The candidates: the block whose miss last brought the object in
+    /// ([`super::Inner::copy_of`]), then up to [`SHARE_CANDIDATES`] blocks of the object
+    /// from the database. Each is locked while it is linked (`try_lock`: never waits, so no
+    /// lock order is at stake), so it cannot change in place under the link; one that is
+    /// locked, not cached, or dirty is passed over.
     async fn share_cached(
         &mut self,
         object: &blockcache_db::Object,
         hash: [u8; 32],
     ) -> Result<Option<Fetched>> {
-        /// Blocks of the object looked at: enough to find a cached one, when it is usual for
-        /// an object to be cached for the blocks read together.
-        const CANDIDATES: u32 = 16;
         let inner = Arc::clone(&self.inner);
         let key = self.key;
-        let blocks = inner.db.blocks_of_object(object.id, CANDIDATES).await?;
-        let sources: Vec<_> = {
-            let st = inner.lock_state();
+        let mut candidates: Vec<BlockKey> = inner.copy_of(object.id).into_iter().collect();
+        let blocks = inner
+            .db
+            .blocks_of_object(object.id, SHARE_CANDIDATES)
+            .await?;
+        candidates.extend(
             blocks
                 .into_iter()
-                .map(|(inode, blockno)| BlockKey::new(inode, blockno))
-                .filter(|k| *k != key)
-                .filter_map(|k| {
-                    st.get(k)
-                        .filter(|c| !c.dirty && c.verified && c.size == object.length)
-                        .map(|c| inner.dir.file(k, c.marker))
-                })
-                .collect()
-        };
-        if sources.is_empty() {
+                .map(|(inode, blockno)| BlockKey::new(inode, blockno)),
+        );
+        candidates.retain(|k| *k != key);
+        candidates.dedup();
+        if candidates.is_empty() {
             return Ok(None);
         }
-        let (dir, len) = (inner.dir.clone(), object.length);
+        let len = object.length;
         let shared = tokio::task::spawn_blocking(move || {
-            let path = dir.file(key, Marker::Clean);
-            sources.into_iter().find_map(|source| {
-                link_replacing(&source, &path).ok()?;
-                match check_linked(&dir, key, len, hash) {
+            let path = inner.dir.file(key, Marker::Clean);
+            candidates.into_iter().find_map(|source| {
+                let _locked = inner.locks.try_lock(source)?;
+                let from = {
+                    let st = inner.lock_state();
+                    let c = st.get(source)?;
+                    (!c.dirty && c.verified && c.size == len)
+                        .then(|| inner.dir.file(source, c.marker))?
+                };
+                link_replacing(&from, &path).ok()?;
+                match check_linked(&inner.dir, key, len, hash) {
                     Ok(fetched @ Fetched::Installed(..)) => Some(fetched),
                     _ => {
                         let _ = std::fs::remove_file(&path);

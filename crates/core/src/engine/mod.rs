@@ -92,6 +92,29 @@ impl Counters {
     }
 }
 
+/// Most objects remembered in `Inner::copies`; the map starts afresh beyond.
+const COPIES_MAX: usize = 65_536;
+
+impl Inner {
+    /// The block whose miss last brought object `obj_id` into the cache, if remembered.
+    pub(crate) fn copy_of(&self, obj_id: u64) -> Option<BlockKey> {
+        self.copies
+            .lock()
+            .expect("copies poisoned")
+            .get(&obj_id)
+            .copied()
+    }
+
+    /// Remembers that block `key` holds a copy of object `obj_id`.
+    pub(crate) fn note_copy(&self, obj_id: u64, key: BlockKey) {
+        let mut copies = self.copies.lock().expect("copies poisoned");
+        if copies.len() >= COPIES_MAX && !copies.contains_key(&obj_id) {
+            copies.clear();
+        }
+        copies.insert(obj_id, key);
+    }
+}
+
 /// What a block handle is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Access {
@@ -120,6 +143,10 @@ pub(crate) struct Inner {
     /// One miss per object at a time (taken under a block lock, never the other way round):
     /// the misses of other blocks of the same object wait, then share the first one's file.
     object_locks: Arc<KeyedLocks<u64>>,
+    /// The block whose miss last brought each object into the cache (at most
+    /// [`COPIES_MAX`]; a stale entry only costs a look): where a miss of another block of
+    /// the same object finds a copy to share (`miss.rs`).
+    copies: Mutex<HashMap<u64, BlockKey>>,
     /// Prefetches that may run at once (`prefetch.rs`).
     prefetch_slots: Arc<tokio::sync::Semaphore>,
     state: Mutex<State>,
@@ -182,6 +209,7 @@ impl Inner {
             backend,
             locks: Arc::new(KeyedLocks::default()),
             object_locks: Arc::new(KeyedLocks::default()),
+            copies: Mutex::default(),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(prefetch::PREFETCH_SLOTS)),
             state: Mutex::new(State::new(config.max_bytes, config.max_entries)),
             budget: Arc::new(Budget::new(config.max_dirty_bytes)),
@@ -424,6 +452,13 @@ impl Inner {
 
     /// Drops every clean cached file (after a flush, by the caller).
     pub(crate) async fn drop_clean(&self) -> Result<()> {
+        // Prefetches running finish first, and none starts meanwhile: none brings a block
+        // back behind the clearing.
+        let _no_prefetch = self
+            .prefetch_slots
+            .acquire_many(prefetch::PREFETCH_SLOTS as u32)
+            .await
+            .expect("the prefetch semaphore is never closed");
         let keys = self.lock_state().keys();
         for key in keys {
             let _guard = self.locks.lock(key).await;

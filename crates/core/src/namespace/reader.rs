@@ -10,7 +10,8 @@
 //! file does not learn the store's latency again), and it doubles each time the reader
 //! catches up with it (the block it reads is not cached yet), until the downloads in flight
 //! cover the link's bandwidth-delay product, at most [`MAX_AHEAD_BYTES`] or an eighth of the
-//! cache. A read elsewhere ends it: random access prefetches nothing. Prefetched blocks are clean cache entries like any other, so the
+//! cache shared among the readers reading ahead at the time. A read elsewhere ends it:
+//! random access prefetches nothing. Prefetched blocks are clean cache entries like any other, so the
 //! memory they take is the cache's disk, not buffers.
 
 use std::future::Future;
@@ -110,6 +111,7 @@ impl FileReader {
         let inner = &self.shared.inner;
         let bs = self.shared.block_size().max(1);
         let inode = self.meta.inode;
+        let ahead = &self.shared.readers_ahead;
         let (sequential, window, asked_until) = {
             let mut ra = self.ahead.lock().expect("readahead poisoned");
             // Reads a block apart count as one stream: concurrent reads of one reader may
@@ -117,16 +119,22 @@ impl FileReader {
             let sequential = offset.abs_diff(ra.next) <= bs && (ra.started || offset == 0);
             ra.started = true;
             ra.next = end;
-            if !sequential {
+            let window = ra.window;
+            if !sequential && window > 0 {
+                ahead.fetch_sub(1, Ordering::Relaxed);
                 ra.window = 0;
                 ra.asked_until = 0;
+            } else if sequential && window == 0 {
+                ahead.fetch_add(1, Ordering::Relaxed);
+                ra.window = FIRST_WINDOW;
             }
-            (sequential, ra.window, ra.asked_until)
+            (sequential, window, ra.asked_until)
         };
         if !sequential {
             return;
         }
-        let max_window = (MAX_AHEAD_BYTES.min(inner.config().max_bytes / 8) / bs).max(1);
+        let room = inner.config().max_bytes / 8 / ahead.load(Ordering::Relaxed).max(1);
+        let max_window = (MAX_AHEAD_BYTES.min(room) / bs).max(1);
         let hint = &self.shared.readahead_hint;
         let window = if window == 0 {
             FIRST_WINDOW.max(hint.load(Ordering::Relaxed) / 2)
@@ -147,13 +155,25 @@ impl FileReader {
             next += 1;
         }
         let mut ra = self.ahead.lock().expect("readahead poisoned");
-        ra.window = window;
-        ra.asked_until = ra.asked_until.max(next);
+        // Unless a read elsewhere ended the stream meanwhile (it is then not counted).
+        if ra.window > 0 {
+            ra.window = window;
+            ra.asked_until = ra.asked_until.max(next);
+        }
     }
 
     /// The volume's block size: reads of whole aligned blocks are served without copies.
     pub fn block_size(&self) -> u64 {
         self.shared.block_size()
+    }
+}
+
+impl Drop for FileReader {
+    fn drop(&mut self) {
+        let ra = self.ahead.get_mut().expect("readahead poisoned");
+        if ra.window > 0 {
+            self.shared.readers_ahead.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

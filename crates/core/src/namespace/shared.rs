@@ -35,6 +35,8 @@ pub(super) struct Shared {
     /// The readahead window (blocks) a sequential reader last grew to: a new reader starts
     /// from half of it, so each file does not learn the store's latency again (`reader.rs`).
     pub(super) readahead_hint: std::sync::atomic::AtomicU64,
+    /// Readers with a readahead window now: they share the cache room readahead may take.
+    pub(super) readers_ahead: std::sync::atomic::AtomicU64,
     /// Staging inodes allocated ahead and not yet taken by a writer, the next one last.
     pub(super) spare_inodes: Mutex<Vec<u64>>,
     /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
@@ -90,6 +92,7 @@ impl Shared {
             cleanup_tickets: tokio::sync::watch::Sender::new(Tickets::default()),
             max_file_size,
             readahead_hint: std::sync::atomic::AtomicU64::new(0),
+            readers_ahead: std::sync::atomic::AtomicU64::new(0),
             spare_inodes: Mutex::new(Vec::new()),
             spare_buffers: Mutex::new(Vec::new()),
             unapplied: Mutex::new(HashMap::new()),
@@ -183,9 +186,22 @@ impl Shared {
 
     /// Runs the cleaning of `inode` in the background (from `Drop`).
     pub(super) fn clean_later(self: &Arc<Self>, inode: u64) {
+        self.clean_after(inode, std::future::ready(()));
+    }
+
+    /// [`Shared::clean_later`], once `first` (a write into the inode still under way) is
+    /// done.
+    pub(super) fn clean_after<F>(self: &Arc<Self>, inode: u64, first: F)
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send,
+    {
         let shared = self.clone();
         if self
-            .spawn_cleanup(async move { shared.clean_logged(inode).await })
+            .spawn_cleanup(async move {
+                first.await;
+                shared.clean_logged(inode).await
+            })
             .is_none()
         {
             tracing::warn!(

@@ -60,6 +60,9 @@ pub struct FileWriter {
     pending: Mutex<Option<(u64, PendingPut)>>,
     /// Set by a failed write: the writer then refuses everything but being given up.
     failed: bool,
+    /// Whether a completed block is written by a task of its own while the next one fills
+    /// ([`FileWriter::overlap_writes`]).
+    overlap: bool,
 }
 
 impl std::fmt::Debug for FileWriter {
@@ -126,6 +129,7 @@ impl FileWriter {
             only_if_free: false,
             pending: Mutex::new(None),
             failed: false,
+            overlap: false,
         }
     }
 
@@ -192,7 +196,9 @@ impl FileWriter {
     }
 
     async fn write_inner(&mut self, mut data: &[u8]) -> Result<()> {
-        self.settle_pending().await?;
+        if !self.overlap {
+            self.settle_pending().await?;
+        }
         let end = self.pos + (self.buf.len() + data.len()) as u64;
         if end > self.shared.max_file_size {
             return Err(Error::FileTooLarge {
@@ -207,7 +213,7 @@ impl FileWriter {
             let filled = self.pos + self.buf.len() as u64;
             let room = (bs - filled % bs) as usize;
             let n = room.min(data.len());
-            if self.buf.is_empty() && n == room {
+            if self.buf.is_empty() && n == room && !self.overlap {
                 // A piece that ends at the block's end: write it without buffering.
                 let hash = filled
                     .is_multiple_of(bs)
@@ -229,9 +235,16 @@ impl FileWriter {
                 if n == room {
                     let piece = std::mem::take(&mut self.buf);
                     let hash = self.hasher.take().map(|h| h.finalize().into());
-                    self.put(&piece, hash).await?;
-                    self.buf = piece;
-                    self.buf.clear();
+                    if self.overlap {
+                        // The previous block's write is done (its buffer comes back for
+                        // the next block) before this one's starts beside the filling.
+                        self.settle_pending().await?;
+                        self.start_put(piece, hash);
+                    } else {
+                        self.put(&piece, hash).await?;
+                        self.buf = piece;
+                        self.buf.clear();
+                    }
                 }
             }
             data = &data[n..];
@@ -242,6 +255,7 @@ impl FileWriter {
     /// Writes `piece` (within one block) at `pos`; `hash` is its SHA-256 if it starts at the
     /// block's start.
     async fn put(&mut self, piece: &[u8], hash: Option<[u8; 32]>) -> Result<()> {
+        self.settle_pending().await?;
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
         let ends_block = (self.pos + piece.len() as u64).is_multiple_of(bs);
@@ -265,18 +279,42 @@ impl FileWriter {
         Ok(())
     }
 
-    /// Starts writing `piece` (from `pos`, within one block) for [`tokio::io::AsyncWrite`].
+    /// Starts writing `piece` (from `pos`, within one block): for [`tokio::io::AsyncWrite`],
+    /// driven by the writer's next polls; with [`FileWriter::overlap_writes`], by a task of
+    /// its own. `pos` moves past it at once; a failure fails the writer when it is settled.
     fn start_put(&mut self, piece: BytesMut, hash: Option<[u8; 32]>) {
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
         let len = piece.len() as u64;
         let sync = self.write_behind && (self.pos + len).is_multiple_of(bs);
         let (inner, offset) = (self.shared.inner.clone(), self.pos % bs);
-        let put: PendingPut = Box::pin(async move {
+        let write = async move {
             let task = put_piece(inner, key, offset, &piece, hash, sync).await?;
             Ok((piece, task))
-        });
+        };
+        let put: PendingPut = if self.overlap {
+            let task = tokio::spawn(write);
+            Box::pin(async move {
+                match task.await {
+                    Ok(done) => done,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(_) => Err(Error::ShuttingDown),
+                }
+            })
+        } else {
+            Box::pin(write)
+        };
+        self.pos += len;
         *self.pending.get_mut().expect("pending put poisoned") = Some((len, put));
+    }
+
+    /// Lets a completed block be written by a task of its own while the writer takes the
+    /// next block's bytes, so that receiving and hashing one block and writing the previous
+    /// one use two cores: a single sequential writer gets up to twice as fast. The writer
+    /// then holds two blocks of memory instead of one. A dropped writer's last block is
+    /// written out before its staging inode is cleaned.
+    pub fn overlap_writes(&mut self) {
+        self.overlap = true;
     }
 
     /// Drives the piece that [`tokio::io::AsyncWrite`] started, and the oldest background
@@ -294,12 +332,10 @@ impl FileWriter {
             return Poll::Ready(self.check_failed());
         }
         let pending = self.pending.get_mut().expect("pending put poisoned");
-        if let Some((len, put)) = pending.as_mut() {
-            let len = *len;
+        if let Some((_, put)) = pending.as_mut() {
             let done = std::task::ready!(put.as_mut().poll(cx));
             *pending = None;
             let (mut piece, task) = done?;
-            self.pos += len;
             self.ahead.extend(task);
             piece.clear();
             if self.buf.capacity() == 0 {
@@ -408,6 +444,8 @@ impl FileWriter {
     /// cancelled).
     pub async fn abandon(mut self) {
         if !matches!(self.mode, Mode::Done) {
+            // A block still being written must not land after the cleaning.
+            let _ = self.settle_pending().await;
             self.shared.clean_logged(self.inode).await;
             self.mode = Mode::Done;
         }
@@ -568,8 +606,14 @@ impl Drop for FileWriter {
     fn drop(&mut self) {
         self.shared.recycle_buffer(std::mem::take(&mut self.buf));
         if !matches!(std::mem::replace(&mut self.mode, Mode::Done), Mode::Done) {
-            // Given up before the end: the file never saw any of it.
-            self.shared.clean_later(self.inode);
+            // Given up before the end: the file never saw any of it. A block still being
+            // written by a task of its own is waited for first, so that it does not land
+            // after the cleaning.
+            let pending = self.pending.get_mut().map(Option::take).unwrap_or_default();
+            match pending {
+                Some((_, put)) => self.shared.clean_after(self.inode, put),
+                None => self.shared.clean_later(self.inode),
+            }
         }
     }
 }
