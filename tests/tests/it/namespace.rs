@@ -121,6 +121,58 @@ async fn abandoned_replacement_keeps_the_old_version_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_nothing() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    // Odd chunks across 10 blocks and a part, each block written while the next fills.
+    let content = data(21, 10 * 1024 + 300);
+    let mut w = ns.create("f").await.expect("create");
+    w.overlap_writes();
+    w.write_behind();
+    for piece in content.chunks(700) {
+        w.write(piece).await.expect("write");
+    }
+    w.finish(Durability::Local).await.expect("finish");
+    assert_eq!(get(&ns, "f").await, content);
+    // A patch the same way.
+    let mut w = ns.patch("f", 1500).await.expect("patch");
+    w.overlap_writes();
+    w.write(&data(22, 3000)).await.expect("write");
+    w.finish(Durability::Local).await.expect("finish");
+    let mut want = content.clone();
+    want[1500..4500].copy_from_slice(&data(22, 3000));
+    assert_eq!(get(&ns, "f").await, want);
+    ns.cache().flush().await.expect("flush");
+    let logical = ns.cache().usage().await.expect("usage").logical_bytes;
+    // Dropped while its last completed block is still being written: here that block waits
+    // for the dirty budget, full of blocks whose uploads are slow. The block lands before
+    // the staging inode is cleaned, never after (it would be left behind, uploaded and
+    // counted).
+    let limits = ns.cache().usage().await.expect("usage").limits;
+    ns.cache()
+        .set_limits(blockcache::Limits {
+            max_dirty_bytes: 4 * 1024,
+            ..limits
+        })
+        .await
+        .expect("limits");
+    env.faults
+        .latency(Op::Put, std::time::Duration::from_millis(300));
+    let mut w = ns.create("f").await.expect("create");
+    w.overlap_writes();
+    w.write(&data(23, 5 * 1024)).await.expect("write");
+    drop(w);
+    ns.wait_for_cleanups().await;
+    env.faults.latency(Op::Put, std::time::Duration::ZERO);
+    ns.cache().flush().await.expect("flush");
+    let usage = ns.cache().usage().await.expect("usage");
+    assert_eq!(usage.logical_bytes, logical, "{usage:?}");
+    assert_eq!(get(&ns, "f").await, want);
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patches_with_gaps_read_zeros_and_truncation_cuts() {
     let env = Env::new();
     let ns = ns(&env).await;
