@@ -293,6 +293,7 @@ impl Gateway {
         if durability != Durability::None {
             w.write_behind();
         }
+        let _second = crate::server::overlap_if_free(&self.state, &mut w);
         if create_only {
             // The name is checked again when the file is named, in the same transaction.
             w.create_only().map_err(internal)?;
