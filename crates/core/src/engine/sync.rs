@@ -107,6 +107,17 @@ impl Inner {
         result
     }
 
+    /// Starts writing every dirty page of the cache's file system to the disk in the
+    /// background (one `syncfs` on the blocking pool): the write-behind of writers of small
+    /// blocks, for which one sync per block would cost a journal commit each.
+    pub(crate) fn sync_filesystem_ahead(&self) -> tokio::task::JoinHandle<Result<()>> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            dir.sync_filesystem()
+                .map_err(Error::io("sync the file system of", dir.path()))
+        })
+    }
+
     /// Hashes dirty blocks among `keys` ahead of their commit, on the blocking pool (one task
     /// per core), until `stop` is set. A block that is locked, in flight or already hashed at
     /// its generation is skipped; each one hashed is locked meanwhile, so its generation and

@@ -63,6 +63,8 @@ pub struct FileWriter {
     /// Whether a completed block is written by a task of its own while the next one fills
     /// ([`FileWriter::overlap_writes`]).
     overlap: bool,
+    /// Bytes of small blocks completed since the last write-behind `syncfs`.
+    behind_bytes: u64,
 }
 
 impl std::fmt::Debug for FileWriter {
@@ -85,20 +87,41 @@ type PendingPut = Pin<Box<dyn Future<Output = Result<(BytesMut, Ahead)>> + Send>
 type Ahead = Option<tokio::task::JoinHandle<Result<()>>>;
 
 /// Writes `piece` (within one block) at `offset` of block `key`; `hash` is its SHA-256 if
-/// it starts at the block's start. With `sync`, starts the block's way to the disk.
+/// it starts at the block's start. Then starts its way to the disk as `sync` says.
 async fn put_piece(
     inner: Arc<crate::engine::Inner>,
     key: BlockKey,
     offset: u64,
     piece: &[u8],
     hash: Option<[u8; 32]>,
-    sync: bool,
+    sync: SyncAhead,
 ) -> Result<Ahead> {
     let mut handle = inner.handle(key, Access::Write).await?;
     handle.write_with_hash(offset, piece, hash).await?;
     // The block's lock is not held while waiting for the disk.
-    Ok(if sync { handle.sync_ahead() } else { None })
+    Ok(match sync {
+        SyncAhead::No => None,
+        SyncAhead::Block => handle.sync_ahead(),
+        SyncAhead::FileSystem => {
+            drop(handle);
+            Some(inner.sync_filesystem_ahead())
+        }
+    })
 }
+
+/// How a completed block starts its way to the disk ([`FileWriter::write_behind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SyncAhead {
+    No,
+    /// An fdatasync of the block's file.
+    Block,
+    /// A `syncfs` of the cache's file system, for the blocks written since the last one.
+    FileSystem,
+}
+
+/// Blocks of at least this size get a write-behind sync each; smaller ones one `syncfs`
+/// per this many bytes of them (an fdatasync per small block costs a journal commit each).
+const WRITE_BEHIND_BYTES: u64 = 1 << 20;
 
 /// Longest attributes of a file ([`FileWriter::set_attrs`]).
 pub const MAX_ATTRS_LEN: usize = 16 * 1024;
@@ -130,6 +153,7 @@ impl FileWriter {
             pending: Mutex::new(None),
             failed: false,
             overlap: false,
+            behind_bytes: 0,
         }
     }
 
@@ -259,7 +283,7 @@ impl FileWriter {
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
         let ends_block = (self.pos + piece.len() as u64).is_multiple_of(bs);
-        let sync = self.write_behind && ends_block;
+        let sync = self.sync_ahead(ends_block);
         let task = put_piece(
             self.shared.inner.clone(),
             key,
@@ -270,7 +294,7 @@ impl FileWriter {
         )
         .await?;
         self.pos += piece.len() as u64;
-        if sync {
+        if sync != SyncAhead::No {
             if self.ahead.len() >= WRITE_BEHIND_DEPTH {
                 self.wait_ahead(1).await?;
             }
@@ -286,7 +310,7 @@ impl FileWriter {
         let bs = self.shared.block_size();
         let key = BlockKey::new(self.inode, self.pos / bs);
         let len = piece.len() as u64;
-        let sync = self.write_behind && (self.pos + len).is_multiple_of(bs);
+        let sync = self.sync_ahead((self.pos + len).is_multiple_of(bs));
         let (inner, offset) = (self.shared.inner.clone(), self.pos % bs);
         let write = async move {
             let task = put_piece(inner, key, offset, &piece, hash, sync).await?;
@@ -306,6 +330,24 @@ impl FileWriter {
         };
         self.pos += len;
         *self.pending.get_mut().expect("pending put poisoned") = Some((len, put));
+    }
+
+    /// How the block being put starts its way to the disk, if it completes a block
+    /// (`ends_block`) of a writer that writes behind.
+    fn sync_ahead(&mut self, ends_block: bool) -> SyncAhead {
+        if !self.write_behind || !ends_block {
+            return SyncAhead::No;
+        }
+        let bs = self.shared.block_size();
+        if bs >= WRITE_BEHIND_BYTES {
+            return SyncAhead::Block;
+        }
+        self.behind_bytes += bs;
+        if self.behind_bytes < WRITE_BEHIND_BYTES {
+            return SyncAhead::No;
+        }
+        self.behind_bytes = 0;
+        SyncAhead::FileSystem
     }
 
     /// Lets a completed block be written by a task of its own while the writer takes the
