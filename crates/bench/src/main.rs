@@ -1287,13 +1287,14 @@ fn print_table(args: &Args, stats: &BTreeMap<String, BTreeMap<String, Stat>>) {
     }
     let big = format!("library-x{}/{dl}", args.rss_factor);
     println!(
-        "{:<8} peak RSS: {:.1} MiB with {} MiB of data, {:.1} MiB with {} MiB (bound: 64 MiB + 8 upload tasks x block = {:.0} MiB)",
+        "{:<8} peak RSS: {:.1} MiB with {} MiB of data, {:.1} MiB with {} MiB (bound: 64 MiB + uploads in flight, at most 64 MiB of blocks, + 8 queued blocks = {:.0} MiB)",
         dl,
         get(&lib, "peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
         args.data_mib,
         get(&big, "peak_rss_bytes").map_or(0.0, |s| s.max) / MIB,
         args.data_mib * args.rss_factor,
-        64.0 + 8.0 * args.daemon_block_size as f64 / MIB,
+        64.0 + (64.0 * args.daemon_block_size as f64 / MIB).min(64.0)
+            + 8.0 * args.daemon_block_size as f64 / MIB,
     );
     let sha1 = stats.values().find_map(|g| g.get("sha256_1core_mib_s"));
     let shan = stats.values().find_map(|g| g.get("sha256_all_cores_mib_s"));

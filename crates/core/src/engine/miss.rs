@@ -222,35 +222,54 @@ impl BlockHandle {
     /// SHA-256). A later change of either block gives it a file of its own first (invariant
     /// 11). `None` when no cached block of the object could be shared.
     ///
-    /// The candidates: the block whose miss last brought the object in
-    /// ([`super::Inner::copy_of`]), then up to [`SHARE_CANDIDATES`] blocks of the object
-    /// from the database. Each is locked while it is linked (`try_lock`: never waits, so no
-    /// lock order is at stake), so it cannot change in place under the link; one that is
-    /// locked, not cached, or dirty is passed over.
+    /// The candidates: none for an object of one block; the block whose miss last brought
+    /// the object in ([`super::Inner::copy_of`]); failing that, up to [`SHARE_CANDIDATES`]
+    /// blocks of the object from the database (a query on every miss would cost small
+    /// blocks more than it saves). Each is locked while it is linked (`try_lock`: never
+    /// waits, so no lock order is at stake), so it cannot change in place under the link;
+    /// one that is locked, not cached, or dirty is passed over.
     async fn share_cached(
         &mut self,
         object: &blockcache_db::Object,
         hash: [u8; 32],
     ) -> Result<Option<Fetched>> {
-        let inner = Arc::clone(&self.inner);
+        if object.refcount <= 1 {
+            return Ok(None);
+        }
         let key = self.key;
-        let mut candidates: Vec<BlockKey> = inner.copy_of(object.id).into_iter().collect();
-        let blocks = inner
+        let last = self.inner.copy_of(object.id).filter(|k| *k != key);
+        if let Some(last) = last
+            && let Some(shared) = self.link_first(vec![last], object.length, hash).await
+        {
+            return Ok(Some(shared));
+        }
+        let blocks = self
+            .inner
             .db
             .blocks_of_object(object.id, SHARE_CANDIDATES)
             .await?;
-        candidates.extend(
-            blocks
-                .into_iter()
-                .map(|(inode, blockno)| BlockKey::new(inode, blockno)),
-        );
-        candidates.retain(|k| *k != key);
-        candidates.dedup();
+        let candidates: Vec<BlockKey> = blocks
+            .into_iter()
+            .map(|(inode, blockno)| BlockKey::new(inode, blockno))
+            .filter(|k| *k != key && Some(*k) != last)
+            .collect();
         if candidates.is_empty() {
             return Ok(None);
         }
-        let len = object.length;
-        let shared = tokio::task::spawn_blocking(move || {
+        Ok(self.link_first(candidates, object.length, hash).await)
+    }
+
+    /// Links the clean file of the first of `candidates` that is cached clean, not locked,
+    /// and checks out (length `len`, SHA-256 `hash`) as this block's clean file.
+    async fn link_first(
+        &self,
+        candidates: Vec<BlockKey>,
+        len: u64,
+        hash: [u8; 32],
+    ) -> Option<Fetched> {
+        let inner = Arc::clone(&self.inner);
+        let key = self.key;
+        tokio::task::spawn_blocking(move || {
             let path = inner.dir.file(key, Marker::Clean);
             candidates.into_iter().find_map(|source| {
                 let _locked = inner.locks.try_lock(source)?;
@@ -271,8 +290,7 @@ impl BlockHandle {
             })
         })
         .await
-        .expect("link task panicked");
-        Ok(shared)
+        .expect("link task panicked")
     }
 
     /// Fetches the object and writes it under the block's clean name (room is reserved).
