@@ -318,9 +318,14 @@ pub async fn remote(args: &Args) -> Result<Sample, Error> {
         t.await??;
     }
     let write = start.elapsed();
+    let shipped = ns.cache().metadata_status().await?.ship_time;
     let start = Instant::now();
     ns.flush().await?;
     let flush = start.elapsed();
+    // The part of the flush that shipped the metadata (its requests come after the blocks').
+    let ship = ns.cache().metadata_status().await?.ship_time - shipped;
+    put("flush_ship_s", ship.as_secs_f64());
+    put("flush_s", flush.as_secs_f64());
     put("write_mib_s", mib_s(write));
     put("flush_mib_s", mib_s(flush));
     put("write_flush_mib_s", mib_s(write + flush));

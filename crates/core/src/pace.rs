@@ -6,7 +6,7 @@
 //! latency, which the user should not have to tune. Like TCP Vegas, the pace compares each
 //! upload's duration with the fastest one seen lately. While uploads take little longer than
 //! the fastest (the link is not queuing) and jobs wait for a worker, one more upload may
-//! run; once they take several times longer (the link or the store is saturated and more
+//! run (two while they take no longer at all, so the limit triples each round trip); once they take several times longer (the link or the store is saturated and more
 //! concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
 //! far one climbs towards the ceiling, until its bandwidth is used.
 //!
@@ -26,6 +26,8 @@ pub(crate) const FLOOR: usize = 8;
 const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
 /// A duration below this multiple of the fastest lets one more upload run...
 const GROW_BELOW: f64 = 1.5;
+/// Below this multiple, two more may run per upload.
+const GROW_FAST_BELOW: f64 = 1.2;
 /// ... and one above this multiple stops one.
 const SHRINK_ABOVE: f64 = 3.0;
 /// The weight of each new duration in the recent average.
@@ -110,22 +112,25 @@ impl UploadPace {
         } else {
             fastest
         });
-        let mut grow = false;
+        let mut grow = 0;
         if recent > SHRINK_ABOVE && m.limit > self.floor {
             m.limit -= 1;
             // This turn is not given back: one fewer upload runs.
             turn.forget();
         } else {
-            grow = recent < GROW_BELOW && backlog && m.limit < self.ceiling;
-            if grow {
-                m.limit += 1;
+            if recent < GROW_BELOW && backlog && m.limit < self.ceiling {
+                // Twice as fast while uploads take no longer than the fastest at all: the
+                // limit then triples each round trip instead of doubling.
+                grow = if recent < GROW_FAST_BELOW { 2 } else { 1 };
+                grow = grow.min(self.ceiling - m.limit);
+                m.limit += grow;
             }
             drop(turn);
         }
         let limit = m.limit;
         drop(m);
-        if grow {
-            self.permits.add_permits(1);
+        if grow > 0 {
+            self.permits.add_permits(grow);
         }
         metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
     }
