@@ -96,7 +96,7 @@ pub fn overlap_if_free(
     state: &AppState,
     w: &mut blockcache::FileWriter,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    if state.buffers.available_permits() <= state.buffer_count / 4 * 3 {
+    if state.buffers.available_permits() * 4 <= state.buffer_count * 3 {
         return None;
     }
     let second = state.buffers.clone().try_acquire_owned().ok()?;
@@ -618,11 +618,13 @@ async fn put_file(
         return Err(too_large(name, len, max));
     }
     let _buffer = buffer(state).await?;
+    // Declared before the writer, so that it is given back after the writer is dropped.
+    let _second;
     let mut w = state.ns.create(name).await?;
     if durability != Durability::None {
         w.write_behind();
     }
-    let _second = overlap_if_free(state, &mut w);
+    _second = overlap_if_free(state, &mut w);
     if let Err(e) = pour(&mut w, body).await {
         // Nothing of the refused body stays behind once the client has the answer.
         w.abandon().await;
@@ -659,11 +661,12 @@ async fn patch_file(
         return Err(too_large(name, offset.saturating_add(len), max));
     }
     let _buffer = buffer(state).await?;
+    let _second;
     let mut w = state.ns.patch(name, offset).await?;
     if durability != Durability::None {
         w.write_behind();
     }
-    let _second = overlap_if_free(state, &mut w);
+    _second = overlap_if_free(state, &mut w);
     pour(&mut w, body).await?;
     let meta = w.finish(durability).await?;
     Ok(with_meta_headers(

@@ -172,6 +172,90 @@ async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_noth
     ns.shutdown().await.expect("shutdown");
 }
 
+/// Fills the dirty budget's 4 KiB with another file whose uploads take 300 ms each, so that
+/// the next block written waits for the budget.
+async fn budget_full_of_slow_uploads(env: &Env, ns: &Namespace) {
+    let limits = ns.cache().usage().await.expect("usage").limits;
+    ns.cache()
+        .set_limits(blockcache::Limits {
+            max_dirty_bytes: 4 * 1024,
+            ..limits
+        })
+        .await
+        .expect("limits");
+    env.faults
+        .latency(Op::Put, std::time::Duration::from_millis(300));
+    let mut g = ns.create("g").await.expect("create");
+    g.write(&data(1, 4 * 1024)).await.expect("write");
+    g.finish(Durability::None).await.expect("finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoning_a_failed_overlapped_writer_waits_for_its_last_block() {
+    let env = Env::new();
+    let ns = Namespace::open(env.open().await, 5 * 1024 + 100)
+        .await
+        .expect("namespace");
+    budget_full_of_slow_uploads(&env, &ns).await;
+    let mut w = ns.create("f").await.expect("create");
+    w.overlap_writes();
+    // Block 0's write waits for the budget in a task of its own.
+    w.write(&data(23, 1024)).await.expect("write");
+    // Too large (a chunked PUT past --max-file-size): the writer fails; the daemon then
+    // abandons it.
+    let e = w.write(&[0u8; 5 * 1024]).await.expect_err("too large");
+    assert!(matches!(e, Error::FileTooLarge { .. }), "{e:?}");
+    w.abandon().await;
+    env.faults.latency(Op::Put, std::time::Duration::ZERO);
+    // Without the wait, block 0 lands after the cleaning, in an inode nobody owns any more.
+    let stray = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        loop {
+            ns.cache().flush().await.expect("flush");
+            if ns.cache().usage().await.expect("usage").entries > 4 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        stray.is_err(),
+        "a block of the abandoned writer was left behind"
+    );
+    ns.wait_for_cleanups().await;
+    ns.cache().check_invariants().await.expect("invariants");
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cancelled_half_way_fails_the_writer() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    budget_full_of_slow_uploads(&env, &ns).await;
+    let mut w = ns.create("f").await.expect("create");
+    // Overlapped, the write that completes block 1 waits for block 0's write, which waits
+    // for the budget. (The same holds without overlap, where such a wait is harder to
+    // arrange: block 0 is written before `write` returns.)
+    w.overlap_writes();
+    w.write(&data(2, 1024)).await.expect("write"); // block 0 waits for the budget
+    w.write(&data(3, 500)).await.expect("write"); // buffered and acknowledged
+    assert_eq!(w.written(), 1524);
+    let cancelled =
+        tokio::time::timeout(std::time::Duration::from_millis(50), w.write(&data(4, 524))).await;
+    assert!(cancelled.is_err(), "the write should still wait");
+    env.faults.latency(Op::Put, std::time::Duration::ZERO);
+    // The cancelled write may have dropped acknowledged bytes: no file may be named.
+    let finished = w.finish(Durability::Local).await;
+    assert!(
+        matches!(finished, Err(Error::WriterFailed { .. })),
+        "{finished:?}"
+    );
+    assert_eq!(get(&ns, "g").await, data(1, 4 * 1024));
+    assert!(ns.stat("f").await.is_err(), "no file f");
+    ns.wait_for_cleanups().await;
+    ns.shutdown().await.expect("shutdown");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patches_with_gaps_read_zeros_and_truncation_cuts() {
     let env = Env::new();

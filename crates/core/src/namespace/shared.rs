@@ -199,7 +199,8 @@ impl Shared {
         let shared = self.clone();
         if self
             .spawn_cleanup(async move {
-                first.await;
+                // A write that panicked still leaves the inode to be cleaned.
+                let _ = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(first)).await;
                 shared.clean_logged(inode).await
             })
             .is_none()

@@ -65,6 +65,9 @@ pub struct FileWriter {
     overlap: bool,
     /// Bytes of small blocks completed since the last write-behind `syncfs`.
     behind_bytes: u64,
+    /// Set while [`FileWriter::write`] runs: a write cancelled half-way may have dropped
+    /// bytes that earlier writes were told were taken, so the writer is then failed.
+    interrupted: bool,
 }
 
 impl std::fmt::Debug for FileWriter {
@@ -154,12 +157,13 @@ impl FileWriter {
             failed: false,
             overlap: false,
             behind_bytes: 0,
+            interrupted: false,
         }
     }
 
     /// `Err` once a write failed ([`Error::WriterFailed`]).
     fn check_failed(&self) -> Result<()> {
-        if self.failed {
+        if self.failed || self.interrupted {
             return Err(Error::WriterFailed {
                 name: self.name.clone(),
             });
@@ -212,7 +216,10 @@ impl FileWriter {
     /// error the writer can only be given up: later calls fail with [`Error::WriterFailed`].
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.check_failed()?;
+        // Until this write returns: one cancelled half-way leaves the writer failed.
+        self.interrupted = true;
         let written = self.write_inner(data).await;
+        self.interrupted = false;
         if written.is_err() {
             self.failed = true;
         }
@@ -486,8 +493,17 @@ impl FileWriter {
     /// cancelled).
     pub async fn abandon(mut self) {
         if !matches!(self.mode, Mode::Done) {
-            // A block still being written must not land after the cleaning.
-            let _ = self.settle_pending().await;
+            // A block still being written must not land after the cleaning, whether or not
+            // the writer failed. Polled in place: if this is cancelled, `Drop` waits for it.
+            std::future::poll_fn(|cx| {
+                let pending = self.pending.get_mut().expect("pending put poisoned");
+                if let Some((_, put)) = pending.as_mut() {
+                    let _ = std::task::ready!(put.as_mut().poll(cx));
+                    *pending = None;
+                }
+                Poll::Ready(())
+            })
+            .await;
             self.shared.clean_logged(self.inode).await;
             self.mode = Mode::Done;
         }
@@ -593,6 +609,7 @@ impl tokio::io::AsyncWrite for FileWriter {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        this.check_failed().map_err(std::io::Error::other)?;
         std::task::ready!(this.poll_pending(cx)).map_err(std::io::Error::other)?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
