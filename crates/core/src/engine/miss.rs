@@ -225,9 +225,8 @@ impl BlockHandle {
     /// The candidates: none for an object of one block; the block whose miss last brought
     /// the object in ([`super::Inner::copy_of`]); failing that, up to [`SHARE_CANDIDATES`]
     /// blocks of the object from the database (a query on every miss would cost small
-    /// blocks more than it saves). Each is locked while it is linked (`try_lock`: never
-    /// waits, so no lock order is at stake), so it cannot change in place under the link;
-    /// one that is locked, not cached, or dirty is passed over.
+    /// blocks more than it saves). One that is not cached, or dirty, is passed over; so is
+    /// one still under its dirty name whose lock is taken (see [`Self::link_first`]).
     async fn share_cached(
         &mut self,
         object: &blockcache_db::Object,
@@ -259,8 +258,10 @@ impl BlockHandle {
         Ok(self.link_first(candidates, object.length, hash).await)
     }
 
-    /// Links the clean file of the first of `candidates` that is cached clean, not locked,
-    /// and checks out (length `len`, SHA-256 `hash`) as this block's clean file.
+    /// Links the clean file of the first of `candidates` that is cached clean and checks out
+    /// (length `len`, SHA-256 `hash`) as this block's clean file. A source under its dirty
+    /// name is locked while it is linked (`try_lock`: never waits, so no lock order is at
+    /// stake), or passed over.
     async fn link_first(
         &self,
         candidates: Vec<BlockKey>,
@@ -272,13 +273,29 @@ impl BlockHandle {
         tokio::task::spawn_blocking(move || {
             let path = inner.dir.file(key, Marker::Clean);
             candidates.into_iter().find_map(|source| {
-                let _locked = inner.locks.try_lock(source)?;
-                let from = {
+                let marker = {
                     let st = inner.lock_state();
                     let c = st.get(source)?;
-                    (!c.dirty && c.verified && c.size == len)
-                        .then(|| inner.dir.file(source, c.marker))?
+                    (!c.dirty && c.verified && c.size == len).then_some(c.marker)?
                 };
+                // A file under its clean name can be linked while others hold the block: a
+                // change renames it to its dirty name before touching it (so a link after
+                // that finds nothing), then copies it once it has two links (so a link
+                // before that is left alone). A clean block still under its dirty name
+                // would be changed in place: it is linked only under the block's lock.
+                let _locked = match marker {
+                    Marker::Clean => None,
+                    Marker::Dirty => {
+                        let locked = inner.locks.try_lock(source)?;
+                        let st = inner.lock_state();
+                        let c = st.get(source)?;
+                        if c.dirty || !c.verified || c.size != len || c.marker != marker {
+                            return None;
+                        }
+                        Some(locked)
+                    }
+                };
+                let from = inner.dir.file(source, marker);
                 link_replacing(&from, &path).ok()?;
                 match check_linked(&inner.dir, key, len, hash) {
                     Ok(fetched @ Fetched::Installed(..)) => Some(fetched),
