@@ -792,19 +792,8 @@ fn run_child(
     run_child_of(None, args, kind, block_size, data_mib, extra, &[])
 }
 
-/// [`run_child`] with `env` added to the child's environment.
-fn run_child_env(
-    args: &Args,
-    kind: &str,
-    block_size: u64,
-    data_mib: u64,
-    extra: &[&str],
-    env: &[(&str, &str)],
-) -> Result<Sample, Error> {
-    run_child_of(None, args, kind, block_size, data_mib, extra, env)
-}
-
-/// [`run_child`] of the benchmark `exe` (this one if `None`).
+/// [`run_child`] of the benchmark `exe` (this one if `None`), with `env` added to the
+/// child's environment.
 fn run_child_of(
     exe: Option<&Path>,
     args: &Args,

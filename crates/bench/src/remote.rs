@@ -106,7 +106,8 @@ pub fn run(args: &Args, link: &Link) -> Result<Sample, Error> {
             .parse()
             .map_err(|e| format!("the S3 server did not start ({line:?}): {e}"))?;
         let endpoint = format!("http://127.0.0.1:{port}");
-        crate::run_child_env(
+        crate::run_child_of(
+            None,
             args,
             "remote",
             args.block_size,

@@ -148,16 +148,7 @@ async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_noth
     // for the dirty budget, full of blocks whose uploads are slow. The block lands before
     // the staging inode is cleaned, never after (it would be left behind, uploaded and
     // counted).
-    let limits = ns.cache().usage().await.expect("usage").limits;
-    ns.cache()
-        .set_limits(blockcache::Limits {
-            max_dirty_bytes: 4 * 1024,
-            ..limits
-        })
-        .await
-        .expect("limits");
-    env.faults
-        .latency(Op::Put, std::time::Duration::from_millis(300));
+    small_budget_slow_uploads(&env, &ns).await;
     let mut w = ns.create("f").await.expect("create");
     w.overlap_writes();
     w.write(&data(23, 5 * 1024)).await.expect("write");
@@ -172,9 +163,8 @@ async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_noth
     ns.shutdown().await.expect("shutdown");
 }
 
-/// Fills the dirty budget's 4 KiB with another file whose uploads take 300 ms each, so that
-/// the next block written waits for the budget.
-async fn budget_full_of_slow_uploads(env: &Env, ns: &Namespace) {
+/// A dirty budget of 4 KiB, and uploads that take 300 ms each.
+async fn small_budget_slow_uploads(env: &Env, ns: &Namespace) {
     let limits = ns.cache().usage().await.expect("usage").limits;
     ns.cache()
         .set_limits(blockcache::Limits {
@@ -185,6 +175,12 @@ async fn budget_full_of_slow_uploads(env: &Env, ns: &Namespace) {
         .expect("limits");
     env.faults
         .latency(Op::Put, std::time::Duration::from_millis(300));
+}
+
+/// [`small_budget_slow_uploads`], the budget full of another file's blocks, so that the next
+/// block written waits for it.
+async fn budget_full_of_slow_uploads(env: &Env, ns: &Namespace) {
+    small_budget_slow_uploads(env, ns).await;
     let mut g = ns.create("g").await.expect("create");
     g.write(&data(1, 4 * 1024)).await.expect("write");
     g.finish(Durability::None).await.expect("finish");
