@@ -213,7 +213,9 @@ impl FileWriter {
     }
 
     /// Appends `data`. Whole blocks go to the cache as soon as they are complete. After an
-    /// error the writer can only be given up: later calls fail with [`Error::WriterFailed`].
+    /// error, or after a call that was cancelled before it returned (it may have dropped
+    /// bytes that earlier calls took), the writer can only be given up: later calls fail
+    /// with [`Error::WriterFailed`].
     pub async fn write(&mut self, data: &[u8]) -> Result<()> {
         self.check_failed()?;
         // Until this write returns: one cancelled half-way leaves the writer failed.
