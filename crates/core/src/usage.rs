@@ -48,6 +48,9 @@ pub struct Usage {
     /// Misses served without a download: the block's object was already cached for another
     /// block, whose file the missing block now shares (a hard link).
     pub download_dedup_hits: u64,
+    /// Blocks that readahead started loading in the background (each is a miss, counted in
+    /// `misses` and `downloads` too when it downloads).
+    pub prefetches: u64,
     /// Downloads that failed or returned corrupted data.
     pub download_errors: u64,
     /// Commits that deduplicated against an existing object.

@@ -1068,7 +1068,7 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
         "counters": {
             "hits": u.hits, "misses": u.misses,
             "uploads": u.uploads, "upload_bytes": u.upload_bytes, "upload_errors": u.upload_errors,
-            "downloads": u.downloads, "download_bytes": u.download_bytes, "download_errors": u.download_errors, "download_dedup_hits": u.download_dedup_hits,
+            "downloads": u.downloads, "download_bytes": u.download_bytes, "download_errors": u.download_errors, "download_dedup_hits": u.download_dedup_hits, "prefetches": u.prefetches,
             "dedup_hits": u.dedup_hits, "deletes": u.deletes, "delete_errors": u.delete_errors,
         },
     }))
@@ -1145,6 +1145,7 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
             "blockcache_download_dedup_hits_total",
             u.download_dedup_hits,
         ),
+        ("blockcache_prefetches_total", u.prefetches),
         ("blockcache_deletes_total", u.deletes),
         ("blockcache_delete_errors_total", u.delete_errors),
         (

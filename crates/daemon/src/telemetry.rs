@@ -158,6 +158,11 @@ pub const USAGE_COUNTERS: &[(&str, Unit, &str)] = &[
         "Misses served by sharing the cached file of another block with the same object, without a download.",
     ),
     (
+        "blockcache_prefetches_total",
+        Unit::Count,
+        "Blocks that readahead started loading in the background.",
+    ),
+    (
         "blockcache_deletes_total",
         Unit::Count,
         "Objects deleted from the store.",

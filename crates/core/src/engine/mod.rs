@@ -78,6 +78,7 @@ struct Counters {
     downloads: AtomicU64,
     download_bytes: AtomicU64,
     download_dedup_hits: AtomicU64,
+    prefetches: AtomicU64,
     download_errors: AtomicU64,
     /// Clean cache files that no longer matched their object and were discarded.
     corrupt_cache_files: AtomicU64,
@@ -410,6 +411,7 @@ impl Inner {
             downloads: get(&c.downloads),
             download_bytes: get(&c.download_bytes),
             download_dedup_hits: get(&c.download_dedup_hits),
+            prefetches: get(&c.prefetches),
             download_errors: get(&c.download_errors),
             dedup_hits: get(&c.dedup_hits),
             deletes: get(&c.deletes),

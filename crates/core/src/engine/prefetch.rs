@@ -29,6 +29,7 @@ impl Inner {
         let Ok(slot) = Arc::clone(&self.prefetch_slots).try_acquire_owned() else {
             return false;
         };
+        super::Counters::add(&self.counters.prefetches, 1);
         let inner = Arc::clone(self);
         let cancel = self.cancel.clone();
         self.tracker.spawn(async move {
