@@ -513,15 +513,7 @@ async fn dedup_shows_in_stats_and_metrics() {
     );
     assert_eq!(s["store"]["dedup_ratio"], 2.0);
     assert_eq!(s["counters"]["uploads"], 4);
-    let m = d
-        .http
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let m = d.metrics().await;
     for needle in [
         "blockcache_uploads_total 4",
         "blockcache_store_unique_bytes 262144",
@@ -1084,15 +1076,7 @@ async fn metrics_are_described_and_named_by_the_conventions() {
         StatusCode::CREATED
     );
     let _ = d.get("m").await;
-    let text = d
-        .http
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = d.metrics().await;
     let mut help = std::collections::BTreeSet::new();
     let mut types = std::collections::BTreeMap::new();
     let mut samples = std::collections::BTreeSet::new();

@@ -34,15 +34,7 @@ fn launch(dir: &std::path::Path, moto: &Moto, args: &[&str]) -> Launch {
 
 /// `blockcache_store_up` in the daemon's metrics.
 async fn store_up_gauge(d: &Daemon) -> String {
-    let text = d
-        .http
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics");
+    let text = d.metrics().await;
     text.lines()
         .find(|l| l.starts_with("blockcache_store_up "))
         .unwrap_or_default()

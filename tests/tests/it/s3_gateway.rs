@@ -577,14 +577,7 @@ async fn a_completion_answers_at_once_and_its_result_when_the_work_is_done() {
         .expect("ListParts");
     assert_eq!(r.status(), 200, "the upload stays for a retry");
     // Counted with its outcome, not with its early 200.
-    let metrics = reqwest::Client::new()
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = d.metrics().await;
     let completions: Vec<&str> = metrics
         .lines()
         .filter(|l| {
