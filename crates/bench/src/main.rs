@@ -104,6 +104,9 @@ struct Args {
     rtt_ms: u64,
     /// ... and its bandwidth cap in Mbit/s (0: none).
     rate_mbit: u64,
+    /// The remote workload's links (`--links 100ms`, names of [`remote::CONFIGS`]); loopback,
+    /// which the ratios divide by, always runs.
+    links: Vec<String>,
 }
 
 /// The workloads `--only` accepts.
@@ -147,6 +150,7 @@ fn parse_args() -> Result<Args, Error> {
         baseline_bench: None,
         rtt_ms: 0,
         rate_mbit: 0,
+        links: remote::CONFIGS.iter().map(|l| l.name.to_owned()).collect(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -194,6 +198,15 @@ fn parse_args() -> Result<Args, Error> {
             "--baseline-bench" => a.baseline_bench = Some(value()?.into()),
             "--rtt-ms" => a.rtt_ms = value()?.parse()?,
             "--rate-mbit" => a.rate_mbit = value()?.parse()?,
+            "--links" => {
+                let names: Vec<&str> = remote::CONFIGS.iter().map(|l| l.name).collect();
+                a.links = value()?.split(',').map(str::to_owned).collect();
+                if let Some(bad) = a.links.iter().find(|l| !names.contains(&l.as_str())) {
+                    return Err(
+                        format!("--links {bad:?}: allowed values: {}", names.join(", ")).into(),
+                    );
+                }
+            }
             "--only" => {
                 let only = value()?;
                 if !ONLY.contains(&only.as_str()) {
@@ -205,7 +218,7 @@ fn parse_args() -> Result<Args, Error> {
             }
             "--help" | "-h" => {
                 println!(
-                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon|remote|plain] [--ship-files 10000,100000] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
+                    "usage: blockcache-bench [--data-mib N] [--runs N] [--block-sizes 64K,1M,4M] [--dup 0.5] [--meta-blocks N] [--daemon-block-size 1M] [--daemon-data-mib 128] [--rss-factor 4] [--format-mib 32] [--format-configs plain,plain-copy,zstd,lz4,none+enc,zstd+enc] [--only patch|format|metadata|daemon|remote|plain] [--ship-files 10000,100000] [--links loopback,20ms,100ms,20ms-400mbit] [--baseline-bench EXE] [--dir DIR] [--out DIR]"
                 );
                 std::process::exit(0);
             }

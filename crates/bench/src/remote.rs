@@ -513,7 +513,11 @@ pub fn run_all(
     round: usize,
     results: &RefCell<BTreeMap<String, Vec<Sample>>>,
 ) -> Result<(), Error> {
-    let mut links = CONFIGS.to_vec();
+    let mut links: Vec<Link> = CONFIGS
+        .iter()
+        .filter(|l| l.rtt_ms == 0 && l.rate_mbit == 0 || args.links.iter().any(|n| n == l.name))
+        .copied()
+        .collect();
     if round % 2 == 1 {
         links.reverse();
     }
