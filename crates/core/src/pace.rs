@@ -6,8 +6,9 @@
 //! latency, which the user should not have to tune. Like TCP Vegas, the pace compares each
 //! upload's duration with the fastest one seen lately. While uploads take little longer than
 //! the fastest (the link is not queuing) and jobs wait for a worker, one more upload may
-//! run (two while they take no longer at all, so the limit triples each round trip); once they take several times longer (the link or the store is saturated and more
-//! concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
+//! run (seven while they take no longer at all, so the limit grows eightfold each round
+//! trip, like a slow start); once they take several times longer (the link or the store is
+//! saturated and more concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
 //! far one climbs towards the ceiling, until its bandwidth is used.
 //!
 //! Durations are compared within a size class (objects of one power of two of bytes), since
@@ -26,8 +27,11 @@ pub(crate) const FLOOR: usize = 8;
 const MAX_BYTES_IN_FLIGHT: u64 = 64 << 20;
 /// A duration below this multiple of the fastest lets one more upload run...
 const GROW_BELOW: f64 = 1.5;
-/// Below this multiple, two more may run per upload.
+/// Below this multiple, [`GROW_FAST`] more may run per upload...
 const GROW_FAST_BELOW: f64 = 1.2;
+/// ... so that the limit grows eightfold each round trip while uploads do not queue at
+/// all: from the floor to a ceiling of 64 in one round trip.
+const GROW_FAST: usize = 7;
 /// ... and one above this multiple stops one.
 const SHRINK_ABOVE: f64 = 3.0;
 /// The weight of each new duration in the recent average.
@@ -119,9 +123,13 @@ impl UploadPace {
             turn.forget();
         } else {
             if recent < GROW_BELOW && backlog && m.limit < self.ceiling {
-                // Twice as fast while uploads take no longer than the fastest at all: the
-                // limit then triples each round trip instead of doubling.
-                grow = if recent < GROW_FAST_BELOW { 2 } else { 1 };
+                // Faster while uploads take no longer than the fastest at all: the limit
+                // then grows eightfold each round trip instead of doubling.
+                grow = if recent < GROW_FAST_BELOW {
+                    GROW_FAST
+                } else {
+                    1
+                };
                 grow = grow.min(self.ceiling - m.limit);
                 m.limit += grow;
             }
@@ -190,6 +198,17 @@ mod tests {
         }
         assert!(pace.limit() < 64, "limit {}", pace.limit());
         assert_eq!(pace.permits.available_permits(), pace.limit());
+    }
+
+    #[tokio::test]
+    async fn an_idle_far_store_is_filled_within_one_round_trip() {
+        // The floor's uploads, all as fast as the fastest: the next round trip has the
+        // ceiling in flight.
+        let pace = UploadPace::new(64, 1 << 20);
+        for _ in 0..FLOOR {
+            upload(&pace, 0.1, true).await;
+        }
+        assert_eq!(pace.limit(), 64);
     }
 
     #[tokio::test]
