@@ -112,10 +112,9 @@ impl BlockHandle {
         }
         let path = self.path();
         let file = self.file()?;
-        let mut buf = vec![0; (end - offset) as usize];
-        file.read_exact_at(&mut buf, offset)
-            .map_err(Error::io("read cache file", path))?;
-        Ok(Bytes::from(buf))
+        read_uninit(file, offset, (end - offset) as usize)
+            .map(Bytes::from)
+            .map_err(Error::io("read cache file", path))
     }
 
     /// Writes `data` at `offset`, growing the block if needed (a gap reads as zeros).
@@ -305,5 +304,41 @@ impl BlockHandle {
     /// Counts a hit.
     pub(super) fn hit(&self) {
         Counters::add(&self.inner.counters.hits, 1);
+    }
+}
+
+/// Reads exactly `len` bytes at `offset` of `file` into a new buffer that is not zeroed
+/// first: a hot read's bytes are copied once, from the page cache into the buffer.
+fn read_uninit(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len);
+    while buf.len() < len {
+        let at = offset + buf.len() as u64;
+        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // The capacity may exceed `len`: bytes read past it are not the caller's.
+    buf.truncate(len);
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::read_uninit;
+
+    #[test]
+    fn read_uninit_reads_the_range_and_names_a_short_file() -> std::io::Result<()> {
+        let mut file = tempfile::tempfile()?;
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&data)?;
+        assert_eq!(read_uninit(&file, 0, data.len())?, data);
+        assert_eq!(read_uninit(&file, 12_345, 100_000)?, &data[12_345..112_345]);
+        assert_eq!(read_uninit(&file, 7, 0)?, b"");
+        let short = read_uninit(&file, 299_000, 2_000).expect_err("a read past the end");
+        assert_eq!(short.kind(), std::io::ErrorKind::UnexpectedEof);
+        Ok(())
     }
 }
