@@ -9,7 +9,9 @@
 //! run (seven while they take no longer at all, so the limit grows eightfold each round
 //! trip, like a slow start); once they take several times longer (the link or the store is
 //! saturated and more concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
-//! far one climbs towards the ceiling, until its bandwidth is used.
+//! far one climbs towards the ceiling, until its bandwidth is used. An upload the store
+//! fails halves the limit (down to the floor), as a loss does TCP's: a throttling store gets
+//! fewer requests at once, not as many retries.
 //!
 //! Durations are compared within a size class (objects of one power of two of bytes), since
 //! a small object is always faster than a large one. The fastest duration of a class is its
@@ -59,6 +61,9 @@ struct Measure {
     fastest: [Option<f64>; CLASSES],
     /// The average of recent uploads' durations, each over its class's fastest.
     recent: Option<f64>,
+    /// Turns in use that are not given back when they come back, since the limit was cut
+    /// below the permits handed out ([`UploadPace::failed`]).
+    owed: usize,
 }
 
 impl UploadPace {
@@ -77,6 +82,7 @@ impl UploadPace {
                 limit: floor,
                 fastest: [None; CLASSES],
                 recent: None,
+                owed: 0,
             }),
         }
     }
@@ -117,7 +123,11 @@ impl UploadPace {
             fastest
         });
         let mut grow = 0;
-        if recent > SHRINK_ABOVE && m.limit > self.floor {
+        if m.owed > 0 {
+            // The limit was cut after a failure: this turn is one of those it took back.
+            m.owed -= 1;
+            turn.forget();
+        } else if recent > SHRINK_ABOVE && m.limit > self.floor {
             m.limit -= 1;
             // This turn is not given back: one fewer upload runs.
             turn.forget();
@@ -140,6 +150,26 @@ impl UploadPace {
         if grow > 0 {
             self.permits.add_permits(grow);
         }
+        metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
+    }
+
+    /// Records an upload that the store failed (an error, a timeout, a refusal to take more):
+    /// the limit halves, down to the floor, as TCP's does on a loss. An overloaded or
+    /// throttling store (S3's 503 Slow Down) then gets fewer requests at once instead of as
+    /// many retries; the limit grows again as uploads succeed quickly.
+    pub(crate) fn failed(&self, turn: OwnedSemaphorePermit) {
+        let mut m = self.measure.lock().expect("pace poisoned");
+        let cut = m.limit - (m.limit / 2).max(self.floor);
+        if cut == 0 {
+            return;
+        }
+        m.limit -= cut;
+        turn.forget();
+        // The rest of the cut: turns free now, then turns in use as they come back.
+        let free = self.permits.forget_permits(cut - 1);
+        m.owed += cut - 1 - free;
+        let limit = m.limit;
+        drop(m);
         metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
     }
 }
@@ -209,6 +239,39 @@ mod tests {
             upload(&pace, 0.1, true).await;
         }
         assert_eq!(pace.limit(), 64);
+    }
+
+    #[tokio::test]
+    async fn a_failure_halves_the_limit_even_with_every_turn_in_use() {
+        let pace = UploadPace::new(64, 1 << 20);
+        for _ in 0..FLOOR {
+            upload(&pace, 0.1, true).await;
+        }
+        assert_eq!(pace.limit(), 64);
+        // Every turn in use when one upload fails.
+        let mut turns = Vec::new();
+        for _ in 0..64 {
+            turns.push(pace.turn().await);
+        }
+        pace.failed(turns.pop().expect("a turn"));
+        assert_eq!(pace.limit(), 32);
+        for turn in turns {
+            pace.done(turn, 1 << 20, 0.1, false);
+        }
+        assert_eq!(pace.permits.available_permits(), 32);
+        // A turn free when the next fails: 16; at the floor, failures change nothing.
+        pace.failed(pace.turn().await);
+        assert_eq!((pace.limit(), pace.permits.available_permits()), (16, 16));
+        for _ in 0..3 {
+            pace.failed(pace.turn().await);
+        }
+        assert_eq!(
+            (pace.limit(), pace.permits.available_permits()),
+            (FLOOR, FLOOR)
+        );
+        // Quick uploads that find jobs waiting grow it again.
+        upload(&pace, 0.1, true).await;
+        assert!(pace.limit() > FLOOR);
     }
 
     #[tokio::test]

@@ -149,8 +149,11 @@ async fn upload_worker(
         let took = started.elapsed().as_secs_f64();
         metrics::histogram!("blockcache_upload_duration_seconds", "outcome" => outcome_label(&result))
             .record(took);
-        if result.is_ok() {
-            pace.done(turn, len, took, backlog);
+        match &result {
+            Ok(_) => pace.done(turn, len, took, backlog),
+            // The store's failures, not the cache's (an unreadable file) nor the database's.
+            Err(UploadFailure::Store(_) | UploadFailure::NotDurable(_)) => pace.failed(turn),
+            Err(_) => drop(turn),
         }
         // The receiver is gone only if its recording task was cancelled; nothing to do then.
         let _ = job.reply.send(result);
