@@ -178,6 +178,11 @@ impl Faults {
         let _ = rx.wait_for(|&w| w >= n).await;
     }
 
+    /// Calls of `op` waiting at its gate now (a cancelled call no longer counts).
+    pub fn held(&self, op: Op) -> u64 {
+        *self.inner.waiting[op.index()].borrow()
+    }
+
     /// Removes every fault and opens every gate; counters are kept.
     pub fn reset(&self) {
         self.inner
@@ -216,9 +221,16 @@ impl Faults {
         self.inner.calls[i].fetch_add(1, Ordering::SeqCst);
         let mut gate = self.inner.gates[i].subscribe();
         if *gate.borrow_and_update() {
+            /// Counts a call at the gate until it passes or is dropped (cancelled).
+            struct Waiting<'a>(&'a watch::Sender<u64>);
+            impl Drop for Waiting<'_> {
+                fn drop(&mut self) {
+                    self.0.send_modify(|w| *w -= 1);
+                }
+            }
             self.inner.waiting[i].send_modify(|w| *w += 1);
+            let _waiting = Waiting(&self.inner.waiting[i]);
             let _ = gate.wait_for(|held| !held).await;
-            self.inner.waiting[i].send_modify(|w| *w -= 1);
         }
         let (latency, fail, permanent, corrupt) = {
             let mut config = self.inner.config.lock().expect("faults mutex poisoned");

@@ -68,3 +68,35 @@ async fn random_reads_load_nothing_ahead() {
     ns.shutdown().await.expect("shutdown");
     assert_eq!(env.faults.calls(Op::Get), 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_does_not_wait_for_prefetches_held_by_the_store() {
+    let env = Env::new();
+    let (ns, content) = stored_file(&env).await;
+    // A store that answers no download: the read's block and its first window wait for it.
+    env.faults.hold(Op::Get);
+    let r = ns.open_read("f").await.expect("open");
+    let reading = tokio::spawn(async move { r.read(0, 1024).await.map(drop) });
+    env.faults.wait_held(Op::Get, 5).await;
+    reading.abort();
+    assert!(reading.await.is_err_and(|e| e.is_cancelled()));
+    // The prefetches still wait at the store's gate: shutdown cancels them rather than
+    // waiting for its grace and leaving them running.
+    ns.shutdown().await.expect("shutdown");
+    assert_eq!(
+        env.faults.held(Op::Get),
+        0,
+        "a download still waits for the store after shutdown"
+    );
+    env.faults.release(Op::Get);
+    // Nothing of the cancelled downloads stays behind: the file reads back exactly.
+    let ns = Namespace::open(env.open().await, 1 << 30)
+        .await
+        .expect("reopen");
+    let mut r = ns.open_read("f").await.expect("open");
+    use tokio::io::AsyncReadExt;
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.expect("read back");
+    assert!(back == content, "the file reads back exact");
+    ns.shutdown().await.expect("shutdown");
+}
