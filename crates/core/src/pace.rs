@@ -64,6 +64,12 @@ struct Measure {
     /// Turns in use that are not given back when they come back, since the limit was cut
     /// below the permits handed out ([`UploadPace::failed`]).
     owed: usize,
+    /// Uploads that were in flight at the last cut and have not come back: their failures
+    /// are the same loss as the one that cut, and cut nothing more.
+    in_flight_at_cut: usize,
+    /// The limit grows fast ([`GROW_FAST`]) only below this: the ceiling until a failure cut
+    /// the limit, then the limit that cut left (TCP's slow-start threshold).
+    grow_fast_until: usize,
 }
 
 impl UploadPace {
@@ -83,6 +89,8 @@ impl UploadPace {
                 fastest: [None; CLASSES],
                 recent: None,
                 owed: 0,
+                in_flight_at_cut: 0,
+                grow_fast_until: ceiling,
             }),
         }
     }
@@ -123,19 +131,11 @@ impl UploadPace {
             fastest
         });
         let mut grow = 0;
-        if m.owed > 0 {
-            // The limit was cut after a failure: this turn is one of those it took back.
-            m.owed -= 1;
-            turn.forget();
-        } else if recent > SHRINK_ABOVE && m.limit > self.floor {
-            m.limit -= 1;
-            // This turn is not given back: one fewer upload runs.
-            turn.forget();
-        } else {
-            if recent < GROW_BELOW && backlog && m.limit < self.ceiling {
+        if m.owed > 0 || recent <= SHRINK_ABOVE || m.limit == self.floor {
+            if m.owed == 0 && recent < GROW_BELOW && backlog && m.limit < self.ceiling {
                 // Faster while uploads take no longer than the fastest at all: the limit
                 // then grows eightfold each round trip instead of doubling.
-                grow = if recent < GROW_FAST_BELOW {
+                grow = if recent < GROW_FAST_BELOW && m.limit < m.grow_fast_until {
                     GROW_FAST
                 } else {
                     1
@@ -143,7 +143,12 @@ impl UploadPace {
                 grow = grow.min(self.ceiling - m.limit);
                 m.limit += grow;
             }
-            drop(turn);
+            self.give_back_locked(&mut m, turn);
+        } else {
+            m.limit -= 1;
+            m.in_flight_at_cut = m.in_flight_at_cut.saturating_sub(1);
+            // This turn is not given back: one fewer upload runs.
+            turn.forget();
         }
         let limit = m.limit;
         drop(m);
@@ -154,16 +159,23 @@ impl UploadPace {
     }
 
     /// Records an upload that the store failed (an error, a timeout, a refusal to take more):
-    /// the limit halves, down to the floor, as TCP's does on a loss. An overloaded or
-    /// throttling store (S3's 503 Slow Down) then gets fewer requests at once instead of as
-    /// many retries; the limit grows again as uploads succeed quickly.
+    /// the limit halves, down to the floor, as TCP's does on a loss, once for the uploads
+    /// that were in flight together (they fail together when a store throttles). An
+    /// overloaded or throttling store (S3's 503 Slow Down) then gets fewer requests at once
+    /// instead of as many retries; the limit grows again as uploads succeed quickly, by one
+    /// per upload above the limit the cut left.
     pub(crate) fn failed(&self, turn: OwnedSemaphorePermit) {
         let mut m = self.measure.lock().expect("pace poisoned");
         let cut = m.limit - (m.limit / 2).max(self.floor);
-        if cut == 0 {
+        if m.in_flight_at_cut > 0 || cut == 0 {
+            self.give_back_locked(&mut m, turn);
             return;
         }
+        // The turns handed out now, this one included: the uploads of this loss.
+        let handed_out = (m.limit + m.owed).saturating_sub(self.permits.available_permits());
         m.limit -= cut;
+        m.grow_fast_until = m.limit;
+        m.in_flight_at_cut = handed_out.saturating_sub(1);
         turn.forget();
         // The rest of the cut: turns free now, then turns in use as they come back.
         let free = self.permits.forget_permits(cut - 1);
@@ -171,6 +183,24 @@ impl UploadPace {
         let limit = m.limit;
         drop(m);
         metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
+    }
+
+    /// Gives back the turn of an upload that says nothing of the store (the cache's own
+    /// failure, as an unreadable cache file).
+    pub(crate) fn give_back(&self, turn: OwnedSemaphorePermit) {
+        let mut m = self.measure.lock().expect("pace poisoned");
+        self.give_back_locked(&mut m, turn);
+    }
+
+    /// A turn comes back: it is kept if a cut still takes turns back, else it is free again.
+    fn give_back_locked(&self, m: &mut Measure, turn: OwnedSemaphorePermit) {
+        m.in_flight_at_cut = m.in_flight_at_cut.saturating_sub(1);
+        if m.owed > 0 {
+            m.owed -= 1;
+            turn.forget();
+        } else {
+            drop(turn);
+        }
     }
 }
 
@@ -269,9 +299,54 @@ mod tests {
             (pace.limit(), pace.permits.available_permits()),
             (FLOOR, FLOOR)
         );
-        // Quick uploads that find jobs waiting grow it again.
+        // Quick uploads that find jobs waiting grow it again, by one each above the limit a
+        // cut left.
         upload(&pace, 0.1, true).await;
-        assert!(pace.limit() > FLOOR);
+        assert_eq!(pace.limit(), FLOOR + 1);
+    }
+
+    #[tokio::test]
+    async fn uploads_failing_together_cut_once_and_then_run_no_more_than_the_limit() {
+        // A throttling store fails every upload in flight at once (S3's 503 Slow Down).
+        let pace = UploadPace::new(64, 1 << 20);
+        for _ in 0..FLOOR {
+            upload(&pace, 0.1, true).await;
+        }
+        let mut turns = Vec::new();
+        for _ in 0..64 {
+            turns.push(pace.turn().await);
+        }
+        for turn in turns {
+            pace.failed(turn);
+        }
+        assert_eq!(pace.limit(), 32, "one loss, one cut");
+        assert_eq!(
+            pace.permits.available_permits(),
+            32,
+            "as many turns as the limit"
+        );
+        // The next failure is a new loss.
+        pace.failed(pace.turn().await);
+        assert_eq!((pace.limit(), pace.permits.available_permits()), (16, 16));
+    }
+
+    #[tokio::test]
+    async fn a_turn_given_back_without_a_measure_still_pays_what_a_cut_took() {
+        let pace = UploadPace::new(64, 1 << 20);
+        for _ in 0..FLOOR {
+            upload(&pace, 0.1, true).await;
+        }
+        let mut turns = Vec::new();
+        for _ in 0..64 {
+            turns.push(pace.turn().await);
+        }
+        pace.failed(turns.pop().expect("a turn"));
+        assert_eq!(pace.limit(), 32);
+        // The worker's answer to a failure that is not the store's (an unreadable file).
+        for turn in turns {
+            pace.give_back(turn);
+        }
+        assert_eq!(pace.permits.available_permits(), 32);
     }
 
     #[tokio::test]

@@ -153,7 +153,7 @@ async fn upload_worker(
             Ok(_) => pace.done(turn, len, took, backlog),
             // The store's failures, not the cache's (an unreadable file) nor the database's.
             Err(UploadFailure::Store(_) | UploadFailure::NotDurable(_)) => pace.failed(turn),
-            Err(_) => drop(turn),
+            Err(_) => pace.give_back(turn),
         }
         // The receiver is gone only if its recording task was cancelled; nothing to do then.
         let _ = job.reply.send(result);

@@ -77,9 +77,13 @@ async fn shutdown_does_not_wait_for_prefetches_held_by_the_store() {
     env.faults.hold(Op::Get);
     let r = ns.open_read("f").await.expect("open");
     let reading = tokio::spawn(async move { r.read(0, 1024).await.map(drop) });
-    env.faults.wait_held(Op::Get, 5).await;
+    env.wait_held(Op::Get, 5).await;
     reading.abort();
     assert!(reading.await.is_err_and(|e| e.is_cancelled()));
+    assert!(
+        env.faults.held(Op::Get) >= 4,
+        "the prefetches outlive their reader"
+    );
     // The prefetches still wait at the store's gate: shutdown cancels them rather than
     // waiting for its grace and leaving them running.
     ns.shutdown().await.expect("shutdown");

@@ -313,7 +313,12 @@ fn read_uninit(file: &std::fs::File, offset: u64, len: usize) -> std::io::Result
     let mut buf = Vec::with_capacity(len);
     while buf.len() < len {
         let at = offset + buf.len() as u64;
-        let n = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        let n = match rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at) {
+            Ok(n) => n,
+            // A signal before any byte was read (network file systems): read again.
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
