@@ -101,7 +101,6 @@ impl UploadPace {
     }
 
     /// Uploads allowed at once now.
-    #[cfg(test)]
     pub(crate) fn limit(&self) -> usize {
         self.measure.lock().expect("pace poisoned").limit
     }

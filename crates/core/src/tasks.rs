@@ -29,10 +29,7 @@ const CONFIRM_BATCH: usize = 1024;
 pub(crate) fn start(inner: &Arc<Inner>, queues: crate::engine::Queues, intake: CancellationToken) {
     let tracker = inner.tracker();
     let jobs = Arc::new(Mutex::new(queues.uploads));
-    let pace = Arc::new(UploadPace::new(
-        inner.config().upload_tasks,
-        inner.config().block_size,
-    ));
+    let pace = inner.pace().clone();
     for _ in 0..pace.ceiling() {
         tracker.spawn(upload_worker(
             jobs.clone(),

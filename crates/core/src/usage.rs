@@ -51,6 +51,9 @@ pub struct Usage {
     /// Blocks that readahead started loading in the background (each is a miss, counted in
     /// `misses` and `downloads` too when it downloads).
     pub prefetches: u64,
+    /// Uploads allowed at once now: the upload pace, between 8 and `upload_tasks`, which
+    /// grows while uploads are quick and halves when the store fails one.
+    pub upload_concurrency: u64,
     /// Downloads that failed or returned corrupted data.
     pub download_errors: u64,
     /// Commits that deduplicated against an existing object.

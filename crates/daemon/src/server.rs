@@ -1061,6 +1061,7 @@ async fn stats(State(state): State<Shared>, uri: Uri) -> ApiResult {
         "cache": {"bytes": u.bytes, "entries": u.entries, "max_bytes": limits.max_bytes, "max_entries": limits.max_entries},
         "dirty": {"bytes": u.dirty_bytes, "entries": u.dirty_entries, "max_bytes": limits.max_dirty_bytes, "oldest_age_seconds": secs(u.oldest_dirty_age)},
         "uploads_in_flight": u.uploads_in_flight,
+        "upload_concurrency": u.upload_concurrency,
         "pending_removals": u.pending_removals,
         "requests": {"buffers": state.buffer_count, "buffers_free": state.buffers.available_permits()},
         "store_up": u.store_up,

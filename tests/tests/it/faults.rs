@@ -365,3 +365,36 @@ async fn eviction_while_uploads_keep_failing_drops_nothing() {
         .await
         .expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_grow_their_pace_on_a_far_store_and_a_failed_one_halves_it() {
+    let env = Env::new();
+    let mut config = env.config();
+    config.upload_tasks = 64;
+    config.max_bytes = 1 << 20;
+    config.max_entries = 4096;
+    config.max_dirty_bytes = 1 << 20;
+    let cache = env.open_with(config).await;
+    let floor = cache.usage().await.expect("usage").upload_concurrency;
+    assert_eq!(floor, 8);
+    // Every upload waits the same round trip, with many queued: the pace climbs.
+    env.faults.latency(Op::Put, Duration::from_millis(20));
+    for b in 0..200 {
+        cache.write(1, b, 0, &data(b, 1000)).await.expect("write");
+    }
+    cache.flush().await.expect("flush");
+    let grown = cache.usage().await.expect("usage").upload_concurrency;
+    assert!(grown > floor, "the pace stayed at {grown}");
+    // The store fails an upload (after its retries): the pace halves.
+    env.faults.fail_first(Op::Put, u64::MAX);
+    cache
+        .write(2, 0, 0, &data(10_000, 1000))
+        .await
+        .expect("write");
+    cache.flush().await.expect_err("flush fails");
+    let cut = cache.usage().await.expect("usage").upload_concurrency;
+    assert_eq!(cut, (grown / 2).max(floor), "grown to {grown}");
+    env.faults.reset();
+    cache.flush().await.expect("flush");
+    cache.shutdown().await.expect("shutdown");
+}

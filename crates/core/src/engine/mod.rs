@@ -162,6 +162,8 @@ pub(crate) struct Inner {
     /// Objects whose upload is under way, and the blocks waiting for them.
     uploads: Mutex<HashMap<u64, ObjUpload>>,
     upload_tx: mpsc::Sender<UploadJob>,
+    /// How many uploads run at once (`pace.rs`), shared with the upload workers.
+    pace: Arc<crate::pace::UploadPace>,
     /// Upload outcomes waiting to be recorded by the confirmer.
     confirm_tx: mpsc::Sender<UploadOutcome>,
     removal_tx: mpsc::Sender<Removal>,
@@ -219,6 +221,10 @@ impl Inner {
             commit_lock: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
             upload_tx,
+            pace: Arc::new(crate::pace::UploadPace::new(
+                config.upload_tasks,
+                config.block_size,
+            )),
             confirm_tx,
             removal_tx,
             unmarks: Unmarks::default(),
@@ -276,6 +282,11 @@ impl Inner {
     }
 
     /// The object store.
+    /// The upload workers' pace.
+    pub(crate) fn pace(&self) -> &Arc<crate::pace::UploadPace> {
+        &self.pace
+    }
+
     pub(crate) fn backend(&self) -> &Backend {
         &self.backend
     }
@@ -412,6 +423,7 @@ impl Inner {
             download_bytes: get(&c.download_bytes),
             download_dedup_hits: get(&c.download_dedup_hits),
             prefetches: get(&c.prefetches),
+            upload_concurrency: self.pace.limit() as u64,
             download_errors: get(&c.download_errors),
             dedup_hits: get(&c.dedup_hits),
             deletes: get(&c.deletes),
