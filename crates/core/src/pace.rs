@@ -11,7 +11,9 @@
 //! saturated and more concurrency only adds waiting) one fewer. A near store thus stays near the floor and a
 //! far one climbs towards the ceiling, until its bandwidth is used. An upload the store
 //! fails halves the limit (down to the floor), as a loss does TCP's: a throttling store gets
-//! fewer requests at once, not as many retries.
+//! fewer requests at once, not as many retries. And the limit stays at what the store takes,
+//! at its measured rate, in a quarter of its deadline for one upload: on a slow link, more
+//! uploads at once would each take longer, until they time out.
 //!
 //! Durations are compared within a size class (objects of one power of two of bytes), since
 //! a small object is always faster than a large one. The fastest duration of a class is its
@@ -43,6 +45,11 @@ const RECENT_WEIGHT: f64 = 0.2;
 const FASTEST_DRIFT: f64 = 1.01;
 /// Size classes: objects of up to 2^0 .. 2^63 bytes.
 const CLASSES: usize = 64;
+/// Most of the store's deadline that an upload may wait behind the others in flight: the
+/// limit stays at most what the store takes in this share of its deadline, so that a slow
+/// link is not given uploads that would time out (at 1 MiB/s and a 60 s deadline, 15 uploads
+/// of 1 MiB).
+const DEADLINE_SHARE: f64 = 0.25;
 
 /// The upload workers' permits and the measure that sizes them.
 #[derive(Debug)]
@@ -50,6 +57,10 @@ pub(crate) struct UploadPace {
     permits: Arc<Semaphore>,
     floor: usize,
     ceiling: usize,
+    /// The block size: the size of the objects whose uploads measure the store's rate.
+    block_size: u64,
+    /// The store's deadline for one upload, if the limit must keep uploads well within it.
+    deadline: Option<f64>,
     measure: Mutex<Measure>,
 }
 
@@ -70,6 +81,9 @@ struct Measure {
     /// The limit grows fast ([`GROW_FAST`]) only below this: the ceiling until a failure cut
     /// the limit, then the limit that cut left (TCP's slow-start threshold).
     grow_fast_until: usize,
+    /// The bytes a second the store takes, as recent block-sized uploads tell (Little's
+    /// law: the uploads allowed at once, over how long one takes).
+    rate: Option<f64>,
 }
 
 impl UploadPace {
@@ -84,6 +98,8 @@ impl UploadPace {
             permits: Arc::new(Semaphore::new(floor)),
             floor,
             ceiling,
+            block_size: block_size.max(1),
+            deadline: None,
             measure: Mutex::new(Measure {
                 limit: floor,
                 fastest: [None; CLASSES],
@@ -91,8 +107,17 @@ impl UploadPace {
                 owed: 0,
                 in_flight_at_cut: 0,
                 grow_fast_until: ceiling,
+                rate: None,
             }),
         }
+    }
+
+    /// Keeps the limit at what the store takes in a quarter of `deadline`, the most an
+    /// upload may take, as its rate is measured: more uploads at once on a slow link would
+    /// only wait behind each other until they time out.
+    pub(crate) fn with_deadline(mut self, deadline: std::time::Duration) -> Self {
+        self.deadline = Some(deadline.as_secs_f64());
+        self
     }
 
     /// The most uploads that may ever run at once: the number of workers to start.
@@ -129,9 +154,21 @@ impl UploadPace {
         } else {
             fastest
         });
+        if len * 2 >= self.block_size {
+            let rate = m.limit as f64 * len as f64 / secs;
+            m.rate = Some(m.rate.map_or(rate, |r| r + RECENT_WEIGHT * (rate - r)));
+        }
+        // The most uploads the store's rate lets finish within a share of its deadline.
+        let by_deadline = match (self.deadline, m.rate) {
+            (Some(deadline), Some(rate)) => ((rate * deadline * DEADLINE_SHARE
+                / self.block_size as f64) as usize)
+                .clamp(self.floor, self.ceiling),
+            _ => self.ceiling,
+        };
         let mut grow = 0;
-        if m.owed > 0 || recent <= SHRINK_ABOVE || m.limit == self.floor {
-            if m.owed == 0 && recent < GROW_BELOW && backlog && m.limit < self.ceiling {
+        let slow = recent > SHRINK_ABOVE || m.limit > by_deadline;
+        if m.owed > 0 || !slow || m.limit == self.floor {
+            if m.owed == 0 && recent < GROW_BELOW && backlog && m.limit < by_deadline {
                 // Faster while uploads take no longer than the fastest at all: the limit
                 // then grows eightfold each round trip instead of doubling.
                 grow = if recent < GROW_FAST_BELOW && m.limit < m.grow_fast_until {
@@ -139,7 +176,7 @@ impl UploadPace {
                 } else {
                     1
                 };
-                grow = grow.min(self.ceiling - m.limit);
+                grow = grow.min(by_deadline - m.limit);
                 m.limit += grow;
             }
             self.give_back_locked(&mut m, turn);
@@ -257,6 +294,36 @@ mod tests {
         }
         assert!(pace.limit() < 64, "limit {}", pace.limit());
         assert_eq!(pace.permits.available_permits(), pace.limit());
+    }
+
+    #[tokio::test]
+    async fn a_slow_link_gets_no_more_uploads_than_finish_well_within_the_deadline() {
+        // 1 MiB a second, a 60 s deadline: 15 uploads of 1 MiB take 15 s, a quarter of it.
+        let pace = UploadPace::new(64, 1 << 20).with_deadline(std::time::Duration::from_secs(60));
+        let mut most = 0;
+        for _ in 0..500 {
+            let limit = pace.limit();
+            most = most.max(limit);
+            let turn = pace.turn().await;
+            pace.done(turn, 1 << 20, 0.1f64.max(limit as f64), true);
+        }
+        assert!(most <= 16, "up to {most} uploads of 15 s or more");
+        // The same link without a deadline to keep: the fast start overshoots.
+        let pace = UploadPace::new(64, 1 << 20);
+        let mut most = 0;
+        for _ in 0..500 {
+            let limit = pace.limit();
+            most = most.max(limit);
+            let turn = pace.turn().await;
+            pace.done(turn, 1 << 20, 0.1f64.max(limit as f64), true);
+        }
+        assert!(most > 16, "{most}");
+        // A far store's rate is high: the deadline holds nothing back.
+        let pace = UploadPace::new(64, 1 << 20).with_deadline(std::time::Duration::from_secs(60));
+        for _ in 0..FLOOR {
+            upload(&pace, 0.1, true).await;
+        }
+        assert_eq!(pace.limit(), 64);
     }
 
     #[tokio::test]

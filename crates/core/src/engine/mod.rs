@@ -202,6 +202,10 @@ impl Inner {
         db.check_block_size(config.block_size).await?;
         let cancel = CancellationToken::new();
         let backend = backend.with_cancel(cancel.child_token());
+        let pace = Arc::new(
+            crate::pace::UploadPace::new(config.upload_tasks, config.block_size)
+                .with_deadline(backend.timeout()),
+        );
         // The queue only keeps the workers fed: its jobs hold their bytes.
         let (upload_tx, uploads) = mpsc::channel(crate::pace::FLOOR.min(config.upload_tasks));
         let (removal_tx, removals) = mpsc::channel(QUEUE_DEPTH);
@@ -221,10 +225,7 @@ impl Inner {
             commit_lock: tokio::sync::Mutex::new(()),
             uploads: Mutex::new(HashMap::new()),
             upload_tx,
-            pace: Arc::new(crate::pace::UploadPace::new(
-                config.upload_tasks,
-                config.block_size,
-            )),
+            pace,
             confirm_tx,
             removal_tx,
             unmarks: Unmarks::default(),
