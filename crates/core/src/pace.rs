@@ -47,9 +47,17 @@ const FASTEST_DRIFT: f64 = 1.01;
 const CLASSES: usize = 64;
 /// Most of the store's deadline that an upload may wait behind the others in flight: the
 /// limit stays at most what the store takes in this share of its deadline, so that a slow
-/// link is not given uploads that would time out (at 1 MiB/s and a 60 s deadline, 15 uploads
-/// of 1 MiB).
+/// link is not given uploads that would time out (at 2 MiB/s and the daemon's default 30 s
+/// deadline, 15 uploads of 1 MiB). It never goes under the floor.
 const DEADLINE_SHARE: f64 = 0.25;
+
+/// A turn to upload ([`UploadPace::turn`]), given back through the pace.
+#[derive(Debug)]
+pub(crate) struct Turn {
+    permit: OwnedSemaphorePermit,
+    /// Uploads in flight as this one started, itself included.
+    in_flight: usize,
+}
 
 /// The upload workers' permits and the measure that sizes them.
 #[derive(Debug)]
@@ -131,16 +139,22 @@ impl UploadPace {
     }
 
     /// Waits for a turn to upload. Cancel-safe.
-    pub(crate) async fn turn(&self) -> OwnedSemaphorePermit {
-        Arc::clone(&self.permits)
+    pub(crate) async fn turn(&self) -> Turn {
+        let permit = Arc::clone(&self.permits)
             .acquire_owned()
             .await
-            .expect("the pace's semaphore is never closed")
+            .expect("the pace's semaphore is never closed");
+        let m = self.measure.lock().expect("pace poisoned");
+        let in_flight = (m.limit + m.owed).saturating_sub(self.permits.available_permits());
+        Turn {
+            permit,
+            in_flight: in_flight.max(1),
+        }
     }
 
     /// Records an upload of `len` bytes that took `secs`, while other jobs were waiting
     /// (`backlog`) or not, and gives its turn back, or keeps it when the limit goes down.
-    pub(crate) fn done(&self, turn: OwnedSemaphorePermit, len: u64, secs: f64, backlog: bool) {
+    pub(crate) fn done(&self, turn: Turn, len: u64, secs: f64, backlog: bool) {
         let secs = secs.max(1e-6);
         let class = (u64::BITS - len.leading_zeros()) as usize % CLASSES;
         let mut m = self.measure.lock().expect("pace poisoned");
@@ -155,7 +169,9 @@ impl UploadPace {
             fastest
         });
         if len * 2 >= self.block_size {
-            let rate = m.limit as f64 * len as f64 / secs;
+            // Counted as the upload started: uploads that ran side by side and end together
+            // would otherwise count the turns their own ends added.
+            let rate = turn.in_flight as f64 * len as f64 / secs;
             m.rate = Some(m.rate.map_or(rate, |r| r + RECENT_WEIGHT * (rate - r)));
         }
         // The most uploads the store's rate lets finish within a share of its deadline.
@@ -184,7 +200,7 @@ impl UploadPace {
             m.limit -= 1;
             m.in_flight_at_cut = m.in_flight_at_cut.saturating_sub(1);
             // This turn is not given back: one fewer upload runs.
-            turn.forget();
+            turn.permit.forget();
         }
         let limit = m.limit;
         drop(m);
@@ -200,7 +216,7 @@ impl UploadPace {
     /// overloaded or throttling store (S3's 503 Slow Down) then gets fewer requests at once
     /// instead of as many retries; the limit grows again as uploads succeed quickly, by one
     /// per upload above the limit the cut left.
-    pub(crate) fn failed(&self, turn: OwnedSemaphorePermit) {
+    pub(crate) fn failed(&self, turn: Turn) {
         let mut m = self.measure.lock().expect("pace poisoned");
         let cut = m.limit - (m.limit / 2).max(self.floor);
         if m.in_flight_at_cut > 0 || cut == 0 {
@@ -212,7 +228,7 @@ impl UploadPace {
         m.limit -= cut;
         m.grow_fast_until = m.limit;
         m.in_flight_at_cut = handed_out.saturating_sub(1);
-        turn.forget();
+        turn.permit.forget();
         // The rest of the cut: turns free now, then turns in use as they come back.
         let free = self.permits.forget_permits(cut - 1);
         m.owed += cut - 1 - free;
@@ -223,17 +239,17 @@ impl UploadPace {
 
     /// Gives back the turn of an upload that says nothing of the store (the cache's own
     /// failure, as an unreadable cache file).
-    pub(crate) fn give_back(&self, turn: OwnedSemaphorePermit) {
+    pub(crate) fn give_back(&self, turn: Turn) {
         let mut m = self.measure.lock().expect("pace poisoned");
         self.give_back_locked(&mut m, turn);
     }
 
     /// A turn comes back: it is kept if a cut still takes turns back, else it is free again.
-    fn give_back_locked(&self, m: &mut Measure, turn: OwnedSemaphorePermit) {
+    fn give_back_locked(&self, m: &mut Measure, turn: Turn) {
         m.in_flight_at_cut = m.in_flight_at_cut.saturating_sub(1);
         if m.owed > 0 {
             m.owed -= 1;
-            turn.forget();
+            turn.permit.forget();
         } else {
             drop(turn);
         }
@@ -324,6 +340,21 @@ mod tests {
             upload(&pace, 0.1, true).await;
         }
         assert_eq!(pace.limit(), 64);
+    }
+
+    #[tokio::test]
+    async fn uploads_that_ran_together_do_not_count_the_turns_their_own_ends_added() {
+        // The floor's uploads share a 1 MiB/s link: 8 s each. Within a quarter of a 60 s
+        // deadline, 15 such uploads fit.
+        let pace = UploadPace::new(64, 1 << 20).with_deadline(std::time::Duration::from_secs(60));
+        let mut turns = Vec::new();
+        for _ in 0..FLOOR {
+            turns.push(pace.turn().await);
+        }
+        for turn in turns {
+            pace.done(turn, 1 << 20, 8.0, true);
+        }
+        assert!(pace.limit() <= 16, "limit {}", pace.limit());
     }
 
     #[tokio::test]
