@@ -265,6 +265,20 @@ mod tests {
         pace.done(turn, 1 << 20, secs, backlog);
     }
 
+    /// A pace that climbed to its ceiling of 64, with every turn taken.
+    async fn at_the_ceiling_every_turn_in_use() -> (UploadPace, Vec<Turn>) {
+        let pace = UploadPace::new(64, 1 << 20);
+        for _ in 0..FLOOR {
+            upload(&pace, 0.1, true).await;
+        }
+        assert_eq!(pace.limit(), 64);
+        let mut turns = Vec::new();
+        for _ in 0..64 {
+            turns.push(pace.turn().await);
+        }
+        (pace, turns)
+    }
+
     /// A link that carries `per_sec` uploads a second after a round trip of `rtt`: with
     /// `limit` uploads in flight, each takes the longer of the round trip and the time the
     /// link needs for all of them. Returns the limit after `n` uploads, and one in ten is a
@@ -315,27 +329,25 @@ mod tests {
     #[tokio::test]
     async fn a_slow_link_gets_no_more_uploads_than_finish_well_within_the_deadline() {
         // 1 MiB a second, a 60 s deadline: 15 uploads of 1 MiB take 15 s, a quarter of it.
-        let pace = UploadPace::new(64, 1 << 20).with_deadline(std::time::Duration::from_secs(60));
-        let mut most = 0;
-        for _ in 0..500 {
-            let limit = pace.limit();
-            most = most.max(limit);
-            let turn = pace.turn().await;
-            pace.done(turn, 1 << 20, 0.1f64.max(limit as f64), true);
+        /// The most uploads `pace` lets run at once on a link of one upload a second.
+        async fn most_on_a_slow_link(pace: &UploadPace) -> usize {
+            let mut most = 0;
+            for _ in 0..500 {
+                let limit = pace.limit();
+                most = most.max(limit);
+                let turn = pace.turn().await;
+                pace.done(turn, 1 << 20, 0.1f64.max(limit as f64), true);
+            }
+            most
         }
+        let deadline = std::time::Duration::from_secs(60);
+        let most = most_on_a_slow_link(&UploadPace::new(64, 1 << 20).with_deadline(deadline)).await;
         assert!(most <= 16, "up to {most} uploads of 15 s or more");
         // The same link without a deadline to keep: the fast start overshoots.
-        let pace = UploadPace::new(64, 1 << 20);
-        let mut most = 0;
-        for _ in 0..500 {
-            let limit = pace.limit();
-            most = most.max(limit);
-            let turn = pace.turn().await;
-            pace.done(turn, 1 << 20, 0.1f64.max(limit as f64), true);
-        }
+        let most = most_on_a_slow_link(&UploadPace::new(64, 1 << 20)).await;
         assert!(most > 16, "{most}");
         // A far store's rate is high: the deadline holds nothing back.
-        let pace = UploadPace::new(64, 1 << 20).with_deadline(std::time::Duration::from_secs(60));
+        let pace = UploadPace::new(64, 1 << 20).with_deadline(deadline);
         for _ in 0..FLOOR {
             upload(&pace, 0.1, true).await;
         }
@@ -370,16 +382,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_halves_the_limit_even_with_every_turn_in_use() {
-        let pace = UploadPace::new(64, 1 << 20);
-        for _ in 0..FLOOR {
-            upload(&pace, 0.1, true).await;
-        }
-        assert_eq!(pace.limit(), 64);
-        // Every turn in use when one upload fails.
-        let mut turns = Vec::new();
-        for _ in 0..64 {
-            turns.push(pace.turn().await);
-        }
+        let (pace, mut turns) = at_the_ceiling_every_turn_in_use().await;
         pace.failed(turns.pop().expect("a turn"));
         assert_eq!(pace.limit(), 32);
         for turn in turns {
@@ -405,14 +408,7 @@ mod tests {
     #[tokio::test]
     async fn uploads_failing_together_cut_once_and_then_run_no_more_than_the_limit() {
         // A throttling store fails every upload in flight at once (S3's 503 Slow Down).
-        let pace = UploadPace::new(64, 1 << 20);
-        for _ in 0..FLOOR {
-            upload(&pace, 0.1, true).await;
-        }
-        let mut turns = Vec::new();
-        for _ in 0..64 {
-            turns.push(pace.turn().await);
-        }
+        let (pace, turns) = at_the_ceiling_every_turn_in_use().await;
         for turn in turns {
             pace.failed(turn);
         }
@@ -429,14 +425,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_turn_given_back_without_a_measure_still_pays_what_a_cut_took() {
-        let pace = UploadPace::new(64, 1 << 20);
-        for _ in 0..FLOOR {
-            upload(&pace, 0.1, true).await;
-        }
-        let mut turns = Vec::new();
-        for _ in 0..64 {
-            turns.push(pace.turn().await);
-        }
+        let (pace, mut turns) = at_the_ceiling_every_turn_in_use().await;
         pace.failed(turns.pop().expect("a turn"));
         assert_eq!(pace.limit(), 32);
         // The worker's answer to a failure that is not the store's (an unreadable file).
