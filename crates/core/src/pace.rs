@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Uploads that may always run at once (the fixed number before the pace adapted).
+/// Uploads that may always run at once (the fixed number before the pace adapted), for
+/// blocks of up to 8 MiB.
 pub(crate) const FLOOR: usize = 8;
 /// Most bytes of uploads in flight: the ceiling is lowered for large blocks, whose bytes
 /// each upload holds in memory.
@@ -95,12 +96,14 @@ struct Measure {
 }
 
 impl UploadPace {
-    /// A pace between [`FLOOR`] and `upload_tasks` (at most [`MAX_BYTES_IN_FLIGHT`] of
-    /// `block_size` blocks, but never under the floor), starting at the floor.
+    /// A pace between [`FLOOR`] and `upload_tasks`, starting at the floor. Both stay within
+    /// [`MAX_BYTES_IN_FLIGHT`] of `block_size` blocks: blocks over 8 MiB lower the floor too,
+    /// down to one upload at a time.
     pub(crate) fn new(upload_tasks: usize, block_size: u64) -> Self {
         let by_memory =
             usize::try_from(MAX_BYTES_IN_FLIGHT / block_size.max(1)).unwrap_or(usize::MAX);
-        let ceiling = upload_tasks.min(by_memory.max(FLOOR));
+        // Large blocks lower the floor too: each upload holds its block in memory.
+        let ceiling = upload_tasks.min(by_memory).max(1);
         let floor = FLOOR.min(ceiling);
         Self {
             permits: Arc::new(Semaphore::new(floor)),
@@ -131,6 +134,11 @@ impl UploadPace {
     /// The most uploads that may ever run at once: the number of workers to start.
     pub(crate) fn ceiling(&self) -> usize {
         self.ceiling
+    }
+
+    /// The uploads that may always run at once.
+    pub(crate) fn floor(&self) -> usize {
+        self.floor
     }
 
     /// Uploads allowed at once now.
@@ -443,7 +451,11 @@ mod tests {
         }
         assert_eq!(pace.limit(), FLOOR);
         assert_eq!(UploadPace::new(64, 4 << 20).ceiling(), 16);
-        assert_eq!(UploadPace::new(64, 64 << 20).ceiling(), FLOOR);
+        // At most 64 MiB of blocks in flight, even under the floor.
+        let large = UploadPace::new(64, 16 << 20);
+        assert_eq!((large.floor(), large.ceiling()), (4, 4));
+        let huge = UploadPace::new(64, 1 << 30);
+        assert_eq!((huge.floor(), huge.ceiling(), huge.limit()), (1, 1, 1));
         assert_eq!(UploadPace::new(2, 1 << 20).ceiling(), 2);
         assert_eq!(UploadPace::new(2, 1 << 20).limit(), 2);
     }

@@ -206,8 +206,9 @@ impl Inner {
             crate::pace::UploadPace::new(config.upload_tasks, config.block_size)
                 .with_deadline(backend.timeout()),
         );
-        // The queue only keeps the workers fed: its jobs hold their bytes.
-        let (upload_tx, uploads) = mpsc::channel(crate::pace::FLOOR.min(config.upload_tasks));
+        // The queue only keeps the workers fed: its jobs hold their bytes, so it is no deeper
+        // than the pace's floor (at most 64 MiB of blocks).
+        let (upload_tx, uploads) = mpsc::channel(pace.floor());
         let (removal_tx, removals) = mpsc::channel(QUEUE_DEPTH);
         let (confirm_tx, confirmations) = mpsc::channel(QUEUE_DEPTH);
         let inner = Arc::new(Self {
