@@ -91,7 +91,7 @@ struct Measure {
     /// the limit, then the limit that cut left (TCP's slow-start threshold).
     grow_fast_until: usize,
     /// The bytes a second the store takes, as recent block-sized uploads tell (Little's
-    /// law: the uploads allowed at once, over how long one takes).
+    /// law: the uploads in flight as one started, times its bytes, over how long it took).
     rate: Option<f64>,
 }
 
@@ -210,12 +210,10 @@ impl UploadPace {
             // This turn is not given back: one fewer upload runs.
             turn.permit.forget();
         }
-        let limit = m.limit;
         drop(m);
         if grow > 0 {
             self.permits.add_permits(grow);
         }
-        metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
     }
 
     /// Records an upload that the store failed (an error, a timeout, a refusal to take more):
@@ -240,9 +238,6 @@ impl UploadPace {
         // The rest of the cut: turns free now, then turns in use as they come back.
         let free = self.permits.forget_permits(cut - 1);
         m.owed += cut - 1 - free;
-        let limit = m.limit;
-        drop(m);
-        metrics::gauge!("blockcache_upload_concurrency").set(limit as f64);
     }
 
     /// Gives back the turn of an upload that says nothing of the store (the cache's own

@@ -1103,6 +1103,7 @@ async fn prometheus(State(state): State<Shared>, uri: Uri) -> ApiResult {
             secs(u.oldest_dirty_age),
         ),
         ("blockcache_uploads_in_flight", u.uploads_in_flight as f64),
+        ("blockcache_upload_concurrency", u.upload_concurrency as f64),
         ("blockcache_pending_removals", u.pending_removals as f64),
         ("blockcache_http_buffers", state.buffer_count as f64),
         (

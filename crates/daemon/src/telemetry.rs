@@ -63,6 +63,11 @@ pub const USAGE_GAUGES: &[(&str, Unit, &str)] = &[
         "Uploads running now.",
     ),
     (
+        "blockcache_upload_concurrency",
+        Unit::Count,
+        "Uploads allowed at once, as adapted to the store's latency (between 8 and --upload-tasks; halved when the store fails an upload).",
+    ),
+    (
         "blockcache_pending_removals",
         Unit::Count,
         "Objects waiting to be deleted from the store.",
@@ -215,11 +220,6 @@ pub fn describe(process: &metrics_process::Collector) {
         "blockcache_s3_request_duration_seconds",
         Unit::Seconds,
         "Time of S3 requests to their answer's head, by operation."
-    );
-    describe_gauge!(
-        "blockcache_upload_concurrency",
-        Unit::Count,
-        "Uploads allowed at once, as adapted to the store's latency (between 8 and --upload-tasks)."
     );
     describe_histogram!(
         "blockcache_upload_duration_seconds",

@@ -283,12 +283,12 @@ impl Inner {
         &self.dir
     }
 
-    /// The object store.
     /// The upload workers' pace.
     pub(crate) fn pace(&self) -> &Arc<crate::pace::UploadPace> {
         &self.pace
     }
 
+    /// The object store.
     pub(crate) fn backend(&self) -> &Backend {
         &self.backend
     }

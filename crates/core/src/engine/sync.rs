@@ -75,11 +75,10 @@ impl Inner {
         if paths.len() > SYNCFS_THRESHOLD {
             // Many small files: one syncfs of the cache's file system costs less than an
             // fsync each (it also writes other dirty data of that file system).
-            let d = dir.clone();
-            return tokio::task::spawn_blocking(move || d.sync_filesystem())
+            return self
+                .sync_filesystem_ahead()
                 .await
-                .expect("sync task panicked")
-                .map_err(Error::io("sync the file system of", dir.path()));
+                .expect("sync task panicked");
         }
         // One blocking task per file (at most SYNCFS_THRESHOLD), and the directory at the same
         // time: the disk gets every write at once, as from one syncfs, instead of one file's
@@ -107,9 +106,9 @@ impl Inner {
         result
     }
 
-    /// Starts writing every dirty page of the cache's file system to the disk in the
-    /// background (one `syncfs` on the blocking pool): the write-behind of writers of small
-    /// blocks, for which one sync per block would cost a journal commit each.
+    /// One `syncfs` of the cache's file system on the blocking pool, started now: for
+    /// [`Inner::sync_files`] of many files, and the write-behind of writers of small blocks,
+    /// for which one sync per block would cost a journal commit each.
     pub(crate) fn sync_filesystem_ahead(&self) -> tokio::task::JoinHandle<Result<()>> {
         let dir = self.dir.clone();
         tokio::task::spawn_blocking(move || {
