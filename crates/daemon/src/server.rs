@@ -87,21 +87,27 @@ pub async fn take_buffers(
     }
 }
 
-/// A second block buffer for writer `w`, if more than three quarters of the buffers are
-/// free right now: `w` then writes each completed block while it takes the next one
-/// ([`blockcache::FileWriter::overlap_writes`]), which makes a lone writer up to twice as
-/// fast. Nobody waits for it, and second buffers never take the last three quarters, so a
-/// busy daemon's writers keep one block each and new requests are hardly kept waiting.
+/// More block buffers for writer `w` (up to [`blockcache::FileWriter::overlap_blocks`] in
+/// all), if more than three quarters of the buffers would stay free: `w` then writes
+/// completed blocks while it takes the next ones
+/// ([`blockcache::FileWriter::overlap_writes`]), so that a lone writer uses two cores.
+/// Nobody waits for them, and they never take the last three quarters, so a busy daemon's
+/// writers keep one block each and new requests are hardly kept waiting.
 pub fn overlap_if_free(
     state: &AppState,
     w: &mut blockcache::FileWriter,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    if state.buffers.available_permits() * 4 <= state.buffer_count * 3 {
+    let more = usize::try_from(w.overlap_blocks().saturating_sub(1)).ok()?;
+    if state.buffers.available_permits().saturating_sub(more) * 4 <= state.buffer_count * 3 {
         return None;
     }
-    let second = state.buffers.clone().try_acquire_owned().ok()?;
+    let more = state
+        .buffers
+        .clone()
+        .try_acquire_many_owned(u32::try_from(more).ok()?)
+        .ok()?;
     w.overlap_writes();
-    Some(second)
+    Some(more)
 }
 
 /// A block buffer ([`take_buffer`]): past `--buffer-timeout`, a 503 with `Retry-After`.

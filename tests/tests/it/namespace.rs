@@ -124,8 +124,9 @@ async fn abandoned_replacement_keeps_the_old_version_and_leaves_nothing() {
 async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_nothing() {
     let env = Env::new();
     let ns = ns(&env).await;
-    // Odd chunks across 10 blocks and a part, each block written while the next fills.
-    let content = data(21, 10 * 1024 + 300);
+    // Odd chunks across 40 blocks and a part: batches of 1, 2, 4, 8 and 16 blocks written
+    // by tasks of their own while the next ones fill, then 9 and a part by the finish.
+    let content = data(21, 40 * 1024 + 300);
     let mut w = ns.create("f").await.expect("create");
     w.overlap_writes();
     w.write_behind();
@@ -144,10 +145,10 @@ async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_noth
     assert_eq!(get(&ns, "f").await, want);
     ns.cache().flush().await.expect("flush");
     let logical = ns.cache().usage().await.expect("usage").logical_bytes;
-    // Dropped while its last completed block is still being written: here that block waits
-    // for the dirty budget, full of blocks whose uploads are slow. The block lands before
-    // the staging inode is cleaned, never after (it would be left behind, uploaded and
-    // counted).
+    // Dropped while its last batch of completed blocks is still being written: here it
+    // waits for the dirty budget, full of blocks whose uploads are slow. The blocks land
+    // before the staging inode is cleaned, never after (they would be left behind,
+    // uploaded and counted).
     small_budget_slow_uploads(&env, &ns).await;
     let mut w = ns.create("f").await.expect("create");
     w.overlap_writes();
@@ -223,15 +224,19 @@ async fn a_write_cancelled_half_way_fails_the_writer() {
     let ns = ns(&env).await;
     budget_full_of_slow_uploads(&env, &ns).await;
     let mut w = ns.create("f").await.expect("create");
-    // Overlapped, the write that completes block 1 waits for block 0's write, which waits
-    // for the budget. (The same holds without overlap, where such a wait is harder to
-    // arrange: block 0 is written before `write` returns.)
+    // Overlapped, the write that completes the second batch (blocks 1 and 2) waits for the
+    // first one's write (block 0), which waits for the budget. (The same holds without
+    // overlap, where such a wait is harder to arrange: block 0 is written before `write`
+    // returns.)
     w.overlap_writes();
     w.write(&data(2, 1024)).await.expect("write"); // block 0 waits for the budget
     w.write(&data(3, 500)).await.expect("write"); // buffered and acknowledged
     assert_eq!(w.written(), 1524);
-    let cancelled =
-        tokio::time::timeout(std::time::Duration::from_millis(50), w.write(&data(4, 524))).await;
+    let cancelled = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        w.write(&data(4, 524 + 1024)),
+    )
+    .await;
     assert!(cancelled.is_err(), "the write should still wait");
     env.faults.latency(Op::Put, std::time::Duration::ZERO);
     // The cancelled write may have dropped acknowledged bytes: no file may be named.

@@ -104,14 +104,16 @@ impl Shared {
         self.inner.config().block_size
     }
 
-    /// An empty buffer that holds one block: a spare one, or a new one.
-    pub(super) fn take_buffer(&self) -> BytesMut {
-        let spare = self
-            .spare_buffers
-            .lock()
-            .expect("spare buffers poisoned")
-            .pop();
-        spare.unwrap_or_else(|| BytesMut::with_capacity(self.block_size() as usize))
+    /// An empty buffer that holds `capacity` bytes (and less than twice that): a spare one,
+    /// or a new one.
+    pub(super) fn take_buffer(&self, capacity: usize) -> BytesMut {
+        let fits = |b: &BytesMut| b.capacity() >= capacity && b.capacity() / 2 < capacity;
+        let spare = {
+            let mut spare = self.spare_buffers.lock().expect("spare buffers poisoned");
+            let found = spare.iter().rposition(fits);
+            found.map(|i| spare.swap_remove(i))
+        };
+        spare.unwrap_or_else(|| BytesMut::with_capacity(capacity))
     }
 
     /// Keeps `buf` for the next writer, unless enough are kept already.
@@ -122,7 +124,8 @@ impl Shared {
         }
         buf.clear();
         let mut spare = self.spare_buffers.lock().expect("spare buffers poisoned");
-        if ((spare.len() + 1) * bs) as u64 <= SPARE_BUFFER_BYTES.max(bs as u64) {
+        let kept: usize = spare.iter().map(BytesMut::capacity).sum();
+        if ((kept + buf.capacity()) as u64) <= SPARE_BUFFER_BYTES.max(buf.capacity() as u64) {
             spare.push(buf);
         }
     }
