@@ -144,6 +144,10 @@ async fn overlapped_writes_store_the_same_bytes_and_a_dropped_writer_leaves_noth
     want[1500..4500].copy_from_slice(&data(22, 3000));
     assert_eq!(get(&ns, "f").await, want);
     ns.cache().flush().await.expect("flush");
+    // The hashes that the batches' tasks computed are those of the bytes: read back from
+    // the store, every block checks out.
+    ns.cache().clear().await.expect("clear");
+    assert_eq!(get(&ns, "f").await, want);
     let logical = ns.cache().usage().await.expect("usage").logical_bytes;
     // Dropped while its last batch of completed blocks is still being written: here it
     // waits for the dirty budget, full of blocks whose uploads are slow. The blocks land
@@ -224,17 +228,17 @@ async fn a_write_cancelled_half_way_fails_the_writer() {
     let ns = ns(&env).await;
     budget_full_of_slow_uploads(&env, &ns).await;
     let mut w = ns.create("f").await.expect("create");
-    // Overlapped, the write that completes the second batch (blocks 1 and 2) waits for the
-    // first one's write (block 0), which waits for the budget. (The same holds without
-    // overlap, where such a wait is harder to arrange: block 0 is written before `write`
-    // returns.)
+    // Overlapped, two batches are written at once: the write that completes the third
+    // batch (blocks 3 to 6) waits for the first one's write (block 0), which waits for the
+    // budget, as does the second's (blocks 1 and 2). (The same holds without overlap, where
+    // such a wait is harder to arrange: block 0 is written before `write` returns.)
     w.overlap_writes();
     w.write(&data(2, 1024)).await.expect("write"); // block 0 waits for the budget
     w.write(&data(3, 500)).await.expect("write"); // buffered and acknowledged
     assert_eq!(w.written(), 1524);
     let cancelled = tokio::time::timeout(
         std::time::Duration::from_millis(50),
-        w.write(&data(4, 524 + 1024)),
+        w.write(&data(4, 524 + 5 * 1024)),
     )
     .await;
     assert!(cancelled.is_err(), "the write should still wait");

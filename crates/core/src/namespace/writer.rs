@@ -64,7 +64,7 @@ pub struct FileWriter {
     only_if_free: bool,
     /// The piece that [`tokio::io::AsyncWrite`] is writing, with its length. Behind a mutex
     /// only so that the writer stays `Sync`; locked only inside a poll.
-    pending: Mutex<Option<(u64, PendingPut)>>,
+    pending: Mutex<std::collections::VecDeque<PendingPut>>,
     /// Set by a failed write: the writer then refuses everything but being given up.
     failed: bool,
     /// Whether completed blocks are written by a task of their own while the next ones fill
@@ -121,7 +121,8 @@ async fn put_piece(
 
 /// Writes `data`, which starts at file offset `pos` of `inode`, block by block: piece `i`
 /// (from `pos` or a block's start to the next block's start or the end) gets `hashes[i]`
-/// and `syncs[i]`. Returns the syncs started ahead.
+/// and `syncs[i]`; with `hash`, each piece that starts at its block's start is hashed here
+/// instead. Returns the syncs started ahead.
 async fn put_pieces(
     inner: Arc<crate::engine::Inner>,
     inode: u64,
@@ -129,12 +130,17 @@ async fn put_pieces(
     mut data: &[u8],
     hashes: &[Option<[u8; 32]>],
     syncs: &[SyncAhead],
+    hash: bool,
 ) -> Result<Vec<Ahead>> {
     let bs = inner.config().block_size;
     let mut ahead = Vec::new();
-    for (&hash, &sync) in hashes.iter().zip(syncs) {
+    for (&given, &sync) in hashes.iter().zip(syncs) {
         let n = ((bs - pos % bs) as usize).min(data.len());
         let key = BlockKey::new(inode, pos / bs);
+        let hash = match given {
+            None if hash && pos.is_multiple_of(bs) => Some(Sha256::digest(&data[..n]).into()),
+            given => given,
+        };
         let task = put_piece(inner.clone(), key, pos % bs, &data[..n], hash, sync).await?;
         ahead.extend(task);
         pos += n as u64;
@@ -152,6 +158,11 @@ const OVERLAP_BYTES: u64 = 1 << 20;
 
 /// See [`OVERLAP_BYTES`].
 const OVERLAP_BLOCKS: u64 = 16;
+
+/// Batches that a writer with [`FileWriter::overlap_writes`] has written at once, by tasks
+/// of their own that also hash them: with hashing (about 0.6 ms per MiB) off the task that
+/// receives, two of them keep up with it.
+const OVERLAP_DEPTH: usize = 2;
 
 /// How many completed blocks of `block_size` bytes a writer with
 /// [`FileWriter::overlap_writes`] hands to one task (at least one).
@@ -202,7 +213,7 @@ impl FileWriter {
             ahead: std::collections::VecDeque::new(),
             attrs: None,
             only_if_free: false,
-            pending: Mutex::new(None),
+            pending: Mutex::new(std::collections::VecDeque::new()),
             failed: false,
             overlap: false,
             behind_bytes: 0,
@@ -307,8 +318,9 @@ impl FileWriter {
                 }
                 if self.buf.is_empty() || filled.is_multiple_of(bs) {
                     // Bytes gathered from a block's start are hashed as they come, while
-                    // they are in the CPU's cache.
-                    self.hasher = filled.is_multiple_of(bs).then(Sha256::new);
+                    // they are in the CPU's cache; an overlapping writer's task hashes its
+                    // blocks instead, on the other core.
+                    self.hasher = (filled.is_multiple_of(bs) && !self.overlap).then(Sha256::new);
                 }
                 self.buf.extend_from_slice(&data[..n]);
                 if let Some(h) = self.hasher.as_mut() {
@@ -319,10 +331,10 @@ impl FileWriter {
                     if self.overlap {
                         self.hashes.push(hash);
                         if self.hashes.len() as u64 >= self.batch {
-                            // The previous batch's write is done (its buffer comes back
-                            // for the next one) before this one's starts beside the
-                            // filling.
-                            self.settle_pending().await?;
+                            // At most `OVERLAP_DEPTH` batches are written at once: the
+                            // oldest is done (its buffer comes back for the next one)
+                            // before this one starts beside the filling.
+                            self.settle_to(OVERLAP_DEPTH - 1).await?;
                             let piece = std::mem::take(&mut self.buf);
                             let hashes = std::mem::take(&mut self.hashes);
                             self.start_put(piece, hashes);
@@ -352,6 +364,7 @@ impl FileWriter {
             piece,
             hashes,
             &syncs,
+            self.overlap,
         )
         .await?;
         self.pos += piece.len() as u64;
@@ -394,9 +407,14 @@ impl FileWriter {
         let len = piece.len() as u64;
         let syncs = self.syncs_ahead(len, hashes.len());
         self.batch = (self.batch * 2).min(overlap_batch(self.shared.block_size()));
-        let (inner, inode, pos) = (self.shared.inner.clone(), self.inode, self.pos);
+        let (inner, inode, pos, hash) = (
+            self.shared.inner.clone(),
+            self.inode,
+            self.pos,
+            self.overlap,
+        );
         let write = async move {
-            let tasks = put_pieces(inner, inode, pos, &piece, &hashes, &syncs).await?;
+            let tasks = put_pieces(inner, inode, pos, &piece, &hashes, &syncs, hash).await?;
             Ok((piece, tasks))
         };
         let put: PendingPut = if self.overlap {
@@ -412,7 +430,10 @@ impl FileWriter {
             Box::pin(write)
         };
         self.pos += len;
-        *self.pending.get_mut().expect("pending put poisoned") = Some((len, put));
+        self.pending
+            .get_mut()
+            .expect("pending put poisoned")
+            .push_back(put);
     }
 
     /// How the block being put starts its way to the disk, if it completes a block
@@ -444,30 +465,31 @@ impl FileWriter {
         self.overlap = true;
     }
 
-    /// The most blocks of memory that a writer holds with [`FileWriter::overlap_writes`]: a
-    /// batch being written and the next one filling (a writer without it holds one).
+    /// The most blocks of memory that a writer holds with [`FileWriter::overlap_writes`]:
+    /// the batches being written and the next one filling (a writer without it holds one).
     pub fn overlap_blocks(&self) -> u64 {
-        2 * overlap_batch(self.shared.block_size())
+        (OVERLAP_DEPTH as u64 + 1) * overlap_batch(self.shared.block_size())
     }
 
     /// Drives the piece that [`tokio::io::AsyncWrite`] started, and the oldest background
     /// sync while more than [`WRITE_BEHIND_DEPTH`] run.
-    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        let polled = self.poll_pending_inner(cx);
+    fn poll_pending(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<Result<()>> {
+        let polled = self.poll_pending_inner(cx, keep);
         if let Poll::Ready(Err(_)) = &polled {
             self.failed = true;
         }
         polled
     }
 
-    fn poll_pending_inner(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+    fn poll_pending_inner(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<Result<()>> {
         if self.failed {
             return Poll::Ready(self.check_failed());
         }
         let pending = self.pending.get_mut().expect("pending put poisoned");
-        if let Some((_, put)) = pending.as_mut() {
+        while pending.len() > keep {
+            let put = pending.front_mut().expect("counted");
             let done = std::task::ready!(put.as_mut().poll(cx));
-            *pending = None;
+            pending.pop_front();
             let (mut piece, tasks) = done?;
             self.ahead.extend(tasks);
             piece.clear();
@@ -488,9 +510,15 @@ impl FileWriter {
         Poll::Ready(Ok(()))
     }
 
-    /// Waits for what [`tokio::io::AsyncWrite`] left running.
+    /// Waits for the pieces being written (for [`tokio::io::AsyncWrite`], or by tasks of
+    /// their own).
     async fn settle_pending(&mut self) -> Result<()> {
-        std::future::poll_fn(|cx| self.poll_pending(cx)).await
+        self.settle_to(0).await
+    }
+
+    /// Waits until at most `keep` pieces are being written.
+    async fn settle_to(&mut self, keep: usize) -> Result<()> {
+        std::future::poll_fn(|cx| self.poll_pending(cx, keep)).await
     }
 
     /// Makes each completed block start its way to the disk at once (an fdatasync in the
@@ -581,9 +609,9 @@ impl FileWriter {
             // the writer failed. Polled in place: if this is cancelled, `Drop` waits for it.
             std::future::poll_fn(|cx| {
                 let pending = self.pending.get_mut().expect("pending put poisoned");
-                if let Some((_, put)) = pending.as_mut() {
+                while let Some(put) = pending.front_mut() {
                     let _ = std::task::ready!(put.as_mut().poll(cx));
-                    *pending = None;
+                    pending.pop_front();
                 }
                 Poll::Ready(())
             })
@@ -699,7 +727,7 @@ impl tokio::io::AsyncWrite for FileWriter {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.check_failed().map_err(std::io::Error::other)?;
-        std::task::ready!(this.poll_pending(cx)).map_err(std::io::Error::other)?;
+        std::task::ready!(this.poll_pending(cx, 0)).map_err(std::io::Error::other)?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -744,7 +772,7 @@ impl tokio::io::AsyncWrite for FileWriter {
     /// otherwise cut blocks into pieces that lose their hash.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        this.poll_pending(cx).map_err(std::io::Error::other)
+        this.poll_pending(cx, 0).map_err(std::io::Error::other)
     }
 
     /// As [`poll_flush`](tokio::io::AsyncWrite::poll_flush): naming the file is
@@ -761,10 +789,16 @@ impl Drop for FileWriter {
             // Given up before the end: the file never saw any of it. A block still being
             // written by a task of its own is waited for first, so that it does not land
             // after the cleaning.
-            let pending = self.pending.get_mut().map(Option::take).unwrap_or_default();
-            match pending {
-                Some((_, put)) => self.shared.clean_after(self.inode, put),
-                None => self.shared.clean_later(self.inode),
+            let pending = self
+                .pending
+                .get_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            if pending.is_empty() {
+                self.shared.clean_later(self.inode);
+            } else {
+                self.shared
+                    .clean_after(self.inode, futures::future::join_all(pending));
             }
         }
     }
