@@ -1,7 +1,8 @@
 //! [`FileWriter`]: a file written sequentially, block by block, into a staging inode: a
 //! replacement swaps it in at the end, a patch merges it into the file's inode. Besides
-//! [`FileWriter::write`] it is a [`tokio::io::AsyncWrite`] (a block in memory at a time), so
-//! `tokio::io::copy` can fill it; [`FileWriter::finish`] still decides its fate.
+//! [`FileWriter::write`] it is a [`tokio::io::AsyncWrite`] (a block in memory at a time, or
+//! with [`FileWriter::overlap_writes`] a few batches of blocks), so `tokio::io::copy` can fill
+//! it; [`FileWriter::finish`] still decides its fate.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -34,7 +35,8 @@ pub(super) enum Mode {
     Done,
 }
 
-/// Writes a file sequentially, block by block: memory stays at one block whatever the size.
+/// Writes a file sequentially, block by block: memory stays at one block (with
+/// [`FileWriter::overlap_writes`], [`FileWriter::overlap_blocks`]) whatever the size.
 pub struct FileWriter {
     shared: Arc<Shared>,
     name: String,
@@ -719,7 +721,8 @@ impl FileWriter {
 
 impl tokio::io::AsyncWrite for FileWriter {
     /// Takes bytes up to the end of the current block; a completed block is written before
-    /// more are taken (one block of memory).
+    /// more are taken (one block of memory), or with [`FileWriter::overlap_writes`] its
+    /// batch by a task of its own, as [`FileWriter::write`] does.
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -727,7 +730,8 @@ impl tokio::io::AsyncWrite for FileWriter {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
         this.check_failed().map_err(std::io::Error::other)?;
-        std::task::ready!(this.poll_pending(cx, 0)).map_err(std::io::Error::other)?;
+        let keep = if this.overlap { OVERLAP_DEPTH - 1 } else { 0 };
+        std::task::ready!(this.poll_pending(cx, keep)).map_err(std::io::Error::other)?;
         if data.is_empty() {
             return Poll::Ready(Ok(0));
         }
@@ -748,7 +752,7 @@ impl tokio::io::AsyncWrite for FileWriter {
             this.buf = this.take_buffer();
         }
         if this.buf.is_empty() || filled.is_multiple_of(bs) {
-            this.hasher = filled.is_multiple_of(bs).then(Sha256::new);
+            this.hasher = (filled.is_multiple_of(bs) && !this.overlap).then(Sha256::new);
         }
         this.buf.extend_from_slice(&data[..n]);
         if let Some(h) = this.hasher.as_mut() {
@@ -766,10 +770,11 @@ impl tokio::io::AsyncWrite for FileWriter {
         Poll::Ready(Ok(n))
     }
 
-    /// Waits for the completed blocks being written. A partial block stays buffered until
-    /// it is complete or [`FileWriter::finish`] writes it: nothing is visible before the
-    /// finish anyway, and `tokio::io::copy` flushes whenever its source stalls, which would
-    /// otherwise cut blocks into pieces that lose their hash.
+    /// Waits for the blocks being written. A partial block (and, with
+    /// [`FileWriter::overlap_writes`], the completed blocks of a batch not yet full) stays
+    /// buffered until it is complete or [`FileWriter::finish`] writes it: nothing is visible
+    /// before the finish anyway, and `tokio::io::copy` flushes whenever its source stalls,
+    /// which would otherwise cut blocks into pieces that lose their hash.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         this.poll_pending(cx, 0).map_err(std::io::Error::other)
