@@ -94,24 +94,29 @@ pub async fn take_buffers(
 /// uses two cores. Where other requests are under way the cores have work already (with 8
 /// writers at 1 MiB blocks, overlapping ones wrote 5 % slower), and a busy daemon's
 /// writers keep one block each, so new requests are hardly kept waiting. Nobody waits for
-/// these buffers.
-pub fn overlap_if_free(
-    state: &AppState,
-    w: &mut blockcache::FileWriter,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    let more = usize::try_from(w.overlap_blocks().saturating_sub(1)).ok()?;
+/// these buffers, and `w` holds them until its batches are written
+/// ([`blockcache::FileWriter::hold_while_writing`]): those of a request dropped half-way
+/// still count while its last batches land.
+pub fn overlap_if_free(state: &AppState, w: &mut blockcache::FileWriter) {
+    let Ok(more) = u32::try_from(w.overlap_blocks().saturating_sub(1)) else {
+        return;
+    };
     if state.buffers.available_permits() + 1 < state.buffer_count
-        || state.buffers.available_permits().saturating_sub(more) * 4 <= state.buffer_count * 3
+        || state
+            .buffers
+            .available_permits()
+            .saturating_sub(more as usize)
+            * 4
+            <= state.buffer_count * 3
     {
-        return None;
+        return;
     }
-    let more = state
-        .buffers
-        .clone()
-        .try_acquire_many_owned(u32::try_from(more).ok()?)
-        .ok()?;
+    let Ok(more) = state.buffers.clone().try_acquire_many_owned(more) else {
+        return;
+    };
     w.overlap_writes();
-    Some(more)
+    // Given back once the batches are written, even if the request is dropped first.
+    w.hold_while_writing(more);
 }
 
 /// A block buffer ([`take_buffer`]): past `--buffer-timeout`, a 503 with `Retry-After`.
@@ -628,13 +633,11 @@ async fn put_file(
         return Err(too_large(name, len, max));
     }
     let _buffer = buffer(state).await?;
-    // Declared before the writer, so that it is given back after the writer is dropped.
-    let _second;
     let mut w = state.ns.create(name).await?;
     if durability != Durability::None {
         w.write_behind();
     }
-    _second = overlap_if_free(state, &mut w);
+    overlap_if_free(state, &mut w);
     if let Err(e) = pour(&mut w, body).await {
         // Nothing of the refused body stays behind once the client has the answer.
         w.abandon().await;
@@ -671,12 +674,11 @@ async fn patch_file(
         return Err(too_large(name, offset.saturating_add(len), max));
     }
     let _buffer = buffer(state).await?;
-    let _second;
     let mut w = state.ns.patch(name, offset).await?;
     if durability != Durability::None {
         w.write_behind();
     }
-    _second = overlap_if_free(state, &mut w);
+    overlap_if_free(state, &mut w);
     pour(&mut w, body).await?;
     let meta = w.finish(durability).await?;
     Ok(with_meta_headers(

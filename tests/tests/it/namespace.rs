@@ -223,6 +223,34 @@ async fn abandoning_a_failed_overlapped_writer_waits_for_its_last_block() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_overlapped_writer_holds_its_guard_until_its_batch_is_written() {
+    let env = Env::new();
+    let ns = ns(&env).await;
+    budget_full_of_slow_uploads(&env, &ns).await;
+    // What the daemon gives the writer: the request buffers that its batches' bytes use.
+    let held = std::sync::Arc::new(());
+    let mut w = ns.create("f").await.expect("create");
+    w.overlap_writes();
+    w.hold_while_writing(held.clone());
+    // Block 0's write waits for the budget in a task of its own, with its bytes.
+    w.write(&data(23, 1024)).await.expect("write");
+    drop(w);
+    assert_eq!(
+        std::sync::Arc::strong_count(&held),
+        2,
+        "the batch being written still holds its memory: so does the guard"
+    );
+    env.faults.latency(Op::Put, std::time::Duration::ZERO);
+    ns.wait_for_cleanups().await;
+    assert_eq!(
+        std::sync::Arc::strong_count(&held),
+        1,
+        "let go once the batch is written and the inode cleaned"
+    );
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_cancelled_half_way_fails_the_writer() {
     let env = Env::new();
     let ns = ns(&env).await;

@@ -77,6 +77,9 @@ pub struct FileWriter {
     /// Set while [`FileWriter::write`] runs: a write cancelled half-way may have dropped
     /// bytes that earlier writes were told were taken, so the writer is then failed.
     interrupted: bool,
+    /// What [`FileWriter::hold_while_writing`] keeps until the blocks handed to tasks of
+    /// their own are written, past the writer's drop if need be.
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for FileWriter {
@@ -220,6 +223,7 @@ impl FileWriter {
             overlap: false,
             behind_bytes: 0,
             interrupted: false,
+            held: None,
         }
     }
 
@@ -465,6 +469,14 @@ impl FileWriter {
     /// before its staging inode is cleaned.
     pub fn overlap_writes(&mut self) {
         self.overlap = true;
+    }
+
+    /// Keeps `guard` (a claim on memory, say) until the writer is dropped or finished and
+    /// every block it handed to a task of its own is written: a writer dropped while a batch
+    /// is being written lets go of `guard` only once that batch, whose bytes it holds, is
+    /// done.
+    pub fn hold_while_writing(&mut self, guard: impl Send + Sync + 'static) {
+        self.held = Some(Box::new(guard));
     }
 
     /// The most blocks of memory that a writer holds with [`FileWriter::overlap_writes`]:
@@ -802,8 +814,12 @@ impl Drop for FileWriter {
             if pending.is_empty() {
                 self.shared.clean_later(self.inode);
             } else {
-                self.shared
-                    .clean_after(self.inode, futures::future::join_all(pending));
+                // What the writer was asked to hold goes with the blocks being written.
+                let held = self.held.take();
+                self.shared.clean_after(self.inode, async move {
+                    let _held = held;
+                    futures::future::join_all(pending).await
+                });
             }
         }
     }

@@ -284,8 +284,6 @@ impl Gateway {
     ) -> S3Result<(FileMeta, String)> {
         let max = self.state.ns.max_file_size();
         let _buffer = self.buffers(if copy { 2 } else { 1 }).await?;
-        // Declared before the writer, so that it is given back after the writer is dropped.
-        let _second;
         let mut w = self
             .state
             .ns
@@ -295,7 +293,7 @@ impl Gateway {
         if durability != Durability::None {
             w.write_behind();
         }
-        _second = crate::server::overlap_if_free(&self.state, &mut w);
+        crate::server::overlap_if_free(&self.state, &mut w);
         if create_only {
             // The name is checked again when the file is named, in the same transaction.
             w.create_only().map_err(internal)?;
