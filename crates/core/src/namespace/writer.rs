@@ -64,8 +64,9 @@ pub struct FileWriter {
     attrs: Option<String>,
     /// Whether the finish names the file only if the name is free ([`FileWriter::create_only`]).
     only_if_free: bool,
-    /// The piece that [`tokio::io::AsyncWrite`] is writing, with its length. Behind a mutex
-    /// only so that the writer stays `Sync`; locked only inside a poll.
+    /// The pieces being written, oldest first: the one [`tokio::io::AsyncWrite`] started, or
+    /// the batches of [`FileWriter::overlap_writes`]. Behind a mutex only so that the writer
+    /// stays `Sync`; locked only inside a poll.
     pending: Mutex<std::collections::VecDeque<PendingPut>>,
     /// Set by a failed write: the writer then refuses everything but being given up.
     failed: bool,
@@ -318,44 +319,57 @@ impl FileWriter {
                     .is_multiple_of(bs)
                     .then(|| Sha256::digest(&data[..n]).into());
                 self.put(&data[..n], &[hash]).await?;
-            } else {
-                if self.buf.capacity() == 0 {
-                    self.buf = self.take_buffer();
-                }
-                if self.buf.is_empty() || filled.is_multiple_of(bs) {
-                    // Bytes gathered from a block's start are hashed as they come, while
-                    // they are in the CPU's cache; an overlapping writer's task hashes its
-                    // blocks instead, on the other core.
-                    self.hasher = (filled.is_multiple_of(bs) && !self.overlap).then(Sha256::new);
-                }
-                self.buf.extend_from_slice(&data[..n]);
-                if let Some(h) = self.hasher.as_mut() {
-                    h.update(&data[..n]);
-                }
-                if n == room {
-                    let hash = self.hasher.take().map(|h| h.finalize().into());
-                    if self.overlap {
-                        self.hashes.push(hash);
-                        if self.hashes.len() as u64 >= self.batch {
-                            // At most `OVERLAP_DEPTH` batches are written at once: the
-                            // oldest is done (its buffer comes back for the next one)
-                            // before this one starts beside the filling.
-                            self.settle_to(OVERLAP_DEPTH - 1).await?;
-                            let piece = std::mem::take(&mut self.buf);
-                            let hashes = std::mem::take(&mut self.hashes);
-                            self.start_put(piece, hashes);
-                        }
-                    } else {
-                        let piece = std::mem::take(&mut self.buf);
-                        self.put(&piece, &[hash]).await?;
-                        self.buf = piece;
-                        self.buf.clear();
-                    }
+            } else if self.gather(&data[..n]) && self.batch_full() {
+                if self.overlap {
+                    // At most `OVERLAP_DEPTH` batches are written at once: the oldest is
+                    // done (its buffer comes back for the next one) before this one starts
+                    // beside the filling.
+                    self.settle_to(OVERLAP_DEPTH - 1).await?;
+                    let piece = std::mem::take(&mut self.buf);
+                    let hashes = std::mem::take(&mut self.hashes);
+                    self.start_put(piece, hashes);
+                } else {
+                    let mut piece = std::mem::take(&mut self.buf);
+                    let hashes = std::mem::take(&mut self.hashes);
+                    self.put(&piece, &hashes).await?;
+                    piece.clear();
+                    self.buf = piece;
                 }
             }
             data = &data[n..];
         }
         Ok(())
+    }
+
+    /// Buffers `bytes`, which end at or before the end of the block being filled, hashing
+    /// them as they come (while they are in the CPU's cache) unless an overlapping writer's
+    /// tasks hash them, on the other core. Returns whether they complete the block, whose
+    /// hash then joins `hashes`.
+    fn gather(&mut self, bytes: &[u8]) -> bool {
+        let bs = self.shared.block_size();
+        let filled = self.pos + self.buf.len() as u64;
+        if self.buf.capacity() == 0 {
+            self.buf = self.take_buffer();
+        }
+        if self.buf.is_empty() || filled.is_multiple_of(bs) {
+            self.hasher = (filled.is_multiple_of(bs) && !self.overlap).then(Sha256::new);
+        }
+        self.buf.extend_from_slice(bytes);
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(bytes);
+        }
+        let completed = (filled + bytes.len() as u64).is_multiple_of(bs);
+        if completed {
+            self.hashes
+                .push(self.hasher.take().map(|h| h.finalize().into()));
+        }
+        completed
+    }
+
+    /// Whether the completed blocks in `buf` are to be written now: at once without
+    /// [`FileWriter::overlap_writes`], else once they make a batch.
+    fn batch_full(&self) -> bool {
+        !self.overlap || self.hashes.len() as u64 >= self.batch
     }
 
     /// Writes `piece` (from `pos`), block by block: `hashes` has one item per block it
@@ -463,10 +477,10 @@ impl FileWriter {
     /// Lets completed blocks be written by a task of their own while the writer takes the
     /// next blocks' bytes, so that receiving and hashing and writing use two cores. Blocks
     /// under 1 MiB are handed over in batches, one task per batch: the first block alone,
-    /// then twice as many each time, up to 1 MiB and 16 blocks. The writer then holds two
-    /// batches of memory instead of one block
-    /// ([`FileWriter::overlap_blocks`]). A dropped writer's last batch is written out
-    /// before its staging inode is cleaned.
+    /// then twice as many each time, up to 1 MiB and 16 blocks; the tasks hash the blocks
+    /// too, and two run at once. The writer then holds three batches of memory instead of
+    /// one block ([`FileWriter::overlap_blocks`]). A dropped writer's batches being written
+    /// are written out before its staging inode is cleaned.
     pub fn overlap_writes(&mut self) {
         self.overlap = true;
     }
@@ -485,8 +499,8 @@ impl FileWriter {
         (OVERLAP_DEPTH as u64 + 1) * overlap_batch(self.shared.block_size())
     }
 
-    /// Drives the piece that [`tokio::io::AsyncWrite`] started, and the oldest background
-    /// sync while more than [`WRITE_BEHIND_DEPTH`] run.
+    /// Drives the pieces being written until at most `keep` are left, and the oldest
+    /// background sync while more than [`WRITE_BEHIND_DEPTH`] run.
     fn poll_pending(&mut self, cx: &mut Context<'_>, keep: usize) -> Poll<Result<()>> {
         let polled = self.poll_pending_inner(cx, keep);
         if let Poll::Ready(Err(_)) = &polled {
@@ -758,26 +772,11 @@ impl tokio::io::AsyncWrite for FileWriter {
             return Poll::Ready(Err(std::io::Error::other(err)));
         }
         let bs = this.shared.block_size();
-        let room = (bs - filled % bs) as usize;
-        let n = room.min(data.len());
-        if this.buf.capacity() == 0 {
-            this.buf = this.take_buffer();
-        }
-        if this.buf.is_empty() || filled.is_multiple_of(bs) {
-            this.hasher = (filled.is_multiple_of(bs) && !this.overlap).then(Sha256::new);
-        }
-        this.buf.extend_from_slice(&data[..n]);
-        if let Some(h) = this.hasher.as_mut() {
-            h.update(&data[..n]);
-        }
-        if n == room {
-            this.hashes
-                .push(this.hasher.take().map(|h| h.finalize().into()));
-            if !this.overlap || this.hashes.len() as u64 >= this.batch {
-                let piece = std::mem::take(&mut this.buf);
-                let hashes = std::mem::take(&mut this.hashes);
-                this.start_put(piece, hashes);
-            }
+        let n = ((bs - filled % bs) as usize).min(data.len());
+        if this.gather(&data[..n]) && this.batch_full() {
+            let piece = std::mem::take(&mut this.buf);
+            let hashes = std::mem::take(&mut this.hashes);
+            this.start_put(piece, hashes);
         }
         Poll::Ready(Ok(n))
     }
