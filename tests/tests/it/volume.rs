@@ -202,6 +202,8 @@ async fn a_clean_cache_file_changed_on_disk_is_fetched_again() {
         &content[..]
     );
     let downloads = cache.usage().await.expect("usage").downloads;
+    // The file's name stays put from here: its dirty marker, if any, is dropped by now.
+    cache.check_quiescent().await.expect("quiescent");
     let file = ["3-0", "3-0.dirty"]
         .into_iter()
         .map(|n| env.cache_dir().join(n))

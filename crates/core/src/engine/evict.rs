@@ -73,6 +73,21 @@ impl Inner {
         true
     }
 
+    /// Reserves `bytes` and `slots` if they fit now.
+    fn try_room(self: &Arc<Self>, bytes: u64, slots: u64) -> Option<Reservation> {
+        let fits = self.lock_state().try_reserve(bytes, slots);
+        fits.then(|| self.reservation(bytes, slots))
+    }
+
+    /// The guard of `bytes` and `slots` just reserved.
+    fn reservation(self: &Arc<Self>, bytes: u64, slots: u64) -> Reservation {
+        Reservation {
+            inner: Arc::clone(self),
+            bytes,
+            slots,
+        }
+    }
+
     /// Waits until `bytes` and `slots` fit within the limits and reserves them, evicting
     /// clean least-recently-used entries and uploading dirty ones as needed. Reads of cached
     /// blocks never come here.
@@ -82,8 +97,12 @@ impl Inner {
             if self.cancel.is_cancelled() {
                 return Err(Error::ShuttingDown);
             }
-            // The unmark task briefly locks clean blocks; let it finish so that eviction does
-            // not skip them and pick (and upload) other blocks instead.
+            if let Some(room) = self.try_room(bytes, slots) {
+                return Ok(room);
+            }
+            // No room without evicting. The unmark task briefly locks clean blocks; let it
+            // finish so that eviction does not skip them and pick (and upload) other blocks
+            // instead. (Only here: a writer with room does not wait for it.)
             self.wait_unmarked().await;
             let progress = self.progress.notified();
             let released = self.locks.released().notified();
@@ -93,11 +112,7 @@ impl Inner {
             let plan = {
                 let mut st = self.lock_state();
                 if st.try_reserve(bytes, slots) {
-                    return Ok(Reservation {
-                        inner: Arc::clone(self),
-                        bytes,
-                        slots,
-                    });
+                    return Ok(self.reservation(bytes, slots));
                 }
                 st.plan_eviction(bytes, slots, |key| self.locks.try_lock(key))
             };

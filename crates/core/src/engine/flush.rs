@@ -104,10 +104,6 @@ impl Inner {
                 }
             }
             if to_commit.is_empty() && waits.is_empty() {
-                // Leave the blocks as a flush found them before the unmark task existed:
-                // under their clean names, and not locked by it when the caller goes on
-                // (eviction skips locked entries).
-                self.wait_unmarked().await;
                 return Ok(());
             }
             for p in self.commit_keys(to_commit, LockMode::Wait).await? {
