@@ -175,9 +175,10 @@ pub struct DeltaRead {
     pub files: HashMap<String, Option<ShippedFile>>,
     /// The attributes of the files noted that have some.
     pub file_attrs: HashMap<String, String>,
-    /// Current mappings of the blocks noted (`None`: gone).
+    /// Current mappings of the blocks noted (`None`: gone), but those of inodes noted whole:
+    /// theirs are in `whole` (a block noted there and not in `whole` is gone).
     pub blocks: HashMap<(u64, u64), Option<u64>>,
-    /// Every mapping of the inodes noted whole: (block number, object id).
+    /// Every mapping of the inodes noted whole, by block number: (block number, object id).
     pub whole: HashMap<u64, Vec<(u64, u64)>>,
     /// Current rows of the merges noted, by staging inode (`None`: gone).
     pub merges: HashMap<u64, Option<ShippedMerge>>,
@@ -322,6 +323,10 @@ impl Db {
                 last: to_u64(last, "change clock")?,
             });
         }
+        // A block of an inode noted whole is read with the whole inode (in this transaction,
+        // so as of the same state): not looked up on its own too.
+        let noted_whole: HashSet<i64> = whole.iter().copied().collect();
+        blocks.retain(|[inode, _]| !noted_whole.contains(inode));
         let mut objects: HashSet<i64> = HashSet::new();
         if !names.is_empty() {
             let list = serde_json::to_string(&names).expect("names serialize");

@@ -148,6 +148,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_block_noted_with_its_whole_inode_ships_once_and_one_it_lacks_as_gone() {
+        let change = |key| blockcache_db::Change {
+            key,
+            seq: 1,
+            last: 1,
+        };
+        let mut read = DeltaRead::default();
+        // A new file's inode 7 is noted whole, and so are its blocks 0 and 1 one by one;
+        // block 2 was noted and is gone again.
+        for blockno in 0..3 {
+            read.changes
+                .push(change(ChangeKey::Block { inode: 7, blockno }));
+        }
+        read.changes.push(change(ChangeKey::Inode(7)));
+        read.whole.insert(7, vec![(0, 100), (1, 101)]);
+        // The mappings as a read that looked the blocks up on their own too would give.
+        read.blocks.insert((7, 0), Some(100));
+        read.blocks.insert((7, 1), Some(101));
+        read.blocks.insert((7, 2), None);
+        for id in [100, 101] {
+            let row = (id, None, 10, Some(10));
+            read.objects.insert(
+                id,
+                blockcache_db::ObjectInfo {
+                    row,
+                    uploaded: true,
+                },
+            );
+        }
+        read.roles.insert(7, InodeRole::Live);
+        let p = plan(&read, &HashSet::new());
+        assert_eq!(p.rows.blocks, vec![(7, 0, 100), (7, 1, 101)]);
+        assert_eq!(p.rows.dead_blocks, vec![(7, 2)]);
+        assert_eq!(p.rows.objects.len(), 2);
+        assert_eq!(p.acked.len(), 4, "every change is shipped");
+        assert_eq!(p.deferred, 0);
+    }
+
+    #[test]
     fn snapshots_cost_in_proportion_to_changes() {
         let hour = Duration::from_secs(3600);
         // Nothing shipped since: never.
@@ -224,12 +263,21 @@ fn plan(read: &DeltaRead, unsettled: &HashSet<u64>) -> Plan {
                 None => p.acked.push(change.key.clone()),
                 Some(g) if unsettled.contains(&g) => p.deferred += 1,
                 Some(g) => {
-                    match read.blocks.get(&(*inode, *blockno)).copied().flatten() {
-                        Some(obj) => {
-                            p.rows.blocks.push((*inode, *blockno, obj));
-                            need(&mut p, g, obj);
+                    match read.whole.get(inode) {
+                        // Noted whole in this read too: its mapping ships with the inode's
+                        // (once, not twice); one it does not have is gone.
+                        Some(all) => {
+                            if all.binary_search_by_key(blockno, |&(b, _)| b).is_err() {
+                                p.rows.dead_blocks.push((*inode, *blockno));
+                            }
                         }
-                        None => p.rows.dead_blocks.push((*inode, *blockno)),
+                        None => match read.blocks.get(&(*inode, *blockno)).copied().flatten() {
+                            Some(obj) => {
+                                p.rows.blocks.push((*inode, *blockno, obj));
+                                need(&mut p, g, obj);
+                            }
+                            None => p.rows.dead_blocks.push((*inode, *blockno)),
+                        },
                     }
                     p.acked.push(change.key.clone());
                 }
