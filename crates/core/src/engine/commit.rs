@@ -17,12 +17,12 @@ use crate::{BlockKey, Error, Result};
 
 /// Most blocks, and most bytes, read into memory by one commit batch (two batches are in
 /// memory at a time: one being hashed, one being recorded and handed to the uploaders).
-const BATCH_BLOCKS: usize = 512;
+const BATCH_BLOCKS: usize = 1024;
 const BATCH_BYTES: u64 = 4 << 20;
 /// Most bytes of one commit batch when the store links objects to cache files: the bytes are
 /// hashed through a small buffer and not kept, so a batch costs no memory of its size, and
 /// fewer, larger batches share the database transactions and syncs among more blocks.
-const LINKED_BATCH_BYTES: u64 = 16 << 20;
+const LINKED_BATCH_BYTES: u64 = 64 << 20;
 
 /// Whether commit waits for busy block locks or skips those blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
