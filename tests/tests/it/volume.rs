@@ -167,18 +167,38 @@ async fn raw_blocks_and_named_files_never_share_an_inode() {
     cache.shutdown().await.expect("shutdown");
 }
 
-/// Changes `path` to `content` (same length) through the file system, as another program
-/// would, making sure its modification time moves even on a coarse clock.
+/// Changes the block file `path` to `content` (same length) through the file system, as
+/// another program would, making sure its modification time moves even on a coarse clock.
+/// The engine may rename the file between its dirty and clean names meanwhile (the unmark
+/// task runs after a flush returns): it is opened under either name and changed through
+/// the open file, which a rename does not affect.
 pub(crate) fn alter_on_disk(path: &std::path::Path, content: &[u8]) {
-    let before = std::fs::metadata(path)
-        .expect("stat")
-        .modified()
-        .expect("mtime");
-    std::fs::write(path, content).expect("alter the cache file");
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open");
+    use std::os::unix::fs::FileExt;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("a block file name");
+    let stem = name.strip_suffix(".dirty").unwrap_or(name);
+    let names = [
+        path.with_file_name(stem),
+        path.with_file_name(format!("{stem}.dirty")),
+    ];
+    // A rename is atomic: one name or the other is there at any time, so a few rounds
+    // find it even while it moves.
+    let file = (0..1000)
+        .find_map(|_| {
+            names
+                .iter()
+                .find_map(|n| match std::fs::OpenOptions::new().write(true).open(n) {
+                    Ok(f) => Some(f),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                    Err(e) => panic!("open {}: {e}", n.display()),
+                })
+        })
+        .unwrap_or_else(|| panic!("no file {} under either name", path.display()));
+    let before = file.metadata().expect("stat").modified().expect("mtime");
+    file.write_all_at(content, 0).expect("alter the cache file");
+    file.set_len(content.len() as u64).expect("set the length");
     if file.metadata().expect("stat").modified().expect("mtime") == before {
         // Within one tick of the clock: a later time, as the next tick would give.
         file.set_modified(before + Duration::from_secs(1))
