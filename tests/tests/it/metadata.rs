@@ -837,3 +837,59 @@ async fn rounds_racing_rewrites_of_the_same_bytes_never_ship_a_file_without_its_
     let bad = shipped_files_without_blocks(&pool).await;
     assert!(bad.is_empty(), "after the flush: {bad:?}");
 }
+
+async fn pending(ns: &Namespace) -> u64 {
+    let status = ns.cache().metadata_status().await.expect("status");
+    status.pending_changes
+}
+
+/// A new file's blocks, committed while its inode is noted whole (named, not yet shipped),
+/// add no notes of their own: the inode's note covers them (migration 8). A block the file
+/// loses is still noted on its own, and the file restores whole from what the flush ships.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_committed_while_their_inode_is_noted_whole_add_no_notes() {
+    let env = Env::new();
+    let config = Config {
+        metadata_interval: None,
+        ..env.config()
+    };
+    let ns1 = ns(env.open_with(config.clone()).await).await;
+    // Ten blocks, still dirty: the file's name and its inode are noted.
+    let content = data(12, 10 * 1024);
+    put(&ns1, "new", &content, Durability::None).await;
+    let named = pending(&ns1).await;
+    assert_eq!(named, 2, "the file and its inode");
+    ns1.cache().commit().await.expect("commit");
+    assert_eq!(
+        pending(&ns1).await,
+        named,
+        "a note for each block committed"
+    );
+    // Cut to four blocks before anything shipped: the blocks it loses are noted.
+    ns1.truncate("new", 4 * 1024, Durability::Local)
+        .await
+        .expect("truncate");
+    ns1.cache().commit().await.expect("commit");
+    let pool = raw_db(&env).await;
+    let cut: Vec<(i64, i64)> =
+        sqlx::query_as("SELECT a, b FROM meta_changes WHERE kind = 2 ORDER BY a, b")
+            .fetch_all(&pool)
+            .await
+            .expect("block notes");
+    pool.close().await;
+    let inode = cut.first().map_or(0, |&(a, _)| a);
+    assert_eq!(
+        cut,
+        (4..10).map(|b| (inode, b)).collect::<Vec<_>>(),
+        "each block cut off is noted, and no other"
+    );
+    ns1.cache().flush().await.expect("flush");
+    assert_eq!(pending(&ns1).await, 0);
+    ns1.shutdown().await.expect("shutdown");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    restore_into(&env, dir.path(), true).await.expect("restore");
+    let ns2 = open_restored(&env, dir.path(), config).await;
+    assert_eq!(get(&ns2, "new").await, content[..4 * 1024]);
+    ns2.shutdown().await.expect("shutdown");
+}
