@@ -104,3 +104,109 @@ async fn shutdown_does_not_wait_for_prefetches_held_by_the_store() {
     assert!(back == content, "the file reads back exact");
     ns.shutdown().await.expect("shutdown");
 }
+
+/// A namespace over `env` holding files of [`BLOCKS`] distinct blocks by the given names,
+/// stored and no longer cached.
+async fn stored_files(env: &Env, names: &[&str]) -> Namespace {
+    let ns = Namespace::open(env.open().await, 1 << 30)
+        .await
+        .expect("namespace");
+    for (i, name) in names.iter().enumerate() {
+        let mut w = ns.create(name).await.expect("create");
+        w.write(&data(10 + i as u64, BLOCKS * 1024))
+            .await
+            .expect("write");
+        w.finish(Durability::Local).await.expect("finish");
+    }
+    ns.flush().await.expect("flush");
+    ns.cache().clear().await.expect("clear");
+    ns
+}
+
+/// Reads `name` to its end through `AsyncRead`, then waits for the lookup of the file after
+/// it that the read may have started; the prefetches counted by then.
+async fn read_whole(ns: &Namespace, name: &str) -> u64 {
+    use tokio::io::AsyncReadExt;
+    let mut r = ns.open_read(name).await.expect("open");
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.expect("read");
+    assert_eq!(back.len(), BLOCKS * 1024, "{name} reads back whole");
+    ns.wait_for_cleanups().await;
+    prefetches(ns).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_loading() {
+    let env = Env::new();
+    let ns = stored_files(&env, &["d/a", "d/b", "d/c"]).await;
+    // One file read alone loads nothing of the next: each of its blocks but the first, at
+    // most, was loaded ahead of the reader.
+    let after_a = read_whole(&ns, "d/a").await;
+    assert!(after_a < BLOCKS as u64, "{after_a} prefetches");
+    // The file after it, read whole: files are being read in name order, and the next one's
+    // first window starts loading. The reader of d/b prefetches at most BLOCKS - 1 of its own.
+    let after_b = read_whole(&ns, "d/b").await;
+    assert!(
+        after_b - after_a >= BLOCKS as u64,
+        "nothing of d/c was loaded ahead ({} prefetches while reading d/b)",
+        after_b - after_a
+    );
+    let after_c = read_whole(&ns, "d/c").await;
+    ns.shutdown().await.expect("shutdown");
+    assert!(after_c >= after_b);
+    assert_eq!(
+        env.faults.calls(Op::Get),
+        3 * BLOCKS as u64,
+        "every block downloaded once"
+    );
+}
+
+/// Loads `name` into the cache with reads from its last block back to its first: random
+/// access, which loads nothing ahead.
+async fn cache_backwards(ns: &Namespace, name: &str) {
+    let r = ns.open_read(name).await.expect("open");
+    for b in (0..BLOCKS as u64).rev() {
+        r.read(b * 1024, 1024).await.expect("read");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_read_out_of_order_or_in_part_or_past_their_directory_load_nothing_of_another() {
+    let env = Env::new();
+    let ns = stored_files(&env, &["d/a", "d/b", "d/c", "d/d", "e"]).await;
+    // Each file is cached before it is read whole, so that any prefetch counted is one of
+    // the file after it, which is not.
+    cache_backwards(&ns, "d/a").await;
+    cache_backwards(&ns, "d/b").await;
+    assert_eq!(prefetches(&ns).await, 0, "random reads load nothing ahead");
+    // d/a read whole: d/b is expected next.
+    assert_eq!(read_whole(&ns, "d/a").await, 0);
+    // d/b read from its middle to its end: one stream, but not the whole file.
+    {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let mut r = ns.open_read("d/b").await.expect("open");
+        r.seek(std::io::SeekFrom::Start(BLOCKS as u64 / 2 * 1024))
+            .await
+            .expect("seek");
+        r.read_to_end(&mut Vec::new()).await.expect("read");
+    }
+    ns.wait_for_cleanups().await;
+    assert_eq!(
+        prefetches(&ns).await,
+        0,
+        "d/c loaded after d/b read in part"
+    );
+    // d/c read whole, but d/b was the one expected: nothing of d/d.
+    cache_backwards(&ns, "d/c").await;
+    assert_eq!(read_whole(&ns, "d/c").await, 0, "d/d loaded out of order");
+    // d/d, which d/c's reader expected next, read whole: in order now, but d/d is its
+    // directory's last file, and e is not in the directory.
+    cache_backwards(&ns, "d/d").await;
+    assert_eq!(read_whole(&ns, "d/d").await, 0, "e loaded after d/d");
+    ns.shutdown().await.expect("shutdown");
+    assert_eq!(
+        env.faults.calls(Op::Get),
+        4 * BLOCKS as u64,
+        "only what was read"
+    );
+}

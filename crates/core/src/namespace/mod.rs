@@ -408,8 +408,9 @@ impl Namespace {
         self.shared.inner.flush(Some(meta.inode)).await
     }
 
-    /// Waits until the background removals started so far (of inodes retired while read,
-    /// and of abandoned writers) are done; later ones are not waited for.
+    /// Waits until the background tasks started so far (removals of inodes retired while
+    /// read and of abandoned writers, and readers' lookups of the file read next) are done;
+    /// later ones are not waited for.
     pub async fn wait_for_cleanups(&self) {
         let mut tickets = self.shared.cleanup_tickets.subscribe();
         let started = tickets.borrow().next;

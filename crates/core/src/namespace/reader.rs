@@ -13,6 +13,15 @@
 //! cache shared among the readers reading ahead at the time. A read elsewhere ends it:
 //! random access prefetches nothing. Prefetched blocks are clean cache entries like any other, so the
 //! memory they take is the cache's disk, not buffers.
+//!
+//! Across files: a reader that reads its file from the start, in one stream, and whose window
+//! reaches the file's end looks up the next name in the file's directory (byte order) and
+//! notes it as the file expected next (`Shared::read_next`). If its own file was the one
+//! expected, the files are being read in name order (`cp -r`, `tar`, a client walking a
+//! listing): it also starts loading the first window of the next file, so that file's first
+//! reads do not each wait a round trip for the store. One file read alone, or files read
+//! out of order, load nothing of another; a reader that stops after a run of files in order
+//! leaves at most one window of the next file loaded for nothing.
 
 use std::future::Future;
 use std::io::SeekFrom;
@@ -43,6 +52,10 @@ struct ReadAhead {
     window: u64,
     /// The first block not asked for yet.
     asked_until: u64,
+    /// All reads so far were one stream from the file's start.
+    whole: bool,
+    /// The file after this one was looked up ([`FileReader::follow`]).
+    followed: bool,
 }
 
 /// A read in flight for [`tokio::io::AsyncRead`].
@@ -117,6 +130,7 @@ impl FileReader {
             // Reads a block apart count as one stream: concurrent reads of one reader may
             // arrive slightly out of order.
             let sequential = offset.abs_diff(ra.next) <= bs && (ra.started || offset == 0);
+            ra.whole = sequential && (ra.whole || !ra.started);
             ra.started = true;
             ra.next = end;
             let window = ra.window;
@@ -154,12 +168,56 @@ impl FileReader {
         while next <= to && inner.prefetch(BlockKey::new(inode, next)) {
             next += 1;
         }
-        let mut ra = self.ahead.lock().expect("readahead poisoned");
-        // Unless a read elsewhere ended the stream meanwhile (it is then not counted).
-        if ra.window > 0 {
-            ra.window = window;
-            ra.asked_until = ra.asked_until.max(next);
+        let follow = {
+            let mut ra = self.ahead.lock().expect("readahead poisoned");
+            // Unless a read elsewhere ended the stream meanwhile (it is then not counted).
+            if ra.window > 0 {
+                ra.window = window;
+                ra.asked_until = ra.asked_until.max(next);
+            }
+            let follow = ra.whole && !ra.followed && current.saturating_add(window) > last;
+            ra.followed |= follow;
+            follow
+        };
+        if follow {
+            self.follow(window);
         }
+    }
+
+    /// Notes the file after this one in its directory as the one expected to be read next
+    /// and, if this file was the one expected, starts loading the first `window` blocks of
+    /// the next (see the module's doc). In the background: the lookup is a query.
+    fn follow(&self, window: u64) {
+        let shared = Arc::clone(&self.shared);
+        let name = self.meta.name.clone();
+        // Without a runtime there is nothing to load ahead with either.
+        let _ = self.shared.spawn_cleanup(async move {
+            let dir = name.rfind('/').map_or("", |i| &name[..=i]);
+            let next = match shared.db.list_files(dir, Some(&name), 1).await {
+                Ok(rows) => rows.into_iter().next(),
+                Err(error) => {
+                    tracing::debug!(%error, name, "looking up the file after it failed");
+                    return;
+                }
+            };
+            let expected = {
+                let mut read_next = shared.read_next.lock().expect("read_next poisoned");
+                let expected = read_next.as_deref() == Some(name.as_str());
+                *read_next = next.as_ref().map(|n| n.name.clone());
+                expected
+            };
+            let Some(next) = next.filter(|n| expected && n.size > 0) else {
+                return;
+            };
+            // Blocks of a file replaced or deleted meanwhile are loaded for nothing, or not
+            // at all: a removal takes each block's lock, as a prefetch does.
+            let last = (next.size - 1) / shared.block_size().max(1);
+            for blockno in 0..=last.min(window.saturating_sub(1)) {
+                if !shared.inner.prefetch(BlockKey::new(next.inode, blockno)) {
+                    break;
+                }
+            }
+        });
     }
 
     /// The volume's block size: reads of whole aligned blocks are served without copies.

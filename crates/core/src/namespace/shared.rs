@@ -37,6 +37,9 @@ pub(super) struct Shared {
     pub(super) readahead_hint: std::sync::atomic::AtomicU64,
     /// Readers with a readahead window now: they share the cache room readahead may take.
     pub(super) readers_ahead: std::sync::atomic::AtomicU64,
+    /// The file a reader that read another to its end expects to be read next: the name
+    /// after that one in its directory (`reader.rs`).
+    pub(super) read_next: Mutex<Option<String>>,
     /// Staging inodes allocated ahead and not yet taken by a writer, the next one last.
     pub(super) spare_inodes: Mutex<Vec<u64>>,
     /// Block buffers of finished writers, at most [`SPARE_BUFFER_BYTES`] worth: a new writer
@@ -93,6 +96,7 @@ impl Shared {
             max_file_size,
             readahead_hint: std::sync::atomic::AtomicU64::new(0),
             readers_ahead: std::sync::atomic::AtomicU64::new(0),
+            read_next: Mutex::new(None),
             spare_inodes: Mutex::new(Vec::new()),
             spare_buffers: Mutex::new(Vec::new()),
             unapplied: Mutex::new(HashMap::new()),
