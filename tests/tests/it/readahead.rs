@@ -210,3 +210,62 @@ async fn files_read_out_of_order_or_in_part_or_past_their_directory_load_nothing
         "only what was read"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_file_expected_next_starts_the_one_after_loading_at_its_first_read() {
+    let env = Env::new();
+    let ns = Namespace::open(env.open().await, 1 << 30)
+        .await
+        .expect("namespace");
+    // d/b is ten times d/a: the window its reader starts with (half the widest d/a's reader
+    // grew to, at most twice d/a) cannot reach its end.
+    for (name, blocks) in [("d/a", BLOCKS), ("d/b", 10 * BLOCKS), ("d/c", BLOCKS)] {
+        let mut w = ns.create(name).await.expect("create");
+        w.write(&data(blocks as u64, blocks * 1024))
+            .await
+            .expect("write");
+        w.finish(Durability::Local).await.expect("finish");
+    }
+    ns.flush().await.expect("flush");
+    ns.cache().clear().await.expect("clear");
+    read_whole(&ns, "d/a").await;
+    // d/b loaded without readahead, so that what its first read prefetches is of d/c.
+    let r = ns.open_read("d/b").await.expect("open");
+    for b in (0..10 * BLOCKS as u64).rev() {
+        r.read(b * 1024, 1024).await.expect("read");
+    }
+    drop(r);
+    let before = prefetches(&ns).await;
+    let r = ns.open_read("d/b").await.expect("open");
+    r.read(0, 1024).await.expect("read");
+    ns.wait_for_cleanups().await;
+    assert!(
+        prefetches(&ns).await > before,
+        "the first read of the file expected next loads nothing of the one after"
+    );
+    drop(r);
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_window_ahead_of_files_read_in_order_spans_the_small_files_after() {
+    let env = Env::new();
+    let ns = Namespace::open(env.open().await, 1 << 30)
+        .await
+        .expect("namespace");
+    for (name, blocks) in [("d/a", BLOCKS), ("d/b", BLOCKS), ("d/c", 2), ("d/d", 2)] {
+        let mut w = ns.create(name).await.expect("create");
+        w.write(&data(blocks as u64 + name.len() as u64, blocks * 1024))
+            .await
+            .expect("write");
+        w.finish(Durability::Local).await.expect("finish");
+    }
+    ns.flush().await.expect("flush");
+    ns.cache().clear().await.expect("clear");
+    read_whole(&ns, "d/a").await;
+    cache_backwards(&ns, "d/b").await;
+    let before = prefetches(&ns).await;
+    // The window (at least 4 blocks) covers both files of 2 blocks after d/b.
+    assert_eq!(read_whole(&ns, "d/b").await - before, 4);
+    ns.shutdown().await.expect("shutdown");
+}

@@ -18,10 +18,13 @@
 //! reaches the file's end looks up the next name in the file's directory (byte order) and
 //! notes it as the file expected next (`Shared::read_next`). If its own file was the one
 //! expected, the files are being read in name order (`cp -r`, `tar`, a client walking a
-//! listing): it also starts loading the first window of the next file, so that file's first
-//! reads do not each wait a round trip for the store. One file read alone, or files read
-//! out of order, load nothing of another; a reader that stops after a run of files in order
-//! leaves at most one window of the next file loaded for nothing.
+//! listing): it also starts loading a window of the files after it (the widest window
+//! readers grew to, spanning as many files of the directory as it covers), so that the next
+//! file's first reads do not each wait a round trip for the store. The file expected next
+//! does so at its first read, not once its window reaches its end: a reader that finds its
+//! file loaded ahead reads it at the cache's speed. One file read alone, or files read out
+//! of order, load nothing of another; a reader that stops after a run of files in order
+//! leaves at most one window of the files after it loaded for nothing.
 
 use std::future::Future;
 use std::io::SeekFrom;
@@ -38,6 +41,8 @@ use crate::{BlockKey, Result};
 
 /// The readahead window on the second sequential read, in blocks.
 const FIRST_WINDOW: u64 = 4;
+/// Files after a reader's a lookup names, for a window spanning files ([`FileReader::follow`]).
+const FOLLOW_FILES: u32 = 16;
 /// The most one reader keeps loading ahead of itself.
 const MAX_AHEAD_BYTES: u64 = 64 << 20;
 
@@ -168,6 +173,17 @@ impl FileReader {
         while next <= to && inner.prefetch(BlockKey::new(inode, next)) {
             next += 1;
         }
+        // The file expected next, read from its start: the one after it starts loading at
+        // once, not when this one's window reaches its end (which a reader that finds its
+        // file loaded ahead reaches only when it is nearly done).
+        let expected = offset == 0
+            && self
+                .shared
+                .read_next
+                .lock()
+                .expect("read_next poisoned")
+                .as_deref()
+                == Some(self.meta.name.as_str());
         let follow = {
             let mut ra = self.ahead.lock().expect("readahead poisoned");
             // Unless a read elsewhere ended the stream meanwhile (it is then not counted).
@@ -175,12 +191,14 @@ impl FileReader {
                 ra.window = window;
                 ra.asked_until = ra.asked_until.max(next);
             }
-            let follow = ra.whole && !ra.followed && current.saturating_add(window) > last;
+            let follow =
+                ra.whole && !ra.followed && (expected || current.saturating_add(window) > last);
             ra.followed |= follow;
             follow
         };
         if follow {
-            self.follow(window);
+            // As much of the next file as the widest window readers grew to.
+            self.follow(window.max(hint.load(Ordering::Relaxed)).min(max_window));
         }
     }
 
@@ -193,28 +211,37 @@ impl FileReader {
         // Without a runtime there is nothing to load ahead with either.
         let _ = self.shared.spawn_cleanup(async move {
             let dir = name.rfind('/').map_or("", |i| &name[..=i]);
-            let next = match shared.db.list_files(dir, Some(&name), 1).await {
-                Ok(rows) => rows.into_iter().next(),
+            let after = match shared.db.list_files(dir, Some(&name), FOLLOW_FILES).await {
+                Ok(rows) => rows,
                 Err(error) => {
-                    tracing::debug!(%error, name, "looking up the file after it failed");
+                    tracing::debug!(%error, name, "looking up the files after it failed");
                     return;
                 }
             };
             let expected = {
                 let mut read_next = shared.read_next.lock().expect("read_next poisoned");
                 let expected = read_next.as_deref() == Some(name.as_str());
-                *read_next = next.as_ref().map(|n| n.name.clone());
+                *read_next = after.first().map(|n| n.name.clone());
                 expected
             };
-            let Some(next) = next.filter(|n| expected && n.size > 0) else {
+            if !expected {
                 return;
-            };
-            // Blocks of a file replaced or deleted meanwhile are loaded for nothing, or not
-            // at all: a removal takes each block's lock, as a prefetch does.
-            let last = (next.size - 1) / shared.block_size().max(1);
-            for blockno in 0..=last.min(window.saturating_sub(1)) {
-                if !shared.inner.prefetch(BlockKey::new(next.inode, blockno)) {
-                    break;
+            }
+            // The window spans files: a reader that finds the next file loaded reads it at
+            // the cache's speed, and the one after must be loading by then too. Blocks of a
+            // file replaced or deleted meanwhile are loaded for nothing, or not at all: a
+            // removal takes each block's lock, as a prefetch does.
+            let bs = shared.block_size().max(1);
+            let mut left = window;
+            for next in after.iter().filter(|n| n.size > 0) {
+                for blockno in 0..next.size.div_ceil(bs).min(left) {
+                    if !shared.inner.prefetch(BlockKey::new(next.inode, blockno)) {
+                        return;
+                    }
+                    left -= 1;
+                }
+                if left == 0 {
+                    return;
                 }
             }
         });
