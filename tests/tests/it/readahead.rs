@@ -269,3 +269,31 @@ async fn the_window_ahead_of_files_read_in_order_spans_the_small_files_after() {
     assert_eq!(read_whole(&ns, "d/b").await - before, 4);
     ns.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_asked_for_while_its_prefetch_runs_is_not_prefetched_again() {
+    let env = Env::new();
+    let (ns, content) = stored_file(&env).await;
+    env.faults.hold(Op::Get);
+    // A reader's first read: its block and the first window wait for the store.
+    let r = ns.open_read("f").await.expect("open");
+    let reading = tokio::spawn(async move { r.read(0, 1024).await });
+    env.wait_held(Op::Get, 5).await;
+    let before = prefetches(&ns).await;
+    // A second reader asks for the same window: its first poll runs its readahead, then
+    // waits for block 0 like the first.
+    let r2 = ns.open_read("f").await.expect("open");
+    assert!(
+        futures::FutureExt::now_or_never(r2.read(0, 1024)).is_none(),
+        "block 0 is being downloaded"
+    );
+    assert_eq!(
+        prefetches(&ns).await,
+        before,
+        "blocks being prefetched were prefetched again"
+    );
+    env.faults.release(Op::Get);
+    let got = reading.await.expect("join").expect("read");
+    assert_eq!(got[..], content[..1024]);
+    ns.shutdown().await.expect("shutdown");
+}

@@ -150,6 +150,8 @@ pub(crate) struct Inner {
     copies: Mutex<HashMap<u64, BlockKey>>,
     /// Prefetches that may run at once (`prefetch.rs`).
     prefetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Blocks a prefetch is loading: asked for again meanwhile, they take no second slot.
+    prefetching: Mutex<std::collections::HashSet<BlockKey>>,
     state: Mutex<State>,
     budget: Arc<Budget>,
     /// Wakes the commit task: writers wait for the dirty budget.
@@ -219,6 +221,7 @@ impl Inner {
             object_locks: Arc::new(KeyedLocks::default()),
             copies: Mutex::default(),
             prefetch_slots: Arc::new(tokio::sync::Semaphore::new(prefetch::PREFETCH_SLOTS)),
+            prefetching: Mutex::default(),
             state: Mutex::new(State::new(config.max_bytes, config.max_entries)),
             budget: Arc::new(Budget::new(config.max_dirty_bytes)),
             pressure: Notify::new(),

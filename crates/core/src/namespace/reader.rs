@@ -7,7 +7,7 @@
 //! latency is paid once per window, not once per block. A read from the file's start, or
 //! one that follows the previous read, starts a window of [`FIRST_WINDOW`] blocks; the next
 //! sequential read widens it to half the window the last sequential reader grew to (so each
-//! file does not learn the store's latency again), and it doubles each time the reader
+//! file does not learn the store's latency again), and it quadruples each time the reader
 //! catches up with it (the block it reads is not cached yet), until the downloads in flight
 //! cover the link's bandwidth-delay product, at most [`MAX_AHEAD_BYTES`] or an eighth of the
 //! cache shared among the readers reading ahead at the time. A read elsewhere ends it:
@@ -159,7 +159,7 @@ impl FileReader {
             FIRST_WINDOW.max(hint.load(Ordering::Relaxed) / 2)
         } else if !inner.is_cached(BlockKey::new(inode, offset / bs)) {
             // The reader caught up with the window: more downloads must be in flight.
-            let grown = (window * 2).max(hint.load(Ordering::Relaxed) / 2);
+            let grown = (window * 4).max(hint.load(Ordering::Relaxed) / 2);
             hint.store(grown.min(max_window), Ordering::Relaxed);
             grown
         } else {
