@@ -297,3 +297,55 @@ async fn a_block_asked_for_while_its_prefetch_runs_is_not_prefetched_again() {
     assert_eq!(got[..], content[..1024]);
     ns.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_whose_first_bytes_are_read_in_name_order_load_nothing_of_another() {
+    let env = Env::new();
+    let ns = Namespace::open(env.open().await, 1 << 30)
+        .await
+        .expect("namespace");
+    // Files of two blocks: the first window of a read from the start covers each whole.
+    for (i, name) in ["d/a", "d/b", "d/c", "d/d"].into_iter().enumerate() {
+        let mut w = ns.create(name).await.expect("create");
+        w.write(&data(i as u64, 2 * 1024)).await.expect("write");
+        w.finish(Durability::Local).await.expect("finish");
+    }
+    ns.flush().await.expect("flush");
+    ns.cache().clear().await.expect("clear");
+    // A client that looks at the first bytes of each file, in name order.
+    for name in ["d/a", "d/b", "d/c"] {
+        let r = ns.open_read(name).await.expect("open");
+        r.read(0, 100).await.expect("read");
+    }
+    ns.wait_for_cleanups().await;
+    // Each reader's own window: the second block of its file, and nothing of another.
+    assert_eq!(prefetches(&ns).await, 3);
+    ns.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_block_prefetched_once_is_prefetched_again_once_evicted() {
+    let env = Env::new();
+    let (ns, content) = stored_file(&env).await;
+    use tokio::io::AsyncReadExt;
+    let mut r = ns.open_read("f").await.expect("open");
+    let mut back = Vec::new();
+    r.read_to_end(&mut back).await.expect("read");
+    drop(r);
+    let first = prefetches(&ns).await;
+    assert!(first >= BLOCKS as u64 - 4, "{first} prefetches");
+    // The prefetches have loaded their blocks (the reader read each); a task may still be
+    // ending, so a few blocks may be skipped below, not all.
+    ns.cache().clear().await.expect("clear");
+    let mut r = ns.open_read("f").await.expect("open");
+    let mut again = Vec::new();
+    r.read_to_end(&mut again).await.expect("read again");
+    assert!(again == content, "the file reads back exact");
+    let second = prefetches(&ns).await - first;
+    assert!(
+        second >= BLOCKS as u64 / 2,
+        "{second} prefetches the second time"
+    );
+    drop(r);
+    ns.shutdown().await.expect("shutdown");
+}

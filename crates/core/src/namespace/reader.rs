@@ -14,17 +14,18 @@
 //! random access prefetches nothing. Prefetched blocks are clean cache entries like any other, so the
 //! memory they take is the cache's disk, not buffers.
 //!
-//! Across files: a reader that reads its file from the start, in one stream, and whose window
-//! reaches the file's end looks up the next name in the file's directory (byte order) and
-//! notes it as the file expected next (`Shared::read_next`). If its own file was the one
+//! Across files: a reader that reads its file from the start to its end, in one stream,
+//! looks up the next name in the file's directory (byte order) and notes it as the file
+//! expected next (`Shared::read_next`). If its own file was the one
 //! expected, the files are being read in name order (`cp -r`, `tar`, a client walking a
 //! listing): it also starts loading a window of the files after it (the widest window
 //! readers grew to, spanning as many files of the directory as it covers), so that the next
 //! file's first reads do not each wait a round trip for the store. The file expected next
-//! does so at its first read, not once its window reaches its end: a reader that finds its
-//! file loaded ahead reads it at the cache's speed. One file read alone, or files read out
-//! of order, load nothing of another; a reader that stops after a run of files in order
-//! leaves at most one window of the files after it loaded for nothing.
+//! does so at its first read too, not only once read: a reader that finds its file loaded
+//! ahead reads it at the cache's speed. One file read alone, files read in part (a client
+//! reading the first bytes of each), or files read out of order, load nothing of another; a
+//! reader that stops after a file read whole and the first read of the next leaves at most
+//! one window of the files after them loaded for nothing.
 
 use std::future::Future;
 use std::io::SeekFrom;
@@ -59,8 +60,19 @@ struct ReadAhead {
     asked_until: u64,
     /// All reads so far were one stream from the file's start.
     whole: bool,
-    /// The file after this one was looked up ([`FileReader::follow`]).
+    /// The files after this one were looked up at its first read ([`FileReader::follow`]).
+    followed_early: bool,
+    /// ... and once it was read to its end.
     followed: bool,
+}
+
+/// What made a reader look up the files after its own ([`FileReader::follow`]).
+#[derive(Debug, Clone, Copy)]
+enum Follow {
+    /// Its first read, of the file expected next.
+    Expected,
+    /// It read its file from the start to the end in one stream.
+    ReadWhole,
 }
 
 /// A read in flight for [`tokio::io::AsyncRead`].
@@ -173,9 +185,9 @@ impl FileReader {
         while next <= to && inner.prefetch(BlockKey::new(inode, next)) {
             next += 1;
         }
-        // The file expected next, read from its start: the one after it starts loading at
-        // once, not when this one's window reaches its end (which a reader that finds its
-        // file loaded ahead reaches only when it is nearly done).
+        // The file expected next, read from its start: the files after it start loading at
+        // once, not only once it is read (a reader that finds its file loaded ahead gets
+        // there in no time, then waits for the next).
         let expected = offset == 0
             && self
                 .shared
@@ -191,21 +203,30 @@ impl FileReader {
                 ra.window = window;
                 ra.asked_until = ra.asked_until.max(next);
             }
-            let follow =
-                ra.whole && !ra.followed && (expected || current.saturating_add(window) > last);
-            ra.followed |= follow;
-            follow
+            if ra.whole && end == size && !ra.followed {
+                ra.followed = true;
+                Some(Follow::ReadWhole)
+            } else if expected && !ra.followed_early {
+                ra.followed_early = true;
+                Some(Follow::Expected)
+            } else {
+                None
+            }
         };
-        if follow {
-            // As much of the next file as the widest window readers grew to.
-            self.follow(window.max(hint.load(Ordering::Relaxed)).min(max_window));
+        if let Some(how) = follow {
+            // As much of the files after as the widest window readers grew to.
+            self.follow(
+                how,
+                window.max(hint.load(Ordering::Relaxed)).min(max_window),
+            );
         }
     }
 
-    /// Notes the file after this one in its directory as the one expected to be read next
-    /// and, if this file was the one expected, starts loading the first `window` blocks of
-    /// the next (see the module's doc). In the background: the lookup is a query.
-    fn follow(&self, window: u64) {
+    /// Looks up the files after this one in its directory and starts loading `window` blocks
+    /// of them if this file was the one expected next; once this file was read whole, notes
+    /// the next one as expected (see the module's doc). In the background: the lookup is a
+    /// query.
+    fn follow(&self, how: Follow, window: u64) {
         let shared = Arc::clone(&self.shared);
         let name = self.meta.name.clone();
         // Without a runtime there is nothing to load ahead with either.
@@ -221,7 +242,9 @@ impl FileReader {
             let expected = {
                 let mut read_next = shared.read_next.lock().expect("read_next poisoned");
                 let expected = read_next.as_deref() == Some(name.as_str());
-                *read_next = after.first().map(|n| n.name.clone());
+                if let Follow::ReadWhole = how {
+                    *read_next = after.first().map(|n| n.name.clone());
+                }
                 expected
             };
             if !expected {
