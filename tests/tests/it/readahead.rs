@@ -105,15 +105,15 @@ async fn shutdown_does_not_wait_for_prefetches_held_by_the_store() {
     ns.shutdown().await.expect("shutdown");
 }
 
-/// A namespace over `env` holding files of [`BLOCKS`] distinct blocks by the given names,
-/// stored and no longer cached.
-async fn stored_files(env: &Env, names: &[&str]) -> Namespace {
+/// A namespace over `env` holding files by the given names of the given numbers of blocks,
+/// all distinct, stored and no longer cached.
+async fn stored_files(env: &Env, files: &[(&str, usize)]) -> Namespace {
     let ns = Namespace::open(env.open().await, 1 << 30)
         .await
         .expect("namespace");
-    for (i, name) in names.iter().enumerate() {
+    for (i, &(name, blocks)) in files.iter().enumerate() {
         let mut w = ns.create(name).await.expect("create");
-        w.write(&data(10 + i as u64, BLOCKS * 1024))
+        w.write(&data(10 + i as u64, blocks * 1024))
             .await
             .expect("write");
         w.finish(Durability::Local).await.expect("finish");
@@ -130,7 +130,7 @@ async fn read_whole(ns: &Namespace, name: &str) -> u64 {
     let mut r = ns.open_read(name).await.expect("open");
     let mut back = Vec::new();
     r.read_to_end(&mut back).await.expect("read");
-    assert_eq!(back.len(), BLOCKS * 1024, "{name} reads back whole");
+    assert_eq!(back.len() as u64, r.meta().size, "{name} reads back whole");
     ns.wait_for_cleanups().await;
     prefetches(ns).await
 }
@@ -138,7 +138,7 @@ async fn read_whole(ns: &Namespace, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_loading() {
     let env = Env::new();
-    let ns = stored_files(&env, &["d/a", "d/b", "d/c"]).await;
+    let ns = stored_files(&env, &[("d/a", BLOCKS), ("d/b", BLOCKS), ("d/c", BLOCKS)]).await;
     // One file read alone loads nothing of the next: each of its blocks but the first, at
     // most, was loaded ahead of the reader.
     let after_a = read_whole(&ns, "d/a").await;
@@ -165,7 +165,7 @@ async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_lo
 /// access, which loads nothing ahead.
 async fn cache_backwards(ns: &Namespace, name: &str) {
     let r = ns.open_read(name).await.expect("open");
-    for b in (0..BLOCKS as u64).rev() {
+    for b in (0..r.meta().size.div_ceil(1024)).rev() {
         r.read(b * 1024, 1024).await.expect("read");
     }
 }
@@ -173,7 +173,17 @@ async fn cache_backwards(ns: &Namespace, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_read_out_of_order_or_in_part_or_past_their_directory_load_nothing_of_another() {
     let env = Env::new();
-    let ns = stored_files(&env, &["d/a", "d/b", "d/c", "d/d", "e"]).await;
+    let ns = stored_files(
+        &env,
+        &[
+            ("d/a", BLOCKS),
+            ("d/b", BLOCKS),
+            ("d/c", BLOCKS),
+            ("d/d", BLOCKS),
+            ("e", BLOCKS),
+        ],
+    )
+    .await;
     // Each file is cached before it is read whole, so that any prefetch counted is one of
     // the file after it, which is not.
     cache_backwards(&ns, "d/a").await;
@@ -214,27 +224,16 @@ async fn files_read_out_of_order_or_in_part_or_past_their_directory_load_nothing
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_file_expected_next_starts_the_one_after_loading_at_its_first_read() {
     let env = Env::new();
-    let ns = Namespace::open(env.open().await, 1 << 30)
-        .await
-        .expect("namespace");
     // d/b is ten times d/a: the window its reader starts with (half the widest d/a's reader
     // grew to, at most twice d/a) cannot reach its end.
-    for (name, blocks) in [("d/a", BLOCKS), ("d/b", 10 * BLOCKS), ("d/c", BLOCKS)] {
-        let mut w = ns.create(name).await.expect("create");
-        w.write(&data(blocks as u64, blocks * 1024))
-            .await
-            .expect("write");
-        w.finish(Durability::Local).await.expect("finish");
-    }
-    ns.flush().await.expect("flush");
-    ns.cache().clear().await.expect("clear");
+    let ns = stored_files(
+        &env,
+        &[("d/a", BLOCKS), ("d/b", 10 * BLOCKS), ("d/c", BLOCKS)],
+    )
+    .await;
     read_whole(&ns, "d/a").await;
     // d/b loaded without readahead, so that what its first read prefetches is of d/c.
-    let r = ns.open_read("d/b").await.expect("open");
-    for b in (0..10 * BLOCKS as u64).rev() {
-        r.read(b * 1024, 1024).await.expect("read");
-    }
-    drop(r);
+    cache_backwards(&ns, "d/b").await;
     let before = prefetches(&ns).await;
     let r = ns.open_read("d/b").await.expect("open");
     r.read(0, 1024).await.expect("read");
@@ -250,18 +249,11 @@ async fn the_file_expected_next_starts_the_one_after_loading_at_its_first_read()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_window_ahead_of_files_read_in_order_spans_the_small_files_after() {
     let env = Env::new();
-    let ns = Namespace::open(env.open().await, 1 << 30)
-        .await
-        .expect("namespace");
-    for (name, blocks) in [("d/a", BLOCKS), ("d/b", BLOCKS), ("d/c", 2), ("d/d", 2)] {
-        let mut w = ns.create(name).await.expect("create");
-        w.write(&data(blocks as u64 + name.len() as u64, blocks * 1024))
-            .await
-            .expect("write");
-        w.finish(Durability::Local).await.expect("finish");
-    }
-    ns.flush().await.expect("flush");
-    ns.cache().clear().await.expect("clear");
+    let ns = stored_files(
+        &env,
+        &[("d/a", BLOCKS), ("d/b", BLOCKS), ("d/c", 2), ("d/d", 2)],
+    )
+    .await;
     read_whole(&ns, "d/a").await;
     cache_backwards(&ns, "d/b").await;
     let before = prefetches(&ns).await;
@@ -301,17 +293,8 @@ async fn a_block_asked_for_while_its_prefetch_runs_is_not_prefetched_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_whose_first_bytes_are_read_in_name_order_load_nothing_of_another() {
     let env = Env::new();
-    let ns = Namespace::open(env.open().await, 1 << 30)
-        .await
-        .expect("namespace");
     // Files of two blocks: the first window of a read from the start covers each whole.
-    for (i, name) in ["d/a", "d/b", "d/c", "d/d"].into_iter().enumerate() {
-        let mut w = ns.create(name).await.expect("create");
-        w.write(&data(i as u64, 2 * 1024)).await.expect("write");
-        w.finish(Durability::Local).await.expect("finish");
-    }
-    ns.flush().await.expect("flush");
-    ns.cache().clear().await.expect("clear");
+    let ns = stored_files(&env, &[("d/a", 2), ("d/b", 2), ("d/c", 2), ("d/d", 2)]).await;
     // A client that looks at the first bytes of each file, in name order.
     for name in ["d/a", "d/b", "d/c"] {
         let r = ns.open_read(name).await.expect("open");
