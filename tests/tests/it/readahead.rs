@@ -151,9 +151,9 @@ async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_lo
         "nothing of d/c was loaded ahead ({} prefetches while reading d/b)",
         after_b - after_a
     );
-    let after_c = read_whole(&ns, "d/c").await;
+    // Its reader uses what was loaded ahead: no block is downloaded twice.
+    read_whole(&ns, "d/c").await;
     ns.shutdown().await.expect("shutdown");
-    assert!(after_c >= after_b);
     assert_eq!(
         env.faults.calls(Op::Get),
         3 * BLOCKS as u64,
