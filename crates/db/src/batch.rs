@@ -95,7 +95,7 @@ pub(crate) async fn commit_blocks(
     type Row = (i64, Option<i64>, Option<i64>, Option<i64>, Option<String>);
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT j.key, b.obj_id, ob.refcount, o.id, o.state \
-         FROM json_each(?1) AS j \
+         FROM jsonb_each(?1) AS j \
          LEFT JOIN blocks AS b ON b.inode = (j.value ->> 0) AND b.blockno = (j.value ->> 1) \
          LEFT JOIN objects AS ob ON ob.id = b.obj_id \
          LEFT JOIN objects AS o ON o.hash = substr(?2, j.key * 32 + 1, 32)",
@@ -188,7 +188,7 @@ pub(crate) async fn commit_blocks(
             "INSERT INTO objects (hash, refcount, length, stored_size, state) \
              SELECT substr(?2, (j.value ->> 0) * 32 + 1, 32), j.value ->> 1, j.value ->> 2, \
                     NULL, 'uploading' \
-             FROM json_each(?1) AS j WHERE true \
+             FROM jsonb_each(?1) AS j WHERE true \
              RETURNING id, hash",
         )
         .bind(json_rows(spec))
@@ -245,7 +245,7 @@ pub(crate) async fn commit_blocks(
     if !changes.is_empty() {
         sqlx::query(
             "UPDATE objects SET refcount = refcount + (j.value ->> 1) \
-             FROM json_each(?1) AS j WHERE objects.id = (j.value ->> 0)",
+             FROM jsonb_each(?1) AS j WHERE objects.id = (j.value ->> 0)",
         )
         .bind(json_rows(changes))
         .execute(&mut *tx)
@@ -257,7 +257,7 @@ pub(crate) async fn commit_blocks(
         // objects still exist).
         sqlx::query(
             "INSERT INTO blocks (inode, blockno, obj_id) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM json_each(?1) AS j WHERE true \
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM jsonb_each(?1) AS j WHERE true \
              ON CONFLICT (inode, blockno) DO UPDATE SET obj_id = excluded.obj_id",
         )
         .bind(json_rows(
@@ -335,7 +335,7 @@ pub(crate) async fn remove_blocks(
         .collect::<Result<Vec<_>>>()?;
     let old: Vec<i64> = sqlx::query_scalar(
         "DELETE FROM blocks WHERE (inode, blockno) IN \
-         (SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?1) AS j) \
+         (SELECT j.value ->> 0, j.value ->> 1 FROM jsonb_each(?1) AS j) \
          RETURNING obj_id",
     )
     .bind(json_rows(keys))
@@ -351,7 +351,7 @@ pub(crate) async fn remove_blocks(
     }
     let left: Vec<(i64, i64)> = sqlx::query_as(
         "UPDATE objects SET refcount = refcount - (j.value ->> 1) \
-         FROM json_each(?1) AS j WHERE objects.id = (j.value ->> 0) \
+         FROM jsonb_each(?1) AS j WHERE objects.id = (j.value ->> 0) \
          RETURNING objects.id, objects.refcount",
     )
     .bind(json_rows(drops.iter().map(|(&id, &n)| [id, n])))
@@ -396,7 +396,7 @@ pub(crate) async fn record_uploads(
     } else {
         sqlx::query_scalar(
             "UPDATE objects SET state = 'uploaded', stored_size = (j.value ->> 1) \
-             FROM json_each(?1) AS j \
+             FROM jsonb_each(?1) AS j \
              WHERE objects.id = (j.value ->> 0) AND objects.state = 'uploading' \
              RETURNING objects.id",
         )

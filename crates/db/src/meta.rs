@@ -14,7 +14,7 @@
 use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 
 use crate::batch::{json_ints, json_rows};
 use crate::{Db, Error, Result, ctx, to_i64, to_u64};
@@ -204,10 +204,11 @@ type MergeLookup = (i64, Option<i64>, Option<i64>, Option<i64>);
 type SnapshotBlock = (i64, i64, i64, Option<Vec<u8>>, Option<i64>, Option<i64>);
 
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
     }
     s
 }
@@ -225,28 +226,36 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
-fn object_info(row: &sqlx::sqlite::SqliteRow) -> Result<(u64, ObjectInfo)> {
-    let get = |e| Error::Sqlx {
-        context: "decode an object row",
-        source: e,
-    };
-    let id = to_u64(row.try_get("id").map_err(get)?, "object id")?;
-    let hash: Option<Vec<u8>> = row.try_get("hash").map_err(get)?;
-    let length = to_u64(row.try_get("length").map_err(get)?, "length")?;
-    let stored: Option<i64> = row.try_get("stored_size").map_err(get)?;
-    let state: String = row.try_get("state").map_err(get)?;
+/// An object as [`OBJECTS_AS_JSON`] lists it: id, hash in hex, length, stored size,
+/// whether its upload is confirmed (0 or 1).
+type ObjectJson = (i64, Option<String>, i64, Option<i64>, u8);
+
+/// The objects whose ids are the JSON array `?1`, as one JSON array of [`ObjectJson`]: rows
+/// of a large delta cost a trip through the database driver each, which dominated reading
+/// it (and so a flush of many small blocks).
+const OBJECTS_AS_JSON: &str = "SELECT json_group_array(json_array(id, lower(hex(hash)), length, \
+                                      stored_size, state = 'uploaded')) \
+     FROM objects WHERE id IN (SELECT value FROM json_each(?1))";
+
+fn object_info((id, hash, length, stored, uploaded): ObjectJson) -> Result<(u64, ObjectInfo)> {
+    let id = to_u64(id, "object id")?;
     Ok((
         id,
         ObjectInfo {
             row: (
                 id,
-                hash.as_deref().map(hex),
-                length,
+                hash,
+                to_u64(length, "length")?,
                 stored.map(|s| to_u64(s, "stored size")).transpose()?,
             ),
-            uploaded: state == "uploaded",
+            uploaded: uploaded == 1,
         },
     ))
+}
+
+/// Parses a JSON aggregate that SQLite built.
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T> {
+    serde_json::from_str(text).map_err(|e| Error::Invalid(format!("{what}: {e}")))
 }
 
 /// Shipping the metadata.
@@ -360,7 +369,7 @@ impl Db {
         }
         if !blocks.is_empty() {
             let found: Vec<(i64, i64, Option<i64>)> = sqlx::query_as(
-                "SELECT j.value ->> 0, j.value ->> 1, b.obj_id FROM json_each(?1) AS j \
+                "SELECT j.value ->> 0, j.value ->> 1, b.obj_id FROM jsonb_each(?1) AS j \
                  LEFT JOIN blocks b ON b.inode = (j.value ->> 0) AND b.blockno = (j.value ->> 1)",
             )
             .bind(json_rows(blocks))
@@ -383,20 +392,34 @@ impl Db {
             for &inode in &whole {
                 read.whole.insert(to_u64(inode, "inode")?, Vec::new());
             }
-            let found: Vec<(i64, i64, i64)> = sqlx::query_as(
-                "SELECT b.inode, b.blockno, b.obj_id FROM json_each(?1) AS j \
-                 JOIN blocks b ON b.inode = j.value ORDER BY b.inode, b.blockno",
+            // A row per inode, its mappings in two JSON arrays: a row per mapping costs a
+            // trip through the database driver each.
+            let found: Vec<(i64, String, String)> = sqlx::query_as(
+                "SELECT b.inode, json_group_array(b.blockno ORDER BY b.blockno), \
+                        json_group_array(b.obj_id ORDER BY b.blockno) \
+                 FROM json_each(?1) AS j JOIN blocks b ON b.inode = j.value GROUP BY b.inode",
             )
             .bind(json_ints(whole))
             .fetch_all(&mut *tx)
             .await
             .map_err(ctx("read the blocks of inodes"))?;
-            for (inode, blockno, obj) in found {
-                objects.insert(obj);
+            for (inode, blocknos, objs) in found {
+                let blocknos: Vec<u64> = from_json(&blocknos, "block numbers of an inode")?;
+                let objs: Vec<u64> = from_json(&objs, "objects of an inode")?;
+                if blocknos.len() != objs.len() {
+                    return Err(Error::Invalid(format!(
+                        "inode {inode}: {} block numbers for {} objects",
+                        blocknos.len(),
+                        objs.len()
+                    )));
+                }
+                for &o in &objs {
+                    objects.insert(to_i64(o)?);
+                }
                 read.whole
                     .entry(to_u64(inode, "inode")?)
                     .or_default()
-                    .push((to_u64(blockno, "block number")?, to_u64(obj, "object id")?));
+                    .extend(blocknos.into_iter().zip(objs));
             }
         }
         if !merges.is_empty() {
@@ -444,16 +467,15 @@ impl Db {
             }
         }
         if !objects.is_empty() {
-            let found = sqlx::query(
-                "SELECT id, hash, length, stored_size, state FROM objects \
-                 WHERE id IN (SELECT value FROM json_each(?1))",
-            )
-            .bind(json_ints(objects))
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(ctx("read the objects noted"))?;
-            for row in &found {
-                let (id, info) = object_info(row)?;
+            let found: String = sqlx::query_scalar(OBJECTS_AS_JSON)
+                .bind(json_ints(objects))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(ctx("read the objects noted"))?;
+            let found: Vec<ObjectJson> = from_json(&found, "objects noted")?;
+            read.objects.reserve(found.len());
+            for o in found {
+                let (id, info) = object_info(o)?;
                 read.objects.insert(id, info);
             }
         }
@@ -514,7 +536,7 @@ impl Db {
         apply_shipped(&mut tx, rows).await?;
         sqlx::query(
             "DELETE FROM meta_changes WHERE last <= ?2 AND (kind, a, b, name) IN \
-             (SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?1) AS j)",
+             (SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM jsonb_each(?1) AS j)",
         )
         .bind(&list)
         .bind(through)
@@ -523,7 +545,7 @@ impl Db {
         .map_err(ctx("forget shipped changes"))?;
         sqlx::query(
             "UPDATE meta_changes SET seq = max(seq, ?2 + 1) WHERE (kind, a, b, name) IN \
-             (SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?1) AS j)",
+             (SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM jsonb_each(?1) AS j)",
         )
         .bind(&list)
         .bind(through)
@@ -663,7 +685,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
         sqlx::query(
             "INSERT OR REPLACE INTO shipped_objects (id, hash, length, stored_size) \
              SELECT j.value ->> 0, unhex(j.value ->> 1), j.value ->> 2, j.value ->> 3 \
-             FROM json_each(?1) AS j",
+             FROM jsonb_each(?1) AS j",
         )
         .bind(serde_json::to_string(&rows.objects).expect("objects serialize"))
         .execute(&mut *tx)
@@ -697,7 +719,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
         sqlx::query(
             "INSERT OR REPLACE INTO shipped_files (name, inode, size, mtime_ns, version) \
              SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4 \
-             FROM json_each(?1) AS j",
+             FROM jsonb_each(?1) AS j",
         )
         .bind(json(&rows.files))
         .execute(&mut *tx)
@@ -706,7 +728,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
     }
     if !rows.file_attrs.is_empty() {
         sqlx::query(
-            "UPDATE shipped_files SET attrs = j.value ->> 1 FROM json_each(?1) AS j \
+            "UPDATE shipped_files SET attrs = j.value ->> 1 FROM jsonb_each(?1) AS j \
              WHERE shipped_files.name = j.value ->> 0",
         )
         .bind(json(&rows.file_attrs))
@@ -729,7 +751,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
     if !rows.merges.is_empty() {
         sqlx::query(
             "INSERT OR REPLACE INTO shipped_merges (staging, target, cut, version) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM json_each(?1) AS j",
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3 FROM jsonb_each(?1) AS j",
         )
         .bind(json(&rows.merges))
         .execute(&mut *tx)
@@ -739,7 +761,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
     if !rows.dead_blocks.is_empty() {
         let old: Vec<i64> = sqlx::query_scalar(
             "DELETE FROM shipped_blocks WHERE (inode, blockno) IN \
-             (SELECT j.value ->> 0, j.value ->> 1 FROM json_each(?1) AS j) RETURNING obj_id",
+             (SELECT j.value ->> 0, j.value ->> 1 FROM jsonb_each(?1) AS j) RETURNING obj_id",
         )
         .bind(json(&rows.dead_blocks))
         .fetch_all(&mut *tx)
@@ -749,7 +771,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
     }
     if !rows.blocks.is_empty() {
         let old: Vec<i64> = sqlx::query_scalar(
-            "SELECT s.obj_id FROM json_each(?1) AS j JOIN shipped_blocks s \
+            "SELECT s.obj_id FROM jsonb_each(?1) AS j JOIN shipped_blocks s \
              ON s.inode = (j.value ->> 0) AND s.blockno = (j.value ->> 1)",
         )
         .bind(json(&rows.blocks))
@@ -759,7 +781,7 @@ async fn apply_shipped(tx: &mut sqlx::SqliteConnection, rows: &MetaRows) -> Resu
         objects.extend(old);
         sqlx::query(
             "INSERT OR REPLACE INTO shipped_blocks (inode, blockno, obj_id) \
-             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM json_each(?1) AS j",
+             SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2 FROM jsonb_each(?1) AS j",
         )
         .bind(json(&rows.blocks))
         .execute(&mut *tx)
