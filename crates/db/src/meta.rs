@@ -232,10 +232,15 @@ type ObjectJson = (i64, Option<String>, i64, Option<i64>, u8);
 
 /// The objects whose ids are the JSON array `?1`, as one JSON array of [`ObjectJson`]: rows
 /// of a large delta cost a trip through the database driver each, which dominated reading
-/// it (and so a flush of many small blocks).
-const OBJECTS_AS_JSON: &str = "SELECT json_group_array(json_array(id, lower(hex(hash)), length, \
-                                      stored_size, state = 'uploaded')) \
+/// it (and so a flush of many small blocks). At most [`AGGREGATE_ROWS`] ids at a time.
+const OBJECTS_AS_JSON: &str = "SELECT json_group_array(json_array(id, \
+            iif(hash IS NULL, NULL, lower(hex(hash))), length, stored_size, state = 'uploaded')) \
      FROM objects WHERE id IN (SELECT value FROM json_each(?1))";
+
+/// Most rows gathered into one JSON aggregate: SQLite refuses strings past its length limit
+/// (1e9 bytes by default), which a round naming millions of objects would pass; an object
+/// takes about 100 bytes of it, a block mapping about 20.
+pub(crate) const AGGREGATE_ROWS: usize = 1 << 16;
 
 fn object_info((id, hash, length, stored, uploaded): ObjectJson) -> Result<(u64, ObjectInfo)> {
     let id = to_u64(id, "object id")?;
@@ -392,14 +397,18 @@ impl Db {
             for &inode in &whole {
                 read.whole.insert(to_u64(inode, "inode")?, Vec::new());
             }
-            // A row per inode, its mappings in two JSON arrays: a row per mapping costs a
-            // trip through the database driver each.
+            // A row per inode, its mappings in two JSON arrays (a row per mapping costs a
+            // trip through the database driver each), or per `AGGREGATE_ROWS` of them (block
+            // numbers are distinct within an inode); groups come in block order, so each
+            // inode's list is sorted.
             let found: Vec<(i64, String, String)> = sqlx::query_as(
                 "SELECT b.inode, json_group_array(b.blockno ORDER BY b.blockno), \
                         json_group_array(b.obj_id ORDER BY b.blockno) \
-                 FROM json_each(?1) AS j JOIN blocks b ON b.inode = j.value GROUP BY b.inode",
+                 FROM json_each(?1) AS j JOIN blocks b ON b.inode = j.value \
+                 GROUP BY b.inode, b.blockno / ?2 ORDER BY b.inode, b.blockno / ?2",
             )
             .bind(json_ints(whole))
+            .bind(AGGREGATE_ROWS as i64)
             .fetch_all(&mut *tx)
             .await
             .map_err(ctx("read the blocks of inodes"))?;
@@ -467,16 +476,18 @@ impl Db {
             }
         }
         if !objects.is_empty() {
-            let found: String = sqlx::query_scalar(OBJECTS_AS_JSON)
-                .bind(json_ints(objects))
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(ctx("read the objects noted"))?;
-            let found: Vec<ObjectJson> = from_json(&found, "objects noted")?;
-            read.objects.reserve(found.len());
-            for o in found {
-                let (id, info) = object_info(o)?;
-                read.objects.insert(id, info);
+            let objects: Vec<i64> = objects.into_iter().collect();
+            read.objects.reserve(objects.len());
+            for ids in objects.chunks(AGGREGATE_ROWS) {
+                let found: String = sqlx::query_scalar(OBJECTS_AS_JSON)
+                    .bind(json_ints(ids.iter().copied()))
+                    .fetch_one(&mut *tx)
+                    .await
+                    .map_err(ctx("read the objects noted"))?;
+                for o in from_json::<Vec<ObjectJson>>(&found, "objects noted")? {
+                    let (id, info) = object_info(o)?;
+                    read.objects.insert(id, info);
+                }
             }
         }
         tx.commit().await.map_err(ctx("end a read transaction"))?;

@@ -735,3 +735,60 @@ async fn open_makes_the_directory_and_errors_name_the_path() {
         "{err}"
     );
 }
+
+/// A digest for block `b` of the test below: distinct per block.
+fn digest_of(b: u64) -> [u8; 32] {
+    let mut h = [7u8; 32];
+    h[..8].copy_from_slice(&b.to_le_bytes());
+    h
+}
+
+#[tokio::test]
+async fn a_round_reads_every_mapping_and_object_of_an_inode_noted_whole_past_one_aggregate() {
+    let (_dir, db) = open().await;
+    let inode = db.create_staging_inodes(1).await.expect("inode")[0];
+    // More mappings and objects than one JSON aggregate holds.
+    let n = crate::meta::AGGREGATE_ROWS as u64 + 3;
+    let blocks: Vec<u64> = (0..n).collect();
+    let mut failed = None;
+    for chunk in blocks.chunks(1024) {
+        let requests: Vec<CommitRequest> = chunk
+            .iter()
+            .map(|&b| CommitRequest {
+                inode,
+                blockno: b,
+                hash: digest_of(b),
+                length: 1,
+            })
+            .collect();
+        let r = commit(&db, &requests).await.expect("commit");
+        if failed.is_none() {
+            let Outcome::Created { obj_id } = r[0].outcome else {
+                panic!("expected a new object, got {:?}", r[0])
+            };
+            failed = Some(obj_id);
+        }
+    }
+    let failed = failed.expect("one batch");
+    // The first block's upload failed: its object has no hash any more.
+    db.record_uploads(&[(failed, None)]).await.expect("fail");
+    db.replace_file("f", inode, n, 0, None, false)
+        .await
+        .expect("name");
+    let read = db.read_delta(usize::MAX).await.expect("read");
+    let whole = &read.whole[&inode];
+    assert_eq!(whole.len() as u64, n, "every mapping read");
+    assert!(
+        whole.iter().enumerate().all(|(i, &(b, _))| b == i as u64),
+        "mappings in block order"
+    );
+    assert_eq!(read.objects.len() as u64, n, "every object read");
+    let info = &read.objects[&failed];
+    assert_eq!((info.row.1.as_deref(), info.uploaded), (None, false));
+    let (_, last) = whole[whole.len() - 1];
+    let hex: String = digest_of(n - 1)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(read.objects[&last].row.1.as_deref(), Some(hex.as_str()));
+}
