@@ -161,6 +161,39 @@ async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_lo
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_file_between_files_read_in_name_order_keeps_the_next_loading() {
+    let env = Env::new();
+    let ns = stored_files(
+        &env,
+        &[
+            ("d/a", BLOCKS),
+            ("d/b", 0),
+            ("d/c", BLOCKS),
+            ("d/d", BLOCKS),
+        ],
+    )
+    .await;
+    let after_a = read_whole(&ns, "d/a").await;
+    // The empty file has nothing to read: the file expected after d/a is d/c, so reading
+    // it starts loading d/d.
+    let after_b = read_whole(&ns, "d/b").await;
+    assert_eq!(after_b, after_a, "an empty file loads nothing");
+    let after_c = read_whole(&ns, "d/c").await;
+    assert!(
+        after_c - after_b >= BLOCKS as u64,
+        "nothing of d/d was loaded ahead ({} prefetches while reading d/c)",
+        after_c - after_b
+    );
+    read_whole(&ns, "d/d").await;
+    ns.shutdown().await.expect("shutdown");
+    assert_eq!(
+        env.faults.calls(Op::Get),
+        3 * BLOCKS as u64,
+        "every block downloaded once"
+    );
+}
+
 /// Loads `name` into the cache with reads from its last block back to its first: random
 /// access, which loads nothing ahead.
 async fn cache_backwards(ns: &Namespace, name: &str) {

@@ -15,8 +15,9 @@
 //! memory they take is the cache's disk, not buffers.
 //!
 //! Across files: a reader that reads its file from the start to its end, in one stream,
-//! looks up the next name in the file's directory (byte order) and notes it as the file
-//! expected next (`Shared::read_next`). If its own file was the one
+//! looks up the next name in the file's directory (byte order; empty files, which have
+//! nothing to read, are passed over) and notes it as the file expected next
+//! (`Shared::read_next`). If its own file was the one
 //! expected, the files are being read in name order (`cp -r`, `tar`, a client walking a
 //! listing): it also starts loading a window of the files after it (the widest window
 //! readers grew to, spanning as many files of the directory as it covers), so that the next
@@ -243,7 +244,9 @@ impl FileReader {
                 let mut read_next = shared.read_next.lock().expect("read_next poisoned");
                 let expected = read_next.as_deref() == Some(name.as_str());
                 if let Follow::ReadWhole = how {
-                    *read_next = after.first().map(|n| n.name.clone());
+                    // An empty file is never read, so it cannot be the one read next: the
+                    // chain would break at it.
+                    *read_next = after.iter().find(|n| n.size > 0).map(|n| n.name.clone());
                 }
                 expected
             };
