@@ -46,12 +46,7 @@ async fn a_sequential_reader_finds_the_next_blocks_loaded_and_each_is_downloaded
     // Readahead kept ahead: the reader loaded hardly any block itself.
     let usage = ns.cache().usage().await.expect("usage");
     assert!(usage.prefetches >= BLOCKS as u64 - 4, "{usage:?}");
-    ns.shutdown().await.expect("shutdown");
-    assert_eq!(
-        env.faults.calls(Op::Get),
-        BLOCKS as u64,
-        "every block downloaded once"
-    );
+    shutdown_downloading_each_once(ns, &env, BLOCKS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,6 +130,29 @@ async fn read_whole(ns: &Namespace, name: &str) -> u64 {
     prefetches(ns).await
 }
 
+/// Reads `name` whole (see [`read_whole`]) after `before` prefetches, and checks that the
+/// file after it, `next`, started loading meanwhile: the reader of `name` prefetches at most
+/// `BLOCKS - 1` of its own, so at least `BLOCKS` prefetches mean `next` was loaded ahead.
+async fn read_whole_loading_next(ns: &Namespace, name: &str, next: &str, before: u64) -> u64 {
+    let after = read_whole(ns, name).await;
+    assert!(
+        after - before >= BLOCKS as u64,
+        "nothing of {next} was loaded ahead ({} prefetches while reading {name})",
+        after - before
+    );
+    after
+}
+
+/// Shuts `ns` down and checks that the store served `blocks` downloads: each block once.
+async fn shutdown_downloading_each_once(ns: Namespace, env: &Env, blocks: usize) {
+    ns.shutdown().await.expect("shutdown");
+    assert_eq!(
+        env.faults.calls(Op::Get),
+        blocks as u64,
+        "every block downloaded once"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_loading() {
     let env = Env::new();
@@ -144,21 +162,11 @@ async fn a_reader_going_through_a_directory_in_name_order_finds_the_next_file_lo
     let after_a = read_whole(&ns, "d/a").await;
     assert!(after_a < BLOCKS as u64, "{after_a} prefetches");
     // The file after it, read whole: files are being read in name order, and the next one's
-    // first window starts loading. The reader of d/b prefetches at most BLOCKS - 1 of its own.
-    let after_b = read_whole(&ns, "d/b").await;
-    assert!(
-        after_b - after_a >= BLOCKS as u64,
-        "nothing of d/c was loaded ahead ({} prefetches while reading d/b)",
-        after_b - after_a
-    );
+    // first window starts loading.
+    read_whole_loading_next(&ns, "d/b", "d/c", after_a).await;
     // Its reader uses what was loaded ahead: no block is downloaded twice.
     read_whole(&ns, "d/c").await;
-    ns.shutdown().await.expect("shutdown");
-    assert_eq!(
-        env.faults.calls(Op::Get),
-        3 * BLOCKS as u64,
-        "every block downloaded once"
-    );
+    shutdown_downloading_each_once(ns, &env, 3 * BLOCKS).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,19 +187,9 @@ async fn an_empty_file_between_files_read_in_name_order_keeps_the_next_loading()
     // it starts loading d/d.
     let after_b = read_whole(&ns, "d/b").await;
     assert_eq!(after_b, after_a, "an empty file loads nothing");
-    let after_c = read_whole(&ns, "d/c").await;
-    assert!(
-        after_c - after_b >= BLOCKS as u64,
-        "nothing of d/d was loaded ahead ({} prefetches while reading d/c)",
-        after_c - after_b
-    );
+    read_whole_loading_next(&ns, "d/c", "d/d", after_b).await;
     read_whole(&ns, "d/d").await;
-    ns.shutdown().await.expect("shutdown");
-    assert_eq!(
-        env.faults.calls(Op::Get),
-        3 * BLOCKS as u64,
-        "every block downloaded once"
-    );
+    shutdown_downloading_each_once(ns, &env, 3 * BLOCKS).await;
 }
 
 /// Loads `name` into the cache with reads from its last block back to its first: random
