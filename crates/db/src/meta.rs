@@ -239,7 +239,7 @@ const OBJECTS_AS_JSON: &str = "SELECT json_group_array(json_array(id, \
 
 /// Most rows gathered into one JSON aggregate: SQLite refuses strings past its length limit
 /// (1e9 bytes by default), which a round naming millions of objects would pass; an object
-/// takes about 100 bytes of it, a block mapping about 20.
+/// takes about 100 bytes of it, a block mapping about 25.
 pub(crate) const AGGREGATE_ROWS: usize = 1 << 16;
 
 fn object_info((id, hash, length, stored, uploaded): ObjectJson) -> Result<(u64, ObjectInfo)> {
@@ -397,13 +397,13 @@ impl Db {
             for &inode in &whole {
                 read.whole.insert(to_u64(inode, "inode")?, Vec::new());
             }
-            // A row per inode, its mappings in two JSON arrays (a row per mapping costs a
-            // trip through the database driver each), or per `AGGREGATE_ROWS` of them (block
-            // numbers are distinct within an inode); groups come in block order, so each
-            // inode's list is sorted.
-            let found: Vec<(i64, String, String)> = sqlx::query_as(
-                "SELECT b.inode, json_group_array(b.blockno ORDER BY b.blockno), \
-                        json_group_array(b.obj_id ORDER BY b.blockno) \
+            // A row per inode, its mappings in one JSON array of (block number, object)
+            // pairs (a row per mapping costs a trip through the database driver each), or
+            // per `AGGREGATE_ROWS` of them (block numbers are distinct within an inode);
+            // groups come in block order, so each inode's list is sorted.
+            let found: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT b.inode, json_group_array(json_array(b.blockno, b.obj_id) \
+                                                  ORDER BY b.blockno) \
                  FROM json_each(?1) AS j JOIN blocks b ON b.inode = j.value \
                  GROUP BY b.inode, b.blockno / ?2 ORDER BY b.inode, b.blockno / ?2",
             )
@@ -412,23 +412,15 @@ impl Db {
             .fetch_all(&mut *tx)
             .await
             .map_err(ctx("read the blocks of inodes"))?;
-            for (inode, blocknos, objs) in found {
-                let blocknos: Vec<u64> = from_json(&blocknos, "block numbers of an inode")?;
-                let objs: Vec<u64> = from_json(&objs, "objects of an inode")?;
-                if blocknos.len() != objs.len() {
-                    return Err(Error::Invalid(format!(
-                        "inode {inode}: {} block numbers for {} objects",
-                        blocknos.len(),
-                        objs.len()
-                    )));
-                }
-                for &o in &objs {
+            for (inode, mappings) in found {
+                let mappings: Vec<(u64, u64)> = from_json(&mappings, "mappings of an inode")?;
+                for &(_, o) in &mappings {
                     objects.insert(to_i64(o)?);
                 }
                 read.whole
                     .entry(to_u64(inode, "inode")?)
                     .or_default()
-                    .extend(blocknos.into_iter().zip(objs));
+                    .extend(mappings);
             }
         }
         if !merges.is_empty() {

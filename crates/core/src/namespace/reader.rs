@@ -43,7 +43,8 @@ use crate::{BlockKey, Result};
 
 /// The readahead window on the second sequential read, in blocks.
 const FIRST_WINDOW: u64 = 4;
-/// Files after a reader's a lookup names, for a window spanning files ([`FileReader::follow`]).
+/// Files after a reader's own that its lookup names, for a window spanning files
+/// ([`FileReader::follow`]).
 const FOLLOW_FILES: u32 = 16;
 /// The most one reader keeps loading ahead of itself.
 const MAX_AHEAD_BYTES: u64 = 64 << 20;
