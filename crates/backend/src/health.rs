@@ -28,6 +28,8 @@ pub(crate) struct Health(Arc<Mutex<State>>);
 #[derive(Debug, Default)]
 struct State {
     down: Option<Down>,
+    /// The last failed attempt of an operation still retrying, until the store answers.
+    failing: Option<String>,
     /// When an outage was last logged.
     last_report: Option<Instant>,
 }
@@ -56,6 +58,21 @@ impl Health {
     /// The failure that made the store count as down, with its causes.
     pub(crate) fn cause(&self) -> Option<String> {
         self.lock().down.as_ref().map(|d| d.cause.clone())
+    }
+
+    /// [`Health::cause`], or while the store still counts as up, the failure of an attempt
+    /// since it last answered (an operation retrying it has not given up yet).
+    pub(crate) fn failing_cause(&self) -> Option<String> {
+        let st = self.lock();
+        st.down
+            .as_ref()
+            .map(|d| d.cause.clone())
+            .or_else(|| st.failing.clone())
+    }
+
+    /// An attempt failed and its operation retries.
+    pub(crate) fn attempt_failed(&self, error: &Error) {
+        self.lock().failing = Some(crate::chain(error));
     }
 
     /// Whether an operation would try the store now (it is up, or a retry is due).
@@ -90,6 +107,7 @@ impl Health {
     pub(crate) fn answered(&self) {
         let ended = {
             let mut st = self.lock();
+            st.failing = None;
             st.down.take()
         };
         if let Some(d) = ended {
@@ -112,7 +130,9 @@ impl Health {
         let cause = crate::chain(error);
         let report = {
             let mut st = self.lock();
-            let State { down, last_report } = &mut *st;
+            let State {
+                down, last_report, ..
+            } = &mut *st;
             let due = last_report.is_none_or(|t| now.duration_since(t) >= REPORT_INTERVAL);
             let d = down.get_or_insert_with(|| Down {
                 since: now,

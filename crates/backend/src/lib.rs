@@ -407,6 +407,12 @@ impl Backend {
         self.health.cause()
     }
 
+    /// [`Backend::down_cause`], or while the store still counts as up, why an attempt of an
+    /// operation that is still retrying failed since the store last answered.
+    pub fn failing_cause(&self) -> Option<String> {
+        self.health.failing_cause()
+    }
+
     /// Whether an operation would try the store now: it is up, or it is down and a retry
     /// is due. Background work waits while this is false.
     pub fn is_available(&self) -> bool {

@@ -138,6 +138,7 @@ impl RetryPolicy {
             } else {
                 tracing::debug!(error = %crate::chain(&error), attempt, "{what} failed; retrying");
             }
+            health.attempt_failed(&error);
             last = Some(error);
             tokio::select! {
                 () = cancel.cancelled() => return Err(Error::Cancelled),

@@ -636,3 +636,23 @@ async fn a_garbled_lease_is_refused_not_trusted() {
         other => panic!("expected a refusal: {other:?}"),
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_operation_still_retrying_says_why_before_the_store_counts_as_down() {
+    let (backend, faults) = faulty_with(fast_retry(1000));
+    faults.fail_first(Op::Put, 3);
+    let put = {
+        let backend = backend.clone();
+        tokio::spawn(async move { backend.put(1, Bytes::from_static(b"x")).await })
+    };
+    // Its first attempts failed; it retries, and the store still counts as up.
+    while faults.calls(Op::Put) < 2 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert!(backend.is_up() && backend.down_cause().is_none());
+    let cause = backend.failing_cause().expect("a cause while retrying");
+    assert!(cause.contains("injected Put failure"), "{cause}");
+    // Once the store answers, nothing is failing any more.
+    put.await.expect("task").expect("put");
+    assert_eq!(backend.failing_cause(), None);
+}

@@ -460,7 +460,10 @@ impl Inner {
                     .map_err(|waited| Error::DirtyBudgetFull {
                         limit: self.budget.limit(),
                         waited,
-                        store: self.backend.down_cause(),
+                        // The uploads that would free the budget may still be retrying
+                        // when the wait ends (their deadline is the same length, and
+                        // started later): their failures say why too.
+                        store: self.backend.failing_cause(),
                     })?;
                 Some(credit)
             }
